@@ -1,0 +1,36 @@
+"""`s2naip`: the command line. Each subcommand is a module with its own `main(argv)`."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "build": ("pipelines.build_pairs", "build paired RGBN records from an S2-NAIP folder"),
+    "sample": ("transforms.sample", "generate a procedural S2-NAIP-layout sample folder"),
+    "index": ("pipelines.index", "list an S2-NAIP folder into a tile-id manifest"),
+    "bench": ("pipelines.bench", "measure decode, core and pipeline throughput"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: s2naip <command> [options]", "", "commands:"]
+    lines += [f"  {name:<8} {text}" for name, (_, text) in SUBCOMMANDS.items()]
+    lines += ["", "s2naip <command> --help shows a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"s2naip: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    return module.main(rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Pipeline options of the build, validated up front (before any worker starts)."""
+from __future__ import annotations
+
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from transforms.pairs import BAND_SETS, PairConfig
+from transforms.selection import DOWNSAMPLE_METHODS, SELECTION_MODES, SelectionConfig
+
+DEFAULT_SAMPLE_TILES = 200
+
+
+class BuildOptions(PipelineOptions):
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument("--input", default=None,
+                            help="S2-NAIP set folder (naip/, sentinel2/); local or gs://. "
+                                 "Omitted: generate the embedded sample and build it.")
+        parser.add_argument("--output", default=None, help="Output folder of this run (local or gs://).")
+        parser.add_argument("--nir-input", "--nir_input", dest="nir_input", default=None,
+                            help="Root of naip/<naip_id>/<x>_<y>/nir.png (default: --input).")
+        parser.add_argument("--manifest", default=None,
+                            help="Tile ids to build: text (one id a line) or .parquet (tile_id column). "
+                                 "Omitted: list --input.")
+        parser.add_argument("--selection", default="paper", choices=SELECTION_MODES,
+                            help="paper: the paper's score; companion: the published code's rule.")
+        parser.add_argument("--alpha", type=float, default=0.7, help="Weight of the raw distance.")
+        parser.add_argument("--top-k", "--top_k", dest="top_k", type=int, default=16,
+                            help="Timesteps kept by PSNR before scoring.")
+        parser.add_argument("--downsample", default=None, choices=DOWNSAMPLE_METHODS,
+                            help="HR->32x32 resampling (default: bicubic_aa for paper, "
+                                 "bicubic_torch, the companion's non-antialiased one, for companion).")
+        parser.add_argument("--bands", default="rgbn", choices=BAND_SETS)
+        parser.add_argument("--split", default=None,
+                            help="Value of the split column (default: the input folder's name).")
+        parser.add_argument("--num-shards", "--num_shards", dest="num_shards", type=int, default=0,
+                            help="Output shards per table (0: the runner decides).")
+        parser.add_argument("--sample-tiles", "--sample_tiles", dest="sample_tiles", type=int,
+                            default=DEFAULT_SAMPLE_TILES,
+                            help="Tiles of the embedded sample when --input is omitted.")
+
+
+def default_split(input_root: str) -> str:
+    return input_root.rstrip("/").rsplit("/", 1)[-1] or "default"
+
+
+def pair_config(opts: BuildOptions) -> PairConfig:
+    """The validated per-tile configuration; raises ValueError with a clear message."""
+    if not opts.input:
+        raise ValueError("--input is required here")
+    if opts.alpha is None or not 0.0 <= opts.alpha <= 1.0:
+        raise ValueError(f"--alpha must be within [0, 1], got {opts.alpha}")
+    if opts.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {opts.top_k}")
+    if opts.num_shards < 0:
+        raise ValueError(f"--num-shards must be >= 0, got {opts.num_shards}")
+    return PairConfig(
+        input_root=opts.input,
+        nir_root=opts.nir_input,
+        bands=opts.bands,
+        split=opts.split if opts.split is not None else default_split(opts.input),
+        selection=SelectionConfig(mode=opts.selection, alpha=opts.alpha, top_k=opts.top_k,
+                                  downsample=opts.downsample),
+    )
+
+
+def use_in_process_runner_by_default(options: PipelineOptions) -> None:
+    """Without --runner, run on Beam's in-process FnApiRunner: the DirectRunner would first try to
+    download the Prism runner, which needs the network and is slower for this job."""
+    standard = options.view_as(StandardOptions)
+    if not standard.runner:
+        standard.runner = "FnApiRunner"

@@ -1,0 +1,35 @@
+"""Packaging for s2naip-pairs: rebuilds S2-NAIP into clean RGBN super-resolution pairs on Apache Beam.
+
+`requirements.txt` is the pinned lock used for workers and CI; the ranges here are what the code needs.
+"""
+import pathlib
+import re
+
+from setuptools import setup
+
+_VERSION_FILE = pathlib.Path(__file__).parent / "transforms" / "version.py"
+PIPELINE_VERSION = re.search(r'PIPELINE_VERSION = "([^"]+)"', _VERSION_FILE.read_text()).group(1)
+
+setup(
+    name="s2naip-pairs",
+    version=PIPELINE_VERSION,
+    description="Rebuild S2-NAIP into clean NAIP/Sentinel-2 RGBN super-resolution pairs with Apache Beam",
+    python_requires=">=3.11",
+    packages=["pipelines", "transforms"],
+    install_requires=[
+        "apache-beam[gcp]>=2.77,<2.78",
+        "numpy>=2.0",
+        "scipy>=1.13",
+        "scikit-image>=0.24",
+        "rasterio>=1.4",
+        "pyarrow>=17",
+        "gcsfs>=2024.6",
+        "google-cloud-storage>=2.18",
+        "pillow>=10.4",
+        "protobuf>=4.25",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+    },
+    entry_points={"console_scripts": ["s2naip=pipelines.cli:main"]},
+)

@@ -1,0 +1,255 @@
+"""The PTransforms: a few lines each, wiring the plain functions of the other modules.
+
+tile ids (manifest shards or a parallel listing) -> deduplicate (a keyed shuffle) -> build pairs
+(read, pre-filter, select) -> Parquet pairs + rejects -> run.json with the counts.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Iterable
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from transforms import records, storage, tiles
+from transforms.pairs import PairConfig, build_tile
+
+_LOG = logging.getLogger(__name__)
+PARQUET_ROW_GROUP_BYTES = 32 * 1024 * 1024  # ~450 pairs per row group: bounded reader memory
+PARQUET_RECORD_BATCH = 64
+
+
+def _counter(transform: type, name: str):
+    return Metrics.counter(transform.__name__, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tile ids
+
+
+def manifest_lines_to_ids(line: str) -> Iterable[str]:
+    """A manifest line -> its tile id; blank lines and '#' comments carry none."""
+    text = line.strip()
+    if text and not text.startswith("#"):
+        yield text
+
+
+def list_naip_ids(input_root: str) -> list[str]:
+    return storage.list_children(tiles.join(input_root, "naip"))
+
+
+def list_tile_ids(input_root: str, naip_id: str) -> list[str]:
+    """Tile ids under naip/<naip_id>/. A folder name that is not a NAIP id is not joined to any path:
+    it is returned as it is, so that it becomes an `invalid_tile_id` reject instead of vanishing."""
+    if not tiles.NAIP_ID_PATTERN.fullmatch(naip_id):
+        return [naip_id]
+    return [f"{naip_id}/{xy}" for xy in storage.list_children(tiles.join(input_root, "naip", naip_id))]
+
+
+class ReadTileIds(beam.PTransform):
+    """Raw tile-id strings from a manifest (text: one id a line; Parquet: a `tile_id` column), read
+    in shards by the workers, or, without a manifest, from a listing of `input_root` parallelised
+    per NAIP capture. Nothing proportional to the tile count is held on the launcher."""
+
+    def __init__(self, input_root: str, manifest: str | None = None):
+        super().__init__()
+        self.input_root = input_root
+        self.manifest = manifest
+
+    def expand(self, pbegin):
+        if self.manifest and self.manifest.endswith(".parquet"):
+            return (
+                pbegin
+                | "ReadParquetManifest" >> beam.io.ReadFromParquet(self.manifest, columns=["tile_id"])
+                | "TileIdColumn" >> beam.Map(lambda row: str(row["tile_id"]))
+            )
+        if self.manifest:
+            return (
+                pbegin
+                | "ReadTextManifest" >> beam.io.ReadFromText(self.manifest)
+                | "ParseLines" >> beam.FlatMap(manifest_lines_to_ids)
+            )
+        root = self.input_root
+        return (
+            pbegin
+            | "Root" >> beam.Create([root])
+            | "ListNaipIds" >> beam.FlatMap(list_naip_ids)
+            | "SpreadNaipIds" >> beam.Reshuffle()
+            | "ListTiles" >> beam.FlatMap(lambda naip_id: list_tile_ids(root, naip_id))
+        )
+
+
+def first_of_duplicates(keyed: tuple[str, Iterable[None]]):
+    """(id, [None]*n) -> the id once, and a `duplicate_tile_id` reject for each extra copy."""
+    tile_id, copies = keyed
+    yield tile_id
+    for _ in list(copies)[1:]:
+        yield beam.pvalue.TaggedOutput(
+            "rejects",
+            records.reject_record(tile_id, "manifest", "duplicate_tile_id", "listed more than once"),
+        )
+
+
+class DeduplicateAndReshuffle(beam.PTransform):
+    """Keys each id by itself and groups: duplicates collapse (each extra copy becomes a reject) and
+    the ids are redistributed across workers (the shuffle is the Reshuffle after the fan-out)."""
+
+    def expand(self, ids):
+        return (
+            ids
+            | "KeyById" >> beam.Map(lambda tile_id: (tile_id, None))
+            | "GroupById" >> beam.GroupByKey()
+            | "FirstCopy" >> beam.FlatMap(first_of_duplicates).with_outputs("rejects", main="ids")
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Pairs
+
+
+class BuildPairDoFn(beam.DoFn):
+    """build_tile for each id: the pair to the main output, a reject to 'rejects'."""
+
+    PROGRESS_EVERY_S = 10.0
+
+    def __init__(self, config: PairConfig):
+        self.config = config
+
+    def setup(self):
+        self._tiles = self._pairs = 0
+        self._started = self._last_log = time.monotonic()
+
+    def process(self, tile_id: str):
+        outcome = build_tile(tile_id, self.config)
+        self._tiles += 1
+        _counter(BuildPairs, "tiles").inc()
+        if outcome.kind == "pair":
+            self._pairs += 1
+            _counter(BuildPairs, "pairs").inc()
+            yield outcome.record
+        else:
+            _counter(BuildPairs, f"reject_{outcome.record['reason']}").inc()
+            yield beam.pvalue.TaggedOutput("rejects", outcome.record)
+        now = time.monotonic()
+        if now - self._last_log >= self.PROGRESS_EVERY_S:
+            self._last_log = now
+            _LOG.info(
+                "progress: %d tiles (%d pairs, %d rejects) in this worker, %.1f tiles/s",
+                self._tiles, self._pairs, self._tiles - self._pairs, self._tiles / (now - self._started),
+            )
+
+
+class BuildPairs(beam.PTransform):
+    """Tile ids -> pair records (main output) and reject records ('rejects')."""
+
+    def __init__(self, config: PairConfig):
+        super().__init__()
+        self.config = config
+
+    def expand(self, ids):
+        return ids | "BuildPair" >> beam.ParDo(BuildPairDoFn(self.config)).with_outputs("rejects", main="pairs")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sinks
+
+
+class WriteParquet(beam.PTransform):
+    """Records -> `<output>/<name>/<name>-SSSSS-of-NNNNN.parquet` (zstd); yields the file names."""
+
+    def __init__(self, output: str, name: str, schema, num_shards: int = 0):
+        super().__init__()
+        self.output, self.name, self.schema, self.num_shards = output, name, schema, num_shards
+
+    def expand(self, rows):
+        return rows | beam.io.WriteToParquet(
+            tiles.join(self.output, self.name, self.name),
+            schema=self.schema,
+            codec="zstd",
+            file_name_suffix=".parquet",
+            shard_name_template="-SSSSS-of-NNNNN",
+            num_shards=self.num_shards,
+            row_group_buffer_size=PARQUET_ROW_GROUP_BYTES,
+            record_batch_size=PARQUET_RECORD_BATCH,
+        )
+
+
+def outcome_key(record: dict) -> str:
+    return f"reject:{record['reason']}" if "reason" in record else "pair"
+
+
+def run_summary(run_info: dict, counts: dict[str, int], files: list[str]) -> dict:
+    """run.json's content: the launcher's `run_info` plus counts per outcome and reason."""
+    rejects = {k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("reject:")}
+    pairs = counts.get("pair", 0)
+    return {
+        **run_info,
+        "counts": {
+            "tiles": pairs + sum(rejects.values()),
+            "pairs": pairs,
+            "rejects": sum(rejects.values()),
+            "rejects_by_reason": rejects,
+        },
+        "files": sorted(files),
+        "end_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def write_run_json(_, output: str, run_info: dict, counts: dict, files: list[str]) -> str:
+    summary = run_summary(run_info, counts, [str(f) for f in files])
+    path = tiles.join(output, "run.json")
+    storage.write_bytes_atomic(path, json.dumps(summary, indent=2, sort_keys=True).encode())
+    return path
+
+
+class WriteRunSummary(beam.PTransform):
+    """Counts outcomes and writes `<output>/run.json` after every data file is finalised."""
+
+    def __init__(self, output: str, run_info: dict):
+        super().__init__()
+        self.output, self.run_info = output, run_info
+
+    def expand(self, inputs):
+        outcomes, written_files = inputs
+        counts = (
+            outcomes
+            | "OutcomeKey" >> beam.Map(outcome_key)
+            | "CountOutcomes" >> beam.combiners.Count.PerElement()
+            | "CountsToDict" >> beam.combiners.ToDict()
+        )
+        return (
+            outcomes.pipeline
+            | "Once" >> beam.Create([None])
+            | "WriteRunJson" >> beam.Map(
+                write_run_json,
+                output=self.output,
+                run_info=self.run_info,
+                counts=beam.pvalue.AsSingleton(counts),
+                files=beam.pvalue.AsList(written_files),
+            )
+        )
+
+
+class BuildPairsPipeline(beam.PTransform):
+    """The whole build from the pipeline's root: ids -> pairs/rejects Parquet -> run.json."""
+
+    def __init__(self, config: PairConfig, output: str, run_info: dict,
+                 manifest: str | None = None, num_shards: int = 0):
+        super().__init__()
+        self.config, self.output, self.run_info = config, output, run_info
+        self.manifest, self.num_shards = manifest, num_shards
+
+    def expand(self, pbegin):
+        ids = pbegin | "ReadTileIds" >> ReadTileIds(self.config.input_root, self.manifest)
+        unique = ids | "Deduplicate" >> DeduplicateAndReshuffle()
+        built = unique.ids | "BuildPairs" >> BuildPairs(self.config)
+        rejects = (unique.rejects, built.rejects) | "AllRejects" >> beam.Flatten()
+        pair_files = built.pairs | "WritePairs" >> WriteParquet(
+            self.output, "pairs", records.PAIR_SCHEMA, self.num_shards)
+        reject_files = rejects | "WriteRejects" >> WriteParquet(
+            self.output, "rejects", records.REJECT_SCHEMA, self.num_shards)
+        outcomes = (built.pairs, rejects) | "AllOutcomes" >> beam.Flatten()
+        files = (pair_files, reject_files) | "AllFiles" >> beam.Flatten()
+        return (outcomes, files) | "WriteRunSummary" >> WriteRunSummary(self.output, self.run_info)

@@ -1,0 +1,123 @@
+"""One tile from id to outcome: read its files, pre-filter, select, and build the record.
+
+`build_tile` is a plain function (no Beam) returning exactly one `Outcome` per input id, a pair or a
+reject with its reason, whatever the input holds; the Beam DoFn only calls it.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from transforms import imagery, records, storage, tiles
+from transforms.imagery import ImageRejected
+from transforms.selection import NoValidTimesteps, SelectionConfig, select_pair
+from transforms.tiles import InvalidTileId, TileId
+
+BAND_SETS = ("rgbn", "rgb")
+
+
+@dataclasses.dataclass(frozen=True)
+class PairConfig:
+    input_root: str
+    nir_root: str | None = None  # default: next to rgb.png under input_root
+    bands: str = "rgbn"
+    split: str = ""
+    selection: SelectionConfig = SelectionConfig()
+
+    def __post_init__(self):
+        if self.bands not in BAND_SETS:
+            raise ValueError(f"bands must be one of {BAND_SETS}, got {self.bands!r}")
+
+    @property
+    def nir_input(self) -> str:
+        return self.nir_root or self.input_root
+
+
+@dataclasses.dataclass
+class Outcome:
+    kind: str  # "pair" or "reject"
+    record: dict
+
+
+class _Reject(Exception):
+    def __init__(self, stage: str, reason: str, detail: str):
+        super().__init__(detail)
+        self.stage, self.reason, self.detail = stage, reason, detail
+
+
+@dataclasses.dataclass
+class TileInputs:
+    hr: np.ndarray  # [128, 128, C]
+    series: np.ndarray  # [T, 32, 32, C]
+
+
+def _read(path: str, what: str, missing_reason: str) -> bytes:
+    try:
+        return storage.read_bytes(path, imagery.MAX_PNG_BYTES)
+    except FileNotFoundError:
+        raise _Reject("read", missing_reason, f"{what} not found: {path}") from None
+    except ValueError as e:
+        raise _Reject("read", "image_too_large", str(e)) from None
+    except OSError as e:
+        raise _Reject("read", "read_error", f"{what}: {type(e).__name__}: {e}") from None
+
+
+def _decode(fn, data: bytes, what: str, channels: int) -> np.ndarray:
+    try:
+        return fn(data, channels)
+    except ImageRejected as e:
+        raise _Reject("read", e.reason, f"{what}: {e.detail}") from None
+
+
+def load_tile(tile: TileId, config: PairConfig) -> TileInputs:
+    """Reads and decodes the tile's HR and Sentinel-2 series; raises _Reject with a reason."""
+    rgb = _decode(imagery.decode_hr, _read(tiles.hr_rgb_path(config.input_root, tile), "rgb.png", "missing_hr"),
+                  "rgb.png", 3)
+    if imagery.has_black_border(rgb):
+        # Checked before anything else is read: a black-bordered HR is dropped whatever else holds.
+        raise _Reject("prefilter", "naip_black_border",
+                      f"{int(imagery.black_border_count(rgb))} black pixels in the 2-px border")
+    try:
+        tci_data = _read(tiles.s2_band_path(config.input_root, tile, "tci"), "tci.png", "missing_band")
+    except _Reject as e:
+        if e.reason == "missing_band" and not storage.dir_has_files(tiles.s2_dir(config.input_root, tile)):
+            raise _Reject("read", "missing_s2", f"no Sentinel-2 files under {tiles.s2_dir(config.input_root, tile)}") from None
+        raise
+    tci = _decode(imagery.decode_series, tci_data, "tci.png", 3)
+    if config.bands == "rgb":
+        return TileInputs(rgb, tci)
+    b08 = _decode(imagery.decode_series,
+                  _read(tiles.s2_band_path(config.input_root, tile, "b08"), "b08.png", "missing_band"), "b08.png", 1)
+    if b08.shape[0] != tci.shape[0]:
+        raise _Reject("read", "bad_shape", f"tci.png has {tci.shape[0]} timesteps, b08.png {b08.shape[0]}")
+    nir = _decode(imagery.decode_hr, _read(tiles.hr_nir_path(config.nir_input, tile), "nir.png", "missing_nir"),
+                  "nir.png", 1)
+    return TileInputs(np.concatenate([rgb, nir], axis=-1), np.concatenate([tci, b08], axis=-1))
+
+
+def build_tile(tile_id: str, config: PairConfig) -> Outcome:
+    """The outcome of one input tile id: a pair record, or a reject record with its reason."""
+    try:
+        tile = TileId.parse(tile_id)
+    except InvalidTileId as e:
+        return Outcome("reject", records.reject_record(tile_id, "manifest", "invalid_tile_id", str(e)))
+    try:
+        inputs = load_tile(tile, config)
+        selection = select_pair(inputs.hr, inputs.series, config.selection)
+    except _Reject as e:
+        return Outcome("reject", records.reject_record(tile_id, e.stage, e.reason, e.detail))
+    except NoValidTimesteps as e:
+        return Outcome("reject", records.reject_record(tile_id, "prefilter", "no_valid_timesteps", str(e)))
+    except Exception as e:  # never lose a tile nor crash the job on one bad input
+        return Outcome("reject", records.reject_record(tile_id, "select", "internal_error",
+                                                       f"{type(e).__name__}: {e}"))
+    record = records.pair_record(
+        tile,
+        selection,
+        n_timesteps=int(inputs.series.shape[0]),
+        split=config.split,
+        mode=config.selection.mode,
+        alpha=config.selection.alpha,
+    )
+    return Outcome("pair", record)

@@ -1,0 +1,117 @@
+"""The one schema of the outputs: pair rows, reject rows, and their Arrow schemas.
+
+Every sink and reader uses these definitions; the README's schema table documents them.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from transforms.selection import Selection
+from transforms.tiles import ZOOM, TileId
+from transforms.version import PIPELINE_VERSION
+
+# Stages and reasons of reject records (the README documents this vocabulary).
+REJECT_REASONS = {
+    "invalid_tile_id": "the id does not match <naip_id>/<x>_<y> (never touches a path)",
+    "duplicate_tile_id": "the id appeared earlier in the same input; the first one is processed",
+    "missing_hr": "naip/<naip_id>/<x>_<y>/rgb.png does not exist",
+    "missing_s2": "sentinel2/<x>_<y>/ has none of the needed band files",
+    "missing_band": "sentinel2/<x>_<y>/ lacks a needed band file (tci, or b08 for rgbn)",
+    "missing_nir": "the NAIP NIR nir.png does not exist (only with --bands rgbn)",
+    "decode_error": "a PNG is corrupt, truncated or not a PNG",
+    "bad_dtype": "a PNG is not 8-bit, or is a palette image",
+    "bad_shape": "wrong width/height/channels, or band files with different timestep counts",
+    "image_too_large": "the PNG header or file size exceeds the limits (not decoded)",
+    "read_error": "the storage layer failed to read a file after retries",
+    "naip_black_border": "the NAIP RGB has more than 1 black pixel in its 2-px border",
+    "no_valid_timesteps": "every Sentinel-2 timestep has a black border",
+    "internal_error": "an unexpected error in the per-tile core (a bug: please report)",
+}
+REJECT_STAGES = ("manifest", "read", "prefilter", "select")
+
+PAIR_SCHEMA = pa.schema(
+    [
+        ("tile_id", pa.string()),
+        ("naip_id", pa.string()),
+        ("tile_x", pa.int32()),
+        ("tile_y", pa.int32()),
+        ("zoom", pa.int8()),
+        ("split", pa.string()),
+        ("hr", pa.binary()),
+        ("lr", pa.binary()),
+        ("hr_shape", pa.list_(pa.int32())),
+        ("lr_shape", pa.list_(pa.int32())),
+        ("lr_index", pa.int32()),
+        ("n_timesteps", pa.int32()),
+        ("valid_indices", pa.list_(pa.int32())),
+        ("candidate_indices", pa.list_(pa.int32())),
+        ("candidate_psnr", pa.list_(pa.float32())),
+        ("candidate_scores", pa.list_(pa.float32())),
+        ("psnr", pa.float32()),
+        ("score", pa.float32()),
+        ("selection", pa.string()),
+        ("alpha", pa.float32()),
+        ("pipeline_version", pa.string()),
+    ]
+)
+
+REJECT_SCHEMA = pa.schema(
+    [
+        ("tile_id", pa.string()),
+        ("stage", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
+
+
+def pair_record(
+    tile: TileId,
+    selection: Selection,
+    *,
+    n_timesteps: int,
+    split: str,
+    mode: str,
+    alpha: float,
+) -> dict:
+    hr = np.ascontiguousarray(selection.hr_matched, dtype=np.uint8)
+    lr = np.ascontiguousarray(selection.lr, dtype=np.uint8)
+    return {
+        "tile_id": str(tile),
+        "naip_id": tile.naip_id,
+        "tile_x": tile.x,
+        "tile_y": tile.y,
+        "zoom": ZOOM,
+        "split": split,
+        "hr": hr.tobytes(),
+        "lr": lr.tobytes(),
+        "hr_shape": list(hr.shape),
+        "lr_shape": list(lr.shape),
+        "lr_index": selection.lr_index,
+        "n_timesteps": n_timesteps,
+        "valid_indices": selection.valid_indices.tolist(),
+        "candidate_indices": selection.candidate_indices.tolist(),
+        "candidate_psnr": selection.candidate_psnr.tolist(),
+        "candidate_scores": selection.candidate_scores.tolist(),
+        "psnr": selection.psnr,
+        "score": selection.score,
+        "selection": mode,
+        "alpha": alpha,
+        "pipeline_version": PIPELINE_VERSION,
+    }
+
+
+def reject_record(tile_id: str, stage: str, reason: str, detail: str = "") -> dict:
+    if reason not in REJECT_REASONS:
+        raise ValueError(f"unknown reject reason {reason!r}")
+    if stage not in REJECT_STAGES:
+        raise ValueError(f"unknown reject stage {stage!r}")
+    return {"tile_id": tile_id[:1000], "stage": stage, "reason": reason, "detail": detail[:2000]}
+
+
+def decode_pair_arrays(row: dict) -> tuple[np.ndarray, np.ndarray]:
+    """A pair row (dict from Parquet or TFRecord) -> (hr, lr) uint8 arrays."""
+    hr = np.frombuffer(row["hr"], dtype=np.uint8).reshape(row["hr_shape"])
+    lr = np.frombuffer(row["lr"], dtype=np.uint8).reshape(row["lr_shape"])
+    return hr, lr

@@ -1,0 +1,357 @@
+"""The pair-selection algorithm, top to bottom, in plain numpy (no Beam).
+
+For one tile: an HR NAIP image `hr` [128, 128, C] and its Sentinel-2 series `series` [T, 32, 32, C]
+(C = 4 for R, G, B, NIR or 3 for RGB), all uint8:
+
+1. drop timesteps with a black border (`imagery.has_black_border`);
+2. downsample the HR to 32x32 (bicubic) and keep the `top_k` timesteps with the highest PSNR;
+3. score them and choose the lowest score:
+   - `paper`:     a * (1 - SSIM(HR_down, LR_j)) + (1 - a) * (1 - SSIM(HM_j(HR_down), LR_j)),
+                  scikit-image SSIM (Gaussian sigma 1.5, 5-px crop), HR_down rounded to uint8;
+   - `companion`: the published code's rule, argmax of a * SSIM(LR_j, HR_down) + (1 - a) *
+                  SSIM(HR_down, HM_j(HR_down)), stored as the distance 1 - that mix so that lower is
+                  better in both modes; torchmetrics SSIM (reflect padding, full map, clamped
+                  variances), float HR_down from PyTorch's non-antialiased bicubic, HM_j stored into
+                  uint8 by truncation;
+   `HM_j` is histogram matching to timestep j (scikit-image `match_histograms` semantics);
+4. histogram-match the full HR to the chosen timestep and return the pair.
+
+Every array op runs over all timesteps (and bands) at once; indices are original time-series
+indices from start to end (the companion code's position/index mix-up cannot happen here).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import numpy as np
+
+from transforms.imagery import has_black_border
+
+SELECTION_MODES = ("paper", "companion")
+DOWNSAMPLE_METHODS = ("bicubic_aa", "bicubic_torch")
+DEFAULT_DOWNSAMPLE = {"paper": "bicubic_aa", "companion": "bicubic_torch", "manual": "bicubic_aa"}
+DATA_RANGE = 255.0
+SSIM_SIGMA = 1.5
+SSIM_TRUNCATE = 3.5  # scikit-image's window: radius int(3.5 * sigma + 0.5) = 5, i.e. 11x11
+SSIM_K1, SSIM_K2 = 0.01, 0.03
+
+
+class NoValidTimesteps(Exception):
+    """Every timestep of the series has a black border."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectionConfig:
+    mode: str = "paper"
+    alpha: float = 0.7
+    top_k: int = 16
+    downsample: str | None = None  # None: the mode's default (DEFAULT_DOWNSAMPLE)
+    border_px: int = 2
+    max_border_black: int = 1
+
+    def __post_init__(self):
+        if self.mode not in SELECTION_MODES:
+            raise ValueError(f"selection must be one of {SELECTION_MODES}, got {self.mode!r}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be within [0, 1], got {self.alpha}")
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.downsample is not None and self.downsample not in DOWNSAMPLE_METHODS:
+            raise ValueError(f"downsample must be one of {DOWNSAMPLE_METHODS}, got {self.downsample!r}")
+
+    @property
+    def downsample_method(self) -> str:
+        return self.downsample or DEFAULT_DOWNSAMPLE[self.mode]
+
+
+@dataclasses.dataclass
+class Selection:
+    lr_index: int  # original index in the time series
+    valid_indices: np.ndarray  # int32, timesteps without a black border
+    candidate_indices: np.ndarray  # int32, top-k by PSNR, best first
+    candidate_psnr: np.ndarray  # float32, aligned with candidate_indices
+    candidate_scores: np.ndarray  # float32, lower is better
+    psnr: float
+    score: float
+    hr_matched: np.ndarray  # uint8 [H, W, C], the HR histogram-matched to the chosen timestep
+    lr: np.ndarray  # uint8 [32, 32, C], the chosen timestep
+
+
+# ---------------------------------------------------------------------------------------------
+# Resampling: separable weight matrices, applied to all bands with two matrix products.
+
+
+def _cubic(x: np.ndarray, a: float) -> np.ndarray:
+    x = np.abs(x)
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    far = (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
+
+
+@functools.lru_cache(maxsize=16)
+def bicubic_aa_weights(in_size: int, out_size: int) -> np.ndarray:
+    """[out, in] weights of Pillow's antialiased bicubic resize (a = -0.5, support scaled)."""
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = 2.0 * filterscale
+    w = np.zeros((out_size, in_size))
+    for o in range(out_size):  # a 32-row table, built once and cached
+        center = (o + 0.5) * scale
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), in_size)
+        taps = _cubic((np.arange(lo, hi) - center + 0.5) / filterscale, -0.5)
+        w[o, lo:hi] = taps / taps.sum()
+    w.flags.writeable = False
+    return w
+
+
+@functools.lru_cache(maxsize=16)
+def bicubic_torch_weights(in_size: int, out_size: int) -> np.ndarray:
+    """[out, in] weights of PyTorch `interpolate(mode='bicubic', align_corners=False)`: no antialias."""
+    scale = in_size / out_size
+    w = np.zeros((out_size, in_size))
+    for o in range(out_size):
+        src = (o + 0.5) * scale - 0.5
+        x0 = math.floor(src)
+        t = src - x0
+        taps = _cubic(np.array([t + 1.0, t, 1.0 - t, 2.0 - t]), -0.75)
+        for k, tap in enumerate(taps):
+            w[o, min(max(x0 - 1 + k, 0), in_size - 1)] += tap
+    w.flags.writeable = False
+    return w
+
+
+def downsample(hr: np.ndarray, size: int, method: str) -> np.ndarray:
+    """[H, W, C] -> float64 [size, size, C] bicubic (antialiased `bicubic_aa` or `bicubic_torch`)."""
+    weights = {"bicubic_aa": bicubic_aa_weights, "bicubic_torch": bicubic_torch_weights}[method]
+    wy = weights(hr.shape[0], size)
+    wx = weights(hr.shape[1], size)
+    chw = np.moveaxis(hr, -1, 0).astype(np.float64)
+    return np.moveaxis(wy @ chw @ wx.T, 0, -1)
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """Round half up and clip to uint8."""
+    return np.clip(np.floor(image + 0.5), 0, 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics, batched over a leading axis.
+
+
+def psnr(images: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """PSNR (data range 255, over all pixels and bands) of each of `images` [N, ...] vs `reference`."""
+    diff = images.astype(np.float64) - np.asarray(reference, dtype=np.float64)
+    mse = np.mean(diff * diff, axis=tuple(range(1, diff.ndim)))
+    with np.errstate(divide="ignore"):
+        return 10.0 * np.log10(DATA_RANGE**2 / mse)
+
+
+def top_k_by_psnr(psnr_values: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the k highest values, best first; ties keep time-series order."""
+    return np.argsort(-psnr_values, kind="stable")[:k]
+
+
+@functools.lru_cache(maxsize=4)
+def gaussian_taps(sigma: float = SSIM_SIGMA, truncate: float = SSIM_TRUNCATE) -> np.ndarray:
+    radius = int(truncate * sigma + 0.5)
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    taps = np.exp(-0.5 * (x / sigma) ** 2)
+    return taps / taps.sum()
+
+
+@functools.lru_cache(maxsize=16)
+def _filter_matrix(size: int, padding: str) -> np.ndarray:
+    """[out, size] matrix of the 1-D Gaussian filter: 'valid' windows, or 'reflect' (mirror, no
+    edge repeat) padding that keeps the size."""
+    taps = gaussian_taps()
+    radius = len(taps) // 2
+    if padding == "valid":
+        m = np.zeros((size - 2 * radius, size))
+        for o in range(size - 2 * radius):
+            m[o, o : o + 2 * radius + 1] = taps
+    else:
+        m = np.zeros((size, size))
+        for o in range(size):
+            for k, tap in enumerate(taps):
+                i = o + k - radius
+                i = -i if i < 0 else (2 * (size - 1) - i if i >= size else i)
+                m[o, i] += tap
+    m.flags.writeable = False
+    return m
+
+
+def _ssim_maps(x: np.ndarray, y: np.ndarray, padding: str, clamp_variance: bool) -> np.ndarray:
+    """SSIM map of [N, C, H, W] float64 images (population covariance, data range 255)."""
+    fy = _filter_matrix(x.shape[-2], padding)
+    fx = _filter_matrix(x.shape[-1], padding)
+
+    def smooth(a):
+        return fy @ a @ fx.T
+
+    ux, uy = smooth(x), smooth(y)
+    vx = smooth(x * x) - ux * ux
+    vy = smooth(y * y) - uy * uy
+    vxy = smooth(x * y) - ux * uy
+    if clamp_variance:
+        vx = np.maximum(vx, 0.0)
+        vy = np.maximum(vy, 0.0)
+    c1 = (SSIM_K1 * DATA_RANGE) ** 2
+    c2 = (SSIM_K2 * DATA_RANGE) ** 2
+    return ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+
+
+def _to_nchw(images: np.ndarray) -> np.ndarray:
+    return np.moveaxis(np.asarray(images, dtype=np.float64), -1, -3)
+
+
+def ssim(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """scikit-image's SSIM (gaussian_weights, sigma 1.5, population covariance, data range 255,
+    mean over bands) for each pair of [N, H, W, C] images (broadcasting); returns [N]."""
+    x, y = np.broadcast_arrays(_to_nchw(x), _to_nchw(y))
+    s = _ssim_maps(x, y, "valid", clamp_variance=False)
+    return s.mean(axis=(-3, -2, -1))
+
+
+def ssim_torchmetrics(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """torchmetrics' SSIM as the companion code runs it: 11x11 Gaussian, reflect padding, clamped
+    variances, mean over the full map and bands. [N, H, W, C] pairs -> [N]."""
+    x, y = np.broadcast_arrays(_to_nchw(x), _to_nchw(y))
+    s = _ssim_maps(x, y, "reflect", clamp_variance=True)
+    return s.mean(axis=(-3, -2, -1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Histogram matching, batched over templates and bands.
+
+
+def _matched_values(src_quantiles: np.ndarray, tmpl_counts: np.ndarray, tmpl_size: int) -> np.ndarray:
+    """np.interp(src_quantiles, tmpl_quantiles, tmpl_values) row by row, without a Python loop.
+
+    `tmpl_counts` [R, 256] are histograms of uint8 templates; `src_quantiles` [R, M]. The template
+    CDF over all 256 bins is flat where a bin is empty, so the first bin whose CDF exceeds q is the
+    upper interpolation point, and the last non-empty bin before it the lower one. The arithmetic
+    is numpy's own (slope * (q - x0) + y0), so results equal scikit-image's bit for bit.
+    """
+    rows = tmpl_counts.shape[0]
+    cdf = np.cumsum(tmpl_counts, axis=1) / tmpl_size
+    offset = 2.0 * np.arange(rows)[:, None]  # exact: CDFs are in [0, 1]
+    pos = np.searchsorted((cdf + offset).ravel(), (src_quantiles + offset).ravel(), side="right")
+    pos = pos.reshape(src_quantiles.shape) - 256 * np.arange(rows)[:, None]
+    bins = np.arange(256)
+    nonempty = tmpl_counts > 0
+    last_nonempty = np.maximum.accumulate(np.where(nonempty, bins, -1), axis=1)
+    last_bin = last_nonempty[:, -1:]
+    r = np.arange(rows)[:, None]
+    hi = np.minimum(pos, 255)
+    lo = np.where(pos > 0, last_nonempty[r, np.maximum(pos - 1, 0)], -1)
+    x0 = cdf[r, np.maximum(lo, 0)]
+    x1 = cdf[r, hi]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        slope = (hi - lo) / (x1 - x0)
+        inner = slope * (src_quantiles - x0) + lo
+    inner = np.where(src_quantiles == x0, lo, inner)
+    # below the first template value: clamp to it (the first non-empty bin is `hi` then)
+    out = np.where(lo < 0, hi, inner)
+    # at or beyond the last template quantile: clamp to the last value
+    return np.where(pos >= 256, last_bin, out).astype(np.float64)
+
+
+def _histograms(images_rc: np.ndarray) -> np.ndarray:
+    """[R, M] uint8 -> [R, 256] counts."""
+    rows = images_rc.shape[0]
+    flat = images_rc.astype(np.int64) + 256 * np.arange(rows)[:, None]
+    return np.bincount(flat.ravel(), minlength=256 * rows).reshape(rows, 256)
+
+
+def match_histograms(source: np.ndarray, templates: np.ndarray) -> np.ndarray:
+    """scikit-image `match_histograms(source, template_n, channel_axis=-1)` for every template.
+
+    `source` [H, W, C] (uint8 or float); `templates` [N, h, w, C] uint8. Returns [N, H, W, C] in the
+    dtype scikit-image returns: uint8 sources give uint8 (truncated, as scikit-image stores into an
+    array of the source dtype), float sources give float64 (float32 for float32 sources).
+    """
+    if templates.dtype != np.uint8:
+        raise TypeError("templates must be uint8")
+    n, c = templates.shape[0], templates.shape[-1]
+    src_c = np.moveaxis(source, -1, 0).reshape(c, -1)  # [C, M]
+    tmpl_counts = _histograms(np.moveaxis(templates, -1, 1).reshape(n * c, -1))  # [N*C, 256]
+    tmpl_size = templates[0, ..., 0].size
+    if source.dtype == np.uint8:
+        src_counts = _histograms(src_c)  # [C, 256]
+        src_q = np.cumsum(src_counts, axis=1) / src_c.shape[1]
+        lut = _matched_values(np.tile(src_q, (n, 1)), tmpl_counts, tmpl_size)  # [N*C, 256]
+        lut = lut.reshape(n, c, 256)
+        matched = np.take_along_axis(lut, np.broadcast_to(src_c[None].astype(np.intp), (n, c, src_c.shape[1])), 2)
+        out_dtype = np.uint8
+    else:
+        src_q = np.empty(src_c.shape)
+        for band in range(c):  # a band loop; np.unique is the reference's own quantile rule
+            _, inverse, counts = np.unique(src_c[band], return_inverse=True, return_counts=True)
+            src_q[band] = (np.cumsum(counts) / src_c.shape[1])[inverse]
+        matched = _matched_values(np.tile(src_q, (n, 1)), tmpl_counts, tmpl_size).reshape(n, c, -1)
+        out_dtype = np.float32 if source.dtype == np.float32 else np.float64
+    matched = matched.reshape(n, c, *source.shape[:-1])
+    return np.moveaxis(matched, 1, -1).astype(out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores and the selection itself.
+
+
+def paper_scores(hr_down_u8: np.ndarray, candidates: np.ndarray, alpha: float) -> np.ndarray:
+    """a * d(HR, LR_j) + (1 - a) * d(HM_j(HR), LR_j) with d = 1 - SSIM; lower is better."""
+    matched = match_histograms(hr_down_u8, candidates)
+    d_raw = 1.0 - ssim(hr_down_u8[None], candidates)
+    d_matched = 1.0 - ssim(matched, candidates)
+    return alpha * d_raw + (1.0 - alpha) * d_matched
+
+
+def companion_scores(hr_down: np.ndarray, candidates: np.ndarray, alpha: float) -> np.ndarray:
+    """1 - (a * SSIM(LR_j, HR) + (1 - a) * SSIM(HR, HM_j(HR))) as the companion code computes it."""
+    hr32 = hr_down.astype(np.float32)
+    matched = match_histograms(hr32, candidates).astype(np.uint8)  # truncation, as torch stores it
+    s_raw = ssim_torchmetrics(candidates, hr32[None])
+    s_matched = ssim_torchmetrics(hr32[None], matched)
+    return 1.0 - (alpha * s_raw + (1.0 - alpha) * s_matched)
+
+
+def select_pair(hr: np.ndarray, series: np.ndarray, config: SelectionConfig = SelectionConfig()) -> Selection:
+    """Chooses the timestep of `series` [T, 32, 32, C] closest to `hr` [H, W, C]; see module doc."""
+    if hr.dtype != np.uint8 or series.dtype != np.uint8:
+        raise TypeError("hr and series must be uint8")
+    if hr.shape[-1] != series.shape[-1]:
+        raise ValueError(f"band mismatch: hr has {hr.shape[-1]}, series has {series.shape[-1]}")
+    valid = np.flatnonzero(~has_black_border(series, config.max_border_black, config.border_px))
+    if valid.size == 0:
+        raise NoValidTimesteps(f"all {series.shape[0]} timesteps have a black border")
+    size = series.shape[1]
+    hr_down = downsample(hr, size, config.downsample_method)
+    valid_series = series[valid]
+    if config.mode == "paper":
+        hr_ref = to_uint8(hr_down)
+        all_psnr = psnr(valid_series, hr_ref)
+        top = top_k_by_psnr(all_psnr, config.top_k)
+        scores = paper_scores(hr_ref, valid_series[top], config.alpha)
+    else:
+        hr_ref = hr_down.astype(np.float32)
+        all_psnr = psnr(valid_series, hr_ref)
+        top = top_k_by_psnr(all_psnr, config.top_k)
+        scores = companion_scores(hr_down, valid_series[top], config.alpha)
+    best = int(np.argmin(scores))  # first minimum, like torch.argmax on the similarity
+    lr_index = int(valid[top[best]])
+    lr = series[lr_index]
+    hr_matched = match_histograms(hr, lr[None])[0]
+    return Selection(
+        lr_index=lr_index,
+        valid_indices=valid.astype(np.int32),
+        candidate_indices=valid[top].astype(np.int32),
+        candidate_psnr=all_psnr[top].astype(np.float32),
+        candidate_scores=scores.astype(np.float32),
+        psnr=float(all_psnr[top[best]]),
+        score=float(scores[best]),
+        hr_matched=hr_matched,
+        lr=lr,
+    )
