@@ -205,22 +205,22 @@ def write_run_json(_, output: str, run_info: dict, counts: dict, files: list[str
 
 
 class WriteRunSummary(beam.PTransform):
-    """Counts outcomes and writes `<output>/run.json` after every data file is finalised."""
+    """Counts outcome keys ('pair', 'reject:<reason>') and writes `<output>/run.json` after every
+    data file is finalised."""
 
     def __init__(self, output: str, run_info: dict):
         super().__init__()
         self.output, self.run_info = output, run_info
 
     def expand(self, inputs):
-        outcomes, written_files = inputs
+        outcome_keys, written_files = inputs
         counts = (
-            outcomes
-            | "OutcomeKey" >> beam.Map(outcome_key)
+            outcome_keys
             | "CountOutcomes" >> beam.combiners.Count.PerElement()
             | "CountsToDict" >> beam.combiners.ToDict()
         )
         return (
-            outcomes.pipeline
+            outcome_keys.pipeline
             | "Once" >> beam.Create([None])
             | "WriteRunJson" >> beam.Map(
                 write_run_json,
@@ -250,6 +250,10 @@ class BuildPairsPipeline(beam.PTransform):
             self.output, "pairs", records.PAIR_SCHEMA, self.num_shards)
         reject_files = rejects | "WriteRejects" >> WriteParquet(
             self.output, "rejects", records.REJECT_SCHEMA, self.num_shards)
-        outcomes = (built.pairs, rejects) | "AllOutcomes" >> beam.Flatten()
+        # Keys are taken before flattening so that no pair record is ever materialised for counting.
+        outcome_keys = (
+            built.pairs | "PairKey" >> beam.Map(outcome_key),
+            rejects | "RejectKey" >> beam.Map(outcome_key),
+        ) | "AllOutcomeKeys" >> beam.Flatten()
         files = (pair_files, reject_files) | "AllFiles" >> beam.Flatten()
-        return (outcomes, files) | "WriteRunSummary" >> WriteRunSummary(self.output, self.run_info)
+        return (outcome_keys, files) | "WriteRunSummary" >> WriteRunSummary(self.output, self.run_info)

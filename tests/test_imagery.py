@@ -1,0 +1,87 @@
+"""Safe PNG decoding: every bad input is a reject reason, and headers are checked before decoding."""
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.imagery_fixtures import forged_header_png, png_bytes
+from transforms import imagery
+from transforms.imagery import ImageRejected
+
+
+NOISE = np.random.default_rng(0).integers(0, 255, (128, 128, 3)).astype(np.uint8)
+
+
+def test_decode_series_splits_rows_into_timesteps():
+    stacked = np.arange(3 * 32 * 32 * 3, dtype=np.uint32).reshape(96, 32, 3).astype(np.uint8)
+    series = imagery.decode_series(png_bytes(stacked), 3)
+    assert series.shape == (3, 32, 32, 3)
+    np.testing.assert_array_equal(series[1], stacked[32:64])
+
+
+def test_single_channel_and_rgba():
+    grey = np.full((128, 128), 9, np.uint8)
+    assert imagery.decode_hr(png_bytes(grey), 1).shape == (128, 128, 1)
+    rgba = np.full((128, 128, 4), 9, np.uint8)
+    assert imagery.decode_hr(png_bytes(rgba), 3).shape == (128, 128, 3)
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", "decode_error"),
+        (b"GIF89a" + b"\0" * 40, "decode_error"),
+        (png_bytes(NOISE)[: len(png_bytes(NOISE)) // 2], "decode_error"),  # truncated stream
+        (png_bytes(np.zeros((128, 128), np.uint16)), "bad_dtype"),  # 16-bit
+        (png_bytes(np.zeros((64, 128, 3), np.uint8)), "bad_shape"),
+        (png_bytes(np.zeros((128, 128), np.uint8)), "bad_shape"),  # 1 channel where RGB is needed
+        (forged_header_png(50_000, 50_000), "image_too_large"),  # decompression bomb header
+        (forged_header_png(128, 128, colour_type=3), "bad_dtype"),  # palette
+    ],
+)
+def test_bad_hr_inputs_are_rejected_with_reason(data, reason):
+    with pytest.raises(ImageRejected) as e:
+        imagery.decode_hr(data, 3)
+    assert e.value.reason == reason
+
+
+def test_corrupt_ihdr_crc():
+    data = bytearray(png_bytes(np.zeros((128, 128, 3), np.uint8)))
+    data[20] ^= 0xFF
+    with pytest.raises(ImageRejected, match="checksum"):
+        imagery.decode_hr(bytes(data), 3)
+
+
+def test_corrupt_pixel_data_is_decode_error():
+    data = bytearray(png_bytes(NOISE))
+    data[100:140] = b"\xff" * 40
+    with pytest.raises(ImageRejected) as e:
+        imagery.decode_hr(bytes(data), 3)
+    assert e.value.reason == "decode_error"
+
+
+@pytest.mark.parametrize("height, reason", [(33, "bad_shape"), (0, "bad_shape"), (32 * 5000, "image_too_large")])
+def test_series_heights(height, reason):
+    with pytest.raises(ImageRejected) as e:
+        imagery.decode_series(forged_header_png(32, height), 3)
+    assert e.value.reason == reason
+
+
+def test_bomb_header_is_rejected_before_decoding(monkeypatch):
+    def no_decoding(*a, **k):
+        raise AssertionError("pixels decoded")
+
+    monkeypatch.setattr(imagery.Image, "open", no_decoding)
+    with pytest.raises(ImageRejected):
+        imagery.decode_series(forged_header_png(32, 2**31 - 1), 3)
+    with pytest.raises(ImageRejected):
+        imagery.decode_hr(forged_header_png(2**31 - 1, 2**31 - 1), 3)
+
+
+def test_encode_png_roundtrip_keeps_single_channel_mode():
+    arr = np.random.default_rng(1).integers(0, 255, (32, 32, 1)).astype(np.uint8)
+    data = imagery.encode_png(arr)
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.mode == "L"
+    np.testing.assert_array_equal(imagery.decode_png(data, channels=1, width=32, height=32), arr)

@@ -1,0 +1,225 @@
+"""The numeric core against scikit-image / Pillow references and the algorithm's invariants."""
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+from skimage.exposure import match_histograms as sk_match
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from tests.tile_factory import black_edge, cloud, scene, series_from
+from transforms import selection as S
+from transforms.imagery import black_border_count, has_black_border
+
+
+def _u8(rng, shape, hi=256):
+    return rng.integers(0, hi, shape).astype(np.uint8)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_match_histograms_uint8_equals_skimage(seed):
+    rng = np.random.default_rng(seed)
+    # vary value ranges: sparse histograms, narrow templates, full range
+    source = (_u8(rng, (128, 128, 4), 40) * rng.integers(1, 7)).astype(np.uint8)
+    templates = _u8(rng, (5, 32, 32, 4), int(rng.integers(2, 257)))
+    ours = S.match_histograms(source, templates)
+    assert ours.dtype == np.uint8
+    for j in range(len(templates)):
+        np.testing.assert_array_equal(ours[j], sk_match(source, templates[j], channel_axis=-1))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_match_histograms_float_source_equals_skimage_bitwise(dtype):
+    rng = np.random.default_rng(3)
+    source = rng.normal(100, 50, (32, 32, 4)).astype(dtype)
+    source[:8] = np.round(source[:8] / 9) * 9  # repeated values exercise the unique() counts
+    templates = _u8(rng, (6, 32, 32, 4))
+    ours = S.match_histograms(source, templates)
+    for j in range(len(templates)):
+        ref = sk_match(source, templates[j], channel_axis=-1)
+        assert ours[j].dtype == ref.dtype
+        np.testing.assert_array_equal(ours[j], ref)
+
+
+def test_match_histograms_degenerate_inputs():
+    constant = np.full((32, 32, 3), 7, np.uint8)
+    template = np.full((1, 32, 32, 3), 200, np.uint8)
+    np.testing.assert_array_equal(S.match_histograms(constant, template)[0], sk_match(constant, template[0], channel_axis=-1))
+    rng = np.random.default_rng(0)
+    src = _u8(rng, (32, 32, 3))
+    np.testing.assert_array_equal(S.match_histograms(src, template)[0], sk_match(src, template[0], channel_axis=-1))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_ssim_matches_skimage_within_1e6(seed):
+    rng = np.random.default_rng(seed)
+    a = _u8(rng, (4, 32, 32, 4))
+    b = np.clip(a.astype(int) + rng.integers(-60, 60, a.shape), 0, 255).astype(np.uint8)
+    ours = S.ssim(a, b)
+    for j in range(len(a)):
+        ref = structural_similarity(a[j], b[j], gaussian_weights=True, sigma=1.5,
+                                    use_sample_covariance=False, data_range=255, channel_axis=-1)
+        assert abs(ours[j] - ref) < 1e-6
+
+
+def test_ssim_torchmetrics_against_direct_formula():
+    """Independent reference: scipy's 'mirror' mode is torch's 'reflect' padding."""
+    rng = np.random.default_rng(5)
+    a = rng.uniform(0, 255, (3, 32, 32, 4))
+    b = np.clip(a + rng.normal(0, 30, a.shape), 0, 255)
+    x = np.arange(-5, 6)
+    g = np.exp(-(x / 1.5) ** 2 / 2)
+    g /= g.sum()
+    k2 = np.outer(g, g)
+
+    def f(img):
+        return np.stack([ndimage.correlate(img[..., c], k2, mode="mirror") for c in range(img.shape[-1])], -1)
+
+    for j in range(3):
+        ux, uy = f(a[j]), f(b[j])
+        vx = np.maximum(f(a[j] ** 2) - ux**2, 0)
+        vy = np.maximum(f(b[j] ** 2) - uy**2, 0)
+        vxy = f(a[j] * b[j]) - ux * uy
+        c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+        ref = (((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))).mean()
+        assert abs(S.ssim_torchmetrics(a[j : j + 1], b[j : j + 1])[0] - ref) < 1e-9
+
+
+def test_ssim_of_identical_images_is_one():
+    a = scene(np.random.default_rng(1), 32)
+    assert S.ssim(a[None], a[None])[0] == pytest.approx(1.0)
+    assert S.ssim_torchmetrics(a[None], a[None])[0] == pytest.approx(1.0)
+
+
+def test_bicubic_aa_matches_pillow():
+    rng = np.random.default_rng(0)
+    img = rng.uniform(0, 255, (128, 128)).astype(np.float32)
+    ref = np.asarray(Image.fromarray(img, "F").resize((32, 32), Image.BICUBIC))
+    ours = S.downsample(img[:, :, None], 32, "bicubic_aa")[:, :, 0]
+    np.testing.assert_allclose(ours, ref, atol=1e-3)
+
+
+def test_bicubic_torch_weights_are_pytorchs_for_factor_4():
+    # align_corners=False, a=-0.75: output i samples 4i+1.5 -> taps at 4i..4i+3 with t=0.5
+    w = S.bicubic_torch_weights(128, 32)
+    expected = np.array([-0.09375, 0.59375, 0.59375, -0.09375])
+    for i in (0, 7, 31):
+        np.testing.assert_allclose(w[i, 4 * i : 4 * i + 4], expected)
+        assert np.count_nonzero(w[i]) == 4
+    # and a non-integer factor keeps rows summing to one with clamped borders
+    np.testing.assert_allclose(S.bicubic_torch_weights(100, 32).sum(axis=1), 1.0)
+
+
+def test_psnr_matches_skimage():
+    rng = np.random.default_rng(2)
+    ref = rng.uniform(0, 255, (32, 32, 4))
+    imgs = _u8(rng, (5, 32, 32, 4))
+    ours = S.psnr(imgs, ref)
+    for j in range(5):
+        assert ours[j] == pytest.approx(peak_signal_noise_ratio(ref, imgs[j].astype(np.float64), data_range=255))
+    assert S.psnr(imgs[:1], imgs[0])[0] == np.inf
+
+
+def test_top_k_is_stable_and_descending():
+    values = np.array([1.0, 5.0, 3.0, 5.0, 2.0])
+    assert S.top_k_by_psnr(values, 3).tolist() == [1, 3, 2]
+    assert S.top_k_by_psnr(values, 16).tolist() == [1, 3, 2, 4, 0]
+
+
+def test_black_border_rule_counts_strips_separately():
+    img = np.full((1, 32, 32, 3), 50, np.uint8)
+    img[0, 0, 0] = 0  # a corner: in the top strip and the left strip
+    assert black_border_count(img)[0] == 2
+    assert has_black_border(img)[0]
+    one = np.full((32, 32, 3), 50, np.uint8)
+    one[0, 10] = 0
+    assert black_border_count(one) == 1 and not has_black_border(one)
+    inner = np.full((32, 32, 3), 50, np.uint8)
+    inner[10:20, 10:20] = 0
+    assert black_border_count(inner) == 0
+    partly = np.full((32, 32, 3), 50, np.uint8)
+    partly[0, 5:9, 0] = 0  # not black: only one channel is zero
+    assert black_border_count(partly) == 0
+
+
+def _tile(seed=0, t=20):
+    rng = np.random.default_rng(seed)
+    hr = scene(rng)
+    return hr, series_from(hr, rng, t)
+
+
+@pytest.mark.parametrize("mode", ["paper", "companion"])
+def test_black_bordered_copy_of_best_is_never_chosen(mode):
+    hr, series = _tile()
+    clean = S.select_pair(hr, series, S.SelectionConfig(mode=mode))
+    # plant a black-bordered exact copy of the ideal LR at index 0, before every other
+    ideal = S.to_uint8(S.downsample(hr, 32, "bicubic_aa"))
+    planted = np.concatenate([black_edge(ideal)[None], series])
+    sel = S.select_pair(hr, planted, S.SelectionConfig(mode=mode))
+    assert 0 not in sel.valid_indices and 0 not in sel.candidate_indices
+    assert sel.lr_index == clean.lr_index + 1  # original indices kept through the filtering
+
+
+@pytest.mark.parametrize("mode", ["paper", "companion"])
+def test_emitted_lr_is_the_scored_one_after_filtered_timesteps(mode):
+    hr, series = _tile(1, 24)
+    series[[0, 2, 3]] = black_edge(series[[0, 2, 3]].reshape(-1, 32, 4)).reshape(3, 32, 32, 4)
+    sel = S.select_pair(hr, series, S.SelectionConfig(mode=mode, top_k=8))
+    np.testing.assert_array_equal(sel.lr, series[sel.lr_index])
+    assert sel.lr_index == sel.candidate_indices[int(np.argmin(sel.candidate_scores))]
+    assert sel.psnr == pytest.approx(sel.candidate_psnr[int(np.argmin(sel.candidate_scores))])
+    assert len(sel.candidate_indices) == 8 and set(sel.candidate_indices) <= set(sel.valid_indices)
+    assert list(sel.valid_indices) == [i for i in range(24) if i not in (0, 2, 3)]
+    # candidate PSNRs are best first, and the HR is matched to exactly the emitted LR
+    assert np.all(np.diff(sel.candidate_psnr) <= 0)
+    np.testing.assert_array_equal(sel.hr_matched, sk_match(hr, sel.lr, channel_axis=-1))
+
+
+def test_clouded_timesteps_are_not_chosen():
+    hr, series = _tile(2, 16)
+    series[::2] = np.stack([cloud(f) for f in series[::2]])
+    for mode in ("paper", "companion"):
+        sel = S.select_pair(hr, series, S.SelectionConfig(mode=mode))
+        assert sel.lr_index % 2 == 1
+
+
+def test_paper_score_formula_against_skimage():
+    hr, series = _tile(3, 6)
+    sel = S.select_pair(hr, series, S.SelectionConfig(mode="paper", alpha=0.7))
+    hr_down = S.to_uint8(S.downsample(hr, 32, "bicubic_aa"))
+    for idx, score in zip(sel.candidate_indices, sel.candidate_scores):
+        lr = series[idx]
+
+        def d(a, b):
+            return 1 - structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                             data_range=255, channel_axis=-1)
+
+        expected = 0.7 * d(hr_down, lr) + 0.3 * d(sk_match(hr_down, lr, channel_axis=-1), lr)
+        assert score == pytest.approx(expected, abs=1e-6)
+
+
+def test_alpha_changes_the_mix():
+    hr, series = _tile(4, 10)
+    a1 = S.select_pair(hr, series, S.SelectionConfig(alpha=1.0))
+    a0 = S.select_pair(hr, series, S.SelectionConfig(alpha=0.0))
+    assert not np.allclose(a1.candidate_scores, a0.candidate_scores)
+
+
+def test_no_valid_timesteps_raises():
+    hr, series = _tile(5, 4)
+    with pytest.raises(S.NoValidTimesteps):
+        S.select_pair(hr, np.stack([black_edge(f) for f in series]))
+
+
+def test_rgb_only_selection():
+    hr, series = _tile(6, 8)
+    sel = S.select_pair(hr[..., :3].copy(), series[..., :3].copy())
+    assert sel.hr_matched.shape == (128, 128, 3) and sel.lr.shape == (32, 32, 3)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        S.SelectionConfig(mode="best")
+    with pytest.raises(ValueError):
+        S.SelectionConfig(alpha=1.5)
+    with pytest.raises(ValueError):
+        S.SelectionConfig(top_k=0)

@@ -1,0 +1,801 @@
+"""A deterministic, procedural S2-NAIP-layout sample: NAIP/Sentinel-2 tiles with planted defects.
+
+`generate_sample` writes, under a local `output_dir`, the folder layout S2-NAIP uses:
+
+    naip/<naip_id>/<x>_<y>/rgb.png     128x128 RGB uint8 (NAIP red, green, blue)
+    naip/<naip_id>/<x>_<y>/nir.png     128x128 L uint8 (NAIP near infrared)
+    sentinel2/<x>_<y>/tci.png          [T*32, 32, 3] uint8, timestep t = rows t*32:(t+1)*32
+    sentinel2/<x>_<y>/b08.png          [T*32, 32] L uint8 (clip(raw // 32, 0, 255))
+    sentinel2/<x>_<y>/b01|b10|b11|b12.png   only with extra_bands=True, same layout as b08
+    sample_truth.jsonl                 one JSON line per tile: what was planted
+    manifest.txt                       one tile id per line
+
+so the pipeline runs anywhere without downloads, and the benchmark can make thousands of tiles fast.
+
+Every tile is drawn from its own `numpy.random.default_rng([seed, tile_index])` (plus a few helper
+streams keyed by `(seed, capture)` / `(seed, window)` that also depend only on the tile index), so
+tile i is the same whatever `n_tiles`, `workers` or `extra_bands` are, and two runs with the same
+arguments write byte-identical files.
+
+The scene is procedural and linear in its parts: a 128x128 tile is a stack of weight maps (one
+vegetation and one soil layer per field, water, roads, roofs) times per-date spectra in 7 bands
+(R, G, B, NIR, B01, B11, B12). NAIP is that mix at the capture date with NAIP radiometry; each
+Sentinel-2 timestep is the mix at its own date, area-averaged 4x to 32x32 (downsampling is linear,
+so the weight maps are downsampled once), then passed through an atmosphere, one condition (clear,
+cloud, thin cloud, haze, shadow, dark, snow, black swath border) and Sentinel-2 radiometry.
+
+Legitimate values are clipped to >= 1 everywhere: exact 0 in all channels only appears where a
+black border (HR strip or Sentinel-2 swath edge) was planted.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import multiprocessing
+import os
+import sys
+import time
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image
+
+from transforms import tiles
+
+HR_SIZE = 128
+LR_SIZE = 32
+SCALE = HR_SIZE // LR_SIZE
+PNG_COMPRESS_LEVEL = 1
+
+TRUTH_FILE = "sample_truth.jsonl"
+MANIFEST_FILE = "manifest.txt"
+
+# Tiles of one NAIP capture form a CAPTURE_SIDE x CAPTURE_SIDE block of adjacent zoom-17 tiles.
+CAPTURE_SIDE = 10
+TILES_PER_CAPTURE = CAPTURE_SIDE * CAPTURE_SIDE
+# Every DEFECT_WINDOW consecutive tiles hold exactly one tile of each defect (3.3% each).
+DEFECT_WINDOW = 30
+
+KINDS = ("ok", "naip_black_border", "missing_s2", "missing_nir", "missing_band", "no_valid_timesteps")
+DEFECTS = KINDS[1:]
+CONDITIONS = ("clear", "cloud", "thin_cloud", "shadow", "dark", "snow", "black_border", "haze")
+EXTRA_BANDS = ("b01", "b10", "b11", "b12")
+MIN_CLEAR = 3
+
+# Per-timestep condition probabilities (snow only on winter dates, where it takes from "clear").
+_P_COND = {"clear": 0.50, "cloud": 0.16, "thin_cloud": 0.08, "shadow": 0.05, "dark": 0.04,
+           "snow": 0.0, "black_border": 0.09, "haze": 0.08}
+_P_SNOW_WINTER = 0.15
+
+# ---------------------------------------------------------------------------------------------
+# Spectra, surface reflectance in bands R, G, B, NIR, B01 (aerosol), B11, B12 (SWIR).
+_R, _G, _B, _N, _B01, _B11, _B12 = range(7)
+N_BANDS = 7
+_GREEN = np.array([0.035, 0.075, 0.030, 0.45, 0.035, 0.22, 0.10])
+_DRY = np.array([0.17, 0.15, 0.095, 0.27, 0.085, 0.34, 0.25])
+_FOREST = np.array([0.028, 0.050, 0.024, 0.33, 0.028, 0.16, 0.07])
+_SOILS = np.array([
+    [0.12, 0.10, 0.070, 0.18, 0.060, 0.26, 0.21],   # dark loam
+    [0.28, 0.25, 0.200, 0.33, 0.160, 0.40, 0.34],   # light sand
+    [0.23, 0.14, 0.090, 0.27, 0.080, 0.37, 0.31],   # red clay
+])
+_LITTER = np.array([0.09, 0.08, 0.06, 0.20, 0.05, 0.24, 0.17])
+_WATER = np.array([0.030, 0.050, 0.060, 0.012, 0.070, 0.006, 0.004])
+_TURBID = np.array([0.070, 0.085, 0.070, 0.030, 0.080, 0.010, 0.006])
+_ROADS = np.array([
+    [0.09, 0.09, 0.09, 0.11, 0.09, 0.13, 0.12],     # asphalt
+    [0.27, 0.27, 0.25, 0.30, 0.24, 0.32, 0.30],     # concrete
+    [0.25, 0.21, 0.16, 0.29, 0.14, 0.36, 0.30],     # dirt
+])
+_ROOFS = np.array([
+    [0.46, 0.46, 0.45, 0.45, 0.40, 0.45, 0.40],     # white / light
+    [0.25, 0.12, 0.09, 0.25, 0.08, 0.30, 0.28],     # red tiles
+    [0.15, 0.15, 0.16, 0.17, 0.14, 0.19, 0.17],     # dark shingles
+    [0.34, 0.36, 0.38, 0.35, 0.33, 0.29, 0.24],     # metal
+])
+_SNOW = np.array([0.86, 0.88, 0.90, 0.70, 0.90, 0.06, 0.04])
+_CLOUD = np.array([0.74, 0.76, 0.79, 0.71, 0.80, 0.52, 0.38])
+_THIN = np.array([0.55, 0.57, 0.60, 0.55, 0.62, 0.40, 0.30])
+# Atmosphere: path radiance per unit aerosol depth and extinction factor per band.
+_PATH = np.array([0.012, 0.020, 0.035, 0.006, 0.055, 0.001, 0.0005])
+_EXT = np.array([0.5, 0.7, 1.0, 0.25, 1.3, 0.05, 0.03])
+
+# Sentinel-2 TCI radiometry (R, G, B): dn = 255 * clip(toa * gain, 0, 1) ** gamma. Darker than NAIP.
+_S2_GAIN = np.array([2.6, 2.5, 2.3])
+_S2_GAMMA = np.array([0.90, 0.92, 0.88])
+# Sentinel-2 single bands as S2-NAIP scales them: clip(raw // 32, 0, 255), raw = reflectance * 1e4.
+_RAW_SCALE = 10000.0 / 32.0
+_LUT_SIZE = 8192
+
+_CLASS_CROP, _CLASS_PASTURE, _CLASS_FOREST, _CLASS_FALLOW = range(4)
+
+
+@dataclasses.dataclass
+class SampleSummary:
+    """What `generate_sample` wrote; the per-defect counts are numbers of tiles."""
+    output_dir: str
+    seed: int
+    tile_ids: list[str]
+    truth_path: str
+    manifest_path: str
+    ok: int = 0
+    naip_black_border: int = 0
+    missing_s2: int = 0
+    missing_nir: int = 0
+    missing_band: int = 0
+    no_valid_timesteps: int = 0
+    conditions: dict[str, int] = dataclasses.field(default_factory=dict)
+    timesteps_total: int = 0
+    extra_bands: bool = False
+    seconds: float = 0.0
+
+    @property
+    def n_tiles(self) -> int:
+        return len(self.tile_ids)
+
+    @property
+    def defects(self) -> dict[str, int]:
+        return {kind: getattr(self, kind) for kind in DEFECTS}
+
+    def line(self) -> str:
+        rate = self.n_tiles / self.seconds if self.seconds > 0 else float("inf")
+        defects = " ".join(f"{k}={v}" for k, v in self.defects.items())
+        return (f"wrote {self.n_tiles} tiles ({self.ok} ok, {defects}; {self.timesteps_total} timesteps) "
+                f"to {self.output_dir} in {self.seconds:.1f}s ({rate:.0f} tiles/s); truth {self.truth_path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Geography: which NAIP capture and which zoom-17 tile a tile index is.
+
+_CELL_DEG = 1.0 / 16.0      # a NAIP quarter quad is 3.75' x 3.75'
+_GRID_COLS = 48             # 84W..81W: three degrees of quarter quads, all in UTM zone 17
+_GRID_LAT0 = 27.0           # north edge of the first row; rows go south
+_GRID_LON0 = -84.0
+
+
+def _lon2x(lon: float) -> float:
+    return (lon + 180.0) / 360.0 * 2**tiles.ZOOM
+
+
+def _lat2y(lat: float) -> float:
+    return (1.0 - math.asinh(math.tan(math.radians(lat))) / math.pi) / 2.0 * 2**tiles.ZOOM
+
+
+@dataclasses.dataclass(frozen=True)
+class _Capture:
+    naip_id: str
+    x0: int
+    y0: int
+    date: datetime.date
+    gain: tuple[float, float, float, float]     # NAIP R, G, B, NIR
+    gamma: tuple[float, float, float, float]
+
+
+@lru_cache(maxsize=1024)
+def _capture(seed: int, block: int) -> _Capture:
+    """The NAIP quarter-quad capture of tile block `block`: id, tile origin, date, radiometry.
+
+    Block b is the quarter-quad cell (row b // 48, column b % 48) of a grid starting at 27N 84W; the
+    id's quad, quarter and UTM zone are those of the cell's centre, and its 10x10 tiles lie strictly
+    inside the cell, so (x, y) is unique across blocks.
+    """
+    row, col = divmod(block, _GRID_COLS)
+    lat_n = _GRID_LAT0 - row * _CELL_DEG
+    lat_s = lat_n - _CELL_DEG
+    lon_w = _GRID_LON0 + col * _CELL_DEG
+    lon_e = lon_w + _CELL_DEG
+    if lat_s < 1.0:
+        raise ValueError(f"tile block {block} is beyond the sample's grid")
+    lat_c, lon_c = lat_n - _CELL_DEG / 2, lon_w + _CELL_DEG / 2
+    lat_deg, lon_deg = math.floor(lat_c), math.floor(-lon_c)       # SE corner of the 1-degree block
+    r16 = math.floor((lat_deg + 1 - lat_c) * 16)                    # quarter-quad row from the north
+    c16 = math.floor((lon_c + lon_deg + 1) * 16)                    # quarter-quad column from the west
+    quad = (r16 // 2) * 8 + (c16 // 2) + 1
+    quarter = ("n" if r16 % 2 == 0 else "s") + ("w" if c16 % 2 == 0 else "e")
+    zone = int((lon_c + 180.0) // 6.0) + 1
+
+    rng = np.random.default_rng([seed, block, 1, 0xB10C])
+    year = int(rng.choice([2019, 2020, 2021]))
+    date = datetime.date(year, 1, 1) + datetime.timedelta(days=int(rng.integers(100, 331)) - 1)
+    naip_id = f"m_{lat_deg:02d}{lon_deg:03d}{quad:02d}_{quarter}_{zone:02d}_060_{date:%Y%m%d}"
+
+    xw, xe = math.ceil(_lon2x(lon_w)), math.floor(_lon2x(lon_e))
+    yn, ys = math.ceil(_lat2y(lat_n)), math.floor(_lat2y(lat_s))
+    x0 = xw + int(rng.integers(0, xe - xw - CAPTURE_SIDE + 1))
+    y0 = yn + int(rng.integers(0, ys - yn - CAPTURE_SIDE + 1))
+    gain = tuple(float(g) for g in np.array([3.1, 3.0, 3.3, 1.7]) * rng.uniform(0.9, 1.1, 4))
+    gamma = tuple(float(g) for g in np.array([0.70, 0.72, 0.68, 0.80]) + rng.uniform(-0.04, 0.04, 4))
+    return _Capture(naip_id, x0, y0, date, gain, gamma)
+
+
+def tile_id_for(seed: int, index: int) -> tiles.TileId:
+    """The tile id of tile `index` of the sample with `seed`."""
+    block, pos = divmod(index, TILES_PER_CAPTURE)
+    cap = _capture(seed, block)
+    dy, dx = divmod(pos, CAPTURE_SIDE)
+    return tiles.TileId(cap.naip_id, cap.x0 + dx, cap.y0 + dy)
+
+
+@lru_cache(maxsize=256)
+def _window_defects(seed: int, window: int) -> tuple[int, ...]:
+    rng = np.random.default_rng([seed, window, 2, 0xDEFEC7])
+    return tuple(int(p) for p in rng.permutation(DEFECT_WINDOW)[:len(DEFECTS)])
+
+
+def tile_kind(seed: int, index: int) -> str:
+    """"ok" or the defect planted in tile `index`: each window of 30 tiles has one of each defect."""
+    window, pos = divmod(index, DEFECT_WINDOW)
+    positions = _window_defects(seed, window)
+    if pos in positions:
+        return DEFECTS[positions.index(pos)]
+    return "ok"
+
+
+# ---------------------------------------------------------------------------------------------
+# Noise.
+
+@lru_cache(maxsize=None)
+def _interp_matrix(n_out: int, n_in: int) -> np.ndarray:
+    """(n_out, n_in) matrix that smoothstep-interpolates n_in grid nodes onto n_out pixel centres."""
+    pos = (np.arange(n_out) + 0.5) / n_out * (n_in - 1)
+    i0 = np.clip(np.floor(pos).astype(int), 0, n_in - 2)
+    f = pos - i0
+    f = f * f * (3.0 - 2.0 * f)
+    m = np.zeros((n_out, n_in))
+    m[np.arange(n_out), i0] = 1.0 - f
+    m[np.arange(n_out), i0 + 1] = f
+    return m
+
+
+def _fractal(rng: np.random.Generator, batch: int, size: int, cells: tuple[int, ...],
+             persistence: float = 0.55) -> np.ndarray:
+    """[batch, size, size] value noise summed over octaves, values in [0, 1], mean ~0.5."""
+    out = np.zeros((batch, size, size))
+    amp, total = 1.0, 0.0
+    for c in cells:
+        m = _interp_matrix(size, c + 1)
+        g = rng.random((batch, c + 1, c + 1))
+        out += amp * (m @ g @ m.T)
+        total += amp
+        amp *= persistence
+    return out / total
+
+
+def _stretch(n: np.ndarray) -> np.ndarray:
+    """Per-image rescale of [batch, h, w] noise to [0, 1]."""
+    lo = n.min(axis=(1, 2), keepdims=True)
+    hi = n.max(axis=(1, 2), keepdims=True)
+    return (n - lo) / np.maximum(hi - lo, 1e-9)
+
+
+def _coverage_mask(n: np.ndarray, coverage: float, softness: float) -> np.ndarray:
+    """Soft mask of the `coverage` fraction of highest values of one [h, w] noise image."""
+    flat = np.sort(n, axis=None)
+    thr = flat[min(len(flat) - 1, int((1.0 - coverage) * len(flat)))]
+    return np.clip((n - thr) / softness + 0.5, 0.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scene: weight maps [C, 128, 128] and spectra [D, C, 7] for D dates.
+
+def _circ_days(doy: np.ndarray, ref: float) -> np.ndarray:
+    return (doy - ref + 182.5) % 365.0 - 182.5
+
+
+def _phenology(rng: np.random.Generator, cls: int, doys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Vegetation fraction v and senescent share s per date for one field of class `cls`."""
+    if cls == _CLASS_CROP:
+        peak, width = rng.uniform(140, 260), rng.uniform(25, 45)
+        v0, amp = rng.uniform(0.02, 0.10), rng.uniform(0.75, 0.97)
+        dd = _circ_days(doys, peak)
+        v = v0 + (amp - v0) * np.exp(-0.5 * (dd / width) ** 2)
+        sen = 1.0 / (1.0 + np.exp(-(dd - 0.5 * width) / (0.25 * width)))
+        if rng.random() < 0.3:      # double cropping: a second, smaller season
+            dd2 = _circ_days(doys, peak + rng.uniform(110, 150))
+            v = np.maximum(v, v0 + (0.7 * amp - v0) * np.exp(-0.5 * (dd2 / width) ** 2))
+        return v, sen * (1.0 - 0.5 * np.exp(-0.5 * (dd / width) ** 2))
+    season = np.cos(2 * np.pi * _circ_days(doys, rng.uniform(170, 220)) / 365.0)   # 1 in summer
+    if cls == _CLASS_PASTURE:
+        v = rng.uniform(0.5, 0.7) + rng.uniform(0.1, 0.25) * season
+        return v, 0.35 * (1.0 - season) / 2.0
+    if cls == _CLASS_FOREST:
+        if rng.random() < 0.4:      # deciduous
+            leaf_on = 1.0 / (1.0 + np.exp(-(np.abs(_circ_days(doys, 200)) - 100.0) / -12.0))
+            return 0.35 + 0.55 * leaf_on, 0.4 * (1.0 - leaf_on)
+        return rng.uniform(0.8, 0.93) + 0.04 * season, np.zeros_like(doys)
+    v = rng.uniform(0.03, 0.15) + 0.08 * (season + 1.0) / 2.0        # fallow: sparse weeds
+    return v, np.full_like(doys, 0.5)
+
+
+def _field_labels(rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray) -> tuple[np.ndarray, float, list]:
+    """Field partition of the tile: rotated rectangular plots or Voronoi polygons.
+
+    Returns labels [128, 128], the dominant orientation, and candidate road lines (point, angle).
+    """
+    theta = rng.uniform(-0.25, 0.25) if rng.random() < 0.6 else rng.uniform(0, np.pi)
+    c, s = math.cos(theta), math.sin(theta)
+    u = (xx - 64) * c + (yy - 64) * s
+    v = -(xx - 64) * s + (yy - 64) * c
+    lines = []
+    if rng.random() < 0.6:
+        n_strips = int(rng.integers(1, 4))
+        ucuts = np.sort(rng.uniform(-60, 60, n_strips))
+        strip = np.searchsorted(ucuts, u)
+        vcuts = np.sort(rng.uniform(-70, 70, (n_strips + 1, int(rng.integers(1, 3)))), axis=1)
+        cell = (v[..., None] > vcuts[strip]).sum(axis=-1)
+        labels = strip * (vcuts.shape[1] + 1) + cell
+        for uc in ucuts:            # roads run along strip boundaries
+            lines.append((64 + uc * c, 64 + uc * s, theta + np.pi / 2))
+    else:
+        n = int(rng.integers(3, 10))
+        pts = rng.uniform(-20, 148, (n, 2))
+        stretch = rng.uniform(0.5, 2.0)
+        d = ((u[None] - ((pts[:, 0] - 64) * c + (pts[:, 1] - 64) * s)[:, None, None]) ** 2 * stretch
+             + (v[None] - (-(pts[:, 0] - 64) * s + (pts[:, 1] - 64) * c)[:, None, None]) ** 2 / stretch)
+        labels = np.argmin(d, axis=0)
+        lines.append((rng.uniform(20, 108), rng.uniform(20, 108), rng.uniform(0, np.pi)))
+    _, labels = np.unique(labels, return_inverse=True)
+    return labels.reshape(HR_SIZE, HR_SIZE), theta, lines
+
+
+@dataclasses.dataclass
+class _Scene:
+    weights: np.ndarray         # [C, 128, 128]
+    spectra: np.ndarray         # [D, C, 7]
+    snow_ok_lr: np.ndarray      # [32, 32] fraction of land that can hold snow (not road/water)
+    forest_lr: np.ndarray       # [32, 32] forest canopy fraction (hides snow)
+
+
+def _scene(rng: np.random.Generator, doys: np.ndarray) -> _Scene:
+    yy, xx = np.mgrid[0:HR_SIZE, 0:HR_SIZE].astype(np.float64) + 0.5
+    labels, theta, lines = _field_labels(rng, xx, yy)
+    n_fields = int(labels.max()) + 1
+    n_dates = len(doys)
+
+    lf = _fractal(rng, 2, HR_SIZE, (3, 6, 12))
+    hf = _stretch(_fractal(rng, 1, HR_SIZE, (16, 32, 64), 0.7))[0]
+
+    # Per-field land cover and texture parameters, looked up per pixel through `labels`.
+    cls = rng.choice(4, n_fields, p=[0.45, 0.22, 0.18, 0.15])
+    row_theta = theta + rng.choice([0.0, np.pi / 2], n_fields) + rng.normal(0, 0.03, n_fields)
+    row_period = rng.uniform(3.0, 6.5, n_fields)
+    row_phase = rng.uniform(0, 2 * np.pi, n_fields)
+    row_amp = np.where(cls == _CLASS_CROP, rng.uniform(0.10, 0.35, n_fields),
+                       np.where(cls == _CLASS_FALLOW, rng.uniform(0.0, 0.12, n_fields), 0.0))
+    lf_amp = rng.uniform(0.05, 0.25, n_fields)
+    hf_amp = np.where(cls == _CLASS_PASTURE, 0.25, 0.08)
+    rt = row_theta[labels]
+    rows = np.sin(2 * np.pi * (xx * np.cos(rt) + yy * np.sin(rt)) / row_period[labels] + row_phase[labels])
+    lfc = (lf[0] - 0.5) * 2.0
+    tex_veg = 1.0 + row_amp[labels] * rows + lf_amp[labels] * lfc + hf_amp[labels] * (hf - 0.5) * 2.0
+    crowns = np.clip((hf - 0.5) * 3.0 + 0.55, 0.0, 1.0)
+    is_forest = (cls == _CLASS_FOREST)[labels]
+    tex_veg = np.where(is_forest, 0.35 + 0.9 * crowns + 0.1 * lfc, tex_veg)
+    tex_soil = 1.0 + 0.25 * (lf[1] - 0.5) * 2.0 + 0.5 * row_amp[labels] * rows
+
+    # Water: a pond with a noisy shore.
+    water = np.zeros((HR_SIZE, HR_SIZE))
+    if rng.random() < 0.18:
+        cx, cy = rng.uniform(10, 118, 2)
+        rx, ry = rng.uniform(12, 40, 2)
+        r = np.sqrt(((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2) + 0.6 * (lf[1] - 0.5)
+        water = np.clip((1.0 - r) * 8.0, 0.0, 1.0)
+
+    # Roads: antialiased lines, some gently curved.
+    road = np.zeros((HR_SIZE, HR_SIZE))
+    n_roads = int(rng.choice([0, 1, 1, 2]))
+    road_angles = []
+    for k in range(n_roads):
+        if k < len(lines) and rng.random() < 0.8:
+            px, py, ang = lines[k]
+        else:
+            px, py, ang = rng.uniform(16, 112), rng.uniform(16, 112), rng.uniform(0, np.pi)
+        nx, ny = -math.sin(ang), math.cos(ang)
+        along = (xx - px) * math.cos(ang) + (yy - py) * math.sin(ang)
+        dist = (xx - px) * nx + (yy - py) * ny
+        if rng.random() < 0.3:
+            dist = dist + rng.uniform(3, 12) * np.sin(along / rng.uniform(25, 60) + rng.uniform(0, 6.3))
+        half = rng.uniform(1.5, 3.5)
+        road = np.maximum(road, np.clip(half + 0.5 - np.abs(dist), 0.0, 1.0))
+        road_angles.append((px, py, ang, half))
+
+    # Buildings: rectangles (mostly along the roads) with a shadow cast north-east.
+    bld = np.zeros((HR_SIZE, HR_SIZE))
+    shadow = np.zeros((HR_SIZE, HR_SIZE))
+    roof_idx = np.zeros((HR_SIZE, HR_SIZE), dtype=np.int64)
+    n_bld = int(rng.choice([0, 0, 1, 2, 3, 5])) + (int(rng.integers(4, 12)) if road_angles and rng.random() < 0.3 else 0)
+    sdx, sdy = rng.uniform(0.8, 2.0), -rng.uniform(1.5, 3.0)
+    for _ in range(n_bld):
+        if road_angles:
+            px, py, ang, half = road_angles[int(rng.integers(len(road_angles)))]
+            t_along, side = rng.uniform(-70, 70), rng.choice([-1.0, 1.0])
+            setback = half + rng.uniform(6, 16)
+            bx = px + t_along * math.cos(ang) - side * setback * math.sin(ang)
+            by = py + t_along * math.sin(ang) + side * setback * math.cos(ang)
+        else:
+            ang = theta + rng.choice([0.0, np.pi / 2])
+            bx, by = rng.uniform(8, 120, 2)
+        hu, hv = rng.uniform(2.5, 7.0), rng.uniform(2.0, 5.5)
+        height = rng.uniform(0.8, 1.8)
+        ca, sa = math.cos(ang), math.sin(ang)
+
+        def rect(ox: float, oy: float) -> np.ndarray:
+            du, dv = (xx - bx - ox) * ca + (yy - by - oy) * sa, -(xx - bx - ox) * sa + (yy - by - oy) * ca
+            return (np.abs(du) < hu) & (np.abs(dv) < hv)
+
+        m = rect(0.0, 0.0)
+        shadow = np.maximum(shadow, rect(sdx * height, sdy * height))
+        roof_idx[m] = int(rng.integers(len(_ROOFS)))
+        bld[m] = 1.0
+    shadow = shadow * (1.0 - bld)
+
+    # Weight maps.
+    shade = 1.0 - 0.65 * shadow
+    water = water * (1.0 - road)
+    ground = (1.0 - water) * (1.0 - road) * (1.0 - bld) * shade
+    onehot = labels[None] == np.arange(n_fields)[:, None, None]
+    weights = np.concatenate([
+        onehot * (ground * tex_veg)[None],
+        onehot * (ground * tex_soil)[None],
+        (water * (1.0 - bld) * shade * (1.0 + 0.04 * lfc))[None],
+        (road * (1.0 - bld) * shade * (1.0 + 0.05 * (hf - 0.5)))[None],
+        (roof_idx[None] == np.arange(len(_ROOFS))[:, None, None]) * (bld * (0.95 + 0.1 * hf))[None],
+    ])
+
+    # Spectra per date.
+    moisture = rng.uniform(0.85, 1.05, n_dates)                # soil darkening after rain
+    spectra = np.zeros((n_dates, weights.shape[0], N_BANDS))
+    for f in range(n_fields):
+        v, sen = _phenology(rng, int(cls[f]), doys)
+        green = (_FOREST if cls[f] == _CLASS_FOREST else _GREEN) * rng.uniform(0.85, 1.15)
+        w = rng.dirichlet([1.0, 1.0, 1.0])
+        soil = (w @ _SOILS) * rng.uniform(0.85, 1.15)
+        if cls[f] == _CLASS_FOREST:
+            soil = _LITTER * rng.uniform(0.85, 1.15)
+        veg = (1.0 - sen)[:, None] * green + sen[:, None] * _DRY
+        spectra[:, f] = v[:, None] * veg
+        spectra[:, n_fields + f] = (1.0 - v)[:, None] * soil * moisture[:, None]
+    turb = rng.uniform(0, 1, n_dates)[:, None] * rng.uniform(0, 0.8)
+    spectra[:, 2 * n_fields] = (1.0 - turb) * _WATER + turb * _TURBID
+    spectra[:, 2 * n_fields + 1] = _ROADS[int(rng.integers(len(_ROADS)))] * rng.uniform(0.9, 1.1)
+    spectra[:, 2 * n_fields + 2:] = _ROOFS * rng.uniform(0.85, 1.15, (len(_ROOFS), 1))
+
+    snow_ok = (1.0 - road) * (1.0 - water)
+    forest = is_forest * ground
+    return _Scene(weights, spectra, _downsample(snow_ok[None])[0], _downsample(forest[None])[0])
+
+
+def _downsample(a: np.ndarray) -> np.ndarray:
+    """Area-average [..., 128, 128] to [..., 32, 32]."""
+    lead = a.shape[:-2]
+    return a.reshape(*lead, LR_SIZE, SCALE, LR_SIZE, SCALE).mean(axis=(-3, -1))
+
+
+@lru_cache(maxsize=64)
+def _gamma_lut(gamma: float) -> np.ndarray:
+    return 255.0 * (np.arange(_LUT_SIZE) / (_LUT_SIZE - 1)) ** gamma
+
+
+def _gamma_dn(x: np.ndarray, gain: float, gamma: float) -> np.ndarray:
+    """255 * clip(x * gain, 0, 1) ** gamma through a lookup table."""
+    lut = _gamma_lut(float(gamma))
+    idx = np.clip(x * (gain * (_LUT_SIZE - 1)), 0, _LUT_SIZE - 1).astype(np.int32)
+    return lut[idx]
+
+
+def _to_uint8(dn: np.ndarray, noise: np.ndarray, amp: float) -> np.ndarray:
+    """Adds uniform noise of total width `amp` DN, rounds, and clips to [1, 255]."""
+    return np.clip(np.floor(dn + amp * (noise - 0.5) + 0.5), 1, 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Time series: dates, conditions, atmosphere.
+
+def _timestep_dates(rng: np.random.Generator, n: int) -> tuple[np.ndarray, int]:
+    """Day offsets from the NAIP date (sorted) and the index of the one closest to it."""
+    near = int(rng.integers(-5, 6))
+    others = rng.uniform(-182, 182, n - 1)
+    if n > 1 and rng.random() < 0.5:            # a second acquisition near the NAIP date
+        others[0] = rng.choice([-1, 1]) * rng.uniform(abs(near) + 3, 20)
+    others = np.sign(others) * np.maximum(np.abs(others), abs(near) + 3)
+    offsets = np.concatenate([[near], np.round(others)]).astype(np.int64)
+    order = np.argsort(offsets, kind="stable")
+    return offsets[order], int(np.flatnonzero(order == 0)[0])
+
+
+def _conditions(rng: np.random.Generator, doys: np.ndarray, near: int, kind: str) -> list[str]:
+    n = len(doys)
+    winter = np.abs(_circ_days(doys, 15)) < 50
+    p = np.tile(np.array([_P_COND[c] for c in CONDITIONS]), (n, 1))
+    snow, clear = CONDITIONS.index("snow"), CONDITIONS.index("clear")
+    p[winter, snow] = _P_SNOW_WINTER
+    p[winter, clear] -= _P_SNOW_WINTER
+    u = rng.random(n)
+    idx = (u[:, None] > np.cumsum(p, axis=1)[:, :-1]).sum(axis=1)
+    conds = [CONDITIONS[i] for i in idx]
+    if kind == "no_valid_timesteps":
+        return ["black_border"] * n
+    conds[near] = "clear"
+    missing = MIN_CLEAR - conds.count("clear")
+    if missing > 0:
+        for i in rng.permutation([i for i, c in enumerate(conds) if c != "clear"])[:missing]:
+            conds[int(i)] = "clear"
+    return conds
+
+
+def _border_mask(rng: np.random.Generator, size: int, min_depth: int) -> np.ndarray:
+    """A swath edge: the part of the tile beyond a slanted line along one side, or a corner wedge.
+
+    Always covers at least `min_depth` pixels inward along its whole side, or a corner triangle
+    whose legs are at least `2 * min_depth` long.
+    """
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    if rng.random() < 0.7:
+        depth = rng.uniform(min_depth + 1, size * 0.45)
+        slope = rng.uniform(-0.4, 0.4)
+        edge = np.maximum(min_depth, depth + slope * (yy - size / 2))
+        mask = xx < edge
+    else:
+        reach = rng.uniform(2.5 * min_depth, size * 0.9)
+        mask = xx + yy < reach
+    return np.rot90(mask, int(rng.integers(4))).copy()
+
+
+def _time_series(rng: np.random.Generator, scene: _Scene, conds: list[str], doys: np.ndarray,
+                 extra: bool, rng_extra: np.random.Generator) -> dict[str, np.ndarray]:
+    n = len(conds)
+    c = scene.weights.shape[0]
+    dw = _downsample(scene.weights).reshape(c, LR_SIZE * LR_SIZE)
+    surf = (scene.spectra[:n].transpose(0, 2, 1).reshape(n * N_BANDS, c) @ dw)
+    surf = surf.reshape(n, N_BANDS, LR_SIZE, LR_SIZE)
+
+    sun = (0.86 + 0.14 * np.cos(2 * np.pi * _circ_days(doys, 172) / 365.0)) * rng.uniform(0.96, 1.04, n)
+    tau = rng.uniform(0.6, 1.4, n)
+    trans = 1.0 - 0.08 * tau[:, None] * _EXT[None]                       # [n, 7]
+    pad = 8
+    big = _stretch(_fractal(rng, n, LR_SIZE + 2 * pad, (3, 6, 12, 24)))   # clouds and their shadows
+    smooth = _stretch(_fractal(rng, n, LR_SIZE, (1, 2, 4)))               # haze, shadows, snow cover
+    params = rng.random((n, 8))
+
+    toa = np.empty_like(surf)
+    cirrus = np.empty((n, LR_SIZE, LR_SIZE))
+    border = np.zeros((n, LR_SIZE, LR_SIZE), dtype=bool)
+    for t, cond in enumerate(conds):
+        s = surf[t] * (sun[t] * trans[t])[:, None, None]
+        path = (_PATH * tau[t])[:, None, None]
+        q = params[t]
+        cir = 0.0005 + 0.002 * q[7]
+        if cond == "cloud":
+            cover = 0.35 + 0.6 * q[0]
+            mask = _coverage_mask(big[t], cover, 0.08)
+            dy, dx = int(round(3 + 5 * q[1])), int(round(-6 + 12 * q[2]))
+            ys, xs = pad - dy, pad + dx
+            shadow = mask[ys:ys + LR_SIZE, xs:xs + LR_SIZE]
+            alpha = mask[pad:pad + LR_SIZE, pad:pad + LR_SIZE]
+            s = s * (1.0 - 0.7 * shadow)[None]
+            body = _CLOUD[:, None, None] * (0.75 + 0.35 * big[t, pad:pad + LR_SIZE, pad:pad + LR_SIZE])[None]
+            toa[t] = (1.0 - alpha) * (s + path) + alpha * body
+            cir = cir + alpha * (0.005 + 0.05 * q[3])
+        elif cond == "thin_cloud":
+            alpha = (0.15 + 0.3 * q[0]) * (0.6 + 0.8 * smooth[t])
+            toa[t] = (1.0 - alpha) * (s + path) + alpha * _THIN[:, None, None]
+            cir = cir + alpha * (0.12 + 0.15 * q[3])
+        elif cond == "haze":
+            h = (2.5 + 3.5 * q[0]) * tau[t] * (0.7 + 0.6 * smooth[t])
+            toa[t] = s * np.exp(-0.12 * h[None] * _EXT[:, None, None]) + _PATH[:, None, None] * h[None]
+            cir = cir + 0.002 * q[3]
+        elif cond == "shadow":
+            mask = _coverage_mask(smooth[t], 0.4 + 0.5 * q[0], 0.15)
+            toa[t] = s * (1.0 - (0.55 + 0.2 * q[1]) * mask)[None] + path
+        elif cond == "dark":
+            toa[t] = (s + path) * (0.04 + 0.08 * q[0])
+        elif cond == "snow":
+            cover = np.clip((0.55 + 0.45 * q[0]) * (0.5 + smooth[t]), 0.0, 1.0)
+            f = (cover * scene.snow_ok_lr * (1.0 - 0.6 * scene.forest_lr))[None]
+            toa[t] = (1.0 - f) * s + f * _SNOW[:, None, None] * sun[t] * (0.9 + 0.1 * q[1]) + path
+        else:
+            toa[t] = s + path
+        if cond == "black_border":
+            border[t] = _border_mask(rng, LR_SIZE, 3)
+        cirrus[t] = cir
+
+    noise = rng.random((n, 4, LR_SIZE, LR_SIZE), dtype=np.float32)
+    tci = np.stack([_to_uint8(_gamma_dn(toa[:, b], _S2_GAIN[b], _S2_GAMMA[b]), noise[:, b], 2.0)
+                    for b in (_R, _G, _B)], axis=-1)                   # [n, 32, 32, 3]
+    out = {"tci": tci, "b08": _to_uint8(toa[:, _N] * _RAW_SCALE, noise[:, 3], 2.0)}
+    if extra:
+        xnoise = rng_extra.random((4, n, LR_SIZE, LR_SIZE), dtype=np.float32)
+        out["b01"] = _to_uint8(_coarsen(toa[:, _B01], 4) * _RAW_SCALE, xnoise[0], 2.0)
+        out["b10"] = _to_uint8(_coarsen(cirrus, 4) * _RAW_SCALE, xnoise[1], 1.0)
+        out["b11"] = _to_uint8(_coarsen(toa[:, _B11], 2) * _RAW_SCALE, xnoise[2], 2.0)
+        out["b12"] = _to_uint8(_coarsen(toa[:, _B12], 2) * _RAW_SCALE, xnoise[3], 2.0)
+    for name, arr in out.items():
+        arr[border] = 0
+        out[name] = arr.reshape(n * LR_SIZE, *arr.shape[2:])
+    return out
+
+
+def _coarsen(a: np.ndarray, k: int) -> np.ndarray:
+    """Block-average [n, 32, 32] by k and repeat back: a coarser band resampled to the 10 m grid."""
+    n = a.shape[0]
+    m = a.reshape(n, LR_SIZE // k, k, LR_SIZE // k, k).mean(axis=(2, 4))
+    return np.repeat(np.repeat(m, k, axis=1), k, axis=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# One tile.
+
+def _save_png(path: str, arr: np.ndarray) -> None:
+    Image.fromarray(arr).save(path, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def make_tile(output_dir: str, seed: int, index: int, timesteps: tuple[int, int] = (24, 40),
+              extra_bands: bool = False) -> dict:
+    """Generates and writes tile `index`; returns its truth record. Depends only on (seed, index)."""
+    tile = tile_id_for(seed, index)
+    kind = tile_kind(seed, index)
+    cap = _capture(seed, index // TILES_PER_CAPTURE)
+    rng = np.random.default_rng([seed, index])
+    rng_extra = np.random.default_rng([seed, index, 3, 0xE7])
+
+    n = int(rng.integers(timesteps[0], timesteps[1] + 1))
+    offsets, near = _timestep_dates(rng, n)
+    hr_doy = cap.date.timetuple().tm_yday
+    doys = np.concatenate([(hr_doy + offsets) % 365.0, [float(hr_doy)]])
+    conds = _conditions(rng, doys[:n], near, kind)
+    scene = _scene(rng, doys)
+
+    # NAIP at its own date.
+    c = scene.weights.shape[0]
+    hr = (scene.spectra[n, :, :4].T @ scene.weights.reshape(c, -1)).reshape(4, HR_SIZE, HR_SIZE)
+    hr_noise = rng.random((4, HR_SIZE, HR_SIZE), dtype=np.float32)
+    hr_dn = np.stack([_to_uint8(_gamma_dn(hr[b], cap.gain[b], cap.gamma[b]), hr_noise[b], 3.0)
+                      for b in range(4)])
+    strip = _border_mask(rng, HR_SIZE, 3) if kind == "naip_black_border" else None
+    if strip is not None:
+        hr_dn[:, strip] = 0
+    lr = _time_series(rng, scene, conds, doys[:n], extra_bands, rng_extra) if kind != "missing_s2" else None
+
+    hr_dir = os.path.join(output_dir, "naip", tile.naip_id, tile.xy)
+    os.makedirs(hr_dir, exist_ok=True)
+    _save_png(os.path.join(hr_dir, "rgb.png"), np.ascontiguousarray(hr_dn[:3].transpose(1, 2, 0)))
+    nir_path = os.path.join(hr_dir, "nir.png")
+    if kind == "missing_nir":
+        _remove(nir_path)
+    else:
+        _save_png(nir_path, hr_dn[3])
+
+    s2 = os.path.join(output_dir, "sentinel2", tile.xy)
+    if lr is None:
+        if os.path.isdir(s2):
+            for band in tiles.S2_BANDS:
+                _remove(os.path.join(s2, f"{band}.png"))
+            try:
+                os.rmdir(s2)
+            except OSError:
+                pass
+    else:
+        os.makedirs(s2, exist_ok=True)
+        if kind == "missing_band":
+            lr.pop("b08")
+            _remove(os.path.join(s2, "b08.png"))
+        if not extra_bands:
+            for band in EXTRA_BANDS:
+                _remove(os.path.join(s2, f"{band}.png"))
+        for band, arr in lr.items():
+            _save_png(os.path.join(s2, f"{band}.png"), arr)
+
+    steps = [] if lr is None else [
+        {"index": t, "condition": cond, "day_offset": int(offsets[t])} for t, cond in enumerate(conds)]
+    clear = [s["index"] for s in steps if s["condition"] == "clear"]
+    return {
+        "tile_id": str(tile),
+        "kind": kind,
+        "timesteps": steps,
+        "clear_indices": clear,
+        "nearest_index": None if lr is None else near,
+        "hr_date": cap.date.isoformat(),
+    }
+
+
+def _tile_job(args: tuple) -> dict:
+    return make_tile(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sample.
+
+def generate_sample(output_dir: str, n_tiles: int, seed: int = 0, *, timesteps: tuple[int, int] = (24, 40),
+                    extra_bands: bool = False, workers: int = 1) -> SampleSummary:
+    """Writes an S2-NAIP-layout sample of `n_tiles` tiles under the local folder `output_dir`.
+
+    `timesteps` is the inclusive (min, max) range of the number of Sentinel-2 timesteps per tile.
+    Also writes `sample_truth.jsonl` (one record per tile, in tile order) and `manifest.txt`.
+    Output is identical for any `workers` (> 1 uses a multiprocessing pool).
+    """
+    if isinstance(n_tiles, bool) or not isinstance(n_tiles, int) or n_tiles < 0:
+        raise ValueError(f"n_tiles must be a non-negative integer, got {n_tiles!r}")
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    tmin, tmax = (int(v) for v in timesteps)
+    if not MIN_CLEAR <= tmin <= tmax:
+        raise ValueError(f"timesteps must be (min, max) with {MIN_CLEAR} <= min <= max, got {timesteps!r}")
+    if int(workers) < 1:
+        raise ValueError(f"workers must be >= 1, got {workers!r}")
+    if output_dir.startswith(("gs://", "s3://", "http://", "https://")):
+        raise ValueError("generate_sample writes to a local folder only")
+    if n_tiles:
+        _capture(seed, (n_tiles - 1) // TILES_PER_CAPTURE)     # fails early if beyond the grid
+
+    start = time.perf_counter()
+    os.makedirs(output_dir, exist_ok=True)
+    jobs = [(output_dir, seed, i, (tmin, tmax), bool(extra_bands)) for i in range(n_tiles)]
+    truth_path = os.path.join(output_dir, TRUTH_FILE)
+    manifest_path = os.path.join(output_dir, MANIFEST_FILE)
+    summary = SampleSummary(output_dir=output_dir, seed=seed, tile_ids=[], truth_path=truth_path,
+                            manifest_path=manifest_path, extra_bands=bool(extra_bands),
+                            conditions={c: 0 for c in CONDITIONS})
+
+    def consume(records) -> None:
+        with open(truth_path + ".tmp", "w", encoding="utf-8", newline="\n") as truth:
+            for rec in records:
+                truth.write(json.dumps(rec, separators=(",", ":")) + "\n")
+                summary.tile_ids.append(rec["tile_id"])
+                setattr(summary, rec["kind"], getattr(summary, rec["kind"]) + 1)
+                for step in rec["timesteps"]:
+                    summary.conditions[step["condition"]] += 1
+                summary.timesteps_total += len(rec["timesteps"])
+
+    if int(workers) == 1 or n_tiles < 2:
+        consume(_tile_job(job) for job in jobs)
+    else:
+        chunk = max(1, min(32, n_tiles // (int(workers) * 8)))
+        with multiprocessing.get_context().Pool(int(workers)) as pool:
+            consume(pool.imap(_tile_job, jobs, chunksize=chunk))
+    os.replace(truth_path + ".tmp", truth_path)
+    with open(manifest_path, "w", encoding="utf-8", newline="\n") as manifest:
+        manifest.writelines(t + "\n" for t in summary.tile_ids)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def load_truth(path: str) -> dict[str, dict]:
+    """Reads a `sample_truth.jsonl` into {tile_id: record}."""
+    with open(path, encoding="utf-8") as f:
+        return {rec["tile_id"]: rec for rec in (json.loads(line) for line in f if line.strip())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="s2naip sample",
+        description="Write a deterministic procedural S2-NAIP-layout sample with planted defects.")
+    parser.add_argument("--output", required=True, help="local folder to write the sample into")
+    parser.add_argument("--tiles", type=int, default=200, help="number of tiles (default 200)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--timesteps", type=int, nargs=2, metavar=("MIN", "MAX"), default=(24, 40),
+                        help="inclusive range of Sentinel-2 timesteps per tile (default 24 40)")
+    parser.add_argument("--extra-bands", action="store_true",
+                        help="also write b01, b10, b11, b12 (aerosol, cirrus, SWIR)")
+    parser.add_argument("--workers", type=int, default=1, help="processes (default 1)")
+    args = parser.parse_args(argv)
+    try:
+        summary = generate_sample(args.output, args.tiles, args.seed, timesteps=tuple(args.timesteps),
+                                  extra_bands=args.extra_bands, workers=args.workers)
+    except ValueError as exc:
+        parser.error(str(exc))
+    print(summary.line())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
