@@ -93,7 +93,9 @@ def test_north_dakota_tile_is_where_the_formula_puts_it():
     assert left <= px[0] < right and bottom < py[0] <= top
 
 
-@pytest.mark.parametrize("bad", [(-1, 0, 17), (0, -1, 17), (2**17, 0, 17), (0, 2**17, 17), (0, 0, 31), (1.5, 0, 17)])
+@pytest.mark.parametrize(
+    "bad", [(-1, 0, 17), (0, -1, 17), (2**17, 0, 17), (0, 2**17, 17), (0, 0, 31), (1.5, 0, 17)]
+)
 def test_bounds_reject_tiles_outside_the_zoom(bad):
     with pytest.raises(ValueError):
         geo.tile_bounds_3857(*bad)
@@ -158,6 +160,14 @@ def test_tile_bounds_in_crs_contains_the_tile():
     assert geo.tile_bounds_in_crs(x, y, "EPSG:3857") == geo.tile_bounds_3857(x, y)
 
 
+@pytest.mark.parametrize("crs", ["EPSG:32614", "EPSG:26914", "EPSG:4326", "EPSG:5070"])
+def test_tile_bounds_in_crs_agrees_with_transform_bounds(crs):
+    x, y = _lonlat_to_tile(-99.15, 47.02, 17)
+    want = rasterio.warp.transform_bounds("EPSG:3857", crs, *geo.tile_bounds_3857(x, y), densify_pts=21)
+    tol = 1e-8 if crs == "EPSG:4326" else 1e-3
+    assert geo.tile_bounds_in_crs(x, y, crs) == pytest.approx(want, abs=tol)
+
+
 # ---------------------------------------------------------------- reproject_to_tile
 
 
@@ -188,6 +198,9 @@ def _memfile(crs: str, transform, data: np.ndarray, nodata=0) -> MemoryFile:
         tiled=True,
         blockxsize=256,
         blockysize=256,
+        # Like the real NAIP files: gray + undefined bands. GDAL's default for a 4-band uint8 GTiff
+        # is RGBA, which would make band 4 (NIR) the dataset's alpha mask.
+        photometric="MINISBLACK",
     ) as ds:
         ds.write(data)
     return mem
