@@ -128,12 +128,16 @@ def black_border_count(images: np.ndarray, border: int = 2) -> np.ndarray:
     The strips are counted separately, so corner pixels count twice: the rule of the paper's code.
     `images` is [..., H, W, C>=3]; returns an int array of shape `images.shape[:-3]`.
     """
-    black = images[..., :3].astype(np.uint16).sum(axis=-1) == 0
+    rgb = images[..., :3]
+
+    def black_in(strip):  # RGB sum 0 <=> every channel 0, for unsigned pixels
+        return (strip == 0).all(axis=-1).sum(axis=(-2, -1))
+
     return (
-        black[..., :border, :].sum(axis=(-2, -1))
-        + black[..., -border:, :].sum(axis=(-2, -1))
-        + black[..., :, :border].sum(axis=(-2, -1))
-        + black[..., :, -border:].sum(axis=(-2, -1))
+        black_in(rgb[..., :border, :, :])
+        + black_in(rgb[..., -border:, :, :])
+        + black_in(rgb[..., :, :border, :])
+        + black_in(rgb[..., :, -border:, :])
     )
 
 

@@ -183,18 +183,18 @@ def _filter_matrix(size: int, padding: str) -> np.ndarray:
     return m
 
 
-def _ssim_maps(x: np.ndarray, y: np.ndarray, padding: str, clamp_variance: bool) -> np.ndarray:
-    """SSIM map of [N, C, H, W] float64 images (population covariance, data range 255)."""
-    fy = _filter_matrix(x.shape[-2], padding)
-    fx = _filter_matrix(x.shape[-1], padding)
+def _smooth(maps: np.ndarray, padding: str) -> np.ndarray:
+    """The separable Gaussian filter over the last two axes of [..., H, W] float64 maps."""
+    fy = _filter_matrix(maps.shape[-2], padding)
+    fx = _filter_matrix(maps.shape[-1], padding)
+    return np.matmul(fy, maps @ fx.T)
 
-    def smooth(a):
-        return fy @ a @ fx.T
 
-    ux, uy = smooth(x), smooth(y)
-    vx = smooth(x * x) - ux * ux
-    vy = smooth(y * y) - uy * uy
-    vxy = smooth(x * y) - ux * uy
+def _ssim_from_moments(ux, uy, uxx, uyy, uxy, clamp_variance: bool) -> np.ndarray:
+    """The SSIM map from Gaussian-weighted moments (population covariance, data range 255)."""
+    vx = uxx - ux * ux
+    vy = uyy - uy * uy
+    vxy = uxy - ux * uy
     if clamp_variance:
         vx = np.maximum(vx, 0.0)
         vy = np.maximum(vy, 0.0)
@@ -207,63 +207,99 @@ def _to_nchw(images: np.ndarray) -> np.ndarray:
     return np.moveaxis(np.asarray(images, dtype=np.float64), -1, -3)
 
 
+def _ssim_batch(x: np.ndarray, y: np.ndarray, padding: str, clamp_variance: bool) -> np.ndarray:
+    x, y = np.broadcast_arrays(_to_nchw(x), _to_nchw(y))
+    moments = _smooth(np.stack([x, y, x * x, y * y, x * y]), padding)
+    s = _ssim_from_moments(*moments, clamp_variance=clamp_variance)
+    return s.mean(axis=(-3, -2, -1))
+
+
 def ssim(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """scikit-image's SSIM (gaussian_weights, sigma 1.5, population covariance, data range 255,
     mean over bands) for each pair of [N, H, W, C] images (broadcasting); returns [N]."""
-    x, y = np.broadcast_arrays(_to_nchw(x), _to_nchw(y))
-    s = _ssim_maps(x, y, "valid", clamp_variance=False)
-    return s.mean(axis=(-3, -2, -1))
+    return _ssim_batch(x, y, "valid", clamp_variance=False)
 
 
 def ssim_torchmetrics(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """torchmetrics' SSIM as the companion code runs it: 11x11 Gaussian, reflect padding, clamped
     variances, mean over the full map and bands. [N, H, W, C] pairs -> [N]."""
-    x, y = np.broadcast_arrays(_to_nchw(x), _to_nchw(y))
-    s = _ssim_maps(x, y, "reflect", clamp_variance=True)
-    return s.mean(axis=(-3, -2, -1))
+    return _ssim_batch(x, y, "reflect", clamp_variance=True)
+
+
+def ssim_to_reference(reference: np.ndarray, images: np.ndarray, padding: str = "valid",
+                      clamp_variance: bool = False) -> np.ndarray:
+    """SSIM(reference, images_j) for a stack [N, H, W, C]: the reference is filtered once, not N times."""
+    r = _to_nchw(reference)
+    y = _to_nchw(images)
+    ur, urr = _smooth(np.stack([r, r * r]), padding)
+    uy, uyy, ury = _smooth(np.stack([y, y * y, r * y]), padding)
+    return _ssim_from_moments(ur, uy, urr, uyy, ury, clamp_variance).mean(axis=(-3, -2, -1))
 
 
 # ---------------------------------------------------------------------------------------------
 # Histogram matching, batched over templates and bands.
 
 
-def _matched_values(src_quantiles: np.ndarray, tmpl_counts: np.ndarray, tmpl_size: int) -> np.ndarray:
+def _matched_values(src_cum: np.ndarray, src_size: int, tmpl_counts: np.ndarray, tmpl_size: int) -> np.ndarray:
     """np.interp(src_quantiles, tmpl_quantiles, tmpl_values) row by row, without a Python loop.
 
-    `tmpl_counts` [R, 256] are histograms of uint8 templates; `src_quantiles` [R, M]. The template
-    CDF over all 256 bins is flat where a bin is empty, so the first bin whose CDF exceeds q is the
-    upper interpolation point, and the last non-empty bin before it the lower one. The arithmetic
-    is numpy's own (slope * (q - x0) + y0), so results equal scikit-image's bit for bit.
+    `tmpl_counts` [R, 256] are histograms of uint8 templates; `src_cum` [R, M] are the source's
+    cumulative counts (quantile = src_cum / src_size). The template CDF over all 256 bins is flat
+    where a bin is empty, so the first bin whose CDF exceeds q is the upper interpolation point and
+    the last non-empty bin before it the lower one. Positions are found in exact integer arithmetic;
+    the interpolation is numpy's own (slope * (q - x0) + y0), so results equal scikit-image's bit
+    for bit.
     """
     rows = tmpl_counts.shape[0]
-    cdf = np.cumsum(tmpl_counts, axis=1) / tmpl_size
-    offset = 2.0 * np.arange(rows)[:, None]  # exact: CDFs are in [0, 1]
-    pos = np.searchsorted((cdf + offset).ravel(), (src_quantiles + offset).ravel(), side="right")
-    pos = pos.reshape(src_quantiles.shape) - 256 * np.arange(rows)[:, None]
-    bins = np.arange(256)
-    nonempty = tmpl_counts > 0
-    last_nonempty = np.maximum.accumulate(np.where(nonempty, bins, -1), axis=1)
-    last_bin = last_nonempty[:, -1:]
     r = np.arange(rows)[:, None]
+    tmpl_cum = np.cumsum(tmpl_counts, axis=1)  # [R, 256] integers in [0, tmpl_size]
+    # pos = #{bins b: tmpl_cum[b] / tmpl_size <= src_cum / src_size}, via a per-row table of
+    # "how many bins have a cumulative count <= t" for every t in [0, tmpl_size]
+    width = tmpl_size + 1
+    count_le = np.bincount((tmpl_cum + width * r).ravel(), minlength=width * rows).reshape(rows, width)
+    count_le = np.cumsum(count_le, axis=1)
+    pos = count_le[r, (src_cum * tmpl_size) // src_size]
+    bins = np.arange(256)
+    last_nonempty = np.maximum.accumulate(np.where(tmpl_counts > 0, bins, -1), axis=1)
+    cdf = tmpl_cum / tmpl_size
+    q = src_cum / src_size
     hi = np.minimum(pos, 255)
     lo = np.where(pos > 0, last_nonempty[r, np.maximum(pos - 1, 0)], -1)
     x0 = cdf[r, np.maximum(lo, 0)]
     x1 = cdf[r, hi]
     with np.errstate(divide="ignore", invalid="ignore"):
         slope = (hi - lo) / (x1 - x0)
-        inner = slope * (src_quantiles - x0) + lo
-    inner = np.where(src_quantiles == x0, lo, inner)
+        inner = slope * (q - x0) + lo
+    inner = np.where(q == x0, lo, inner)
     # below the first template value: clamp to it (the first non-empty bin is `hi` then)
     out = np.where(lo < 0, hi, inner)
     # at or beyond the last template quantile: clamp to the last value
-    return np.where(pos >= 256, last_bin, out).astype(np.float64)
+    return np.where(pos >= 256, last_nonempty[:, -1:], out).astype(np.float64)
 
 
-def _histograms(images_rc: np.ndarray) -> np.ndarray:
-    """[R, M] uint8 -> [R, 256] counts."""
-    rows = images_rc.shape[0]
-    flat = images_rc.astype(np.int64) + 256 * np.arange(rows)[:, None]
-    return np.bincount(flat.ravel(), minlength=256 * rows).reshape(rows, 256)
+def _histograms(images: np.ndarray, rows_shape: tuple[int, ...]) -> np.ndarray:
+    """Counts of uint8 `images` [..., C] per leading index and band -> [prod(rows_shape), 256].
+
+    `rows_shape` is images.shape without the pixel axes, e.g. (N, C); one bincount for all rows.
+    """
+    n_rows = int(np.prod(rows_shape))
+    row_index = np.arange(n_rows).reshape(rows_shape[:-1] + (1,) * (images.ndim - len(rows_shape)) + rows_shape[-1:])
+    flat = images.astype(np.intp) + 256 * row_index
+    return np.bincount(flat.ravel(), minlength=256 * n_rows).reshape(n_rows, 256)
+
+
+def _match_uint8(source: np.ndarray, templates: np.ndarray) -> np.ndarray:
+    """uint8 source [H, W, C] matched to each uint8 template [N, h, w, C] -> uint8 [N, C, H*W].
+
+    Each (template, band) gets a 256-entry lookup table, truncated to uint8 as scikit-image stores
+    it; the source pixels then index the table."""
+    n, c = templates.shape[0], templates.shape[-1]
+    tmpl_counts = _histograms(templates, (n, c))  # [N*C, 256]
+    src_cum = np.cumsum(_histograms(source, (c,)), axis=1)  # [C, 256]
+    lut = _matched_values(np.tile(src_cum, (n, 1)), source.size // c, tmpl_counts, templates[0, ..., 0].size)
+    lut = lut.astype(np.uint8).reshape(n, c, 256)
+    src_c = source.reshape(-1, c)
+    return np.stack([np.take(lut[:, band], src_c[:, band], axis=1) for band in range(c)], axis=1)
 
 
 def match_histograms(source: np.ndarray, templates: np.ndarray) -> np.ndarray:
@@ -276,25 +312,18 @@ def match_histograms(source: np.ndarray, templates: np.ndarray) -> np.ndarray:
     if templates.dtype != np.uint8:
         raise TypeError("templates must be uint8")
     n, c = templates.shape[0], templates.shape[-1]
-    src_c = np.moveaxis(source, -1, 0).reshape(c, -1)  # [C, M]
-    tmpl_counts = _histograms(np.moveaxis(templates, -1, 1).reshape(n * c, -1))  # [N*C, 256]
-    tmpl_size = templates[0, ..., 0].size
     if source.dtype == np.uint8:
-        src_counts = _histograms(src_c)  # [C, 256]
-        src_q = np.cumsum(src_counts, axis=1) / src_c.shape[1]
-        lut = _matched_values(np.tile(src_q, (n, 1)), tmpl_counts, tmpl_size)  # [N*C, 256]
-        lut = lut.reshape(n, c, 256)
-        matched = np.take_along_axis(lut, np.broadcast_to(src_c[None].astype(np.intp), (n, c, src_c.shape[1])), 2)
-        out_dtype = np.uint8
-    else:
-        src_q = np.empty(src_c.shape)
-        for band in range(c):  # a band loop; np.unique is the reference's own quantile rule
-            _, inverse, counts = np.unique(src_c[band], return_inverse=True, return_counts=True)
-            src_q[band] = (np.cumsum(counts) / src_c.shape[1])[inverse]
-        matched = _matched_values(np.tile(src_q, (n, 1)), tmpl_counts, tmpl_size).reshape(n, c, -1)
-        out_dtype = np.float32 if source.dtype == np.float32 else np.float64
-    matched = matched.reshape(n, c, *source.shape[:-1])
-    return np.moveaxis(matched, 1, -1).astype(out_dtype)
+        matched = _match_uint8(source, templates)
+        return np.moveaxis(matched.reshape(n, c, *source.shape[:-1]), 1, -1)
+    tmpl_counts = _histograms(templates, (n, c))
+    src_c = np.moveaxis(source, -1, 0).reshape(c, -1)  # [C, M]
+    src_cum = np.empty(src_c.shape, dtype=np.intp)
+    for band in range(c):  # a band loop; np.unique is the reference's own quantile rule
+        _, inverse, counts = np.unique(src_c[band], return_inverse=True, return_counts=True)
+        src_cum[band] = np.cumsum(counts)[inverse]
+    matched = _matched_values(np.tile(src_cum, (n, 1)), src_c.shape[1], tmpl_counts, templates[0, ..., 0].size)
+    out_dtype = np.float32 if source.dtype == np.float32 else np.float64
+    return np.moveaxis(matched.reshape(n, c, *source.shape[:-1]), 1, -1).astype(out_dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,19 +331,28 @@ def match_histograms(source: np.ndarray, templates: np.ndarray) -> np.ndarray:
 
 
 def paper_scores(hr_down_u8: np.ndarray, candidates: np.ndarray, alpha: float) -> np.ndarray:
-    """a * d(HR, LR_j) + (1 - a) * d(HM_j(HR), LR_j) with d = 1 - SSIM; lower is better."""
-    matched = match_histograms(hr_down_u8, candidates)
-    d_raw = 1.0 - ssim(hr_down_u8[None], candidates)
-    d_matched = 1.0 - ssim(matched, candidates)
-    return alpha * d_raw + (1.0 - alpha) * d_matched
+    """a * d(HR, LR_j) + (1 - a) * d(HM_j(HR), LR_j) with d = 1 - SSIM; lower is better.
+
+    The same as `alpha * (1 - ssim_to_reference(hr, lr)) + (1 - alpha) * (1 - ssim(hm, lr))`, with
+    the candidates' moments computed once and shared by both terms."""
+    k, h, w, c = candidates.shape
+    matched = _match_uint8(hr_down_u8, candidates).reshape(k, c, h, w).astype(np.float64)
+    y = _to_nchw(candidates)
+    r = _to_nchw(hr_down_u8)
+    ur, urr = _smooth(np.stack([r, r * r]), "valid")
+    uy, uyy, ury, um, umm, umy = _smooth(np.stack([y, y * y, r * y, matched, matched * matched, matched * y]), "valid")
+    s_raw = _ssim_from_moments(ur, uy, urr, uyy, ury, clamp_variance=False).mean(axis=(-3, -2, -1))
+    s_matched = _ssim_from_moments(um, uy, umm, uyy, umy, clamp_variance=False).mean(axis=(-3, -2, -1))
+    return alpha * (1.0 - s_raw) + (1.0 - alpha) * (1.0 - s_matched)
 
 
 def companion_scores(hr_down: np.ndarray, candidates: np.ndarray, alpha: float) -> np.ndarray:
     """1 - (a * SSIM(LR_j, HR) + (1 - a) * SSIM(HR, HM_j(HR))) as the companion code computes it."""
     hr32 = hr_down.astype(np.float32)
     matched = match_histograms(hr32, candidates).astype(np.uint8)  # truncation, as torch stores it
-    s_raw = ssim_torchmetrics(candidates, hr32[None])
-    s_matched = ssim_torchmetrics(hr32[None], matched)
+    # SSIM is symmetric, so both terms compare the one HR with a stack: filter them in one pass
+    both = ssim_to_reference(hr32, np.concatenate([candidates, matched]), "reflect", clamp_variance=True)
+    s_raw, s_matched = both[: len(candidates)], both[len(candidates) :]
     return 1.0 - (alpha * s_raw + (1.0 - alpha) * s_matched)
 
 
