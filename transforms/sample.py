@@ -25,7 +25,22 @@ so the weight maps are downsampled once), then passed through an atmosphere, one
 cloud, thin cloud, haze, shadow, dark, snow, black swath border) and Sentinel-2 radiometry.
 
 Legitimate values are clipped to >= 1 everywhere: exact 0 in all channels only appears where a
-black border (HR strip or Sentinel-2 swath edge) was planted.
+black border (HR strip, in rgb.png and nir.png, or Sentinel-2 swath edge, in every band) was planted.
+
+Planted tile defects (one of each in every window of 30 consecutive tiles): naip_black_border,
+missing_s2 (no sentinel2/<x>_<y> folder), missing_nir, missing_band (tci.png without b08.png) and
+no_valid_timesteps (every timestep has a black border). Each `sample_truth.jsonl` line is
+
+    {"tile_id": "<naip_id>/<x>_<y>", "kind": "ok" | <defect>,
+     "timesteps": [{"index": t, "condition": <one of CONDITIONS>, "day_offset": <days from NAIP>}, ...],
+     "clear_indices": [...], "nearest_index": <timestep closest to the NAIP date> | null,
+     "hr_date": "YYYY-MM-DD"}
+
+(`timesteps` is empty for missing_s2). Every tile but no_valid_timesteps has >= 3 clear timesteps,
+and its timestep closest to the NAIP date (within 5 days, unique) is clear.
+
+PNGs are written by `encode_png`, a small standard-PNG writer (Up filter, Huffman-only deflate)
+that is ~3x faster than Pillow's encoder at about the same size; Pillow reads them back as usual.
 """
 from __future__ import annotations
 
@@ -291,11 +306,14 @@ def _stretch(n: np.ndarray) -> np.ndarray:
     return (n - lo) / np.maximum(hi - lo, _F32(1e-6))
 
 
-def _coverage_mask(n: np.ndarray, coverage: float, softness: float) -> np.ndarray:
-    """Soft mask of the `coverage` fraction of highest values of one [h, w] noise image."""
-    flat = np.sort(n, axis=None)
-    thr = flat[min(len(flat) - 1, int((1.0 - coverage) * len(flat)))]
-    return np.clip((n - thr) * _F32(1.0 / softness) + _F32(0.5), 0.0, 1.0)
+def _coverage_masks(n: np.ndarray, coverage: np.ndarray, softness: float) -> np.ndarray:
+    """Soft masks of the `coverage[i]` fraction of highest values of each noise image n[i] ([k, h, w])."""
+    k = n.shape[0]
+    flat = np.sort(n.reshape(k, n.shape[1] * n.shape[2]), axis=1)
+    npix = flat.shape[1]
+    pos = np.minimum(npix - 1, ((1.0 - np.asarray(coverage, dtype=np.float64)) * npix).astype(np.intp))
+    thr = flat[np.arange(k), pos]
+    return np.clip((n - thr[:, None, None]) * _F32(1.0 / softness) + _F32(0.5), 0.0, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,12 +395,21 @@ class _Scene:
     forest: np.ndarray          # [32, 32] forest canopy fraction (hides snow)
 
 
-def _lr_sum(values: np.ndarray, groups: np.ndarray | None = None, n_groups: int = 1) -> np.ndarray:
-    """Area-average an HR map into the LR grid, separately per group: [n_groups, 1024]."""
+def _lr_sums(maps: list[tuple[np.ndarray, np.ndarray | None, int]]) -> np.ndarray:
+    """Area-average HR maps into the LR grid, each split by a group map: [sum of n_groups, 1024].
+
+    `maps` holds (values [128, 128], groups [128, 128] in 0..n_groups-1 or None, n_groups); one
+    bincount does them all.
+    """
     _, _, lrpix = _grid()
-    idx = lrpix if groups is None else groups.ravel() * (LR_SIZE * LR_SIZE) + lrpix
-    out = np.bincount(idx, weights=values.ravel(), minlength=n_groups * LR_SIZE * LR_SIZE)
-    return (out * (1.0 / SCALE**2)).astype(_F32).reshape(n_groups, LR_SIZE * LR_SIZE)
+    npix = LR_SIZE * LR_SIZE
+    idx, weights, offset = [], [], 0
+    for values, groups, n_groups in maps:
+        idx.append(lrpix + offset if groups is None else groups.ravel() * npix + (lrpix + offset))
+        weights.append(values.ravel())
+        offset += n_groups * npix
+    out = np.bincount(np.concatenate(idx), weights=np.concatenate(weights), minlength=offset)
+    return (out * (1.0 / SCALE**2)).astype(_F32).reshape(-1, npix)
 
 
 def _scene(rng: np.random.Generator, doys: np.ndarray) -> _Scene:
@@ -468,10 +495,10 @@ def _scene(rng: np.random.Generator, doys: np.ndarray) -> _Scene:
         roof = int(rng.integers(len(_ROOFS)))
         reach = hu + hv + 2.0 * height * 3.0 + 2.0
         x0, x1 = max(0, int(bx - reach)), min(HR_SIZE, int(bx + reach) + 1)
-        y0, x1y = max(0, int(by - reach)), min(HR_SIZE, int(by + reach) + 1)
-        if x0 >= x1 or y0 >= x1y:
+        y0, y1 = max(0, int(by - reach)), min(HR_SIZE, int(by + reach) + 1)
+        if x0 >= x1 or y0 >= y1:
             continue
-        wx, wy = xx[y0:x1y, x0:x1], yy[y0:x1y, x0:x1]
+        wx, wy = xx[y0:y1, x0:x1], yy[y0:y1, x0:x1]
         ca, sa = math.cos(ang), math.sin(ang)
 
         def rect(ox: float, oy: float) -> np.ndarray:
@@ -479,9 +506,9 @@ def _scene(rng: np.random.Generator, doys: np.ndarray) -> _Scene:
             return (np.abs(dx * _F32(ca) + dy * _F32(sa)) < hu) & (np.abs(dy * _F32(ca) - dx * _F32(sa)) < hv)
 
         m = rect(0.0, 0.0)
-        np.maximum(shadow[y0:x1y, x0:x1], rect(sdx * height, sdy * height), out=shadow[y0:x1y, x0:x1])
-        bld[y0:x1y, x0:x1][m] = 1.0
-        roof_idx[y0:x1y, x0:x1][m] = roof
+        np.maximum(shadow[y0:y1, x0:x1], rect(sdx * height, sdy * height), out=shadow[y0:y1, x0:x1])
+        bld[y0:y1, x0:x1][m] = 1.0
+        roof_idx[y0:y1, x0:x1][m] = roof
     shadow *= 1.0 - bld
 
     # Each part's weight per HR pixel; parts: vegetation and soil of each field, water, road, roofs.
@@ -498,7 +525,10 @@ def _scene(rng: np.random.Generator, doys: np.ndarray) -> _Scene:
     n_roofs = len(_ROOFS)
     c_water, c_road, c_roof = 2 * n_fields, 2 * n_fields + 1, 2 * n_fields + 2
     spectra = np.zeros((n_dates, c_roof + n_roofs, N_BANDS))
-    moisture = rng.uniform(0.85, 1.05, n_dates)                # soil darkening after rain
+    # Soil darkening after rain and water turbidity: slow seasonal cycles plus a little jitter, so
+    # acquisitions close in time look alike.
+    cycle = 2 * np.pi * doys / 365.0
+    moisture = 0.95 + 0.08 * np.sin(cycle + rng.uniform(0, 2 * np.pi)) + rng.uniform(-0.02, 0.02, n_dates)
     for f in range(n_fields):
         v, sen = _phenology(rng, int(cls[f]), doys)
         if cls[f] == _CLASS_FOREST:
@@ -509,7 +539,7 @@ def _scene(rng: np.random.Generator, doys: np.ndarray) -> _Scene:
         veg = (1.0 - sen)[:, None] * green + sen[:, None] * _DRY
         spectra[:, f] = v[:, None] * veg
         spectra[:, n_fields + f] = (1.0 - v)[:, None] * soil * moisture[:, None]
-    turb = rng.uniform(0, 1, n_dates)[:, None] * rng.uniform(0, 0.8)
+    turb = ((0.5 + 0.5 * np.sin(cycle + rng.uniform(0, 2 * np.pi))) * rng.uniform(0, 0.8))[:, None]
     spectra[:, c_water] = (1.0 - turb) * _WATER + turb * _TURBID
     spectra[:, c_road] = _ROADS[int(rng.integers(len(_ROADS)))] * rng.uniform(0.9, 1.1)
     spectra[:, c_roof:] = _ROOFS * rng.uniform(0.85, 1.15, (n_roofs, 1))
@@ -522,17 +552,18 @@ def _scene(rng: np.random.Generator, doys: np.ndarray) -> _Scene:
                  + w_water * s[b, c_water] + w_road * s[b, c_road] + w_roof * np.take(s[b, c_roof:], roof_idx))
 
     # The parts on the LR grid (downsampling is linear, so each LR timestep is parts @ spectra).
-    parts = np.concatenate([
-        _lr_sum(w_veg, labels, n_fields), _lr_sum(w_soil, labels, n_fields),
-        _lr_sum(w_water), _lr_sum(w_road), _lr_sum(w_roof, roof_idx, n_roofs)])
+    lr = _lr_sums([(w_veg, labels, n_fields), (w_soil, labels, n_fields), (w_water, None, 1),
+                   (w_road, None, 1), (w_roof, roof_idx, n_roofs),
+                   ((1.0 - road) * (1.0 - water), None, 1), (is_forest * ground, None, 1)])
+    parts, snow_ok, forest = lr[:-2], lr[-2], lr[-1]
     keep = parts.any(axis=1)
     return _Scene(hr=hr, parts=parts[keep], spectra=spectra[:-1, keep].astype(_F32),
-                  snow_ok=_lr_sum((1.0 - road) * (1.0 - water)).reshape(LR_SIZE, LR_SIZE),
-                  forest=_lr_sum(is_forest * ground).reshape(LR_SIZE, LR_SIZE))
+                  snow_ok=snow_ok.reshape(LR_SIZE, LR_SIZE), forest=forest.reshape(LR_SIZE, LR_SIZE))
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=256)
 def _gamma_lut(gamma: float) -> np.ndarray:
+    """Lookup table of 255 * x ** gamma over x in [0, 1]."""
     return (255.0 * (np.arange(_LUT_SIZE) / (_LUT_SIZE - 1)) ** gamma).astype(_F32)
 
 
@@ -615,73 +646,72 @@ def _coarsen(a: np.ndarray, k: int) -> np.ndarray:
 
 def _time_series(rng: np.random.Generator, scene: _Scene, conds: list[str], doys: np.ndarray,
                  extra: bool, rng_extra: np.random.Generator) -> dict[str, np.ndarray]:
-    """The Sentinel-2 bands of every timestep, each [T*32, 32] (tci [T*32, 32, 3]) uint8."""
+    """The Sentinel-2 bands of every timestep, each [T*32, 32] (tci [T*32, 32, 3]) uint8.
+
+    Conditions are applied to all timesteps of a condition at once (clouds one by one).
+    """
     n = len(conds)
     nb = N_BANDS if extra else 4        # R, G, B, NIR always; B01, B11, B12 only when written
     mix = np.ascontiguousarray(scene.spectra[:, :, :nb].transpose(0, 2, 1)).reshape(n * nb, -1)
-    surf = np.einsum("kc,cp->kp", mix, scene.parts).reshape(n, nb, LR_SIZE, LR_SIZE)
-    k_path, k_ext, k_cloud, k_thin, k_snow = (a[:nb, None, None].astype(_F32)
-                                              for a in (_PATH, _EXT, _CLOUD, _THIN, _SNOW))
+    toa = np.einsum("kc,cp->kp", mix, scene.parts).reshape(n, nb, LR_SIZE, LR_SIZE)
+    k_ext, k_cloud, k_thin, k_snow = (a[None, :nb, None, None].astype(_F32) for a in (_EXT, _CLOUD, _THIN, _SNOW))
 
+    # Illumination (season, BRDF), aerosol: attenuation and path radiance; per-timestep parameters.
     sun = (0.86 + 0.14 * np.cos(2 * np.pi * _circ_days(doys, 172) / 365.0)) * rng.uniform(0.96, 1.04, n)
     tau = rng.uniform(0.6, 1.4, n)
     gain = ((1.0 - 0.08 * tau[:, None] * _EXT[None, :nb]) * sun[:, None]).astype(_F32)   # [n, nb]
-    surf *= gain[:, :, None, None]
+    toa *= gain[:, :, None, None]
+    path = (tau[:, None] * _PATH[None, :nb]).astype(_F32)[:, :, None, None]            # [n, nb, 1, 1]
+    q = rng.random((n, 8)).astype(_F32)
+
+    which = {c: np.array([t for t, x in enumerate(conds) if x == c], dtype=np.intp) for c in CONDITIONS}
+    hazy = np.concatenate([which[c] for c in ("thin_cloud", "haze", "shadow", "snow")])
+    smooth = np.zeros((n, LR_SIZE, LR_SIZE), dtype=_F32)   # smooth fields: haze, shadow, snow cover
+    smooth[hazy] = _stretch(_fractal(rng, len(hazy), LR_SIZE, (1, 2, 4)))
     pad = 8
-    # Noise only for the timesteps that use it: fractal clouds (with room for their shadows), and
-    # smooth fields for thin cloud, haze, shadow and snow cover.
-    cloudy = [t for t, c in enumerate(conds) if c == "cloud"]
-    hazy = [t for t, c in enumerate(conds) if c in ("thin_cloud", "haze", "shadow", "snow")]
-    big = dict(zip(cloudy, _stretch(_fractal(rng, len(cloudy), LR_SIZE + 2 * pad, (3, 6, 12, 24)))))
-    smooth = dict(zip(hazy, _stretch(_fractal(rng, len(hazy), LR_SIZE, (1, 2, 4)))))
-    params = rng.random((n, 8))
+    clouds = _stretch(_fractal(rng, len(which["cloud"]), LR_SIZE + 2 * pad, (3, 6, 12, 24)))
+    cirrus = np.broadcast_to(_F32(0.0005) + _F32(0.002) * q[:, 7, None, None], (n, LR_SIZE, LR_SIZE)).copy()
+
+    t = np.concatenate([which["clear"], which["black_border"]])
+    toa[t] += path[t]
+    t = which["dark"]
+    toa[t] = (toa[t] + path[t]) * (_F32(0.04) + _F32(0.08) * q[t, 0])[:, None, None, None]
+    t = which["shadow"]
+    mask = _coverage_masks(smooth[t], 0.4 + 0.5 * q[t, 0], 0.15)
+    toa[t] = toa[t] * (1.0 - (_F32(0.55) + _F32(0.2) * q[t, 1])[:, None, None] * mask)[:, None] + path[t]
+    t = which["thin_cloud"]
+    alpha = ((_F32(0.15) + _F32(0.3) * q[t, 0])[:, None, None] * (_F32(0.6) + _F32(0.8) * smooth[t]))
+    toa[t] = (1.0 - alpha[:, None]) * (toa[t] + path[t]) + alpha[:, None] * k_thin
+    cirrus[t] += alpha * (_F32(0.12) + _F32(0.15) * q[t, 3])[:, None, None]
+    t = which["haze"]
+    h = ((_F32(2.5) + _F32(3.5) * q[t, 0]) * tau[t].astype(_F32))[:, None, None] * (_F32(0.7) + _F32(0.6) * smooth[t])
+    k_path = _PATH[None, :nb, None, None].astype(_F32)
+    toa[t] = toa[t] * np.exp(_F32(-0.12) * h[:, None] * k_ext) + k_path * h[:, None]
+    cirrus[t] += _F32(0.002) * q[t, 3][:, None, None]
+    t = which["snow"]
+    cover = np.clip((_F32(0.55) + _F32(0.45) * q[t, 0])[:, None, None] * (_F32(0.5) + smooth[t]), 0.0, 1.0)
+    f = (cover * (scene.snow_ok * (1.0 - 0.6 * scene.forest)))[:, None]
+    snow = k_snow * (sun[t] * (0.9 + 0.1 * q[t, 1])).astype(_F32)[:, None, None, None]
+    toa[t] = (1.0 - f) * toa[t] + f * snow + path[t]
     inner = (slice(pad, pad + LR_SIZE), slice(pad, pad + LR_SIZE))
-
-    toa = surf                          # modified in place, timestep by timestep
-    cirrus = np.empty((n, LR_SIZE, LR_SIZE), dtype=_F32)
+    for j, t in enumerate(which["cloud"]):     # fractal cloud with its shadow cast beside it
+        cover = 0.35 + 0.6 * q[t, 0]
+        mask = _coverage_masks(clouds[j:j + 1], np.array([cover]), 0.08)[0]
+        dy, dx = int(round(3 + 5 * q[t, 1])), int(round(-6 + 12 * q[t, 2]))
+        shade = mask[pad - dy:pad - dy + LR_SIZE, pad + dx:pad + dx + LR_SIZE]
+        alpha = mask[inner]
+        body = k_cloud[0] * (_F32(0.75) + _F32(0.35) * clouds[j][inner])
+        toa[t] = (1.0 - alpha) * (toa[t] * (1.0 - 0.7 * shade) + path[t]) + alpha * body
+        cirrus[t] += alpha * _F32(0.005 + 0.05 * q[t, 3])
     border = np.zeros((n, LR_SIZE, LR_SIZE), dtype=bool)
-    for t, cond in enumerate(conds):
-        s = surf[t]
-        path = k_path * _F32(tau[t])
-        q = params[t]
-        cir = _F32(0.0005 + 0.002 * q[7])
-        if cond == "cloud":
-            cover = 0.35 + 0.6 * q[0]
-            mask = _coverage_mask(big[t], cover, 0.08)
-            dy, dx = int(round(3 + 5 * q[1])), int(round(-6 + 12 * q[2]))
-            shade = mask[pad - dy:pad - dy + LR_SIZE, pad + dx:pad + dx + LR_SIZE]
-            alpha = mask[inner]
-            body = k_cloud * (_F32(0.75) + _F32(0.35) * big[t][inner])
-            toa[t] = (1.0 - alpha) * (s * (1.0 - 0.7 * shade) + path) + alpha * body
-            cir = cir + alpha * _F32(0.005 + 0.05 * q[3])
-        elif cond == "thin_cloud":
-            alpha = _F32(0.15 + 0.3 * q[0]) * (_F32(0.6) + _F32(0.8) * smooth[t])
-            toa[t] = (1.0 - alpha) * (s + path) + alpha * k_thin
-            cir = cir + alpha * _F32(0.12 + 0.15 * q[3])
-        elif cond == "haze":
-            h = _F32((2.5 + 3.5 * q[0]) * tau[t]) * (_F32(0.7) + _F32(0.6) * smooth[t])
-            toa[t] = s * np.exp(_F32(-0.12) * h * k_ext) + k_path * h
-            cir = cir + _F32(0.002 * q[3])
-        elif cond == "shadow":
-            mask = _coverage_mask(smooth[t], 0.4 + 0.5 * q[0], 0.15)
-            toa[t] = s * (1.0 - _F32(0.55 + 0.2 * q[1]) * mask) + path
-        elif cond == "dark":
-            toa[t] = (s + path) * _F32(0.04 + 0.08 * q[0])
-        elif cond == "snow":
-            cover = np.clip(_F32(0.55 + 0.45 * q[0]) * (_F32(0.5) + smooth[t]), 0.0, 1.0)
-            f = cover * scene.snow_ok * (1.0 - 0.6 * scene.forest)
-            toa[t] = (1.0 - f) * s + f * k_snow * _F32(sun[t] * (0.9 + 0.1 * q[1])) + path
-        else:
-            toa[t] = s + path
-            if cond == "black_border":
-                border[t] = _border_mask(rng, LR_SIZE, 3)
-        cirrus[t] = cir
+    for t in which["black_border"]:
+        border[t] = _border_mask(rng, LR_SIZE, 3)
 
-    noise = _noise(rng, (4, n, LR_SIZE, LR_SIZE))
+    noise = _noise(rng, (n, 4, LR_SIZE, LR_SIZE))
     tci = np.empty((n, LR_SIZE, LR_SIZE, 3), dtype=np.uint8)
     for b in (_R, _G, _B):
-        tci[..., b] = _to_uint8(_gamma_dn(toa[:, b], _S2_GAIN[b], _S2_GAMMA[b]), noise[b], 2.0)
-    out = {"tci": tci, "b08": _to_uint8(toa[:, _N] * _F32(_RAW_SCALE), noise[3], 2.0)}
+        tci[..., b] = _to_uint8(_gamma_dn(toa[:, b], _S2_GAIN[b], _S2_GAMMA[b]), noise[:, b], 2.0)
+    out = {"tci": tci, "b08": _to_uint8(toa[:, _N] * _F32(_RAW_SCALE), noise[:, 3], 2.0)}
     if extra:
         xnoise = _noise(rng_extra, (4, n, LR_SIZE, LR_SIZE))
         out["b01"] = _to_uint8(_coarsen(toa[:, _B01], 4) * _F32(_RAW_SCALE), xnoise[0], 2.0)
