@@ -39,3 +39,36 @@ def real_tile_set(real_naip_dir, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("real_s2naip")
     return root, build_real_tiles(root, real_naip_dir, n_tiles=20, seed=0)
+
+
+# --- GCS emulator on loopback (tests/gcs_emulator.py) -------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory):
+    """A `gcp-storage-emulator` on 127.0.0.1 plus a fake GCE metadata server, for the session.
+
+    Yields a `tests.gcs_emulator.GcsTestServer`: `.endpoint`, `.bucket(name)`,
+    `.upload_tree(dir, gs_prefix)`, `.download_tree(gs_prefix, dir)`, `.list(gs_prefix)`, and
+    `.environment(endpoint=None)`, a context manager that points Beam's gs:// filesystem, gcsfs and
+    `transforms.storage` at the emulator (or at a proxy in front of it). Skips when the emulator
+    package is not installed, except on CI (CI set), where that is an error.
+    """
+    if os.environ.get("CI"):
+        import gcp_storage_emulator  # noqa: F401  (the [test] extra installs it)
+    else:
+        pytest.importorskip("gcp_storage_emulator")
+    from tests.gcs_emulator import GcsTestServer
+
+    server = GcsTestServer(str(tmp_path_factory.mktemp("gcs-env")))
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def gcs_env(gcs_emulator):
+    """The environment of `gcs_emulator` applied for one test (restored after it)."""
+    with gcs_emulator.environment():
+        yield gcs_emulator
