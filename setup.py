@@ -27,9 +27,10 @@ setup(
         "google-cloud-storage>=2.18",
         "pillow>=10.4",
         "protobuf>=4.25",
+        "google-crc32c>=1.5",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "pandas>=2.2", "gcp-storage-emulator>=2026.7"],
     },
     entry_points={"console_scripts": ["s2naip=pipelines.cli:main"]},
 )

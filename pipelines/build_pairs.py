@@ -10,25 +10,27 @@ import sys
 import time
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from pipelines.options import BuildOptions, pair_config, use_in_process_runner_by_default
-from transforms import storage, tiles
+from pipelines.options import BuildOptions, output_spec, pair_config, use_in_process_runner_by_default
+from transforms import publish, storage, tiles
 from transforms.beam import BuildPairsPipeline
 from transforms.pairs import PairConfig
+from transforms.publish import OutputSpec
 from transforms.version import PIPELINE_VERSION
 
 _LOG = logging.getLogger(__name__)
 
 
-def run_info(config: PairConfig, opts: BuildOptions, options: PipelineOptions) -> dict:
+def run_info(config: PairConfig, spec: OutputSpec, opts: BuildOptions, options: PipelineOptions) -> dict:
     """What run.json records about the run, fixed on the launcher (no per-tile data)."""
     return {
         "pipeline_version": PIPELINE_VERSION,
         "input": config.input_root,
         "nir_input": config.nir_input,
         "manifest": opts.manifest,
-        "output": opts.output,
+        "output": spec.path,
+        "formats": list(spec.formats),
         "options": {
             "selection": config.selection.mode,
             "alpha": config.selection.alpha,
@@ -38,6 +40,8 @@ def run_info(config: PairConfig, opts: BuildOptions, options: PipelineOptions) -
             "split": config.split,
             "border_px": config.selection.border_px,
             "max_border_black": config.selection.max_border_black,
+            "num_shards": spec.num_shards,
+            "tfrecord_gzip": spec.tfrecord_gzip,
             "runner": str(options.get_all_options().get("runner")),
         },
         "start_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -53,9 +57,8 @@ def sample_input_dir(output: str) -> str:
     return tempfile.mkdtemp(prefix="s2naip-sample-")
 
 
-def build(p: beam.Pipeline, config: PairConfig, output: str, info: dict,
-          manifest: str | None = None, num_shards: int = 0):
-    return p | "BuildPairs" >> BuildPairsPipeline(config, output, info, manifest, num_shards)
+def build(p: beam.Pipeline, config: PairConfig, spec: OutputSpec, info: dict, manifest: str | None = None):
+    return p | "BuildPairs" >> BuildPairsPipeline(config, spec, info, manifest)
 
 
 def summary_text(summary: dict) -> str:
@@ -85,12 +88,16 @@ def run(argv: list[str] | None = None) -> dict | None:
         opts.input = sample_dir
     try:
         config = pair_config(opts)
-    except ValueError as e:
+        spec = output_spec(opts)
+        publish.prepare_output(spec.path, opts.overwrite)
+    except (ValueError, publish.OutputNotEmpty) as e:
         raise SystemExit(f"error: {e}") from None
     use_in_process_runner_by_default(options)
-    info = run_info(config, opts, options)
+    info = run_info(config, spec, opts, options)
     with beam.Pipeline(options=options) as p:
-        build(p, config, opts.output, info, opts.manifest, opts.num_shards)
+        build(p, config, spec, info, opts.manifest)
+    if not getattr(p.result, "has_job", True) or options.view_as(StandardOptions).no_wait_until_finish:
+        return None  # a template was staged or the job runs on: its run.json does not exist yet
     run_json = tiles.join(opts.output, "run.json")
     if storage.exists(run_json):
         summary = json.loads(storage.read_bytes(run_json, 64 * 1024 * 1024))

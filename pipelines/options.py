@@ -4,9 +4,25 @@ from __future__ import annotations
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from transforms.pairs import BAND_SETS, PairConfig
+from transforms.publish import OutputSpec
 from transforms.selection import DOWNSAMPLE_METHODS, SELECTION_MODES, SelectionConfig
 
 DEFAULT_SAMPLE_TILES = 200
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def _flag(parser, *names: str, help: str) -> None:
+    """A boolean flag that also takes a value (`--x`, `--x=true`, `--x=false`): template launchers
+    pass every parameter as name=value."""
+    dest = names[-1].lstrip("-").replace("-", "_")
+    parser.add_argument(*names, dest=dest, nargs="?", const=True, default=False, type=_parse_bool, help=help)
 
 
 class BuildOptions(PipelineOptions):
@@ -32,8 +48,12 @@ class BuildOptions(PipelineOptions):
         parser.add_argument("--bands", default="rgbn", choices=BAND_SETS)
         parser.add_argument("--split", default=None,
                             help="Value of the split column (default: the input folder's name).")
+        parser.add_argument("--format", default="parquet",
+                            help="Comma-separated output formats: parquet, tfrecord, png (each in its own folder).")
+        _flag(parser, "--tfrecord-gzip", "--tfrecord_gzip", help="Gzip the TFRecord files (.tfrecord.gz).")
         parser.add_argument("--num-shards", "--num_shards", dest="num_shards", type=int, default=0,
                             help="Output shards per table (0: the runner decides).")
+        _flag(parser, "--overwrite", help="Replace a run already in --output (default: refuse).")
         parser.add_argument("--sample-tiles", "--sample_tiles", dest="sample_tiles", type=int,
                             default=DEFAULT_SAMPLE_TILES,
                             help="Tiles of the embedded sample when --input is omitted.")
@@ -51,8 +71,6 @@ def pair_config(opts: BuildOptions) -> PairConfig:
         raise ValueError(f"--alpha must be within [0, 1], got {opts.alpha}")
     if opts.top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {opts.top_k}")
-    if opts.num_shards < 0:
-        raise ValueError(f"--num-shards must be >= 0, got {opts.num_shards}")
     return PairConfig(
         input_root=opts.input,
         nir_root=opts.nir_input,
@@ -61,6 +79,11 @@ def pair_config(opts: BuildOptions) -> PairConfig:
         selection=SelectionConfig(mode=opts.selection, alpha=opts.alpha, top_k=opts.top_k,
                                   downsample=opts.downsample),
     )
+
+
+def output_spec(opts: BuildOptions) -> OutputSpec:
+    """The validated output formats and sharding; raises ValueError with a clear message."""
+    return OutputSpec.parse(opts.output, opts.format, opts.num_shards, opts.tfrecord_gzip)
 
 
 def use_in_process_runner_by_default(options: PipelineOptions) -> None:

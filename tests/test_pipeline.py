@@ -228,3 +228,9 @@ def test_multi_processing_runner_gives_the_same_pairs(tmp_path):
                       sorted((r["tile_id"], r["reason"]) for r in rejects))
     assert outs["in_memory"] == outs["multi_processing"]
     assert len(outs["in_memory"][0]) == 6 and outs["in_memory"][1] == [(f"{NAIP_ID}/35099_55000", "naip_black_border")]
+
+
+def test_missing_manifest_fails_the_job_instead_of_building_nothing(tmp_path):
+    with pytest.raises(Exception, match="manifest not found"):
+        build_pairs.run(["--input", str(tmp_path), "--output", str(tmp_path / "o"),
+                         "--manifest", str(tmp_path / "absent.txt"), "--runner", RUNNER])

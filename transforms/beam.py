@@ -1,11 +1,10 @@
 """The PTransforms: a few lines each, wiring the plain functions of the other modules.
 
 tile ids (manifest shards or a parallel listing) -> deduplicate (a keyed shuffle) -> build pairs
-(read, pre-filter, select) -> Parquet pairs + rejects -> run.json with the counts.
+(read, pre-filter, select) -> pairs in each format + rejects -> run.json, then _SUCCESS.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Iterable
@@ -13,8 +12,9 @@ from typing import Iterable
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms import records, storage, tiles
+from transforms import publish, records, runtime, sinks, storage, tiles
 from transforms.pairs import PairConfig, build_tile
+from transforms.publish import OutputSpec
 
 _LOG = logging.getLogger(__name__)
 PARQUET_ROW_GROUP_BYTES = 32 * 1024 * 1024  # ~450 pairs per row group: bounded reader memory
@@ -34,6 +34,12 @@ def manifest_lines_to_ids(line: str) -> Iterable[str]:
     text = line.strip()
     if text and not text.startswith("#"):
         yield text
+
+
+def require_manifest(path: str) -> str:
+    if not storage.exists(path):
+        raise FileNotFoundError(f"manifest not found: {path}")
+    return path
 
 
 def list_naip_ids(input_root: str) -> list[str]:
@@ -59,16 +65,23 @@ class ReadTileIds(beam.PTransform):
         self.manifest = manifest
 
     def expand(self, pbegin):
-        if self.manifest and self.manifest.endswith(".parquet"):
-            return (
-                pbegin
-                | "ReadParquetManifest" >> beam.io.ReadFromParquet(self.manifest, columns=["tile_id"])
-                | "TileIdColumn" >> beam.Map(lambda row: str(row["tile_id"]))
-            )
         if self.manifest:
-            return (
+            # The path is checked and read on the workers: the launcher may not be able to read it,
+            # and a wrong path must fail the job instead of building zero tiles.
+            path = (
                 pbegin
-                | "ReadTextManifest" >> beam.io.ReadFromText(self.manifest)
+                | "ManifestPath" >> beam.Create([self.manifest])
+                | "RequireManifest" >> beam.Map(require_manifest)
+            )
+            if self.manifest.endswith(".parquet"):
+                return (
+                    path
+                    | "ReadParquetManifest" >> beam.io.ReadAllFromParquet(columns=["tile_id"])
+                    | "TileIdColumn" >> beam.Map(lambda row: str(row["tile_id"]))
+                )
+            return (
+                path
+                | "ReadTextManifest" >> beam.io.ReadAllFromText()
                 | "ParseLines" >> beam.FlatMap(manifest_lines_to_ids)
             )
         root = self.input_root
@@ -118,6 +131,7 @@ class BuildPairDoFn(beam.DoFn):
         self.config = config
 
     def setup(self):
+        runtime.tune_allocator()
         self._tiles = self._pairs = 0
         self._started = self._last_log = time.monotonic()
 
@@ -181,32 +195,44 @@ def outcome_key(record: dict) -> str:
 
 
 def run_summary(run_info: dict, counts: dict[str, int], files: list[str]) -> dict:
-    """run.json's content: the launcher's `run_info` plus counts per outcome and reason."""
-    rejects = {k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("reject:")}
+    """run.json's content: the launcher's `run_info` plus counts per outcome and reason.
+
+    Keys counted: 'pair', 'reject:<reason>' (every input id has exactly one of these) and, with the
+    png format, 'png_reject:<reason>' and 'png_black_pixel_tile' (about pairs, not extra tiles)."""
+
+    def by_prefix(prefix):
+        return {k[len(prefix):]: v for k, v in sorted(counts.items()) if k.startswith(prefix)}
+
+    rejects = by_prefix("reject:")
     pairs = counts.get("pair", 0)
+    summary_counts = {
+        "tiles": pairs + sum(rejects.values()),
+        "pairs": pairs,
+        "rejects": sum(rejects.values()),
+        "rejects_by_reason": rejects,
+    }
+    if "png" in run_info.get("formats", ()):
+        png_rejects = by_prefix("png_reject:")
+        summary_counts["png"] = {
+            "pairs": pairs - sum(png_rejects.values()),
+            "rejects_by_reason": png_rejects,
+            "black_pixel_tiles": counts.get("png_black_pixel_tile", 0),
+        }
     return {
         **run_info,
-        "counts": {
-            "tiles": pairs + sum(rejects.values()),
-            "pairs": pairs,
-            "rejects": sum(rejects.values()),
-            "rejects_by_reason": rejects,
-        },
+        "counts": summary_counts,
         "files": sorted(files),
         "end_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
 
-def write_run_json(_, output: str, run_info: dict, counts: dict, files: list[str]) -> str:
-    summary = run_summary(run_info, counts, [str(f) for f in files])
-    path = tiles.join(output, "run.json")
-    storage.write_bytes_atomic(path, json.dumps(summary, indent=2, sort_keys=True).encode())
-    return path
+def publish_run(_, output: str, run_info: dict, counts: dict, files: list[str]) -> str:
+    return publish.publish(output, run_summary(run_info, counts, [str(f) for f in files]), [str(f) for f in files])
 
 
-class WriteRunSummary(beam.PTransform):
-    """Counts outcome keys ('pair', 'reject:<reason>') and writes `<output>/run.json` after every
-    data file is finalised."""
+class PublishRun(beam.PTransform):
+    """Counts outcome keys and, after every data file is finalised, writes `run.json` and then
+    `_SUCCESS` (the manifest of files)."""
 
     def __init__(self, output: str, run_info: dict):
         super().__init__()
@@ -223,7 +249,7 @@ class WriteRunSummary(beam.PTransform):
             outcome_keys.pipeline
             | "Once" >> beam.Create([None])
             | "WriteRunJson" >> beam.Map(
-                write_run_json,
+                publish_run,
                 output=self.output,
                 run_info=self.run_info,
                 counts=beam.pvalue.AsSingleton(counts),
@@ -232,28 +258,51 @@ class WriteRunSummary(beam.PTransform):
         )
 
 
-class BuildPairsPipeline(beam.PTransform):
-    """The whole build from the pipeline's root: ids -> pairs/rejects Parquet -> run.json."""
+class WritePairs(beam.PTransform):
+    """Pair records to every requested format; yields (written file names, extra outcome keys)."""
 
-    def __init__(self, config: PairConfig, output: str, run_info: dict,
-                 manifest: str | None = None, num_shards: int = 0):
+    def __init__(self, spec: OutputSpec):
         super().__init__()
-        self.config, self.output, self.run_info = config, output, run_info
-        self.manifest, self.num_shards = manifest, num_shards
+        self.spec = spec
+
+    def expand(self, pairs):
+        spec = self.spec
+        files, keys = [], []
+        if "parquet" in spec.formats:
+            files.append(pairs | "Parquet" >> WriteParquet(spec.path, "pairs", records.PAIR_SCHEMA, spec.num_shards))
+        if "tfrecord" in spec.formats:
+            files.append(pairs | "TFRecord" >> sinks.WriteTFRecords(spec.path, spec.num_shards, spec.tfrecord_gzip))
+        if "png" in spec.formats:
+            png = pairs | "PngLayout" >> sinks.WritePngLayout(spec.path)
+            files.append(png.files)
+            files.append(png.rejects | "PngRejects" >> WriteParquet(
+                spec.path, "png_rejects", records.REJECT_SCHEMA, spec.num_shards))
+            keys.append(png.rejects | "PngRejectKey" >> beam.Map(lambda r: f"png_reject:{r['reason']}"))
+            keys.append(png.black_pixel_tiles | "BlackPixelKey" >> beam.Map(lambda _: "png_black_pixel_tile"))
+        return files, keys
+
+
+class BuildPairsPipeline(beam.PTransform):
+    """The whole build from the pipeline's root: ids -> pairs (every format) and rejects -> run.json
+    and _SUCCESS."""
+
+    def __init__(self, config: PairConfig, spec: OutputSpec, run_info: dict, manifest: str | None = None):
+        super().__init__()
+        self.config, self.spec, self.run_info, self.manifest = config, spec, run_info, manifest
 
     def expand(self, pbegin):
         ids = pbegin | "ReadTileIds" >> ReadTileIds(self.config.input_root, self.manifest)
         unique = ids | "Deduplicate" >> DeduplicateAndReshuffle()
         built = unique.ids | "BuildPairs" >> BuildPairs(self.config)
         rejects = (unique.rejects, built.rejects) | "AllRejects" >> beam.Flatten()
-        pair_files = built.pairs | "WritePairs" >> WriteParquet(
-            self.output, "pairs", records.PAIR_SCHEMA, self.num_shards)
+        pair_files, format_keys = built.pairs | "WritePairs" >> WritePairs(self.spec)
         reject_files = rejects | "WriteRejects" >> WriteParquet(
-            self.output, "rejects", records.REJECT_SCHEMA, self.num_shards)
+            self.spec.path, "rejects", records.REJECT_SCHEMA, self.spec.num_shards)
         # Keys are taken before flattening so that no pair record is ever materialised for counting.
-        outcome_keys = (
+        outcome_keys = [
             built.pairs | "PairKey" >> beam.Map(outcome_key),
             rejects | "RejectKey" >> beam.Map(outcome_key),
-        ) | "AllOutcomeKeys" >> beam.Flatten()
-        files = (pair_files, reject_files) | "AllFiles" >> beam.Flatten()
-        return (outcome_keys, files) | "WriteRunSummary" >> WriteRunSummary(self.output, self.run_info)
+            *format_keys,
+        ] | "AllOutcomeKeys" >> beam.Flatten()
+        files = [*pair_files, reject_files] | "AllFiles" >> beam.Flatten()
+        return (outcome_keys, files) | "PublishRun" >> PublishRun(self.spec.path, self.run_info)

@@ -27,6 +27,8 @@ REJECT_REASONS = {
     "naip_black_border": "the NAIP RGB has more than 1 black pixel in its 2-px border",
     "no_valid_timesteps": "every Sentinel-2 timestep has a black border",
     "internal_error": "an unexpected error in the per-tile core (a bug: please report)",
+    "png_xy_collision": "png layout only: a pair on the same <x>_<y> whose tile id sorts first owns "
+                        "png/sentinel2/<x>_<y>/; this pair is left out of png/ (parquet/tfrecord keep it)",
 }
 REJECT_STAGES = ("manifest", "read", "prefilter", "select")
 
