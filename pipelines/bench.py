@@ -21,8 +21,8 @@ import subprocess
 import sys
 import time
 
-from transforms import runtime
-from transforms.pairs import PairConfig, _Reject, build_tile, load_tile
+from transforms import runtime, tiles
+from transforms.pairs import PairConfig, TileRejected, build_tile, load_tile
 from transforms.sample import generate_sample
 from transforms.selection import select_pair
 from transforms.tiles import TileId
@@ -54,7 +54,7 @@ def time_decode_and_core(ids: list[str], config: PairConfig) -> tuple[float, flo
         t0 = time.perf_counter()
         try:
             inputs = load_tile(tile, config)
-        except _Reject:
+        except TileRejected:
             continue
         t1 = time.perf_counter()
         try:
@@ -89,6 +89,26 @@ def run_pipeline(sample: str, out: str, extra: list[str]) -> tuple[float, float]
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"pipeline failed:\n{stderr[-4000:]}")
     return wall, usage.ru_maxrss / 1024.0
+
+
+def input_bytes_per_tile(sample: str, ids: list[str]) -> float:
+    """Mean bytes of the four files a tile reads (rgb, nir, tci, b08), over tiles that have them."""
+    total, n = 0, 0
+    for tile_id in ids:
+        tile = TileId.parse(tile_id)
+        paths = [tiles.hr_rgb_path(sample, tile), tiles.hr_nir_path(sample, tile),
+                 tiles.s2_band_path(sample, tile, "tci"), tiles.s2_band_path(sample, tile, "b08")]
+        if all(os.path.exists(p) for p in paths):
+            total += sum(os.path.getsize(p) for p in paths)
+            n += 1
+    return total / max(n, 1)
+
+
+def output_bytes_per_pair(out: str) -> float:
+    with open(os.path.join(out, "run.json")) as f:
+        pairs = json.load(f)["counts"]["pairs"]
+    folder = os.path.join(out, "pairs")
+    return sum(os.path.getsize(os.path.join(folder, n)) for n in os.listdir(folder)) / max(pairs, 1)
 
 
 def machine() -> dict:
@@ -139,6 +159,8 @@ def bench(tiles: int, rss_tiles: list[int], repeats: int, workdir: str, seed: in
             "pipeline_2_workers_vs_1": pipe["pipe_2"] / pipe["pipe_1"],
         },
         "peak_rss_mib": {str(n): v for n, v in rss.items()},
+        "bytes": {"input_per_tile": input_bytes_per_tile(sample, ids),
+                  "parquet_per_pair": output_bytes_per_pair(os.path.join(workdir, "out-pipe_1-0"))},
         "machine": machine(),
     }
     if len(rss_tiles) >= 2:
@@ -160,6 +182,8 @@ def report_text(r: dict) -> str:
         f"  pipeline, 2 workers         {t['pipeline_2_workers']:8.1f} tiles/s   "
         f"{q['pipeline_2_workers_vs_1']:.2f}x in-process",
     ]
+    lines.append(f"  bytes read per tile         {r['bytes']['input_per_tile'] / 1024:8.1f} KiB   "
+                 f"Parquet per pair {r['bytes']['parquet_per_pair'] / 1024:.1f} KiB")
     for n, v in r["peak_rss_mib"].items():
         lines.append(f"  peak RSS at {int(n):>6} tiles   {v:8.0f} MiB")
     for k, v in q.items():

@@ -29,7 +29,7 @@ import warnings
 import numpy as np
 
 from transforms.beam import list_naip_ids, list_tile_ids, manifest_lines_to_ids
-from transforms.pairs import PairConfig, _Reject, load_tile
+from transforms.pairs import PairConfig, TileRejected, load_tile
 from transforms.selection import NoValidTimesteps, SelectionConfig, select_pair
 from transforms.tiles import InvalidTileId, TileId
 
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             inputs = load_tile(TileId.parse(tile_id), pair_config)
             ours = select_pair(inputs.hr, inputs.series, config)
-        except (_Reject, InvalidTileId, NoValidTimesteps) as e:
+        except (TileRejected, InvalidTileId, NoValidTimesteps) as e:
             reason = getattr(e, "reason", type(e).__name__)
             skipped[reason] = skipped.get(reason, 0) + 1
             continue

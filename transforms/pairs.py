@@ -9,7 +9,7 @@ import dataclasses
 
 import numpy as np
 
-from transforms import imagery, records, storage, tiles
+from transforms import corrections, imagery, records, storage, tiles
 from transforms.imagery import ImageRejected
 from transforms.selection import NoValidTimesteps, SelectionConfig, select_pair
 from transforms.tiles import InvalidTileId, TileId
@@ -24,6 +24,7 @@ class PairConfig:
     bands: str = "rgbn"
     split: str = ""
     selection: SelectionConfig = SelectionConfig()
+    corrections: tuple[str, ...] = ()  # --corrections files, joined to the ids by BuildPairs
 
     def __post_init__(self):
         if self.bands not in BAND_SETS:
@@ -40,7 +41,9 @@ class Outcome:
     record: dict
 
 
-class _Reject(Exception):
+class TileRejected(Exception):
+    """A tile that cannot become a pair; `stage` and `reason` are those of its reject record."""
+
     def __init__(self, stage: str, reason: str, detail: str):
         super().__init__(detail)
         self.stage, self.reason, self.detail = stage, reason, detail
@@ -56,33 +59,40 @@ def _read(path: str, what: str, missing_reason: str) -> bytes:
     try:
         return storage.read_bytes(path, imagery.MAX_PNG_BYTES)
     except FileNotFoundError:
-        raise _Reject("read", missing_reason, f"{what} not found: {path}") from None
+        raise TileRejected("read", missing_reason, f"{what} not found: {path}") from None
     except ValueError as e:
-        raise _Reject("read", "image_too_large", str(e)) from None
+        raise TileRejected("read", "image_too_large", str(e)) from None
     except OSError as e:
-        raise _Reject("read", "read_error", f"{what}: {type(e).__name__}: {e}") from None
+        raise TileRejected("read", "read_error", f"{what}: {type(e).__name__}: {e}") from None
+
+
+def _has_files(folder: str) -> bool:
+    try:
+        return storage.dir_has_files(folder)
+    except OSError as e:
+        raise TileRejected("read", "read_error", f"listing {folder}: {type(e).__name__}: {e}") from None
 
 
 def _decode(fn, data: bytes, what: str, channels: int) -> np.ndarray:
     try:
         return fn(data, channels)
     except ImageRejected as e:
-        raise _Reject("read", e.reason, f"{what}: {e.detail}") from None
+        raise TileRejected("read", e.reason, f"{what}: {e.detail}") from None
 
 
 def load_tile(tile: TileId, config: PairConfig) -> TileInputs:
-    """Reads and decodes the tile's HR and Sentinel-2 series; raises _Reject with a reason."""
+    """Reads and decodes the tile's HR and Sentinel-2 series; raises TileRejected with a reason."""
     rgb = _decode(imagery.decode_hr, _read(tiles.hr_rgb_path(config.input_root, tile), "rgb.png", "missing_hr"),
                   "rgb.png", 3)
     if imagery.has_black_border(rgb):
         # Checked before anything else is read: a black-bordered HR is dropped whatever else holds.
-        raise _Reject("prefilter", "naip_black_border",
+        raise TileRejected("prefilter", "naip_black_border",
                       f"{int(imagery.black_border_count(rgb))} black pixels in the 2-px border")
     try:
         tci_data = _read(tiles.s2_band_path(config.input_root, tile, "tci"), "tci.png", "missing_band")
-    except _Reject as e:
-        if e.reason == "missing_band" and not storage.dir_has_files(tiles.s2_dir(config.input_root, tile)):
-            raise _Reject("read", "missing_s2", f"no Sentinel-2 files under {tiles.s2_dir(config.input_root, tile)}") from None
+    except TileRejected as e:
+        if e.reason == "missing_band" and not _has_files(tiles.s2_dir(config.input_root, tile)):
+            raise TileRejected("read", "missing_s2", f"no Sentinel-2 files under {tiles.s2_dir(config.input_root, tile)}") from None
         raise
     tci = _decode(imagery.decode_series, tci_data, "tci.png", 3)
     if config.bands == "rgb":
@@ -90,22 +100,36 @@ def load_tile(tile: TileId, config: PairConfig) -> TileInputs:
     b08 = _decode(imagery.decode_series,
                   _read(tiles.s2_band_path(config.input_root, tile, "b08"), "b08.png", "missing_band"), "b08.png", 1)
     if b08.shape[0] != tci.shape[0]:
-        raise _Reject("read", "bad_shape", f"tci.png has {tci.shape[0]} timesteps, b08.png {b08.shape[0]}")
+        raise TileRejected("read", "bad_shape", f"tci.png has {tci.shape[0]} timesteps, b08.png {b08.shape[0]}")
     nir = _decode(imagery.decode_hr, _read(tiles.hr_nir_path(config.nir_input, tile), "nir.png", "missing_nir"),
                   "nir.png", 1)
     return TileInputs(np.concatenate([rgb, nir], axis=-1), np.concatenate([tci, b08], axis=-1))
 
 
-def build_tile(tile_id: str, config: PairConfig) -> Outcome:
-    """The outcome of one input tile id: a pair record, or a reject record with its reason."""
+def build_tile(tile_id: str, config: PairConfig, correction: corrections.Correction | None = None) -> Outcome:
+    """The outcome of one input tile id: a pair record, or a reject record with its reason.
+
+    With a `correction` (from --corrections), the tile is removed, or built from the timestep it
+    names (selection `manual`, the automatic candidates and their scores kept)."""
     try:
         tile = TileId.parse(tile_id)
     except InvalidTileId as e:
         return Outcome("reject", records.reject_record(tile_id, "manifest", "invalid_tile_id", str(e)))
+    if correction is not None and correction.removes:
+        return Outcome("reject", records.reject_record(tile_id, "select", "removed_by_correction",
+                                                       f"removed by {correction.source or 'a correction'}"))
+    mode = config.selection.mode
     try:
         inputs = load_tile(tile, config)
+        if correction is not None:
+            lr_index = corrections.check_correction(correction, inputs.series, config.selection)
         selection = select_pair(inputs.hr, inputs.series, config.selection)
-    except _Reject as e:
+        if correction is not None:
+            selection = corrections.manual_selection(inputs.hr, inputs.series, selection, lr_index, config.selection)
+            mode = corrections.MANUAL
+    except corrections.BadCorrection as e:
+        return Outcome("reject", records.reject_record(tile_id, "select", "bad_correction", str(e)))
+    except TileRejected as e:
         return Outcome("reject", records.reject_record(tile_id, e.stage, e.reason, e.detail))
     except NoValidTimesteps as e:
         return Outcome("reject", records.reject_record(tile_id, "prefilter", "no_valid_timesteps", str(e)))
@@ -117,7 +141,7 @@ def build_tile(tile_id: str, config: PairConfig) -> Outcome:
         selection,
         n_timesteps=int(inputs.series.shape[0]),
         split=config.split,
-        mode=config.selection.mode,
+        mode=mode,
         alpha=config.selection.alpha,
     )
     return Outcome("pair", record)
