@@ -331,3 +331,24 @@ def test_build_through_faulty_proxy_gives_the_same_pairs(gcs_emulator, gcs_input
     assert proxy.counts["injected_status"] >= 2 and proxy.counts["resets"] >= 1, proxy.counts
     assert _storage_retries(result) > 0
     assert FAKE_TOKEN not in caplog.text  # credentials are never logged
+
+
+def test_build_all_formats_on_gcs(gcs_env, gcs_input, local_run):
+    """TFRecord and the PNG layout on gs:// too: staged PNGs are moved into place, none left over."""
+    (want, _), (base, manifest) = local_run, gcs_input
+    out = f"gs://{OUT_BUCKET}/formats"
+    build_pairs.run(["--input", base, "--output", out, "--manifest", manifest, "--runner", RUNNER, "--split", "s",
+                     "--format", "parquet,tfrecord,png"])
+    _assert_same_outputs(_read_gcs_outputs(gcs_env, out), want)
+    from transforms.readers import read_tfrecord_pairs
+
+    tf_rows = sorted(read_tfrecord_pairs(f"{out}/tfrecord"), key=lambda r: r["tile_id"])
+    assert [r["hr"] for r in tf_rows] == [r["hr"] for r in want[0]]
+    objects = gcs_env.list(out + "/")
+    prefix = out + "/png/"
+    pngs = [o[len(prefix):] for o in objects if o.startswith(prefix)]
+    assert len([p for p in pngs if p.startswith("naip/")]) == len(want[0])
+    assert "tracker.json" in pngs
+    assert not [o for o in objects if "/png_staging/" in o]
+    tracker = json.loads(gcs_env.read_bytes(prefix + "tracker.json"))
+    assert tracker == {r["tile_id"]: r["lr_index"] for r in want[0]}

@@ -52,6 +52,7 @@ def test_all_formats_each_in_its_own_folder(tmp_path):
     assert all(f.endswith(".parquet") for f in _files_under(out, "pairs"))
     assert all(f.endswith(".tfrecord.gz") for f in _files_under(out, "tfrecord"))
     assert all(f.endswith((".png", "tracker.json")) for f in _files_under(out, "png"))
+    assert not os.path.exists(os.path.join(out, "png_staging"))  # every staged PNG moved or dropped
     frame = pd.read_parquet(os.path.join(out, "pairs"))
     assert len(frame) == 6
     parquet_rows = {r["tile_id"]: r for r in read_parquet_pairs(os.path.join(out, "pairs"))}

@@ -18,7 +18,7 @@ from transforms import storage, tiles
 
 FORMATS = ("parquet", "tfrecord", "png")
 # Folders a run writes: each format its own, so a reader pointed at one finds one format only.
-FORMAT_FOLDERS = {"parquet": ("pairs",), "tfrecord": ("tfrecord",), "png": ("png", "png_rejects")}
+FORMAT_FOLDERS = {"parquet": ("pairs",), "tfrecord": ("tfrecord",), "png": ("png", "png_rejects", "png_staging")}
 ALWAYS_FOLDERS = ("rejects",)
 SUCCESS = "_SUCCESS"
 RUN_JSON = "run.json"

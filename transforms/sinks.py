@@ -12,7 +12,9 @@ PNG layout under `<output>/png/` (one chosen timestep per tile, so train with `n
 
 sentinel2/ is keyed by <x>_<y> alone, so of the pairs sharing an <x>_<y> (different NAIP captures)
 only the one whose tile id sorts first is written; each other one becomes a `png_xy_collision`
-reject. That reject is about the PNG layout only: the pair stays in Parquet and TFRecord.
+reject. That reject is about the PNG layout only: the pair stays in Parquet and TFRecord. PNGs are
+first written to `<output>/png_staging/<naip_id>/<x>_<y>/` and moved into place once the owner of
+their chip is known.
 """
 from __future__ import annotations
 
@@ -66,6 +68,8 @@ class WriteTFRecords(beam.PTransform):
 # ---------------------------------------------------------------------------------------------
 # PNG layout: pure functions
 
+STAGING_FOLDER = "png_staging"  # beside png/, so that nothing half-decided is ever under png/
+
 
 def tile_xy(record: dict) -> str:
     return f"{record['tile_x']}_{record['tile_y']}"
@@ -77,30 +81,35 @@ def has_black_pixel(hr: np.ndarray) -> bool:
     return bool((hr[..., :3] == 0).all(axis=-1).any())
 
 
-def png_files(record: dict, png_root: str) -> list[tuple[str, bytes]]:
-    """The (path, PNG bytes) of one pair in the layout under `png_root` (module doc)."""
+def png_files(record: dict) -> dict[str, bytes]:
+    """One pair's PNGs by name: rgb, tci, and with 4 bands nir, b08."""
     hr, lr = records.decode_pair_arrays(record)
-    naip_id, xy = record["naip_id"], tile_xy(record)
-    files = [
-        (tiles.join(png_root, "naip", naip_id, xy, "rgb.png"), encode_png(hr[..., :3])),
-        (tiles.join(png_root, "sentinel2", xy, "tci.png"), encode_png(lr[..., :3])),
-    ]
+    files = {"rgb.png": encode_png(hr[..., :3]), "tci.png": encode_png(lr[..., :3])}
     if hr.shape[-1] == 4:
-        files += [
-            (tiles.join(png_root, "nir", "naip", naip_id, xy, "nir.png"), encode_png(hr[..., 3])),
-            (tiles.join(png_root, "sentinel2", xy, "b08.png"), encode_png(lr[..., 3])),
-        ]
+        files.update({"nir.png": encode_png(hr[..., 3]), "b08.png": encode_png(lr[..., 3])})
     return files
 
 
-def xy_collision_rejects(keyed: tuple[str, Iterable[str]]) -> Iterable[dict]:
-    """(x_y, tile ids of its pairs) -> a `png_xy_collision` reject for each id but the first sorted."""
-    xy, tile_ids = keyed
+def staged_path(output: str, tile_id: str, name: str) -> str:
+    naip_id, xy = tile_id.split("/")
+    return tiles.join(output, STAGING_FOLDER, naip_id, xy, name)
+
+
+def final_path(png_root: str, tile_id: str, name: str) -> str:
+    """Where a staged PNG of `tile_id` goes in the layout (module doc)."""
+    naip_id, xy = tile_id.split("/")
+    return {
+        "rgb.png": tiles.join(png_root, "naip", naip_id, xy, "rgb.png"),
+        "nir.png": tiles.join(png_root, "nir", "naip", naip_id, xy, "nir.png"),
+        "tci.png": tiles.join(png_root, "sentinel2", xy, "tci.png"),
+        "b08.png": tiles.join(png_root, "sentinel2", xy, "b08.png"),
+    }[name]
+
+
+def chip_owner(tile_ids: Iterable[str]) -> tuple[str, list[str]]:
+    """Of the pairs on one <x>_<y>, the id that sorts first owns the chip; the others collide."""
     winner, *others = sorted(tile_ids)
-    for tile_id in others:
-        yield records.reject_record(
-            tile_id, "select", "png_xy_collision",
-            f"png/sentinel2/{xy}/ holds the pair of {winner}; this pair is left out of png/ only")
+    return winner, others
 
 
 class MergeDicts(beam.CombineFn):
@@ -134,56 +143,84 @@ def write_tracker(tracker: dict, png_root: str) -> str:
 # PNG layout: transforms
 
 
-class WritePngDoFn(beam.DoFn):
-    """Writes a pair's PNGs unless it lost an x_y collision; yields (tile_id, lr_index) for the
-    tracker, and the tile id to 'black_pixel_tiles' when its HR RGB has a pure-black pixel."""
+class StagePngsDoFn(beam.DoFn):
+    """Writes a pair's PNGs to its own staging folder (no two pairs share one, so nothing waits for
+    the collision check) and yields the small (x_y, facts) that decide where they go."""
 
-    def __init__(self, png_root: str):
-        self.png_root = png_root
+    def __init__(self, output: str):
+        self.output = output
+
+    def process(self, record: dict):
+        names = []
+        for name, data in png_files(record).items():
+            storage.write_bytes_atomic(staged_path(self.output, record["tile_id"], name), data)
+            names.append(name)
+        hr, _ = records.decode_pair_arrays(record)
+        yield tile_xy(record), (record["tile_id"], record["lr_index"], has_black_pixel(hr), names)
+
+
+class PlaceChipDoFn(beam.DoFn):
+    """Per <x>_<y>: moves the owner's staged PNGs into the layout and drops the others' (each a
+    `png_xy_collision` reject). Yields (tile_id, lr_index) for the tracker."""
+
+    def __init__(self, output: str):
+        self.output = output
+        self.png_root = tiles.join(output, "png")
         self._written = Metrics.counter(WritePngLayout.__name__, "png_pairs")
         self._black = Metrics.counter(WritePngLayout.__name__, "png_black_pixel_tiles")
 
-    def process(self, record: dict, collided: dict):
-        if record["tile_id"] in collided:
-            return
-        for path, data in png_files(record, self.png_root):
-            storage.write_bytes_atomic(path, data)
+    def process(self, keyed):
+        xy, staged = keyed
+        facts = {tile_id: (lr_index, black, names) for tile_id, lr_index, black, names in staged}
+        winner, others = chip_owner(facts)
+        lr_index, black, names = facts[winner]
+        for name in names:
+            storage.move(staged_path(self.output, winner, name), final_path(self.png_root, winner, name))
         self._written.inc()
-        hr, _ = records.decode_pair_arrays(record)
-        if has_black_pixel(hr):
+        if black:
             self._black.inc()
-            yield beam.pvalue.TaggedOutput("black_pixel_tiles", record["tile_id"])
-        yield record["tile_id"], record["lr_index"]
+            yield beam.pvalue.TaggedOutput("black_pixel_tiles", winner)
+        yield winner, lr_index
+        for tile_id in others:
+            storage.delete([staged_path(self.output, tile_id, name) for name in facts[tile_id][2]])
+            yield beam.pvalue.TaggedOutput("rejects", records.reject_record(
+                tile_id, "select", "png_xy_collision",
+                f"png/sentinel2/{xy}/ holds the pair of {winner}; this pair is left out of png/ only"))
+
+
+def finish_layout(tracker: dict, output: str) -> str:
+    """Writes tracker.json once every chip is placed, and removes the emptied staging folder."""
+    path = write_tracker(tracker, tiles.join(output, "png"))
+    storage.remove_empty_tree(tiles.join(output, STAGING_FOLDER))
+    return path
 
 
 class PngLayoutResult(NamedTuple):
-    files: beam.PCollection  # one element, the tracker.json path, once every PNG is written
+    files: beam.PCollection  # one element, the tracker.json path, once every PNG is in place
     rejects: beam.PCollection  # png_xy_collision reject records (png layout only)
     black_pixel_tiles: beam.PCollection  # ids of written pairs the training code would skip
 
 
 class WritePngLayout(beam.PTransform):
-    """Pair records -> `<output>/png/` (module doc). Only (x_y, tile_id) strings are shuffled to find
-    collisions; the losers reach the writer as a side input (few: one per extra capture of an x_y)."""
+    """Pair records -> `<output>/png/` (module doc). Pairs stream into per-tile staging folders;
+    only small (x_y, tile id, lr_index) facts are shuffled to settle chip collisions, and the owners'
+    files are then moved into place. No pair record waits for another."""
 
     def __init__(self, output: str):
         super().__init__()
-        self.png_root = tiles.join(output, "png")
+        self.output = output
 
     def expand(self, pairs) -> PngLayoutResult:
-        rejects = (
+        placed = (
             pairs
-            | "KeyByXy" >> beam.Map(lambda r: (tile_xy(r), r["tile_id"]))
+            | "StagePngs" >> beam.ParDo(StagePngsDoFn(self.output))
             | "GroupByXy" >> beam.GroupByKey()
-            | "XyCollisions" >> beam.FlatMap(xy_collision_rejects)
+            | "PlaceChips" >> beam.ParDo(PlaceChipDoFn(self.output)).with_outputs(
+                "rejects", "black_pixel_tiles", main="tracker")
         )
-        collided = rejects | "CollidedIds" >> beam.Map(lambda r: (r["tile_id"], r["reason"]))
-        written = pairs | "WritePngs" >> beam.ParDo(
-            WritePngDoFn(self.png_root), collided=beam.pvalue.AsDict(collided)
-        ).with_outputs("black_pixel_tiles", main="tracker")
         files = (
-            written.tracker
+            placed.tracker
             | "MergeTracker" >> beam.CombineGlobally(MergeDicts())
-            | "WriteTracker" >> beam.Map(write_tracker, png_root=self.png_root)
+            | "FinishLayout" >> beam.Map(finish_layout, output=self.output)
         )
-        return PngLayoutResult(files, rejects, written.black_pixel_tiles)
+        return PngLayoutResult(files, placed.rejects, placed.black_pixel_tiles)

@@ -408,3 +408,35 @@ def exists(path: str) -> bool:
 def makedirs(path: str) -> None:
     if is_local(path):
         os.makedirs(path, exist_ok=True)
+
+
+def move(src: str, dst: str) -> None:
+    """Moves a file (replacing `dst`); on object stores a server-side copy, then a delete."""
+    if is_local(src) and is_local(dst):
+        os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
+        os.replace(src, dst)
+        return
+    _with_retries(f"move {src}", lambda: FileSystems.rename([src], [dst]))
+
+
+def delete(paths: list[str]) -> None:
+    """Deletes files; missing ones are ignored."""
+    for path in paths:
+        if is_local(path):
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+        elif exists(path):
+            _with_retries(f"delete {path}", lambda p=path: FileSystems.delete([p]))
+
+
+def remove_empty_tree(path: str) -> None:
+    """Removes a local folder tree that holds no files any more (object stores have no folders)."""
+    if not is_local(path) or not os.path.isdir(path):
+        return
+    for dirpath, _, _ in sorted(os.walk(path), key=lambda entry: -len(entry[0])):
+        try:
+            os.rmdir(dirpath)
+        except OSError:
+            pass  # not empty: a file is still there, keep it visible
