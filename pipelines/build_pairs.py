@@ -29,6 +29,7 @@ def run_info(config: PairConfig, spec: OutputSpec, opts: BuildOptions, options: 
         "input": config.input_root,
         "nir_input": config.nir_input,
         "manifest": opts.manifest,
+        "corrections": list(config.corrections),
         "output": spec.path,
         "formats": list(spec.formats),
         "options": {

@@ -54,6 +54,10 @@ class BuildOptions(PipelineOptions):
         parser.add_argument("--num-shards", "--num_shards", dest="num_shards", type=int, default=0,
                             help="Output shards per table (0: the runner decides).")
         _flag(parser, "--overwrite", help="Replace a run already in --output (default: refuse).")
+        parser.add_argument("--corrections", action="append", default=None,
+                            help="Reviewer corrections, JSON {tile_id: lr_index or null} (local or gs://); "
+                                 "repeatable or comma-separated, a later file wins. An index builds that "
+                                 "timestep (selection manual), null removes the tile.")
         parser.add_argument("--sample-tiles", "--sample_tiles", dest="sample_tiles", type=int,
                             default=DEFAULT_SAMPLE_TILES,
                             help="Tiles of the embedded sample when --input is omitted.")
@@ -78,6 +82,7 @@ def pair_config(opts: BuildOptions) -> PairConfig:
         split=opts.split if opts.split is not None else default_split(opts.input),
         selection=SelectionConfig(mode=opts.selection, alpha=opts.alpha, top_k=opts.top_k,
                                   downsample=opts.downsample),
+        corrections=tuple(p.strip() for arg in (opts.corrections or ()) for p in arg.split(",") if p.strip()),
     )
 
 

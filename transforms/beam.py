@@ -12,7 +12,7 @@ from typing import Iterable
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms import publish, records, runtime, sinks, storage, tiles
+from transforms import corrections, publish, records, runtime, sinks, storage, tiles
 from transforms.pairs import PairConfig, build_tile
 from transforms.publish import OutputSpec
 
@@ -135,8 +135,10 @@ class BuildPairDoFn(beam.DoFn):
         self._tiles = self._pairs = 0
         self._started = self._last_log = time.monotonic()
 
-    def process(self, tile_id: str):
-        outcome = build_tile(tile_id, self.config)
+    def process(self, element):
+        # a tile id, or (tile id, Correction or None) when --corrections are joined in
+        tile_id, correction = element if isinstance(element, tuple) else (element, None)
+        outcome = build_tile(tile_id, self.config, correction)
         self._tiles += 1
         _counter(BuildPairs, "tiles").inc()
         if outcome.kind == "pair":
@@ -156,13 +158,16 @@ class BuildPairDoFn(beam.DoFn):
 
 
 class BuildPairs(beam.PTransform):
-    """Tile ids -> pair records (main output) and reject records ('rejects')."""
+    """Tile ids -> pair records (main output) and reject records ('rejects'). With
+    `config.corrections`, the files are read on the workers and joined to the ids first."""
 
     def __init__(self, config: PairConfig):
         super().__init__()
         self.config = config
 
     def expand(self, ids):
+        if self.config.corrections:
+            ids = ids | "JoinCorrections" >> corrections.JoinCorrections(self.config.corrections)
         return ids | "BuildPair" >> beam.ParDo(BuildPairDoFn(self.config)).with_outputs("rejects", main="pairs")
 
 

@@ -41,6 +41,7 @@ BUILDER="${BUILDER:-docker}"         # image builder: docker (local docker build
 INPUT="${INPUT:-}"                   # gs://.../s2naip/train_urban_set
 OUTPUT="${OUTPUT:-gs://${BUCKET}/pairs/$(date -u +%Y%m%d-%H%M%S)}"
 MANIFEST="${MANIFEST:-}"             # gs://.../manifests/train.txt (s2naip index); empty: workers list INPUT
+CORRECTIONS="${CORRECTIONS:-}"       # gs://.../corrections.json[,gs://...] (s2naip review exports)
 NIR_INPUT="${NIR_INPUT:-}"
 SELECTION="${SELECTION:-}"           # paper | companion
 ALPHA="${ALPHA:-}"
@@ -77,7 +78,7 @@ run() {
 # "name value" pairs of the build's options that are set.
 build_params() {
   local pairs=(
-    input "$INPUT" output "$OUTPUT" manifest "$MANIFEST" nir_input "$NIR_INPUT"
+    input "$INPUT" output "$OUTPUT" manifest "$MANIFEST" corrections "$CORRECTIONS" nir_input "$NIR_INPUT"
     selection "$SELECTION" alpha "$ALPHA" top_k "$TOP_K" bands "$BANDS" split "$SPLIT"
     num_shards "$NUM_SHARDS" downsample "$DOWNSAMPLE" format "$FORMAT" tfrecord_gzip "$TFRECORD_GZIP"
     overwrite "$OVERWRITE"
@@ -86,7 +87,7 @@ build_params() {
   for ((i = 0; i < ${#pairs[@]}; i += 2)); do
     if [ -n "${pairs[i+1]}" ]; then
       case "${pairs[i]}=${pairs[i+1]}" in
-        format=*) ;;  # the one list-valued option; passed with gcloud's ^~^ delimiter syntax
+        format=* | corrections=*) ;;  # list-valued options; passed with gcloud's ^~^ delimiter syntax
         *,*) echo "error: ${pairs[i]}=${pairs[i+1]}: commas are not allowed in template parameters" >&2; exit 2 ;;
       esac
       printf '%s\n%s\n' "${pairs[i]}" "${pairs[i+1]}"

@@ -1,0 +1,196 @@
+"""`s2naip report`: an HTML report with figures (also written as PNG files) of a build's output.
+
+    s2naip report --run OUT --output REPORT_DIR [--input S2NAIP] [--samples 6] [--seed 0]
+
+Statistics stream over the pairs' scalar columns one row group at a time (no image is read for
+them), so a report of a million-pair output runs in bounded memory; the sample grids read only the
+sampled tiles (from the output, and their original NAIP and time series from the input).
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import logging
+import sys
+import time
+
+from transforms import pairs, publish, records, report_figures, storage, tiles
+from transforms.pairs import PairConfig
+from transforms.report_figures import REVIEW_DB, SampleTile
+from transforms.review_page import read_run_json
+from transforms.tiles import TileId
+
+_LOG = logging.getLogger(__name__)
+
+FIGURES = {
+    "overview.png": "Overview",
+    "rejects_by_reason.png": "Rejects by reason",
+    "psnr_histogram.png": "PSNR of the chosen pairs",
+    "valid_timesteps.png": "Timesteps per tile",
+    "score_distribution.png": "Scores of chosen vs other candidates",
+    "sample_pairs.png": "Sample pairs (Figure 1 style)",
+    "sample_timesteps.png": "Kept timesteps (Figure 3 style)",
+}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="s2naip report", description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, help="A build's --output folder (local or gs://).")
+    parser.add_argument("--output", required=True, help="Folder to write the report into (local or gs://).")
+    parser.add_argument("--input", default=None,
+                        help="The S2-NAIP input of the build, for the original NAIP and the time series of "
+                             "the sampled tiles (default: run.json's input).")
+    parser.add_argument("--nir-input", dest="nir_input", default=None, help="NAIP NIR root (default: run.json's).")
+    parser.add_argument("--samples", type=int, default=6, help="Tiles in the Figure 1 style grid.")
+    parser.add_argument("--timestep-samples", dest="timestep_samples", type=int, default=3,
+                        help="Tiles in the Figure 3 style grid (the first of the sample).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the sample (tiles are picked by a hash of their id).")
+    args = parser.parse_args(argv)
+    if args.samples < 0 or args.timestep_samples < 0:
+        parser.error("--samples and --timestep-samples must be >= 0")
+    return args
+
+
+def load_samples(rows: list[dict], input_root: str | None, nir_root: str | None, bands: str) -> list[SampleTile]:
+    samples = []
+    config = PairConfig(input_root=input_root, nir_root=nir_root, bands=bands) if input_root else None
+    for row in rows:
+        sample = SampleTile(row)
+        if config is not None:
+            try:
+                inputs = pairs.load_tile(TileId.parse(row["tile_id"]), config)
+                sample.original_hr, sample.series = inputs.hr, inputs.series
+            except Exception as e:  # the input moved or is partial: the grid shows what the output has
+                _LOG.warning("sample %s: input unreadable (%s)", row["tile_id"], getattr(e, "detail", e))
+        samples.append(sample)
+    return samples
+
+
+def _fmt(value, digits=1, unit=""):
+    return "–" if value is None else f"{value:,.{digits}f}{unit}"
+
+
+def report_html(info: dict, counts: dict, summary: dict, sample_ids: list[str], figures: list[str]) -> str:
+    e = html.escape
+    tiles_total = counts.get("tiles", 0)
+    rejects = counts.get("rejects_by_reason", {})
+    psnr = summary["psnr"]
+    valid = summary["valid_timesteps"]
+    options = info.get("options", {})
+
+    def pct(n):
+        return f"{100 * n / tiles_total:.1f}%" if tiles_total else "–"
+
+    reason_rows = "".join(
+        f"<tr><td><code>{e(reason)}</code></td><td class=n>{n:,}</td><td class=n>{pct(n)}</td>"
+        f"<td>{e(records.REJECT_REASONS.get(reason, ''))}</td></tr>"
+        for reason, n in sorted(rejects.items(), key=lambda kv: -kv[1]))
+    selection_rows = "".join(f"<tr><td><code>{e(k)}</code></td><td class=n>{v:,}</td></tr>"
+                             for k, v in summary["selection"].items())
+    option_text = ", ".join(f"{k}={v}" for k, v in sorted(options.items()) if k in
+                            ("selection", "alpha", "top_k", "downsample", "bands", "split"))
+    figure_html = "".join(
+        f'<figure><img src="{e(name)}" alt="{e(FIGURES[name])}"><figcaption>{e(FIGURES[name])} '
+        f'(<a href="{e(name)}">{e(name)}</a>)</figcaption></figure>' for name in figures if name != "overview.png")
+    below = psnr.get(f"below_{REVIEW_DB:g}_db", 0)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>S2-NAIP build report</title>
+<style>
+body {{ font: 14px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; color: #212529;
+  max-width: 1200px; margin: 24px auto; padding: 0 20px; }}
+h1 {{ font-size: 22px; margin-bottom: 4px; }} h2 {{ font-size: 17px; margin-top: 32px; }}
+.meta {{ color: #6c757d; font-size: 13px; word-break: break-all; }}
+.cards {{ display: flex; flex-wrap: wrap; gap: 12px; margin: 18px 0; }}
+.card {{ border: 1px solid #dee2e6; border-radius: 8px; padding: 10px 16px; min-width: 140px; }}
+.card b {{ display: block; font-size: 22px; }} .card span {{ color: #6c757d; font-size: 12px; }}
+table {{ border-collapse: collapse; margin: 8px 0; }} td, th {{ padding: 4px 12px; border-bottom: 1px solid #e9ecef;
+  text-align: left; vertical-align: top; }} td.n {{ text-align: right; font-variant-numeric: tabular-nums; }}
+figure {{ margin: 18px 0; }} figure img {{ max-width: 100%; border: 1px solid #e9ecef; }}
+figcaption {{ color: #6c757d; font-size: 12px; }} code {{ font-size: 12.5px; }}
+</style></head><body>
+<h1>S2-NAIP build report</h1>
+<div class="meta">output {e(str(info.get("output", "")))} · input {e(str(info.get("input", "")))} ·
+pipeline {e(str(info.get("pipeline_version", "")))} · {e(option_text)} · built {e(str(info.get("end_time", "")))}</div>
+<div class="cards">
+<div class="card"><b>{tiles_total:,}</b><span>input tiles</span></div>
+<div class="card"><b>{counts.get("pairs", 0):,}</b><span>pairs ({pct(counts.get("pairs", 0))})</span></div>
+<div class="card"><b>{counts.get("rejects", 0):,}</b><span>rejects ({pct(counts.get("rejects", 0))})</span></div>
+<div class="card"><b>{_fmt(psnr["median"], 1, " dB")}</b><span>median selection PSNR</span></div>
+<div class="card"><b>{below:,}</b><span>chosen timesteps below {REVIEW_DB:g} dB (selection PSNR)</span></div>
+<div class="card"><b>{_fmt(valid["mean"], 1)}</b><span>valid timesteps per tile (mean)</span></div>
+</div>
+<img src="overview.png" alt="overview" style="max-width:100%">
+<h2>Rejects</h2>
+<table><tr><th>reason</th><th>tiles</th><th>share</th><th>meaning</th></tr>{reason_rows or
+    '<tr><td colspan=4>no rejects</td></tr>'}</table>
+<h2>Pairs</h2>
+<table>
+<tr><td>selection PSNR of the chosen timestep (dB, vs the downsampled original NAIP)</td><td class=n>mean {_fmt(psnr["mean"], 2)}, min {_fmt(psnr["min"], 2)},
+5% {_fmt(psnr["p05"])}, median {_fmt(psnr["median"])}, 95% {_fmt(psnr["p95"])}, max {_fmt(psnr["max"], 2)}</td></tr>
+<tr><td>valid timesteps per tile</td><td class=n>mean {_fmt(valid["mean"])}, min {valid["min"]}, max {valid["max"]}</td></tr>
+</table>
+<table><tr><th>selection</th><th>pairs</th></tr>{selection_rows}</table>
+<h2>Figures</h2>
+{figure_html}
+<h2>Sampled tiles</h2>
+<p class="meta">{e(", ".join(sample_ids)) or "none"}</p>
+</body></html>
+"""
+
+
+def run(argv: list[str]) -> dict:
+    args = parse_args(argv)
+    started = time.monotonic()
+    if publish.read_success(args.run) is None:
+        _LOG.warning("%s has no _SUCCESS: the build did not finish, or this is not a build's output", args.run)
+    info = read_run_json(args.run)
+    stats = report_figures.collect_stats(args.run, samples=max(args.samples, args.timestep_samples), seed=args.seed)
+    counts = dict(info.get("counts") or {})
+    if "rejects_by_reason" not in counts:  # no run.json: count the rejects' reason column
+        rejects = dict(report_figures.count_rejects(args.run))
+        counts = {"pairs": stats.pairs, "rejects": sum(rejects.values()), "rejects_by_reason": rejects,
+                  "tiles": stats.pairs + sum(rejects.values())}
+    summary = stats.summary()
+    refs = stats.samples()
+    rows = report_figures.read_sample_rows(refs)
+    input_root = args.input or info.get("input")
+    nir_root = args.nir_input or info.get("nir_input") or input_root
+    bands = info.get("options", {}).get("bands", "rgbn")
+    samples = load_samples([rows[r.tile_id] for r in refs], input_root, nir_root, bands)
+
+    figures = {
+        "overview.png": report_figures.overview(stats, counts.get("rejects_by_reason", {}), counts.get("tiles", 0)),
+        "rejects_by_reason.png": report_figures.rejects_by_reason(counts.get("rejects_by_reason", {}),
+                                                                  counts.get("tiles", 0)),
+        "psnr_histogram.png": report_figures.psnr_histogram(stats),
+        "valid_timesteps.png": report_figures.valid_timesteps_histogram(stats),
+        "score_distribution.png": report_figures.score_distribution(stats),
+    }
+    if args.samples:
+        figures["sample_pairs.png"] = report_figures.sample_grid(samples[: args.samples])
+    if args.timestep_samples:
+        figures["sample_timesteps.png"] = report_figures.timestep_grid(samples[: args.timestep_samples],
+                                                                       int(info.get("options", {}).get("top_k", 16)))
+    for name, data in figures.items():
+        storage.write_bytes_atomic(tiles.join(args.output, name), data)
+    stats_json = {"counts": counts, "pairs": summary, "samples": [r.tile_id for r in refs],
+                  "run": args.run, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    storage.write_bytes_atomic(tiles.join(args.output, "stats.json"), json.dumps(stats_json, indent=2).encode())
+    page = report_html(info, counts, summary, [r.tile_id for r in refs], list(figures))
+    index = tiles.join(args.output, "index.html")
+    storage.write_bytes_atomic(index, page.encode())
+    print(f"report of {stats.pairs:,} pairs ({counts.get('rejects', 0):,} rejects): {index}")
+    return {**stats_json, "index": index, "figures": sorted(figures), "seconds": round(time.monotonic() - started, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    run(sys.argv[1:] if argv is None else argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""`s2naip report`: streamed statistics equal the exact ones, the figures and the HTML page, the
+sample by tile id, and a 100k-pair output in bounded memory without reading its images."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipelines import build_pairs, report
+from tests.tile_factory import NAIP_ID, scene, series_from, write_tile
+from transforms import report_figures
+from transforms.records import PAIR_SCHEMA
+
+RUNNER = "FnApiRunner"
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def sample_build(tmp_path_factory):
+    """The embedded sample (60 tiles: every kind of reject, clouds, swath edges) built once."""
+    out = str(tmp_path_factory.mktemp("report") / "out")
+    summary = build_pairs.run(["--output", out, "--runner", RUNNER, "--sample-tiles", "60"])
+    return out, summary
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    import io
+
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.format == "PNG"
+        return im.size
+
+
+def test_streamed_stats_equal_exact_ones(sample_build):
+    out, _ = sample_build
+    stats = report_figures.collect_stats(out, samples=5, seed=1)
+    table = pq.read_table(os.path.join(out, "pairs"), columns=list(report_figures.STAT_COLUMNS)).to_pylist()
+    assert stats.pairs == len(table)
+    psnr = np.array([r["psnr"] for r in table])
+    assert stats.summary()["psnr"]["median"] == pytest.approx(np.median(psnr), abs=0.1)
+    assert stats.summary()["psnr"]["min"] == pytest.approx(psnr.min())
+    assert stats.below_review == int((psnr < 20).sum())
+    valid = np.bincount([len(r["valid_indices"]) for r in table], minlength=len(stats.valid_counts))
+    np.testing.assert_array_equal(stats.valid_counts, valid)
+    assert stats.chosen_score_counts.sum() == len(table)
+    others = [s for r in table for t, s in zip(r["candidate_indices"], r["candidate_scores"]) if t != r["lr_index"]]
+    assert stats.other_score_counts.sum() == len(others)
+    assert np.argmax(stats.other_score_counts) == np.argmax(report_figures._histogram(np.array(others),
+                                                                                      stats.score_edges))
+    # the sample is picked by tile id: the same whatever the order rows come in, another seed differs
+    ids = [r.tile_id for r in stats.samples()]
+    again = report_figures.PairStats(samples=5, seed=1)
+    full = pq.read_table(os.path.join(out, "pairs"), columns=list(report_figures.STAT_COLUMNS))
+    again.add(full.take(np.arange(full.num_rows)[::-1]))
+    assert [r.tile_id for r in again.samples()] == ids and len(set(ids)) == 5
+    assert [r.tile_id for r in report_figures.collect_stats(out, samples=5, seed=2).samples()] != ids
+
+
+def test_report_page_and_figures(sample_build, tmp_path):
+    out, summary = sample_build
+    dest = tmp_path / "report"
+    result = report.run(["--run", out, "--output", str(dest), "--samples", "4"])
+    assert result["counts"] == summary["counts"]
+    for name in report.FIGURES:
+        data = (dest / name).read_bytes()
+        width, height = _png_size(data)
+        assert width >= 500 and height >= 250, name
+    assert _png_size((dest / "sample_pairs.png").read_bytes())[0] > _png_size(
+        (dest / "sample_pairs.png").read_bytes())[1] * 0.6  # 6 image columns
+    page = (dest / "index.html").read_text()
+    for name in report.FIGURES:
+        assert f'src="{name}"' in page
+    for reason, n in summary["counts"]["rejects_by_reason"].items():
+        assert re.search(rf"<code>{reason}</code></td><td class=n>{n:,}</td>", page), reason
+    assert "http://" not in page and "https://" not in page
+    stats = json.loads((dest / "stats.json").read_text())
+    assert stats["pairs"]["pairs"] == summary["counts"]["pairs"] and len(stats["samples"]) == 4
+
+
+def test_report_of_a_bucket_written_to_a_bucket(gcs_env, sample_build, tmp_path):
+    out, summary = sample_build
+    gcs_env.bucket("reports")
+    gcs_env.upload_tree(out, "gs://reports/build")
+    result = report.run(["--run", "gs://reports/build", "--output", "gs://reports/r1", "--samples", "3"])
+    assert result["counts"] == summary["counts"] and result["index"] == "gs://reports/r1/index.html"
+    names = gcs_env.list("gs://reports/r1/")
+    for name in (*report.FIGURES, "index.html", "stats.json"):
+        assert f"gs://reports/r1/{name}" in names, names
+    local = report.run(["--run", out, "--output", str(tmp_path / "local"), "--samples", "3"])
+    assert json.loads(gcs_env.read_bytes("gs://reports/r1/stats.json"))["pairs"] == local["pairs"]
+
+
+def test_report_of_an_rgb_build_and_a_moved_input(tmp_path):
+    root = str(tmp_path / "in")
+    for i in range(3):
+        rng = np.random.default_rng(i)
+        hr = scene(rng)
+        write_tile(root, f"{NAIP_ID}/{39000 + i}_59000", hr, series_from(hr, rng, 6), nir=False, b08=False)
+    out = str(tmp_path / "out")
+    build_pairs.run(["--input", root, "--output", out, "--runner", RUNNER, "--bands", "rgb"])
+    dest = tmp_path / "report"
+    report.run(["--run", out, "--output", str(dest)])
+    three_columns = _png_size((dest / "sample_pairs.png").read_bytes())
+    os.rename(root, root + "-moved")  # the grids fall back to what the output holds
+    report.run(["--run", out, "--output", str(tmp_path / "report2")])
+    assert _png_size((tmp_path / "report2" / "sample_pairs.png").read_bytes())[0] == pytest.approx(
+        three_columns[0], rel=0.1)
+    assert (tmp_path / "report2" / "sample_timesteps.png").exists()
+
+
+def write_synthetic_output(out: str, n: int, row_group: int = 450) -> None:
+    """A pairs folder of `n` rows with full-size (zero) images, as a large build would hold."""
+    os.makedirs(os.path.join(out, "pairs"), exist_ok=True)
+    rng = np.random.default_rng(0)
+    hr, lr = bytes(128 * 128 * 4), bytes(32 * 32 * 4)
+    writer = pq.ParquetWriter(os.path.join(out, "pairs", "pairs-00000-of-00001.parquet"), PAIR_SCHEMA,
+                              compression="zstd", use_dictionary=False)
+    for start in range(0, n, 2000):
+        m = min(2000, n - start)
+        k = rng.integers(8, 40, m)
+        cols = {
+            "tile_id": [f"{NAIP_ID}/{i % 100000}_{i // 100000}" for i in range(start, start + m)],
+            "naip_id": [NAIP_ID] * m, "tile_x": [i % 100000 for i in range(start, start + m)],
+            "tile_y": [i // 100000 for i in range(start, start + m)], "zoom": [17] * m, "split": ["big"] * m,
+            "hr": [hr] * m, "lr": [lr] * m, "hr_shape": [[128, 128, 4]] * m, "lr_shape": [[32, 32, 4]] * m,
+            "lr_index": [0] * m, "n_timesteps": (k + 3).tolist(), "valid_indices": [list(range(x)) for x in k],
+            "candidate_indices": [list(range(min(16, x))) for x in k],
+            "candidate_psnr": [np.linspace(30, 20, min(16, x)).tolist() for x in k],
+            "candidate_scores": [np.linspace(0.05, 0.5, min(16, x)).tolist() for x in k],
+            "psnr": rng.normal(25, 3, m).tolist(), "score": [0.05] * m, "selection": ["paper"] * m,
+            "alpha": [0.7] * m, "pipeline_version": ["test"] * m,
+        }
+        cols.update({f.name: [None] * m for f in PAIR_SCHEMA if f.name not in cols})  # nullable extras
+        writer.write_table(pa.table(cols, schema=PAIR_SCHEMA), row_group_size=row_group)
+    writer.close()
+
+
+def test_only_the_sampled_row_groups_are_read_with_images(tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    write_synthetic_output(out, 6000, row_group=500)
+    reads = []
+    original = pq.ParquetFile.read_row_group
+
+    def spy(self, i, columns=None, **kwargs):
+        reads.append((i, tuple(columns or ())))
+        return original(self, i, columns=columns, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", spy)
+    result = report.run(["--run", out, "--output", str(tmp_path / "report"), "--samples", "3",
+                         "--timestep-samples", "0"])
+    assert result["pairs"]["pairs"] == 6000
+    with_images = [r for r in reads if "hr" in r[1] or "lr" in r[1]]
+    without = [r for r in reads if r not in with_images]
+    assert len(without) == 12  # the stats pass: every row group, no image column
+    assert 1 <= len(with_images) <= 3  # only the groups holding the 3 sampled tiles
+
+
+def test_report_of_100k_pairs_in_bounded_memory(tmp_path):
+    """A 100k-pair output holds 6.9 GB of images; the report reads none but the sample's and stays
+    far below that (peak RSS of its process, imports included)."""
+    out = str(tmp_path / "big")
+    write_synthetic_output(out, 100_000)
+    # VmHWM: the peak RSS of this process image (ru_maxrss would include the forking pytest's)
+    script = textwrap.dedent(f"""
+        import json, re, time
+        from pipelines import report
+        started = time.monotonic()
+        result = report.run(["--run", {out!r}, "--output", {str(tmp_path / "report")!r}])
+        hwm_kb = int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
+        print(json.dumps({{"pairs": result["pairs"]["pairs"], "seconds": round(time.monotonic() - started, 1),
+                          "max_rss_mb": round(hwm_kb / 1024)}}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    measured = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"report of 100k pairs: {measured}")
+    assert measured["pairs"] == 100_000
+    assert measured["max_rss_mb"] < 700, measured  # ~370 MB, of which ~200 MB are the imports
+    stats = json.loads((tmp_path / "report" / "stats.json").read_text())
+    assert stats["pairs"]["psnr"]["median"] == pytest.approx(25, abs=0.2)
+    assert stats["pairs"]["valid_timesteps"]["min"] == 8 and stats["pairs"]["valid_timesteps"]["max"] == 39

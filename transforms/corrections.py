@@ -1,0 +1,223 @@
+"""Manual corrections of the timestep choice, as a reviewer exports them from `s2naip review`.
+
+A corrections file is one JSON object `{tile_id: lr_index or null}` (the companion code's format):
+an index picks that timestep of the tile's original series (the pair is built from it, selection
+`manual`, the HR still histogram-matched to it); `null` removes the tile (reject
+`removed_by_correction`). An entry that is not an integer, is out of range or names a timestep with
+a black border makes that tile a `bad_correction` reject, never a crash.
+
+`s2naip build --corrections FILE` (repeatable; a later file wins for a tile listed twice) reads the
+files on the workers and joins them to the tile ids with a CoGroupByKey (`JoinCorrections`): memory
+stays constant whatever the number of entries (a million-entry file is ~60 MB of JSON), nothing of
+it is pickled into the job graph, and no worker holds the whole dict (an `AsDict` side input would
+be materialised in full in every worker process).
+
+The automatic selection still runs for a corrected tile, so its record keeps the candidates' PSNR
+and scores; `manual_selection` then overrides the choice.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Iterable, Iterator
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+
+from transforms import storage
+from transforms.imagery import black_border_count
+from transforms.selection import (
+    Selection,
+    SelectionConfig,
+    companion_scores,
+    downsample,
+    match_histograms,
+    paper_scores,
+    psnr,
+    select_pair,
+    to_uint8,
+)
+
+MAX_CORRECTIONS_BYTES = 1024 * 1024 * 1024  # ~17M entries; a 1M-entry file is ~60 MB
+MANUAL = "manual"  # the `selection` column of a pair built from a correction
+
+
+class BadCorrection(Exception):
+    """A correction that cannot be applied to its tile (the tile becomes a `bad_correction` reject)."""
+
+
+class CorrectionsFileError(ValueError):
+    """A corrections file that is not a JSON object `{tile_id: lr_index or null}`: fails the run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Correction:
+    value: object  # as read: an int timestep index, None (remove the tile), or anything else (bad)
+    source: str = ""  # the file it came from, for reject details
+
+    @property
+    def removes(self) -> bool:
+        return self.value is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def parse_corrections(data: bytes, source: str = "<corrections>") -> dict[str, object]:
+    """The `{tile_id: value}` object of a corrections file; raises CorrectionsFileError."""
+    try:
+        obj = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorrectionsFileError(f"{source}: not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise CorrectionsFileError(
+            f"{source}: expected a JSON object {{tile_id: lr_index or null}}, got {type(obj).__name__}")
+    return obj
+
+
+def read_corrections_bytes(path: str) -> bytes:
+    try:
+        return storage.read_bytes(path, MAX_CORRECTIONS_BYTES)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"corrections file not found: {path}") from None
+
+
+def read_corrections_file(indexed_path: tuple[int, str]) -> Iterator[tuple[str, tuple[int, object, str]]]:
+    """(position among --corrections, path) -> (tile_id, (position, value, path)) per entry.
+
+    Plain tuples, so that the shuffle encodes them without pickling."""
+    order, path = indexed_path
+    for tile_id, value in parse_corrections(read_corrections_bytes(path), path).items():
+        yield tile_id, (order, value, path)
+
+
+def latest(entries: Iterable[tuple[int, object, str]]) -> Correction | None:
+    """The entry of the last file listing the tile (None when there is none)."""
+    best = max(entries, key=lambda e: e[0], default=None)
+    return None if best is None else Correction(best[1], best[2])
+
+
+def load_corrections(paths: Iterable[str]) -> dict[str, Correction]:
+    """Every file merged in memory (a later file wins): for tools and tests, not for the build."""
+    merged: dict[str, Correction] = {}
+    for path in paths:
+        for tile_id, value in parse_corrections(read_corrections_bytes(path), path).items():
+            merged[tile_id] = Correction(value, path)
+    return merged
+
+
+# ---------------------------------------------------------------------------------------------
+# Beam: the join of tile ids and corrections
+
+
+_APPLIED = Metrics.counter("corrections", "matched")
+_UNMATCHED = Metrics.counter("corrections", "unmatched")
+
+
+def attach_correction(keyed: tuple[str, dict]) -> Iterator[tuple[str, Correction | None]]:
+    """(tile_id, {'ids': [...], 'corrections': [...]}) -> (tile_id, its Correction or None) per id.
+
+    Entries for ids that are not in the input are dropped (counter corrections/unmatched)."""
+    tile_id, groups = keyed
+    ids = list(groups["ids"])
+    correction = latest(groups["corrections"])
+    if correction is not None:
+        (_APPLIED if ids else _UNMATCHED).inc()
+    for _ in ids:
+        yield tile_id, correction
+
+
+class JoinCorrections(beam.PTransform):
+    """Tile ids -> (tile_id, Correction or None). The files are read on the workers (one task each;
+    a missing or malformed file fails the job with its path) and joined by a CoGroupByKey."""
+
+    def __init__(self, paths: Iterable[str]):
+        super().__init__()
+        self.paths = tuple(paths)
+
+    def expand(self, ids):
+        entries = (
+            ids.pipeline
+            | "CorrectionFiles" >> beam.Create(list(enumerate(self.paths)))
+            | "SpreadFiles" >> beam.Reshuffle()
+            | "ReadCorrections" >> beam.FlatMap(read_corrections_file)
+        )
+        keyed_ids = ids | "KeyIds" >> beam.Map(lambda tile_id: (tile_id, None))
+        return (
+            {"ids": keyed_ids, "corrections": entries}
+            | "JoinById" >> beam.CoGroupByKey()
+            | "AttachCorrection" >> beam.FlatMap(attach_correction)
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Per tile
+
+
+def check_correction(correction: Correction, series: np.ndarray, config: SelectionConfig = SelectionConfig()) -> int:
+    """The timestep index a (non-removing) correction names; BadCorrection when it is not an
+    integer, is out of range for `series` [T, 32, 32, C], or names a black-bordered timestep."""
+    value = correction.value
+    where = f" ({correction.source})" if correction.source else ""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadCorrection(f"correction {str(value)[:100]!r}{where} is not a timestep index (an integer or null)")
+    t = int(series.shape[0])
+    if not 0 <= value < t:
+        raise BadCorrection(f"correction lr_index {value}{where} is out of range: the series has {t} timesteps "
+                            f"(0..{t - 1})")
+    black = int(black_border_count(series[value], config.border_px))
+    if black > config.max_border_black:
+        raise BadCorrection(f"correction lr_index {value}{where} names a timestep with a black border "
+                            f"({black} black pixels in its {config.border_px}-px border)")
+    return value
+
+
+INDEPENDENT_MODES = ("paper", "companion")  # modes whose score of a timestep ignores the other timesteps
+
+
+def timestep_metrics(hr: np.ndarray, timesteps: np.ndarray, config: SelectionConfig = SelectionConfig()
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """(PSNR [N], score [N]) of valid `timesteps` [N, 32, 32, C] against `hr` [128, 128, C], as the
+    automatic selection computes them for its candidates: `paper` and `companion` with their own
+    reference HR and score; any other mode (e.g. `robust`, whose evidence is relative to the tile's
+    other timesteps) by its own `select_pair` over all N timesteps as candidates."""
+    if config.mode not in INDEPENDENT_MODES:
+        selection = select_pair(hr, timesteps, dataclasses.replace(config, top_k=len(timesteps)))
+        psnrs, scores = np.full(len(timesteps), np.nan), np.full(len(timesteps), np.nan)
+        psnrs[selection.candidate_indices] = selection.candidate_psnr
+        scores[selection.candidate_indices] = selection.candidate_scores
+        return psnrs, scores
+    hr_down = downsample(hr, timesteps.shape[1], config.downsample_method)
+    if config.mode == "companion":
+        return psnr(timesteps, hr_down.astype(np.float32)), companion_scores(hr_down, timesteps, config.alpha)
+    hr_ref = to_uint8(hr_down)
+    return psnr(timesteps, hr_ref), paper_scores(hr_ref, timesteps, config.alpha)
+
+
+def manual_selection(hr: np.ndarray, series: np.ndarray, automatic: Selection, lr_index: int,
+                     config: SelectionConfig = SelectionConfig()) -> Selection:
+    """`automatic` with its choice replaced by timestep `lr_index`: that LR, the HR histogram-matched
+    to it, and its PSNR and score (the candidate's when it is one of the top-k, else computed as the
+    automatic mode computes them). Candidates and valid indices are kept as they are."""
+    at = np.flatnonzero(automatic.candidate_indices == lr_index)
+    if at.size:
+        tile_psnr, score = automatic.candidate_psnr[at[0]], automatic.candidate_scores[at[0]]
+    elif config.mode in INDEPENDENT_MODES:
+        psnrs, scores = timestep_metrics(hr, series[lr_index][None], config)
+        tile_psnr, score = psnrs[0], scores[0]
+    else:  # scored among all the valid timesteps
+        valid = np.asarray(automatic.valid_indices)
+        psnrs, scores = timestep_metrics(hr, series[valid], config)
+        position = int(np.flatnonzero(valid == lr_index)[0])
+        tile_psnr, score = psnrs[position], scores[position]
+    lr = series[lr_index]
+    return dataclasses.replace(
+        automatic,
+        lr_index=int(lr_index),
+        psnr=float(tile_psnr),
+        score=float(score),
+        hr_matched=match_histograms(hr, lr[None])[0],
+        lr=lr,
+    )
