@@ -9,6 +9,9 @@ SUBCOMMANDS = {
     "sample": ("transforms.sample", "generate a procedural S2-NAIP-layout sample folder"),
     "index": ("pipelines.index", "list an S2-NAIP folder into a tile-id manifest"),
     "bench": ("pipelines.bench", "measure decode, core and pipeline throughput"),
+    "fetch-nir": ("pipelines.fetch_nir", "fetch NAIP NIR (band 4) per tile from a STAC API, grouped per NAIP item"),
+    "review": ("pipelines.review", "rank a build's pairs and write a page to re-pick or drop the worst"),
+    "report": ("pipelines.report", "an HTML report with figures of a build's output"),
 }
 
 

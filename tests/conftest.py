@@ -72,3 +72,40 @@ def gcs_env(gcs_emulator):
     """The environment of `gcs_emulator` applied for one test (restored after it)."""
     with gcs_emulator.environment():
         yield gcs_emulator
+
+
+# --- NAIP COGs + STAC API on loopback (tests/stac_servers.py) -----------------------------------
+
+
+@pytest.fixture(scope="session")
+def naip_servers(real_naip_dir, tmp_path_factory):
+    """The real NAIP GeoTIFFs as COGs behind nginx and their Planetary-Computer-like items in
+    stac-fastapi-pgstac (PostgreSQL + PostGIS), all on 127.0.0.1, for the session.
+
+    Yields a `tests.stac_servers.LoopbackNaip`: `.stac_url`, `.data_endpoint`, `.cogs`,
+    `.cog(naip_id)`, `.nginx.access_log()`, `.add_collection(name, base_url)`. Skips when the
+    servers' system packages (nginx, PostgreSQL + PostGIS) or Python packages are missing, except
+    with S2NAIP_REQUIRE_SERVERS=1 (CI), where that is an error.
+    """
+    from tests.stac_servers import REQUIRE_ENV, LoopbackNaip, missing_requirements, servers_required
+
+    missing = missing_requirements()
+    if missing:
+        message = "NAIP loopback servers unavailable, missing: " + "; ".join(missing)
+        if servers_required():
+            pytest.fail(f"{message} (${REQUIRE_ENV} is set)")
+        pytest.skip(message)
+    saved = {k: os.environ.get(k) for k in ("NO_PROXY", "no_proxy")}
+    for k in saved:  # an HTTP(S)_PROXY of the machine must never see this loopback traffic
+        os.environ[k] = ",".join(filter(None, [saved[k], "127.0.0.1", "localhost"]))
+    servers = LoopbackNaip(real_naip_dir, tmp_path_factory.mktemp("naip-servers"))
+    servers.start()
+    try:
+        yield servers
+    finally:
+        servers.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
