@@ -11,7 +11,7 @@ import numpy as np
 
 from transforms import corrections, imagery, records, storage, tiles
 from transforms.imagery import ImageRejected
-from transforms.selection import NoValidTimesteps, SelectionConfig, select_pair
+from transforms.selection import EXTRA_BANDS, NoValidTimesteps, SelectionConfig, select_pair
 from transforms.tiles import InvalidTileId, TileId
 
 BAND_SETS = ("rgbn", "rgb")
@@ -53,6 +53,8 @@ class TileRejected(Exception):
 class TileInputs:
     hr: np.ndarray  # [128, 128, C]
     series: np.ndarray  # [T, 32, 32, C]
+    extra: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # robust mode: [T, 32, 32] each
+    extra_note: str = ""  # extra bands present but unusable (ignored), for the evidence_note column
 
 
 def _read(path: str, what: str, missing_reason: str) -> bytes:
@@ -96,14 +98,40 @@ def load_tile(tile: TileId, config: PairConfig) -> TileInputs:
         raise
     tci = _decode(imagery.decode_series, tci_data, "tci.png", 3)
     if config.bands == "rgb":
-        return TileInputs(rgb, tci)
+        return _with_extra_bands(TileInputs(rgb, tci), tile, config)
     b08 = _decode(imagery.decode_series,
                   _read(tiles.s2_band_path(config.input_root, tile, "b08"), "b08.png", "missing_band"), "b08.png", 1)
     if b08.shape[0] != tci.shape[0]:
         raise TileRejected("read", "bad_shape", f"tci.png has {tci.shape[0]} timesteps, b08.png {b08.shape[0]}")
     nir = _decode(imagery.decode_hr, _read(tiles.hr_nir_path(config.nir_input, tile), "nir.png", "missing_nir"),
                   "nir.png", 1)
-    return TileInputs(np.concatenate([rgb, nir], axis=-1), np.concatenate([tci, b08], axis=-1))
+    return _with_extra_bands(TileInputs(np.concatenate([rgb, nir], axis=-1), np.concatenate([tci, b08], axis=-1)),
+                             tile, config)
+
+
+def _with_extra_bands(inputs: TileInputs, tile: TileId, config: PairConfig) -> TileInputs:
+    """The robust mode's optional Sentinel-2 bands (EXTRA_BANDS: b01, b10, b11, b12), those the
+    tile has: each is read directly (a missing file is one failed read, cheaper than listing the
+    folder on an object store). A missing band is simply absent; one that cannot be used (read
+    error, corrupt PNG, other width or timestep count) is left out too and named in `extra_note`:
+    the pair never depends on them, the evidence just has less to go on. Other modes read none."""
+    if config.selection.mode != "robust":
+        return inputs
+    notes = []
+    for band in EXTRA_BANDS:
+        try:
+            data = _read(tiles.s2_band_path(config.input_root, tile, band), f"{band}.png", "missing_band")
+            series = _decode(imagery.decode_series, data, f"{band}.png", 1)[..., 0]
+        except TileRejected as e:
+            if e.reason != "missing_band":
+                notes.append(f"{band}: {e.reason}: {e.detail}"[:300])
+            continue
+        if series.shape != inputs.series.shape[:3]:
+            notes.append(f"{band}: bad_shape: {series.shape[0]} timesteps, tci.png {inputs.series.shape[0]}")
+            continue
+        inputs.extra[band] = series
+    inputs.extra_note = "; ".join(notes)
+    return inputs
 
 
 def build_tile(tile_id: str, config: PairConfig, correction: corrections.Correction | None = None) -> Outcome:
@@ -123,7 +151,7 @@ def build_tile(tile_id: str, config: PairConfig, correction: corrections.Correct
         inputs = load_tile(tile, config)
         if correction is not None:
             lr_index = corrections.check_correction(correction, inputs.series, config.selection)
-        selection = select_pair(inputs.hr, inputs.series, config.selection)
+        selection = select_pair(inputs.hr, inputs.series, config.selection, inputs.extra)
         if correction is not None:
             selection = corrections.manual_selection(inputs.hr, inputs.series, selection, lr_index, config.selection)
             mode = corrections.MANUAL
@@ -143,5 +171,6 @@ def build_tile(tile_id: str, config: PairConfig, correction: corrections.Correct
         split=config.split,
         mode=mode,
         alpha=config.selection.alpha,
+        evidence_note=inputs.extra_note or None,
     )
     return Outcome("pair", record)

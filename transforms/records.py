@@ -27,10 +27,42 @@ REJECT_REASONS = {
     "naip_black_border": "the NAIP RGB has more than 1 black pixel in its 2-px border",
     "no_valid_timesteps": "every Sentinel-2 timestep has a black border",
     "internal_error": "an unexpected error in the per-tile core (a bug: please report)",
+    "removed_by_correction": "a --corrections file maps the tile to null: removed by a reviewer",
+    "bad_correction": "a --corrections entry is not a timestep index, is out of range, or names a "
+                      "black-bordered timestep",
     "png_xy_collision": "png layout only: a pair on the same <x>_<y> whose tile id sorts first owns "
                         "png/sentinel2/<x>_<y>/; this pair is left out of png/ (parquet/tfrecord keep it)",
 }
 REJECT_STAGES = ("manifest", "read", "prefilter", "select")
+
+# Evidence columns: per candidate (aligned with candidate_indices) and of the chosen timestep, each
+# the name of an `evidence.Evidence` field or property.
+EVIDENCE_LISTS = {
+    "candidate_distance": "distance",
+    "candidate_haze": "haze",
+    "candidate_dark_channel": "dark_channel",
+    "candidate_cloud": "cloud",
+    "candidate_shadow": "shadow",
+    "candidate_snow": "snow",
+    "candidate_cirrus": "cirrus",
+    "candidate_aerosol": "aerosol",
+    "candidate_shift_px": "shift_px",
+    "candidate_shift_peak": "shift_peak",
+    "candidate_misregistration_px": "misregistration_px",
+}
+EVIDENCE_SCALARS = {
+    "lr_haze": "haze",
+    "lr_dark_channel": "dark_channel",
+    "lr_cloud": "cloud",
+    "lr_shadow": "shadow",
+    "lr_snow": "snow",
+    "lr_cirrus": "cirrus",
+    "lr_aerosol": "aerosol",
+    "lr_shift_px": "shift_px",
+    "lr_shift_peak": "shift_peak",
+    "lr_misregistration_px": "misregistration_px",
+}
+EVIDENCE_COLUMNS = (*EVIDENCE_LISTS, *EVIDENCE_SCALARS, "evidence_bands", "evidence_note")
 
 PAIR_SCHEMA = pa.schema(
     [
@@ -56,6 +88,10 @@ PAIR_SCHEMA = pa.schema(
         ("alpha", pa.float32()),
         ("pipeline_version", pa.string()),
     ]
+    # Evidence of the robust selection, null in the other modes (README, "Evidence columns").
+    + [(name, pa.list_(pa.float32())) for name in EVIDENCE_LISTS]
+    + [(name, pa.float32()) for name in EVIDENCE_SCALARS]
+    + [("evidence_bands", pa.list_(pa.string())), ("evidence_note", pa.string())]
 )
 
 REJECT_SCHEMA = pa.schema(
@@ -76,6 +112,7 @@ def pair_record(
     split: str,
     mode: str,
     alpha: float,
+    evidence_note: str | None = None,
 ) -> dict:
     hr = np.ascontiguousarray(selection.hr_matched, dtype=np.uint8)
     lr = np.ascontiguousarray(selection.lr, dtype=np.uint8)
@@ -101,7 +138,29 @@ def pair_record(
         "selection": mode,
         "alpha": alpha,
         "pipeline_version": PIPELINE_VERSION,
+        **evidence_columns(selection, evidence_note),
     }
+
+
+def evidence_columns(selection: Selection, note: str | None = None) -> dict:
+    """The evidence columns of a pair: the robust mode's per-candidate lists and the chosen
+    timestep's values (looked up by lr_index among the candidates, so null if it is not one, e.g.
+    after a manual correction); all null without evidence. `note` (e.g. an unusable extra band)
+    goes to evidence_note."""
+    out = dict.fromkeys(EVIDENCE_COLUMNS)
+    out["evidence_note"] = note or None
+    ev = selection.evidence
+    if ev is None:
+        return out
+    at = np.flatnonzero(np.asarray(selection.candidate_indices) == selection.lr_index)
+    for column, name in EVIDENCE_LISTS.items():
+        values = getattr(ev, name)
+        out[column] = None if values is None else np.asarray(values, dtype=np.float32).tolist()
+    for column, name in EVIDENCE_SCALARS.items():
+        values = getattr(ev, name)
+        out[column] = None if values is None or not at.size else float(np.float32(values[at[0]]))
+    out["evidence_bands"] = list(ev.bands)
+    return out
 
 
 def reject_record(tile_id: str, stage: str, reason: str, detail: str = "") -> dict:

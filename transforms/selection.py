@@ -13,6 +13,12 @@ For one tile: an HR NAIP image `hr` [128, 128, C] and its Sentinel-2 series `ser
                   better in both modes; torchmetrics SSIM (reflect padding, full map, clamped
                   variances), float HR_down from PyTorch's non-antialiased bicubic, HM_j stored into
                   uint8 by truncation;
+   - `robust`:    the paper's two comparisons, raw and after histogram matching, with a gap-free
+                  similarity (contrast-weighted local correlation, blind to each timestep's gain and
+                  offset) instead of SSIM, plus a penalty from per-timestep evidence of haze, thin
+                  cloud and cirrus, cumulus, shadow, snow and misregistration (`transforms.evidence`;
+                  the extra bands B01, B10, B11/B12 sharpen it when the tile has them); its top-k
+                  are ranked by gap-free correlation instead of PSNR (`robust_scores`);
    `HM_j` is histogram matching to timestep j (scikit-image `match_histograms` semantics);
 4. histogram-match the full HR to the chosen timestep and return the pair.
 
@@ -27,11 +33,14 @@ import math
 
 import numpy as np
 
+from transforms import evidence as E
 from transforms.imagery import has_black_border
 
-SELECTION_MODES = ("paper", "companion")
+SELECTION_MODES = ("paper", "companion", "robust")
 DOWNSAMPLE_METHODS = ("bicubic_aa", "bicubic_torch")
-DEFAULT_DOWNSAMPLE = {"paper": "bicubic_aa", "companion": "bicubic_torch", "manual": "bicubic_aa"}
+DEFAULT_DOWNSAMPLE = {"paper": "bicubic_aa", "companion": "bicubic_torch", "robust": "bicubic_aa",
+                      "manual": "bicubic_aa"}
+EXTRA_BANDS = E.EXTRA_BANDS  # optional Sentinel-2 bands the robust mode uses when a tile has them
 DATA_RANGE = 255.0
 SSIM_SIGMA = 1.5
 SSIM_TRUNCATE = 3.5  # scikit-image's window: radius int(3.5 * sigma + 0.5) = 5, i.e. 11x11
@@ -70,13 +79,14 @@ class SelectionConfig:
 class Selection:
     lr_index: int  # original index in the time series
     valid_indices: np.ndarray  # int32, timesteps without a black border
-    candidate_indices: np.ndarray  # int32, top-k by PSNR, best first
+    candidate_indices: np.ndarray  # int32, top-k by PSNR (robust: by gap_free_correlation), best first
     candidate_psnr: np.ndarray  # float32, aligned with candidate_indices
     candidate_scores: np.ndarray  # float32, lower is better
     psnr: float
     score: float
     hr_matched: np.ndarray  # uint8 [H, W, C], the HR histogram-matched to the chosen timestep
     lr: np.ndarray  # uint8 [32, 32, C], the chosen timestep
+    evidence: E.Evidence | None = None  # robust mode: per-candidate evidence; None otherwise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,6 +197,20 @@ def _smooth(maps: np.ndarray, padding: str) -> np.ndarray:
     """The separable Gaussian filter over the last two axes of [..., H, W] float64 maps."""
     fy = _filter_matrix(maps.shape[-2], padding)
     fx = _filter_matrix(maps.shape[-1], padding)
+    return np.matmul(fy, maps @ fx.T)
+
+
+@functools.lru_cache(maxsize=16)
+def _filter_matrix_f32(size: int, padding: str) -> np.ndarray:
+    m = _filter_matrix(size, padding).astype(np.float32)
+    m.flags.writeable = False
+    return m
+
+
+def _smooth_f32(maps: np.ndarray) -> np.ndarray:
+    """`_smooth(maps, "valid")` in float32 (the robust mode's moments; the paper's stay float64)."""
+    fy = _filter_matrix_f32(maps.shape[-2], "valid")
+    fx = _filter_matrix_f32(maps.shape[-1], "valid")
     return np.matmul(fy, maps @ fx.T)
 
 
@@ -356,23 +380,165 @@ def companion_scores(hr_down: np.ndarray, candidates: np.ndarray, alpha: float) 
     return 1.0 - (alpha * s_raw + (1.0 - alpha) * s_matched)
 
 
-def select_pair(hr: np.ndarray, series: np.ndarray, config: SelectionConfig = SelectionConfig()) -> Selection:
-    """Chooses the timestep of `series` [T, 32, 32, C] closest to `hr` [H, W, C]; see module doc."""
+@dataclasses.dataclass(frozen=True)
+class RobustWeights:
+    """Weights and tolerances of the robust score's evidence terms (tuned on development tiles; see
+    README, "Selection modes"). Fractions and indices are in [0, 1] unless said otherwise."""
+
+    haze: float = 2.0  # per unit of contrast loss against a twin beyond `haze_tolerance`
+    haze_tolerance: float = 0.03  # revisits of clear ground differ by a few % in gain
+    aerosol: float = 0.0  # per unit of B01-above-blue reflectance above the tile's lowest
+    cirrus: float = 0.5  # per unit of mean cirrus probability above the tile's lowest
+    cloud: float = 2.0  # per unit of cloud fraction (or global brightening beyond `exposure_tolerance`)
+    shadow: float = 2.0  # per unit of shadow fraction (or global darkening beyond `exposure_tolerance`)
+    exposure_tolerance: float = 0.35  # global darkening / brightening against the other candidates
+    snow: float = 2.0  # per unit of snow fraction
+    shift: float = 0.5  # per pixel of misregistration beyond `shift_tolerance`
+    shift_tolerance: float = 0.5
+    hr_shift_peak: float = 0.3  # the HR phase-correlation shift counts when its peak reaches this
+
+
+ROBUST_WEIGHTS = RobustWeights()
+
+
+def _local_correlation(vx: np.ndarray, vy: np.ndarray, vxy: np.ndarray) -> np.ndarray:
+    """Contrast-weighted mean of the local correlation: sum(cov) / sum(sd_x * sd_y) over the windows
+    of each band, averaged over bands; invariant to a gain and an offset of either image. [K]"""
+    den = np.sqrt((np.maximum(vx, 0.0) + 1.0) * (np.maximum(vy, 0.0) + 1.0)).sum(axis=(-2, -1), dtype=np.float64)
+    return (vxy.sum(axis=(-2, -1), dtype=np.float64) / den).mean(axis=-1)
+
+
+def robust_scores(hr_down_u8: np.ndarray, hr_down: np.ndarray, candidates: np.ndarray, alpha: float,
+                  extra: dict[str, np.ndarray] | None = None,
+                  weights: RobustWeights = ROBUST_WEIGHTS) -> tuple[np.ndarray, E.Evidence]:
+    """The robust score of each candidate [K, h, w, C] (lower is better) and its evidence.
+
+    distance = a * (1 - LC(HR, LR_j)) + (1 - a) * (1 - LC(HM_j(HR), LR_j)), LC the contrast-weighted
+    local correlation over the SSIM windows: the paper's two comparisons, raw and after histogram
+    matching, but without SSIM's luminance and contrast terms, whose stabilising constants reward
+    hazy, low-contrast timesteps. score = distance + `robust_penalty` of the evidence: loss of
+    detail against structural twins (haze, thin cloud), cloud / shadow / snow fractions against
+    the HR histogram-matched to the timestep (or global over/underexposure against the other
+    candidates), B10 cirrus, and misregistration against a twin or the HR (`transforms.evidence`).
+    `extra` holds the candidates' extra bands ([K, h, w] each, names from EXTRA_BANDS), if any."""
+    extra = extra or {}
+    w = weights
+    k, h, wd, c = candidates.shape
+    matched_u8 = _match_uint8(hr_down_u8, candidates).reshape(k, c, h, wd)
+    matched = matched_u8.astype(np.float32)
+    frames = np.ascontiguousarray(np.moveaxis(candidates, -1, 1))  # uint8 [K, C, h, w]
+    y = frames.astype(np.float32)
+    r = np.moveaxis(hr_down_u8, -1, 0).astype(np.float32)
+    ur, urr = _smooth_f32(np.stack([r, r * r]))
+    uy, uyy, ury, um, umm, umy = _smooth_f32(np.stack([y, y * y, r * y, matched, matched * matched, matched * y]))
+    vy = uyy - uy * uy
+    lc_raw = _local_correlation(urr - ur * ur, vy, ury - ur * uy)
+    lc_matched = _local_correlation(umm - um * um, vy, umy - um * uy)
+    distance = alpha * (1.0 - lc_raw) + (1.0 - alpha) * (1.0 - lc_matched)
+
+    swir = extra.get("b11", extra.get("b12"))
+    cloud, shadow = E.cloud_shadow_fractions(frames, matched_u8, swir)
+    # a timestep mostly under cloud (or shadow) fools the histogram-matched reference: its global
+    # brightness against the other candidates' tells instead
+    cloud = np.maximum(cloud, (E.brightening(frames) - w.exposure_tolerance) / (1.0 - w.exposure_tolerance))
+    shadow = np.maximum(shadow, (E.darkening(frames) - w.exposure_tolerance) / (1.0 - w.exposure_tolerance))
+    reg = E.registration(frames, np.moveaxis(hr_down, -1, 0), smoothed=uy)
+    confident = reg.hr_peak >= w.hr_shift_peak
+    hr_px = np.hypot(reg.hr_shift[:, 0], reg.hr_shift[:, 1])
+    evidence = E.Evidence(
+        bands=tuple(b for b in EXTRA_BANDS if b in extra),
+        distance=distance,
+        penalty=np.zeros(k),
+        haze=E.contrast_loss(frames, distance=distance),
+        dark_channel=E.haze_index(frames),
+        cloud=cloud,
+        shadow=shadow,
+        misregistration_px=np.where(confident, np.maximum(reg.misregistration, hr_px), reg.misregistration),
+        hr_shift=reg.hr_shift,
+        shift_peak=reg.hr_peak,
+        aerosol=E.aerosol_index(extra["b01"], frames) if "b01" in extra else None,
+        cirrus=E.cirrus_index(extra["b10"]) if "b10" in extra else None,
+        snow=E.snow_fraction(frames, swir) if swir is not None else None,
+    )
+    evidence.penalty = robust_penalty(evidence, w)
+    return distance + evidence.penalty, evidence
+
+
+def robust_penalty(evidence: E.Evidence, weights: RobustWeights = ROBUST_WEIGHTS) -> np.ndarray:
+    """The evidence term of the robust score, [K] >= 0 (see RobustWeights). Cirrus and aerosol count
+    above the tile's lowest candidate: their clear-sky floor varies with the atmosphere's water
+    vapour and aerosol load, the same for every timestep of a date."""
+    w = weights
+    e = evidence
+    penalty = (w.haze * np.maximum(e.haze - w.haze_tolerance, 0.0) + w.cloud * e.cloud + w.shadow * e.shadow
+               + w.shift * np.maximum(e.misregistration_px - w.shift_tolerance, 0.0))
+    if e.aerosol is not None and w.aerosol:
+        penalty = penalty + w.aerosol * (e.aerosol - e.aerosol.min())
+    if e.cirrus is not None:
+        penalty = penalty + w.cirrus * (e.cirrus - e.cirrus.min())
+    if e.snow is not None:
+        penalty = penalty + w.snow * e.snow
+    return penalty
+
+
+def gap_free_correlation(images: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Pearson correlation of each of `images` [N, H, W, C] with `reference` [H, W, C] over pixels,
+    per band, averaged over bands: [N]. Unlike PSNR it ignores each image's gain and offset, so a
+    hazy (brighter, flatter) timestep gains nothing over its clear twin: the robust mode ranks its
+    top-k with it."""
+    n, c = images.shape[0], images.shape[-1]
+    x = images.reshape(n, -1, c).astype(np.float32)
+    x -= x.mean(axis=1, keepdims=True)
+    r = np.asarray(reference, dtype=np.float32).reshape(-1, c)
+    r = r - r.mean(axis=0)
+    num = np.einsum("npc,pc->nc", x, r)
+    den = np.sqrt(np.einsum("npc,npc->nc", x, x) * (r * r).sum(axis=0)) + 1e-6
+    return (num / den).mean(axis=1, dtype=np.float64)
+
+
+def _check_extra(extra: dict[str, np.ndarray] | None, series: np.ndarray) -> dict[str, np.ndarray]:
+    if not extra:
+        return {}
+    out = {}
+    for name, band in extra.items():
+        if name not in EXTRA_BANDS:
+            raise ValueError(f"unknown extra band {name!r}; expected some of {EXTRA_BANDS}")
+        if band.dtype != np.uint8 or band.shape != series.shape[:3]:
+            raise ValueError(f"extra band {name}: expected uint8 {series.shape[:3]}, got {band.dtype} {band.shape}")
+        out[name] = band
+    return out
+
+
+def select_pair(hr: np.ndarray, series: np.ndarray, config: SelectionConfig = SelectionConfig(),
+                extra: dict[str, np.ndarray] | None = None) -> Selection:
+    """Chooses the timestep of `series` [T, 32, 32, C] closest to `hr` [H, W, C]; see module doc.
+
+    `extra` optionally maps names of EXTRA_BANDS to that band's series [T, 32, 32] (uint8 as S2-NAIP
+    stores it); only the robust mode uses them, and it works without them."""
     if hr.dtype != np.uint8 or series.dtype != np.uint8:
         raise TypeError("hr and series must be uint8")
     if hr.shape[-1] != series.shape[-1]:
         raise ValueError(f"band mismatch: hr has {hr.shape[-1]}, series has {series.shape[-1]}")
+    extra = _check_extra(extra, series) if config.mode == "robust" else {}
     valid = np.flatnonzero(~has_black_border(series, config.max_border_black, config.border_px))
     if valid.size == 0:
         raise NoValidTimesteps(f"all {series.shape[0]} timesteps have a black border")
     size = series.shape[1]
     hr_down = downsample(hr, size, config.downsample_method)
     valid_series = series[valid]
+    evidence = None
     if config.mode == "paper":
         hr_ref = to_uint8(hr_down)
         all_psnr = psnr(valid_series, hr_ref)
         top = top_k_by_psnr(all_psnr, config.top_k)
         scores = paper_scores(hr_ref, valid_series[top], config.alpha)
+    elif config.mode == "robust":
+        hr_ref = to_uint8(hr_down)
+        all_psnr = psnr(valid_series, hr_ref)
+        top = top_k_by_psnr(gap_free_correlation(valid_series, hr_down), config.top_k)
+        chosen = valid[top]
+        scores, evidence = robust_scores(hr_ref, hr_down, valid_series[top], config.alpha,
+                                         {name: band[chosen] for name, band in extra.items()})
     else:
         hr_ref = hr_down.astype(np.float32)
         all_psnr = psnr(valid_series, hr_ref)
@@ -392,4 +558,5 @@ def select_pair(hr: np.ndarray, series: np.ndarray, config: SelectionConfig = Se
         score=float(scores[best]),
         hr_matched=hr_matched,
         lr=lr,
+        evidence=evidence,
     )

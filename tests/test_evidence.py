@@ -1,0 +1,232 @@
+"""Each evidence measure of the robust selection (transforms/evidence.py) on constructed frames."""
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from tests.tile_factory import area_down, scene
+from transforms import evidence as E
+
+TCI_PER_REFLECTANCE = 1.0 / E.TCI_REFLECTANCE
+BAND_PER_REFLECTANCE = 1.0 / E.BAND_REFLECTANCE
+
+
+def _chw(image: np.ndarray) -> np.ndarray:
+    return np.moveaxis(image, -1, 0)
+
+
+def _lr(seed: int, gain: float = 1.0, offset: float = 0.0, noise: float = 1.0) -> np.ndarray:
+    """A 32x32x4 Sentinel-2-like frame (float DN) of a textured scene: [C, H, W]."""
+    rng = np.random.default_rng(seed)
+    base = area_down(scene(rng).astype(np.float64))
+    return _chw(np.clip(base * gain + offset + rng.normal(0.0, noise, base.shape), 1, 255))
+
+
+def _haze(frame: np.ndarray, t: float, airlight=(150.0, 165.0, 190.0, 120.0)) -> np.ndarray:
+    """Koschmieder's model I = J t + A (1 - t), per band."""
+    return frame * t + np.asarray(airlight)[: frame.shape[0], None, None] * (1.0 - t)
+
+
+# ---------------------------------------------------------------------------------------------
+# Haze
+
+
+def test_dark_channel_is_the_minimum_over_rgb_and_a_3x3_window():
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (3, 4, 9, 11)).astype(np.uint8)
+    expected = ndimage.minimum_filter(frames[:, :3].min(axis=1), size=(1, 3, 3))[:, 1:-1, 1:-1]
+    got = E.dark_channel(frames)
+    assert got.dtype == np.uint8 and got.shape == (3, 7, 9)
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("t", [0.9, 0.75, 0.5])
+def test_a_hazed_frame_scores_hazier_than_its_source(t):
+    clear = _lr(1)[None]
+    hazy = _haze(clear, t)
+    assert E.haze_index(hazy)[0] > E.haze_index(clear)[0] + 0.01 * (1 - t)
+    # more haze, more index
+    assert E.haze_index(_haze(clear, t - 0.2))[0] > E.haze_index(hazy)[0]
+
+
+def test_contrast_loss_of_a_hazed_twin_is_about_one_minus_the_transmission():
+    clear = _lr(2)
+    rng = np.random.default_rng(3)
+    hazy = _haze(clear, 0.8) + rng.normal(0.0, 1.0, clear.shape)
+    other = _lr(4, gain=0.6)  # other ground, with less contrast: not a twin
+    loss = E.contrast_loss(np.stack([clear, hazy, other]))
+    assert loss[0] == 0.0 and loss[2] == 0.0
+    assert loss[1] == pytest.approx(-np.log(0.8), abs=0.03)
+
+
+def test_contrast_loss_needs_a_twin_at_least_as_close_to_the_hr():
+    clear = _lr(5)
+    hazy = _haze(clear, 0.8)
+    frames = np.stack([clear, hazy])
+    assert E.contrast_loss(frames, distance=np.array([0.10, 0.12]))[1] > 0.15
+    # a "twin" much farther from the HR than the hazy frame is other ground that merely looks alike
+    assert E.contrast_loss(frames, distance=np.array([0.40, 0.12]))[1] == 0.0
+
+
+def test_contrast_loss_is_zero_between_different_grounds():
+    frames = np.stack([_lr(6, gain=1.2), _lr(7, gain=0.5), _lr(8)])
+    np.testing.assert_array_equal(E.contrast_loss(frames), 0.0)
+
+
+def test_aerosol_index_rises_with_aerosol_path_radiance():
+    clear = _lr(9)[None]
+    blue_r = clear[:, E.B] / TCI_PER_REFLECTANCE
+    b01 = (0.9 * blue_r + 0.035) * BAND_PER_REFLECTANCE  # B01 of clear air follows blue
+    path_b, path_b01 = 0.02, 0.03  # haze adds more path radiance at 443 nm than at 490 nm
+    hazy = clear.copy()
+    hazy[:, E.B] += path_b * TCI_PER_REFLECTANCE
+    b01_hazy = b01 + path_b01 * BAND_PER_REFLECTANCE
+    assert E.aerosol_index(b01_hazy, hazy)[0] == pytest.approx(E.aerosol_index(b01, clear)[0] + 0.01, abs=1e-9)
+
+
+def test_cirrus_index_is_b10_reflectance_over_its_full_scale_clipped():
+    b10 = np.zeros((3, 32, 32), np.uint8)
+    b10[1] = 5  # reflectance 0.016: thin cirrus
+    b10[2, :16] = 200  # far above 0.04: probability 1 over half the tile
+    got = E.cirrus_index(b10)
+    assert got[0] == 0.0
+    assert got[1] == pytest.approx(5 * E.BAND_REFLECTANCE / 0.04, rel=1e-6)
+    assert got[2] == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Snow, clouds, shadows
+
+
+def _pixels(values_tci_nir, swir):
+    """One-row frames [1, 4, 1, N] from (R, G, B, NIR) tuples, and a SWIR row [1, 1, N]."""
+    frames = np.asarray(values_tci_nir, dtype=np.float64).T[None, :, None, :]
+    return frames, np.asarray(swir, dtype=np.float64)[None, None, :]
+
+
+def test_snow_is_bright_in_green_and_dark_in_swir():
+    frames, swir = _pixels(
+        [(250, 252, 255, 200),  # snow: saturated TCI, NIR ~0.64, SWIR ~0.05
+         (250, 252, 255, 200),  # cloud: the same visible look, bright in SWIR
+         (60, 75, 50, 150),  # vegetation
+         (30, 40, 45, 5)],  # water: low SWIR, but dark
+        [15, 160, 90, 2],
+    )
+    np.testing.assert_array_equal(E.snow_mask(frames, swir)[0, 0], [True, False, False, False])
+    assert E.ndsi(frames, swir)[0, 0, 0] > 0.4 > E.ndsi(frames, swir)[0, 0, 1]
+    assert E.snow_fraction(frames, swir)[0] == pytest.approx(0.25)
+
+
+def _cloud_shadow_case():
+    reference = 30.0 + 0.6 * _lr(10)  # a clean prediction, all bands <= ~180
+    frame = reference.copy()
+    frame[:, 3:9, 4:9] = 250.0  # 30 px of bright white cloud, NIR included
+    frame[:, 20:28, 20:24] *= 0.45  # 32 px of shadow, every band
+    return frame[None], reference[None]
+
+
+def test_cloud_and_shadow_fractions_against_a_clean_reference():
+    frame, reference = _cloud_shadow_case()
+    cloud, shadow = E.cloud_shadow_fractions(frame, reference)
+    assert cloud[0] == pytest.approx(30 / 1024)
+    assert shadow[0] == pytest.approx(32 / 1024)
+    clean_cloud, clean_shadow = E.cloud_shadow_fractions(reference, reference)
+    assert clean_cloud[0] == 0.0 and clean_shadow[0] == 0.0
+
+
+def test_bright_snow_is_not_counted_as_cloud_when_swir_says_snow():
+    frame, reference = _cloud_shadow_case()
+    swir = np.full((1, 32, 32), 80.0)
+    swir[:, 3:9, 4:9] = 15.0  # dark in SWIR: snow
+    cloud, _ = E.cloud_shadow_fractions(frame, reference, swir)
+    assert cloud[0] == 0.0
+    cloud, _ = E.cloud_shadow_fractions(frame, reference, np.full((1, 32, 32), 160.0))  # bright: cloud
+    assert cloud[0] == pytest.approx(30 / 1024)
+
+
+def test_a_coloured_bright_change_is_not_cloud():
+    reference = np.full((1, 4, 32, 32), 80.0)
+    frame = reference.copy()
+    frame[:, 0, :8] = 200.0  # only red rises (e.g. a harvested field): not whitish
+    frame[:, 1, :8] = 125.0
+    frame[:, 2, :8] = 90.0
+    assert E.cloud_shadow_fractions(frame, reference)[0][0] == 0.0
+
+
+def test_darkening_measures_global_underexposure():
+    base = _lr(11)
+    frames = np.stack([base, base * 1.05, base * 0.2])
+    got = E.darkening(frames)
+    assert got[0] == 0.0 and got[1] == 0.0
+    assert got[2] == pytest.approx(0.8, abs=0.01)
+
+
+def test_brightening_measures_a_mostly_clouded_timestep():
+    base = _lr(16)
+    clouded = base.copy()
+    clouded[:, :24] = 240.0  # 75 % under thick cloud: fools any reference matched to it
+    got = E.brightening(np.stack([base, base * 0.95, clouded]))
+    assert got[0] == 0.0 and got[1] == 0.0
+    assert got[2] == pytest.approx(1.0 - base[:3].mean() / clouded[:3].mean(), rel=1e-6) and got[2] > 0.3
+
+
+# ---------------------------------------------------------------------------------------------
+# Shifts
+
+
+def _window_lr(big: np.ndarray, dy_hr: int, dx_hr: int) -> np.ndarray:
+    """[C, 32, 32]: the 128x128 window of `big` at (32 - dy_hr, 32 - dx_hr) area-averaged 4x: its
+    content is the reference's moved by (dy_hr, dx_hr) / 4 LR pixels."""
+    w = big[32 - dy_hr:160 - dy_hr, 32 - dx_hr:160 - dx_hr]
+    return _chw(w.reshape(32, 4, 32, 4, -1).mean(axis=(1, 3)))
+
+
+@pytest.fixture(scope="module")
+def big_scene():
+    return scene(np.random.default_rng(12), size=192).astype(np.float64)
+
+
+def test_phase_correlation_of_identical_frames_peaks_at_zero_with_height_one(big_scene):
+    frame = _window_lr(big_scene, 0, 0)
+    shift, peak = E.estimate_shift(frame[None], frame)
+    np.testing.assert_allclose(shift[0], 0.0, atol=1e-6)
+    assert peak[0] == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("dy, dx", [(1, 0), (0, 1), (-1, 0), (0, -1), (1, 1), (2, 0), (0, -2), (-1, 2)])
+def test_a_frame_shifted_by_whole_pixels_is_estimated_within_a_quarter_pixel(big_scene, dy, dx):
+    reference = _window_lr(big_scene, 0, 0)
+    shifted = _window_lr(big_scene, 4 * dy, 4 * dx)
+    shift, peak = E.estimate_shift(shifted[None], reference)
+    assert np.abs(shift[0] - (dy, dx)).max() <= 0.25
+    assert peak[0] > 0.5
+
+
+@pytest.mark.parametrize("dy_hr, dx_hr", [(2, 0), (0, -2), (6, -3), (1, 1), (-5, 7)])
+def test_sub_pixel_shifts_are_estimated_within_a_quarter_pixel(big_scene, dy_hr, dx_hr):
+    reference = _window_lr(big_scene, 0, 0)
+    rng = np.random.default_rng(13)
+    shifted = _window_lr(big_scene, dy_hr, dx_hr) + rng.normal(0.0, 1.0, reference.shape)
+    shift, _ = E.estimate_shift(shifted[None], reference)
+    assert np.abs(shift[0] - (dy_hr / 4, dx_hr / 4)).max() <= 0.25
+
+
+def test_registration_flags_the_misregistered_twin_not_the_registered_one(big_scene):
+    reference = _window_lr(big_scene, 0, 0)  # the HR, downsampled
+    rng = np.random.default_rng(14)
+    registered = reference * 0.8 + 10 + rng.normal(0, 1, reference.shape)
+    misregistered = _window_lr(big_scene, 6, -2) * 0.8 + 10 + rng.normal(0, 1, reference.shape)  # (1.5, -0.5) px
+    others = [_lr(20 + k) for k in range(3)]
+    frames = np.stack([registered, misregistered, *others])
+    reg = E.registration(frames, reference)
+    assert reg.partner[0] == 1 and reg.partner[1] == 0
+    assert reg.misregistration[1] == pytest.approx(np.hypot(1.5, 0.5), abs=0.25)
+    assert reg.misregistration[0] == 0.0 and (reg.misregistration[2:] == 0.0).all()
+    assert np.abs(reg.hr_shift[1] - (1.5, -0.5)).max() <= 0.25 and np.abs(reg.hr_shift[0]).max() <= 0.1
+    assert reg.hr_peak[0] > 0.5 and reg.hr_peak[2] < 0.3
+
+
+def test_registration_of_a_single_timestep():
+    frame = _lr(15)
+    reg = E.registration(frame[None], frame)
+    assert reg.misregistration.tolist() == [0.0] and reg.partner.tolist() == [-1]
+    assert np.abs(reg.hr_shift).max() < 1e-6

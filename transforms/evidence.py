@@ -1,0 +1,336 @@
+"""Per-timestep evidence of bad acquisition conditions, for the `robust` selection.
+
+Pure numpy, every function vectorised over a leading axis of K timesteps (no per-pixel Python
+loops). Frames are [K, C, H, W] digital numbers, uint8 or float (C = R, G, B[, NIR]: Sentinel-2 TCI
+and B08) unless a function says otherwise; the extra bands are [K, H, W] as S2-NAIP stores them.
+
+Radiometry, to turn digital numbers into top-of-atmosphere reflectance:
+  TCI (R, G, B):          reflectance = DN * 0.3558 / 255  (the L1C TCI: 255 is reflectance 0.3558)
+  B01, B08, B10, B11, B12: reflectance = DN * 32 / 1e4     (S2-NAIP: clip(raw // 32, 0, 255))
+
+Measures (each documented at its function):
+  dark_channel / haze_index         the dark-channel prior: haze lifts the darkest value of every patch
+  contrast_loss                     loss of contrast against structurally identical timesteps
+  aerosol_index                     B01 (coastal aerosol) above blue: aerosol path radiance
+  cirrus_index                      B10 (1375 nm) cirrus reflectance as a probability
+  snow_fraction                     NDSI from green and SWIR (B11, else B12)
+  cloud_shadow_fractions            bright-white / dark outliers against a clean reference
+  darkening, brightening            global under- / overexposure against the other timesteps
+  estimate_shift                    sub-pixel shift against a reference by phase correlation
+  registration                      shifts against the HR and misregistration against a structural
+                                    twin, arbitrated by agreement with the HR
+
+"Twins" are timesteps of the same ground in the same state (revisits days apart): a veil or a shift
+shows best against them. Measures relative to the other timesteps of a tile are only meaningful
+within that tile.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+
+TCI_REFLECTANCE = 0.3558 / 255.0
+BAND_REFLECTANCE = 32.0 / 1e4
+R, G, B, N = range(4)
+
+EXTRA_BANDS = ("b01", "b10", "b11", "b12")
+
+
+@dataclasses.dataclass
+class Evidence:
+    """What the robust selection measured for its candidates, each [K] aligned with them.
+
+    A measure that needs an extra band the tile lacks is None (`bands` lists the ones used)."""
+
+    bands: tuple[str, ...]  # extra bands used, in EXTRA_BANDS order
+    distance: np.ndarray  # structural distance to the HR after removing the radiometric gap
+    penalty: np.ndarray  # the evidence term of the score (score = distance + penalty)
+    haze: np.ndarray  # contrast_loss against structural twins (~1 - transmission)
+    dark_channel: np.ndarray  # haze_index: absolute haze level (TCI reflectance)
+    cloud: np.ndarray  # fraction of cloud pixels
+    shadow: np.ndarray  # fraction of shadow pixels, or the global darkening if larger
+    misregistration_px: np.ndarray  # misregistration evidence (px; `registration`)
+    hr_shift: np.ndarray  # [K, 2] (dy, dx) against the downsampled HR by phase correlation (px)
+    shift_peak: np.ndarray  # its phase-correlation peak height (confidence, 0..1)
+    aerosol: np.ndarray | None = None  # aerosol_index (needs b01)
+    cirrus: np.ndarray | None = None  # cirrus_index (needs b10)
+    snow: np.ndarray | None = None  # snow_fraction (needs b11 or b12)
+
+    @property
+    def shift_px(self) -> np.ndarray:
+        """|shift| against the HR (px), [K]."""
+        return np.hypot(self.hr_shift[:, 0], self.hr_shift[:, 1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Haze
+
+
+def dark_channel(frames: np.ndarray) -> np.ndarray:
+    """He et al.'s dark channel: the minimum over R, G, B and a 3x3 window, [K, C>=3, H, W] ->
+    [K, H-2, W-2] (interior pixels, the input's dtype)."""
+    m = frames[:, :3].min(axis=1)
+    rows = np.minimum(np.minimum(m[:, :-2], m[:, 1:-1]), m[:, 2:])
+    return np.minimum(np.minimum(rows[..., :-2], rows[..., 1:-1]), rows[..., 2:])
+
+
+def haze_index(frames: np.ndarray) -> np.ndarray:
+    """Mean dark channel as TCI reflectance, [K]: an absolute haze level (haze adds path radiance
+    to the darkest objects). Clear farmland is ~0.02-0.06, but it depends on the ground too: compare
+    it between timesteps of one tile rather than across tiles."""
+    return dark_channel(frames).mean(axis=(-2, -1), dtype=np.float64) * TCI_REFLECTANCE
+
+
+def band_covariances(frames: np.ndarray, block: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Per band covariances between timesteps over pixels, and their correlations: ([C, K, K] each).
+
+    `block` > 1 block-averages the frames first, which makes the correlation tolerant of small
+    shifts (used to find a misregistered timestep's twin)."""
+    k, c, h, w = frames.shape
+    frames = np.asarray(frames, dtype=np.float32)
+    if block > 1:
+        frames = frames.reshape(k, c, h // block, block, w // block, block).mean(axis=(3, 5))
+    x = frames.reshape(k, c, -1)
+    x = np.ascontiguousarray((x - x.mean(axis=-1, keepdims=True)).transpose(1, 0, 2))  # [C, K, P]
+    cov = np.matmul(x, x.transpose(0, 2, 1)) / np.float32(x.shape[-1])
+    sd = np.sqrt(np.maximum(np.diagonal(cov, axis1=1, axis2=2), 1e-12))  # [C, K]
+    return cov, cov / (sd[:, :, None] * sd[:, None, :])
+
+
+def laplacian(frames: np.ndarray) -> np.ndarray:
+    """The 5-point Laplacian over the last two axes (interior pixels): [..., H, W] -> [..., H-2, W-2]."""
+    return (4.0 * frames[..., 1:-1, 1:-1] - frames[..., 2:, 1:-1] - frames[..., :-2, 1:-1]
+            - frames[..., 1:-1, 2:] - frames[..., 1:-1, :-2])
+
+
+def contrast_loss(frames: np.ndarray, twin_corr: float = 0.65, full_corr: float = 0.8,
+                  cap: float = 0.5, distance: np.ndarray | None = None, margin: float = 0.1) -> np.ndarray:
+    """Loss of fine-scale contrast of each timestep against its structural twins, [K] >= 0.
+
+    On the Laplacian (fine detail, which field-scale radiometry and smooth cloud veils leave
+    alone) of R, G, B: two timesteps whose detail correlates at >= `full_corr` (weight ramping up
+    from `twin_corr`; different dates of the same ground stay below ~0.7, the same scene twice is
+    ~0.85-0.99) show the same ground, and haze or thin cloud over one multiplies its detail by
+    the transmission t < 1. The measure is max over twins i of weight * mean_b ln(sd_i,b / sd_j,b),
+    capped at `cap`: ~0 for a clear timestep, ~1 - t for a veiled one, 0 without twins (then only
+    the other evidence speaks). Cumulus, snow and shadows add or remove detail locally and
+    decorrelate, so they are not twins of anything.
+
+    With `distance` [K] (each timestep's distance to the HR, lower is closer), a twin i of j only
+    counts while d_i <= d_j (weight fading to 0 at d_i = d_j + `margin`): a veil changes little of
+    a timestep's structural distance, so a much farther "twin" is other ground whose detail merely
+    looks alike."""
+    cov, corr = band_covariances(laplacian(np.asarray(frames[:, :3], dtype=np.float32)))
+    sd = np.sqrt(np.diagonal(cov, axis1=1, axis2=2).astype(np.float64))  # [3, K]
+    weight = np.clip((corr.mean(axis=0, dtype=np.float64) - twin_corr) / (full_corr - twin_corr), 0.0, 1.0)
+    if distance is not None:  # weight[i, j]: i the twin, j the timestep
+        weight *= np.clip(1.0 - (distance[:, None] - distance[None, :]) / margin, 0.0, 1.0)
+    np.fill_diagonal(weight, 0.0)
+    log_sd = np.log(sd + 0.5).mean(axis=0)  # +0.5 DN: flat frames do not blow up
+    loss = np.minimum(log_sd[:, None] - log_sd[None, :], cap)  # [i, j]: > 0 when j has less detail
+    return np.maximum((weight * loss).max(axis=0), 0.0)
+
+
+def aerosol_index(b01: np.ndarray, frames: np.ndarray) -> np.ndarray:
+    """Mean B01 (443 nm, 60 m) reflectance minus mean blue TCI reflectance, [K]: aerosol path
+    radiance grows steeply towards short wavelengths, so haze raises B01 more than blue. Its
+    level depends on the ground; compare it between timesteps of one tile."""
+    return (np.asarray(b01).mean(axis=(-2, -1), dtype=np.float64) * BAND_REFLECTANCE
+            - frames[:, B].mean(axis=(-2, -1), dtype=np.float64) * TCI_REFLECTANCE)
+
+
+def cirrus_index(b10: np.ndarray, full: float = 0.04) -> np.ndarray:
+    """Mean cirrus probability from B10 (1375 nm, where water vapour hides the ground): reflectance
+    / `full`, clipped to [0, 1] per pixel (Fmask's cirrus test uses ~0.01-0.04), [K]."""
+    p = np.minimum(np.asarray(b10) * np.float32(BAND_REFLECTANCE / full), np.float32(1.0))
+    return p.mean(axis=(-2, -1), dtype=np.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Clouds, shadows, snow
+
+
+def ndsi(frames: np.ndarray, swir: np.ndarray) -> np.ndarray:
+    """Normalised difference snow index (green - SWIR) / (green + SWIR) in reflectance, [K, H, W]."""
+    g = frames[:, G] * np.float32(TCI_REFLECTANCE)
+    s = np.asarray(swir) * np.float32(BAND_REFLECTANCE)
+    return (g - s) / np.maximum(g + s, np.float32(1e-6))
+
+
+def snow_mask(frames: np.ndarray, swir: np.ndarray) -> np.ndarray:
+    """Snow pixels: NDSI > 0.4, green reflectance > 0.1 and (with B08) NIR reflectance > 0.11 (the
+    MODIS/Sentinel-2 snow tests), [K, H, W] bool."""
+    mask = (ndsi(frames, swir) > 0.4) & (frames[:, G] > 0.1 / TCI_REFLECTANCE)
+    if frames.shape[1] > N:
+        mask &= frames[:, N] > 0.11 / BAND_REFLECTANCE
+    return mask
+
+
+def snow_fraction(frames: np.ndarray, swir: np.ndarray) -> np.ndarray:
+    """Fraction of snow pixels (`snow_mask`), [K]."""
+    return snow_mask(frames, swir).mean(axis=(-2, -1))
+
+
+def cloud_shadow_fractions(frames: np.ndarray, reference: np.ndarray, swir: np.ndarray | None = None,
+                           bright: float = 40.0, shadow_ratio: float = 0.7) -> tuple[np.ndarray, np.ndarray]:
+    """(cloud, shadow) pixel fractions, [K] each, of frames against `reference` [K, C, H, W], a
+    clean prediction of every timestep (the HR histogram-matched to it, which carries the
+    timestep's radiometry but not its clouds); both in DN (uint8 is fine).
+
+    Cloud: brighter than the reference by more than `bright` DN in every visible band, whitish
+    (min/max of R, G, B >= 0.6) and not darker in NIR; with a SWIR band, snow (`snow_mask`) is not
+    cloud. Shadow: at most `shadow_ratio` of the reference in every band (NIR included: shadows
+    darken all bands, most land-cover changes do not)."""
+    f = np.asarray(frames, dtype=np.int16)
+    ref = np.asarray(reference, dtype=np.int16)
+    vis = f[:, :3]
+    cloud = (vis - ref[:, :3]).min(axis=1) > bright
+    cloud &= vis.min(axis=1) * 5 >= vis.max(axis=1) * 3
+    if f.shape[1] > N:
+        cloud &= f[:, N] >= ref[:, N]
+    if swir is not None:
+        cloud &= ~snow_mask(f, swir)
+    shadow = ((f + 1).astype(np.float32) <= np.float32(shadow_ratio) * (ref + 1)).all(axis=1)
+    return cloud.mean(axis=(-2, -1)), shadow.mean(axis=(-2, -1))
+
+
+def _exposure(frames: np.ndarray) -> np.ndarray:
+    """Mean R, G, B of each timestep over the median of those means, [K]."""
+    level = frames[:, :3].mean(axis=(1, 2, 3), dtype=np.float64)
+    return level / max(float(np.median(level)), 1e-6)
+
+
+def darkening(frames: np.ndarray) -> np.ndarray:
+    """1 - mean brightness / the median of the timesteps' mean brightness, >= 0, [K]: an
+    underexposed (or fully shadowed) timestep scores near 1 - its exposure factor."""
+    return np.maximum(1.0 - _exposure(frames), 0.0)
+
+
+def brightening(frames: np.ndarray) -> np.ndarray:
+    """1 - the median of the timesteps' mean brightness / mean brightness, >= 0, [K]: a timestep
+    mostly under cloud (or snow) scores high, whatever reference its clouds fool."""
+    return np.maximum(1.0 - 1.0 / np.maximum(_exposure(frames), 1e-6), 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shifts
+
+
+@functools.lru_cache(maxsize=8)
+def _window(h: int, w: int) -> np.ndarray:
+    win = np.outer(np.hanning(h + 2)[1:-1], np.hanning(w + 2)[1:-1]).astype(np.float32)
+    win.flags.writeable = False
+    return win
+
+
+def spectra(frames: np.ndarray) -> np.ndarray:
+    """Spectra of Hann-windowed, mean-removed frames [..., H, W] -> complex64 [..., H, W//2+1]."""
+    frames = np.asarray(frames, dtype=np.float32)
+    h, w = frames.shape[-2:]
+    centred = frames - frames.mean(axis=(-2, -1), keepdims=True)
+    return np.fft.rfft2(centred * _window(h, w))
+
+
+def phase_correlation(fa: np.ndarray, fb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Phase-correlation surfaces of spectra `fa` [K, C, H, W'] against `fb` (broadcasting), bands
+    combined by averaging their normalised cross-power: [K, H, W] with zero shift at [H//2, W//2].
+    The peak is at the displacement of a's content relative to b's; its height is in [0, 1]
+    (1 for identical frames)."""
+    cross = fa * np.conj(fb)
+    cross /= np.abs(cross) + np.float32(1e-9)
+    surface = np.fft.irfft2(cross.mean(axis=-3), s=size)
+    return np.fft.fftshift(surface, axes=(-2, -1))
+
+
+def peak_shift(surfaces: np.ndarray, radius: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(shift [K, 2] as (dy, dx) in pixels, peak height [K], height at zero shift [K]) of phase-
+    correlation surfaces [K, H, W], searching |dy|, |dx| <= `radius`; sub-pixel by a parabola
+    through the peak and its neighbours on each axis."""
+    k, h, w = surfaces.shape
+    cy, cx = h // 2, w // 2
+    sub = surfaces[:, cy - radius - 1:cy + radius + 2, cx - radius - 1:cx + radius + 2]  # one px of margin
+    at = np.ascontiguousarray(sub[:, 1:-1, 1:-1]).reshape(k, -1).argmax(axis=1)
+    py, px = np.unravel_index(at, (2 * radius + 1, 2 * radius + 1))
+    py, px = py + 1, px + 1
+    i = np.arange(k)
+    c0 = sub[i, py, px]
+
+    def offset(m, p):
+        den = m - 2.0 * c0 + p
+        safe = np.where(den < 0, den, -1.0)
+        return np.where(den < 0, 0.5 * (m - p) / safe, 0.0).clip(-0.5, 0.5)
+
+    dy = offset(sub[i, py - 1, px], sub[i, py + 1, px])
+    dx = offset(sub[i, py, px - 1], sub[i, py, px + 1])
+    shift = np.stack([py - 1 - radius + dy, px - 1 - radius + dx], axis=1).astype(np.float64)
+    shift[c0 <= 1e-6] = 0.0  # nothing correlates (a featureless frame): no shift to speak of
+    return shift, c0.astype(np.float64), sub[:, radius + 1, radius + 1].astype(np.float64)
+
+
+def registration_channels(frames: np.ndarray) -> np.ndarray:
+    """The images registration compares, [K, C, H, W] -> float32 [K, 1|2, H, W]: the mean of R, G,
+    B, and NIR when there is one (structure that survives changes of the visible look)."""
+    vis = frames[:, :3].mean(axis=1, dtype=np.float32)
+    if frames.shape[1] > 3:
+        return np.stack([vis, np.asarray(frames[:, 3], dtype=np.float32)], axis=1)
+    return vis[:, None]
+
+
+def estimate_shift(frames: np.ndarray, reference: np.ndarray, radius: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Sub-pixel shift (dy, dx) of each frame [K, C, H, W] against `reference` [C, H, W] by phase
+    correlation, and the peak height (confidence, 0..1): ([K, 2], [K])."""
+    spec = spectra(registration_channels(frames))
+    ref = spectra(registration_channels(np.asarray(reference)[None]))
+    shift, peak, _ = peak_shift(phase_correlation(spec, ref, frames.shape[-2:]), radius)
+    return shift, peak
+
+
+@dataclasses.dataclass
+class Registration:
+    hr_shift: np.ndarray  # [K, 2] (dy, dx) against the HR
+    hr_peak: np.ndarray  # [K] phase-correlation peak height against the HR
+    misregistration: np.ndarray  # [K] px, 0 unless misregistered against a twin (see `registration`)
+    partner: np.ndarray  # [K] index of each timestep's twin (-1 without one)
+    partner_shift: np.ndarray  # [K, 2] shift against it
+    partner_peak: np.ndarray  # [K] its phase-correlation peak
+
+
+def registration(frames: np.ndarray, reference: np.ndarray, smoothed: np.ndarray | None = None,
+                 twin_peak: float = 0.3, min_shift: float = 0.5, undecided: float = 0.1,
+                 radius: int = 3) -> Registration:
+    """Shifts of the timesteps [K, C, H, W] against the HR `reference` [C, H, W] and against each
+    other, by phase correlation (one batch of FFTs).
+
+    Against the HR: sub-pixel (dy, dx) and peak height; reliable when the timestep shows the HR's
+    ground as it was (peak ~0.3-0.9), noise when the ground has changed since (peak ~0.1).
+
+    Misregistration: each timestep's twin is the one most correlated with it on `smoothed` (the
+    frames low-passed, [K, C', h', w'], e.g. the SSIM window means; default: 4x4 block means),
+    which tolerates shifts of 1-2 px. Phase correlation of the two gives their relative shift and
+    a peak (same ground: ~0.3-0.9; different ground: ~0.1). When twins agree on the ground (peak >=
+    `twin_peak`) but are displaced by >= `min_shift` px, one of them is misregistered: the one that
+    agrees less with the HR at zero shift gets the shift as evidence, the other 0; when their
+    agreements differ by less than `undecided` (the HR is no judge: its ground has changed), both
+    get it."""
+    k = frames.shape[0]
+    size = frames.shape[-2:]
+    chans = registration_channels(frames)
+    spec = spectra(chans)
+    ref = spectra(registration_channels(np.asarray(reference)[None]))
+    if k < 2:
+        shift, peak, _ = peak_shift(phase_correlation(spec, ref, size), radius)
+        return Registration(shift, peak, np.zeros(k), np.full(k, -1), np.zeros((k, 2)), np.zeros(k))
+    c = band_covariances(chans, block=4) if smoothed is None else band_covariances(smoothed)
+    c = c[1].mean(axis=0)
+    np.fill_diagonal(c, -np.inf)
+    partner = c.argmax(axis=1)
+    surfaces = phase_correlation(np.concatenate([spec, spec]),
+                                 np.concatenate([np.broadcast_to(ref, spec.shape), spec[partner]]), size)
+    shift, peak, zero = peak_shift(surfaces, radius)
+    hr_shift, hr_peak, hr_zero = shift[:k], peak[:k], zero[:k]
+    rel, rel_peak = shift[k:], peak[k:]
+    rel_px = np.hypot(rel[:, 0], rel[:, 1])
+    off = (rel_peak >= twin_peak) & (rel_px >= min_shift) & (hr_zero < hr_zero[partner] + undecided)
+    return Registration(hr_shift, hr_peak, np.where(off, rel_px, 0.0), partner, rel, rel_peak)
