@@ -16,6 +16,7 @@ setup(
     description="Rebuild S2-NAIP into clean NAIP/Sentinel-2 RGBN super-resolution pairs with Apache Beam",
     python_requires=">=3.11",
     packages=["pipelines", "transforms"],
+    package_data={"transforms": ["review_assets/*.html", "review_assets/*.js", "review_assets/*.css"]},
     install_requires=[
         "apache-beam[gcp]>=2.77,<2.78",
         "numpy>=2.0",
@@ -28,9 +29,14 @@ setup(
         "pillow>=10.4",
         "protobuf>=4.25",
         "google-crc32c>=1.5",
+        "matplotlib>=3.9",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "pandas>=2.2", "gcp-storage-emulator>=2026.7"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "pandas>=2.2", "gcp-storage-emulator>=2026.7",
+                 "playwright>=1.50", "stac-fastapi-pgstac>=7.2", "pypgstac[psycopg]>=0.10", "uvicorn>=0.30",
+                 "planetary-computer>=1.0"],
+        # `s2naip fetch-nir --sign planetary-computer`
+        "planetary-computer": ["planetary-computer>=1.0"],
     },
     entry_points={"console_scripts": ["s2naip=pipelines.cli:main"]},
 )
