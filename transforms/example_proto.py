@@ -130,8 +130,17 @@ def tf_parse_spec(tf) -> dict:
     """`feature_spec()` as the features argument of `tf.io.parse_single_example` / `parse_example`
     (`tf` is the imported tensorflow module): scalars FixedLenFeature([]), lists VarLenFeature."""
     dtypes = {"bytes": tf.string, "int64": tf.int64, "float": tf.float32}
+    # scalar columns that may be null (absent from the Example) parse to a default instead of failing
+    defaults = {"bytes": b"", "int64": -1, "float": float("nan")}
+    optional = set(records.EVIDENCE_COLUMNS)
+
+    def scalar(name, kind):
+        if name in optional:
+            return tf.io.FixedLenFeature([], dtypes[kind], default_value=defaults[kind])
+        return tf.io.FixedLenFeature([], dtypes[kind])
+
     return {
-        name: tf.io.FixedLenFeature([], dtypes[s.kind]) if s.length == 1 else tf.io.VarLenFeature(dtypes[s.kind])
+        name: scalar(name, s.kind) if s.length == 1 else tf.io.VarLenFeature(dtypes[s.kind])
         for name, s in feature_spec().items()
     }
 

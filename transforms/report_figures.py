@@ -347,7 +347,7 @@ def _draw_scores(ax, stats: PairStats) -> None:
     if not both.sum():
         return
     cum = np.cumsum(both) / both.sum()
-    hi_index = int(np.searchsorted(cum, 0.995)) + 1
+    hi_index = min(int(np.searchsorted(cum, 0.995)) + 1, len(both) - 1)  # the last bin holds all above
     lo_index = int(np.flatnonzero(both)[0])
     span = hi_index - lo_index
     factor = max(1, int(np.ceil(span / 60)))
