@@ -13,8 +13,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from pipelines.options import BuildOptions, output_spec, pair_config, use_in_process_runner_by_default
-from transforms import publish, storage, tiles
-from transforms.beam import BuildPairsPipeline
+from transforms import dataset_manifest, incremental, latest, publish, storage, tiles
 from transforms.pairs import PairConfig
 from transforms.publish import OutputSpec
 from transforms.version import PIPELINE_VERSION
@@ -58,8 +57,9 @@ def sample_input_dir(output: str) -> str:
     return tempfile.mkdtemp(prefix="s2naip-sample-")
 
 
-def build(p: beam.Pipeline, config: PairConfig, spec: OutputSpec, info: dict, manifest: str | None = None):
-    return p | "BuildPairs" >> BuildPairsPipeline(config, spec, info, manifest)
+def build(p: beam.Pipeline, config: PairConfig, spec: OutputSpec, info: dict, manifest: str | None = None,
+          since: str | None = None, latest_pointer: str | None = None):
+    return incremental.build_incremental(p, config, spec, info, since, manifest, latest=latest_pointer)
 
 
 def summary_text(summary: dict) -> str:
@@ -90,20 +90,26 @@ def run(argv: list[str] | None = None) -> dict | None:
     try:
         config = pair_config(opts)
         spec = output_spec(opts)
-        publish.prepare_output(spec.path, opts.overwrite)
-    except (ValueError, publish.OutputNotEmpty) as e:
+        since = incremental.check_since(latest.resolve_since(opts.since), spec.path)
+        if since:
+            dataset_manifest.manifest_files(since)  # fail fast: a published run with a manifest
+        incremental.prepare_output(spec.path, opts.overwrite)
+    except (ValueError, FileNotFoundError, publish.OutputNotEmpty) as e:
         raise SystemExit(f"error: {e}") from None
     use_in_process_runner_by_default(options)
     info = run_info(config, spec, opts, options)
     with beam.Pipeline(options=options) as p:
-        build(p, config, spec, info, opts.manifest)
+        build(p, config, spec, info, opts.manifest, since=since, latest_pointer=opts.latest)
     if not getattr(p.result, "has_job", True) or options.view_as(StandardOptions).no_wait_until_finish:
         return None  # a template was staged or the job runs on: its run.json does not exist yet
     run_json = tiles.join(opts.output, "run.json")
     if storage.exists(run_json):
         summary = json.loads(storage.read_bytes(run_json, 64 * 1024 * 1024))
         print(summary_text(summary))
-        return summary
+        counters = incremental.counter_values(p.result)
+        if counters:
+            print("incremental: " + ", ".join(f"{k}={v}" for k, v in counters.items()))
+        return {**summary, "incremental": counters}
     return None
 
 

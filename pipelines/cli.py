@@ -10,6 +10,7 @@ SUBCOMMANDS = {
     "index": ("pipelines.index", "list an S2-NAIP folder into a tile-id manifest"),
     "bench": ("pipelines.bench", "measure decode, core and pipeline throughput"),
     "fetch-nir": ("pipelines.fetch_nir", "fetch NAIP NIR (band 4) per tile from a STAC API, grouped per NAIP item"),
+    "plan": ("pipelines.plan", "list the quarter quads with a newer NAIP capture: the work list of a release"),
     "review": ("pipelines.review", "rank a build's pairs and write a page to re-pick or drop the worst"),
     "report": ("pipelines.report", "an HTML report with figures of a build's output"),
 }

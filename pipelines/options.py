@@ -38,7 +38,9 @@ class BuildOptions(PipelineOptions):
                             help="Tile ids to build: text (one id a line) or .parquet (tile_id column). "
                                  "Omitted: list --input.")
         parser.add_argument("--selection", default="paper", choices=SELECTION_MODES,
-                            help="paper: the paper's score; companion: the published code's rule.")
+                            help="paper: the paper's score; companion: the published code's rule; "
+                                 "robust: the paper's closeness without SSIM's haze bias, plus evidence of "
+                                 "haze, cloud, shadow, snow and misregistration (README).")
         parser.add_argument("--alpha", type=float, default=0.7, help="Weight of the raw distance.")
         parser.add_argument("--top-k", "--top_k", dest="top_k", type=int, default=16,
                             help="Timesteps kept by PSNR before scoring.")
@@ -54,6 +56,12 @@ class BuildOptions(PipelineOptions):
         parser.add_argument("--num-shards", "--num_shards", dest="num_shards", type=int, default=0,
                             help="Output shards per table (0: the runner decides).")
         _flag(parser, "--overwrite", help="Replace a run already in --output (default: refuse).")
+        parser.add_argument("--since", default=None,
+                            help="Build incrementally against a published run (a run folder with manifest/, or a "
+                                 "latest pointer *.json naming one): only new and changed tiles are built, the "
+                                 "others' records are copied. Omitted: a full build.")
+        parser.add_argument("--latest", default=None,
+                            help="A latest pointer (JSON, local or gs://) moved to this run after its _SUCCESS.")
         parser.add_argument("--corrections", action="append", default=None,
                             help="Reviewer corrections, JSON {tile_id: lr_index or null} (local or gs://); "
                                  "repeatable or comma-separated, a later file wins. An index builds that "

@@ -463,7 +463,7 @@ def test_flex_template_metadata_matches_the_build_options():
     json_format.ParseDict(metadata, TemplateMetadata.pb()())  # the API's schema, unknown fields rejected
     params = {p["name"]: p for p in metadata["parameters"]}
     assert set(params) == build_option_dests() - {"sample_tiles"}
-    assert len(params) == 15
+    assert len(params) == 17
     for p in params.values():
         assert p["label"] and p["helpText"] and p["regexes"], p["name"]
         assert p["isOptional"] == (p["name"] not in ("input", "output")), p["name"]
@@ -480,12 +480,15 @@ def test_flex_template_metadata_matches_the_build_options():
         "num_shards": ["0", "512"], "downsample": list(DOWNSAMPLE_METHODS),
         "corrections": [f"gs://{BUCKET}/review/corrections.json",
                         f"gs://{BUCKET}/review/round1.json,gs://{BUCKET}/review/round2.json"],
+        "since": [f"gs://{BUCKET}/pairs/v1", f"gs://{BUCKET}/pairs/latest.json"],
+        "latest": [f"gs://{BUCKET}/pairs/latest.json"],
     }
     bad = {
         "input": ["/local/dir", "gs://", "s3://b/x"], "output": ["out/run"], "manifest": ["gs://bucket"],
         "selection": ["manual"], "alpha": ["1.5", "-0.1", "a"], "top_k": ["0", "-1", "1.5"],
         "bands": ["rgbnir"], "split": ["a,b", ""], "num_shards": ["-1", "01"], "downsample": ["bilinear"],
         "corrections": ["corrections.json", "gs://bucket", f"gs://{BUCKET}/a.json,", f"gs://{BUCKET}/a.json,b.json"],
+        "since": ["pairs/v1", "gs://bucket"], "latest": ["latest.json", f"gs://{BUCKET}/pairs/latest.txt"],
     }
     for name, values in good.items():
         for v in values:

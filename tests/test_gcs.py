@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import urllib.parse
 
 import numpy as np
@@ -266,6 +267,15 @@ def _input_listings(proxy) -> list[dict]:
     return out
 
 
+def _is_fingerprint_listing(q: dict) -> bool:
+    """A one-level listing of one tile's own folder for object metadata only: the fingerprints of the
+    dataset manifest (transforms/fingerprints.py), nothing deeper, nothing downloaded."""
+    prefix = q.get("prefix", [""])[0]
+    return q.get("delimiter") == ["/"] and "crc32c" in q.get("fields", [""])[0] and bool(
+        re.fullmatch(rf"{SET}/naip/{NAIP_ID}/[0-9]+_[0-9]+/", prefix)
+        or re.fullmatch(rf"{SET}/sentinel2/[0-9]+_[0-9]+/", prefix))
+
+
 def test_build_gcs_to_gcs_equals_local_run(gcs_emulator, gcs_input, local_run):
     """Listing --input on gs:// goes one level at a time: naip/, then each naip/<capture>/."""
     (want, local_summary), (base, _) = local_run, gcs_input
@@ -273,14 +283,15 @@ def test_build_gcs_to_gcs_equals_local_run(gcs_emulator, gcs_input, local_run):
     with gcs_emulator.proxy() as proxy, gcs_emulator.environment(proxy.endpoint):
         summary = build_pairs.run(["--input", base, "--output", out, "--runner", RUNNER, "--split", "s"])
     _assert_same_outputs(_read_gcs_outputs(gcs_emulator, out), want)
-    listings = _input_listings(proxy)
+    listings = [q for q in _input_listings(proxy) if not _is_fingerprint_listing(q)]
     assert {q["prefix"][0] for q in listings if q.get("delimiter") == ["/"]} == {
         f"{SET}/naip/", f"{SET}/naip/{NAIP_ID}/"}
     assert all(q.get("delimiter") == ["/"] or q.get("maxResults") == ["1"] for q in listings), listings
     assert summary["counts"] == local_summary["counts"]
     assert summary["input"] == base and summary["output"] == out
     assert all(f.startswith(out + "/") for f in summary["files"])
-    assert all(o.startswith((f"{out}/pairs/", f"{out}/rejects/")) or o in (f"{out}/run.json", f"{out}/_SUCCESS")
+    assert all(o.startswith((f"{out}/pairs/", f"{out}/rejects/", f"{out}/manifest/"))
+               or o in (f"{out}/run.json", f"{out}/_SUCCESS")
                for o in gcs_emulator.list(out + "/"))  # no temporary files left
     success = json.loads(gcs_emulator.read_bytes(f"{out}/_SUCCESS"))
     assert sorted(success["files"]) == sorted(summary["files"])
@@ -289,14 +300,15 @@ def test_build_gcs_to_gcs_equals_local_run(gcs_emulator, gcs_input, local_run):
 
 def test_build_with_gcs_manifest_lists_nothing(gcs_emulator, gcs_input, local_run):
     """With a manifest, the input is never listed: only one-object probes of missing Sentinel-2
-    folders (maxResults=1) touch the input's listing API."""
+    folders (maxResults=1) and the fingerprints' one-level listings of each tile's own folders touch
+    the input's listing API."""
     (want, _), (base, manifest) = local_run, gcs_input
     out = f"gs://{OUT_BUCKET}/manifest"
     with gcs_emulator.proxy() as proxy, gcs_emulator.environment(proxy.endpoint):
         build_pairs.run(["--input", base, "--output", out, "--manifest", manifest, "--runner", RUNNER,
                          "--split", "s"])
     _assert_same_outputs(_read_gcs_outputs(gcs_emulator, out), want)
-    listings = _input_listings(proxy)
+    listings = [q for q in _input_listings(proxy) if not _is_fingerprint_listing(q)]
     assert listings, proxy.log  # the probe of the missing_s2 tile's folder
     for q in listings:
         prefix = q.get("prefix", [""])[0]

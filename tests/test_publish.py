@@ -96,7 +96,7 @@ def test_rerun_refuses_or_replaces_without_mixing_runs(tmp_path):
     base = ["--input", root, "--output", out, "--runner", RUNNER]
     build_pairs.run([*base, "--num-shards", "3"])
     first = publish.read_success(out)["files"]
-    assert sum("-of-00003" in f for f in first) == 6  # 3 shards of pairs, 3 of rejects
+    assert sum("-of-00003" in f for f in first) == 9  # 3 shards of pairs, 3 of rejects, 3 of the manifest
 
     with pytest.raises(SystemExit, match="already holds a run"):
         build_pairs.run([*base, "--num-shards", "2"])

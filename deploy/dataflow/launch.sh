@@ -53,6 +53,8 @@ DOWNSAMPLE="${DOWNSAMPLE:-}"         # bicubic_aa | bicubic_torch
 FORMAT="${FORMAT:-}"                 # e.g. parquet,tfrecord (comma-separated)
 TFRECORD_GZIP="${TFRECORD_GZIP:-}"   # true | false
 OVERWRITE="${OVERWRITE:-}"           # true: replace a run already in OUTPUT
+SINCE="${SINCE:-}"                   # incremental: gs://.../pairs/v1 or gs://.../pairs/latest.json
+LATEST="${LATEST:-}"                 # gs://.../pairs/latest.json, moved to OUTPUT after its _SUCCESS
 
 # --- workers: sized for the full rebuild (~1.1M tiles, CPU-bound per tile, ~70 KB of output each) --
 MACHINE_TYPE="${MACHINE_TYPE:-n2-standard-4}"
@@ -81,7 +83,7 @@ build_params() {
     input "$INPUT" output "$OUTPUT" manifest "$MANIFEST" corrections "$CORRECTIONS" nir_input "$NIR_INPUT"
     selection "$SELECTION" alpha "$ALPHA" top_k "$TOP_K" bands "$BANDS" split "$SPLIT"
     num_shards "$NUM_SHARDS" downsample "$DOWNSAMPLE" format "$FORMAT" tfrecord_gzip "$TFRECORD_GZIP"
-    overwrite "$OVERWRITE"
+    overwrite "$OVERWRITE" since "$SINCE" latest "$LATEST"
   )
   local i
   for ((i = 0; i < ${#pairs[@]}; i += 2)); do

@@ -1,0 +1,519 @@
+"""Incremental builds: process only the tiles whose inputs, options or correction changed since a
+published run, carry the others' records forward, and publish a complete, self-contained version.
+
+    ids -> deduplicate -> FingerprintTiles -> PlanIncrement (joined with the previous manifest)
+      'process' ids ---------------------------------------------> BuildPairs
+      'carry' ids -> CarryForward (previous pairs/ and rejects/) -> carried records
+                                       (ids whose record is missing -> BuildPairs)
+      built + carried records -> every format, rejects/ ; manifest rows -> manifest/
+      -> run.json, _SUCCESS -> the latest pointer (only after _SUCCESS)
+
+Shuffles carry small keys: fingerprints and manifest rows (short strings) are joined by tile id;
+retirements are decided per chip (`x_y`) from (x_y, naip_id) keys; carried records are located by
+a join of tile ids with (file, row group) references read from the previous run's `tile_id`
+columns, grouped per row group, and each row group is then read once and filtered: the pair records
+themselves never go through a shuffle, they flow once, from the previous run's files to the writers.
+
+Beam counters (namespace `incremental`): `new`, `changed`, `unchanged` (the plan), `processed`
+(tiles built), `carried` (records copied), `row_groups_read` (previous row groups read whole to
+copy them), `carry_missing` (planned carries whose record was not found: rebuilt), `superseded`,
+`removed`, `fingerprint_errors`.
+
+`build_incremental(p, config, spec, info, previous_run, manifest, latest=...)` is the whole build;
+with `previous_run=None` it is a full build that also writes the manifest.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterable, Iterator
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+
+from transforms import corrections, publish, records, storage, tiles
+from transforms import dataset_manifest as dm
+from transforms import fingerprints as fpr
+from transforms.beam import (
+    BuildPairs,
+    DeduplicateAndReshuffle,
+    PublishRun,
+    ReadTileIds,
+    WritePairs,
+    WriteParquet,
+    outcome_key,
+)
+from transforms.latest import publish_latest
+from transforms.pairs import PairConfig
+from transforms.publish import OutputSpec
+
+_LOG = logging.getLogger(__name__)
+NAMESPACE = "incremental"
+MAX_ID_CHARS = 1000  # reject records truncate tile ids to this (records.reject_record)
+
+
+def _counter(name: str):
+    return Metrics.counter(NAMESPACE, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprints
+
+
+class FingerprintDoFn(beam.DoFn):
+    def __init__(self, spec: fpr.FingerprintSpec):
+        self.spec = spec
+
+    def process(self, tile_id: str) -> Iterator[tuple[str, tuple]]:
+        fps = fpr.tile_fingerprints(tile_id, self.spec)
+        if any(fpr.is_error(v) for v in fps):
+            _counter("fingerprint_errors").inc()
+        yield tile_id, fps
+
+
+class FingerprintTiles(beam.PTransform):
+    """Tile ids -> (tile_id, fingerprints tuple in `fingerprints.FIELDS` order). No image is decoded;
+    on gs:// nothing is downloaded (one-level listings of the tile's folders)."""
+
+    def __init__(self, spec: fpr.FingerprintSpec):
+        super().__init__()
+        self.spec = spec
+
+    def expand(self, ids):
+        return ids | "Fingerprint" >> beam.ParDo(FingerprintDoFn(self.spec))
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+
+
+def manifest_row_keyed(row: dict) -> tuple[str, tuple]:
+    return row["tile_id"], dm.to_tuple(row)
+
+
+class ReadPreviousManifest(beam.PTransform):
+    """(tile_id, manifest row tuple) of a published run, read in shards on the workers (the run must
+    have `_SUCCESS`, else the job fails with IncompleteRun)."""
+
+    def __init__(self, run_dir: str):
+        super().__init__()
+        self.run_dir = run_dir
+
+    def expand(self, pbegin):
+        return (
+            pbegin
+            | "PreviousRun" >> beam.Create([self.run_dir])
+            | "ManifestFiles" >> beam.FlatMap(dm.manifest_files)
+            | "SpreadManifestFiles" >> beam.Reshuffle()
+            | "ReadManifest" >> beam.io.ReadAllFromParquet(columns=list(dm.FIELDS))
+            | "KeyManifestRows" >> beam.Map(manifest_row_keyed)
+        )
+
+
+class PlanTileDoFn(beam.DoFn):
+    """(tile_id, {'fp': [...], 'prev': [...], 'corr': [...]}) -> the tile's plan.
+
+    Outputs: 'process' (tile id), 'carry' (tile id), 'planned' ((tile_id, (fps, correction,
+    computed_in of the previous record or None))), 'current_xy' ((x_y, naip_id) of each current
+    tile), 'retiring' ((x_y, previous row tuple) of previous tiles gone from the input), 'retired'
+    (rows of gone tiles without an x_y: invalid ids)."""
+
+    def __init__(self, options_hash: str):
+        self.options_hash = options_hash
+
+    def process(self, keyed):
+        tile_id, groups = keyed
+        current = list(groups.get("fp", ()))
+        previous = [dm.from_tuple(t) for t in groups.get("prev", ())]
+        prev = previous[0] if previous else None
+        if len(previous) > 1:
+            _counter("previous_duplicate_rows").inc()
+        correction = corrections.latest(groups.get("corr", ()))
+        if not current:
+            if correction is not None:
+                _counter("corrections_unmatched").inc()
+            if prev is not None and prev["outcome"] not in dm.RETIRED:
+                if prev.get("tile_xy"):
+                    yield beam.pvalue.TaggedOutput("retiring", (prev["tile_xy"], dm.to_tuple(prev)))
+                else:  # an invalid id of the previous input: no chip, so nothing supersedes it
+                    row = dm.retire(prev, ())
+                    _counter(row["outcome"]).inc()
+                    yield beam.pvalue.TaggedOutput("retired", row)
+            return
+        if len(current) > 1:  # the ids were deduplicated before: a bug upstream
+            raise RuntimeError(f"tile {tile_id[:200]!r} fingerprinted {len(current)} times")
+        fps = tuple(current[0])
+        corr = dm.correction_text(correction)
+        naip_id, xy = dm.tile_parts(tile_id)
+        if naip_id is None:
+            plan = "new" if prev is None else "changed"  # invalid ids: no input, rebuilt at no cost
+        else:
+            plan = dm.plan_increment(prev, fps, self.options_hash, corr)
+            yield beam.pvalue.TaggedOutput("current_xy", (xy, naip_id))
+        _counter(plan).inc()
+        carry = plan == "unchanged"
+        computed_in = prev["computed_in"] if carry else None
+        # keyed as its record will be (reject records truncate ids), for AssembleManifest's join
+        yield beam.pvalue.TaggedOutput("planned", (tile_id[:MAX_ID_CHARS], (fps, corr, computed_in)))
+        yield beam.pvalue.TaggedOutput("carry" if carry else "process", tile_id)
+
+
+def retire_chip(keyed) -> Iterator[dict]:
+    """(x_y, {'retiring': [previous rows], 'current': [naip ids]}) -> superseded / removed rows."""
+    _, groups = keyed
+    current = set(groups.get("current", ()))
+    for values in groups.get("retiring", ()):
+        row = dm.retire(dm.from_tuple(values), current)
+        _counter(row["outcome"]).inc()
+        yield row
+
+
+class PlanIncrement(beam.PTransform):
+    """(tile_id, fingerprints) of the current input, joined by tile id (CoGroupByKey) with the
+    previous run's manifest (read on the workers) and the corrections entries (read on the workers,
+    a later file wins, as `corrections.JoinCorrections`).
+
+    Returns a dict of PCollections: 'process' (tile ids to build), 'carry' (tile ids whose previous
+    record is reused), 'retired' (superseded / removed manifest rows, dicts) and 'planned'
+    (tile_id, (fingerprints, correction, computed_in)) for `AssembleManifest`. With
+    `previous_run=None` every tile is 'new'."""
+
+    def __init__(self, previous_run: str | None, options_hash: str, corrections_files: Iterable[str] = ()):
+        super().__init__()
+        self.previous_run = previous_run
+        self.options_hash = options_hash
+        self.corrections_files = tuple(corrections_files)
+
+    def expand(self, fingerprints):
+        p = fingerprints.pipeline
+        groups = {"fp": fingerprints}
+        if self.previous_run:
+            groups["prev"] = p | "ReadPreviousManifest" >> ReadPreviousManifest(self.previous_run)
+        if self.corrections_files:
+            groups["corr"] = (
+                p
+                | "CorrectionFiles" >> beam.Create(list(enumerate(self.corrections_files)))
+                | "SpreadCorrectionFiles" >> beam.Reshuffle()
+                | "ReadCorrections" >> beam.FlatMap(corrections.read_corrections_file)
+            )
+        if len(groups) > 1:
+            joined = groups | "JoinByTileId" >> beam.CoGroupByKey()
+        else:  # a full build without corrections: nothing to join
+            joined = fingerprints | "NothingToJoin" >> beam.MapTuple(lambda tid, fps: (tid, {"fp": [fps]}))
+        plan = joined | "Plan" >> beam.ParDo(PlanTileDoFn(self.options_hash)).with_outputs(
+            "process", "carry", "planned", "current_xy", "retiring", "retired")
+        if self.previous_run:
+            by_chip = (
+                {"retiring": plan.retiring, "current": plan.current_xy}
+                | "JoinByChip" >> beam.CoGroupByKey()
+                | "Retire" >> beam.FlatMap(retire_chip)
+            )
+            retired = (plan.retired, by_chip) | "AllRetired" >> beam.Flatten()
+        else:
+            retired = plan.retired
+        return {"process": plan.process, "carry": plan.carry, "retired": retired, "planned": plan.planned}
+
+
+# ---------------------------------------------------------------------------------------------
+# Carrying records forward
+
+
+def _open_parquet(path: str):
+    import pyarrow.parquet as pq
+
+    from transforms.readers import _open
+
+    f = _open(path)
+    return f, pq.ParquetFile(f)
+
+
+def row_groups(table_file: tuple[str, str]) -> Iterator[tuple[str, str, int]]:
+    """(table, file) -> (table, file, row group index) per row group."""
+    table, path = table_file
+    f, pf = _open_parquet(path)
+    with f:
+        for i in range(pf.metadata.num_row_groups):
+            yield table, path, i
+
+
+def _is_duplicate_reject(table: str, reason) -> bool:
+    # duplicate_tile_id rejects are remade from the current input by DeduplicateAndReshuffle
+    return table == "rejects" and reason == "duplicate_tile_id"
+
+
+def row_group_tile_ids(ref: tuple[str, str, int]) -> Iterator[tuple[str, tuple[str, str, int]]]:
+    """(table, file, row group) -> (tile_id, the same reference) for each record in it (only the
+    tile_id column, and reason for rejects, is read)."""
+    table, path, index = ref
+    columns = ["tile_id", "reason"] if table == "rejects" else ["tile_id"]
+    f, pf = _open_parquet(path)
+    with f:
+        rows = pf.read_row_group(index, columns=columns).to_pylist()
+    for row in rows:
+        if not _is_duplicate_reject(table, row.get("reason")):
+            yield row["tile_id"], (table, path, index)
+
+
+def locate(keyed) -> Iterator:
+    """(tile_id, {'carry': [...], 'at': [refs]}) -> ((table, file, row group), tile_id) for each carried
+    id found; the id to 'missing' when its previous record is not in the previous run."""
+    tile_id, groups = keyed
+    if not list(groups.get("carry", ())):
+        return
+    refs = sorted(set(groups.get("at", ())))
+    if not refs:
+        _counter("carry_missing").inc()
+        yield beam.pvalue.TaggedOutput("missing", tile_id)
+        return
+    if len(refs) > 1:
+        _counter("carry_duplicate_records").inc()
+    yield refs[0], tile_id
+
+
+class ReadCarriedDoFn(beam.DoFn):
+    """((table, file, row group), [tile ids]) -> those records, read from that row group once:
+    pairs to the main output, rejects to 'rejects', as the previous run stored them."""
+
+    def process(self, keyed):
+        (table, path, index), ids = keyed
+        wanted = set(ids)
+        schema = records.PAIR_SCHEMA if table == "pairs" else records.REJECT_SCHEMA
+        f, pf = _open_parquet(path)
+        with f:
+            rows = pf.read_row_group(index).to_pylist()
+        found = 0
+        for row in rows:
+            if row["tile_id"] not in wanted or _is_duplicate_reject(table, row.get("reason")):
+                continue
+            wanted.discard(row["tile_id"])  # one record per id
+            found += 1
+            record = {name: row.get(name) for name in schema.names}
+            yield record if table == "pairs" else beam.pvalue.TaggedOutput("rejects", record)
+        _counter("carried").inc(found)
+        _counter("row_groups_read").inc()
+        if wanted:  # the row group changed under us: the previous run is not what its manifest says
+            raise RuntimeError(f"{path} row group {index} no longer holds {len(wanted)} carried record(s), "
+                               f"e.g. {sorted(wanted)[0][:200]!r}")
+
+
+class CarryForward(beam.PTransform):
+    """Carried tile ids -> their records from a published run (its `_SUCCESS`-listed pairs and
+    rejects Parquet files, read on the workers), unchanged. Returns a dict: 'pairs', 'rejects', and
+    'missing' (carried ids without a record there: to be rebuilt)."""
+
+    def __init__(self, previous_run: str):
+        super().__init__()
+        self.previous_run = previous_run
+
+    def expand(self, carry_ids):
+        p = carry_ids.pipeline
+        locations = (
+            p
+            | "PreviousRun" >> beam.Create([self.previous_run])
+            | "RecordFiles" >> beam.FlatMap(dm.record_files)
+            | "SpreadFiles" >> beam.Reshuffle()
+            | "RowGroups" >> beam.FlatMap(row_groups)
+            | "SpreadRowGroups" >> beam.Reshuffle()
+            | "RowGroupTileIds" >> beam.FlatMap(row_group_tile_ids)
+        )
+        located = (
+            {"carry": carry_ids | "KeyCarried" >> beam.Map(lambda tile_id: (tile_id, None)), "at": locations}
+            | "JoinLocations" >> beam.CoGroupByKey()
+            | "Locate" >> beam.FlatMap(locate).with_outputs("missing", main="located")
+        )
+        carried = (
+            located.located
+            | "GroupByRowGroup" >> beam.GroupByKey()
+            | "ReadCarried" >> beam.ParDo(ReadCarriedDoFn()).with_outputs("rejects", main="pairs")
+        )
+        return {"pairs": carried.pairs, "rejects": carried.rejects, "missing": located.missing}
+
+
+# ---------------------------------------------------------------------------------------------
+# The manifest
+
+
+def outcome_of(source: str):
+    """A pair or reject record -> (tile_id, (source, outcome, reason)): small, for the manifest join."""
+
+    def key(record: dict):
+        if "reason" in record:
+            return record["tile_id"], (source, "reject", record["reason"])
+        return record["tile_id"], (source, "pair", None)
+
+    return key
+
+
+def assemble_rows(keyed, output: str, options_hash: str) -> Iterator[dict]:
+    """(tile_id, {'planned': [...], 'outcome': [...]}) -> the tile's manifest row. Every planned tile
+    has exactly one outcome (built or carried); anything else fails the job: a manifest that does
+    not match the data would mislead the next increment."""
+    tile_id, groups = keyed
+    planned = sorted(groups.get("planned", ()), key=repr)
+    outcomes = sorted(groups.get("outcome", ()), key=repr)
+    if len(planned) != len(outcomes):
+        raise RuntimeError(f"tile {tile_id[:200]!r}: {len(planned)} planned, {len(outcomes)} outcomes")
+    for (fps, corr, previous_computed_in), (source, outcome, reason) in zip(planned, outcomes):
+        computed_in = previous_computed_in if source == "carried" and previous_computed_in else output
+        yield dm.manifest_row(tile_id, fps, options_hash, corr, outcome, reason, computed_in)
+
+
+class AssembleManifest(beam.PTransform):
+    """(planned, outcomes) -> manifest rows of the current tiles (dicts), joined by tile id."""
+
+    def __init__(self, output: str, options_hash: str):
+        super().__init__()
+        self.output, self.options_hash = output, options_hash
+
+    def expand(self, inputs):
+        planned, outcomes = inputs
+        return (
+            {"planned": planned, "outcome": outcomes}
+            | "JoinOutcomes" >> beam.CoGroupByKey()
+            | "ManifestRows" >> beam.FlatMap(assemble_rows, output=self.output, options_hash=self.options_hash)
+        )
+
+
+class WriteManifest(beam.PTransform):
+    """Manifest rows -> `<output>/manifest/manifest-SSSSS-of-NNNNN.parquet`; yields the file names."""
+
+    def __init__(self, output: str, num_shards: int = 0):
+        super().__init__()
+        self.output, self.num_shards = output, num_shards
+
+    def expand(self, rows):
+        return rows | "Parquet" >> WriteParquet(self.output, dm.MANIFEST_FOLDER, dm.MANIFEST_SCHEMA, self.num_shards)
+
+
+# ---------------------------------------------------------------------------------------------
+# The latest pointer and the output folder
+
+
+def move_latest(success_path: str, pointer: str, run_dir: str) -> str:
+    """After `_SUCCESS` (its path is the input): points `pointer` at `run_dir`."""
+    publish_latest(pointer, run_dir)
+    return pointer
+
+
+def prepare_output(output: str, overwrite: bool) -> int:
+    """`publish.prepare_output` (refuse, or clear with `_SUCCESS` first), plus the `manifest/` folder,
+    which `publish` does not know about. Returns the number of files deleted."""
+    pattern = tiles.join(output, dm.MANIFEST_FOLDER, "**")
+    manifest = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+    if manifest and not overwrite:
+        raise publish.OutputNotEmpty(
+            f"{output} already holds a run or part of one ({len(manifest)} manifest files, e.g. {manifest[0]}); "
+            "choose a new --output or pass --overwrite to replace it")
+    deleted = publish.prepare_output(output, overwrite)  # _SUCCESS first, then the data folders
+    if manifest:
+        storage.delete(manifest)
+    return deleted + len(manifest)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole build
+
+
+def check_since(previous_run: str | None, output: str) -> str | None:
+    """The previous run folder, normalised; ValueError when it is the output folder itself (the
+    build clears its output first: it would delete what it is about to read)."""
+    if not previous_run:
+        return None
+    previous = previous_run.rstrip("/")
+    same = previous == output.rstrip("/")
+    if not same and storage.is_local(previous) and storage.is_local(output):
+        import os
+
+        same = os.path.realpath(previous) == os.path.realpath(output)
+    if same:
+        raise ValueError(f"--since {previous_run} is the output folder itself: build into a new --output")
+    return previous
+
+
+def count_processed(tile_id: str) -> str:
+    _counter("processed").inc()
+    return tile_id
+
+
+class IncrementalBuildPipeline(beam.PTransform):
+    """The build of `transforms.beam.BuildPairsPipeline` (same transforms, same outputs), made
+    incremental against `previous_run` (None: everything is built), plus `manifest/`, and the
+    `latest` pointer moved after `_SUCCESS` when given."""
+
+    def __init__(self, config: PairConfig, spec: OutputSpec, run_info: dict, previous_run: str | None = None,
+                 manifest: str | None = None, latest: str | None = None):
+        super().__init__()
+        self.config, self.spec, self.manifest = config, spec, manifest
+        self.previous_run = check_since(previous_run, spec.path)
+        self.latest = latest
+        self.run_info = {**run_info, "since": self.previous_run, "latest": latest}
+        self.options_hash = dm.config_options_hash(config)
+        self.run_info.setdefault("options_hash", self.options_hash)
+
+    def expand(self, pbegin):
+        config, spec = self.config, self.spec
+        ids = pbegin | "ReadTileIds" >> ReadTileIds(config.input_root, self.manifest)
+        unique = ids | "Deduplicate" >> DeduplicateAndReshuffle()
+        fps = unique.ids | "FingerprintTiles" >> FingerprintTiles(fpr.FingerprintSpec.for_config(config))
+        plan = fps | "PlanIncrement" >> PlanIncrement(self.previous_run, self.options_hash, config.corrections)
+
+        to_build = [plan["process"]]
+        carried_pairs, carried_rejects = [], []
+        if self.previous_run:
+            carried = plan["carry"] | "CarryForward" >> CarryForward(self.previous_run)
+            to_build.append(carried["missing"])
+            carried_pairs.append(carried["pairs"])
+            carried_rejects.append(carried["rejects"])
+        process = (
+            to_build
+            | "AllToBuild" >> beam.Flatten()
+            | "CountProcessed" >> beam.Map(count_processed)
+        )
+        built = process | "BuildPairs" >> BuildPairs(config)
+
+        pairs = [built.pairs, *carried_pairs] | "AllPairs" >> beam.Flatten()
+        rejects = [unique.rejects, built.rejects, *carried_rejects] | "AllRejects" >> beam.Flatten()
+        pair_files, format_keys = pairs | "WritePairs" >> WritePairs(spec)
+        reject_files = rejects | "WriteRejects" >> WriteParquet(spec.path, "rejects", records.REJECT_SCHEMA,
+                                                               spec.num_shards)
+
+        outcomes = [built.pairs | "BuiltPairOutcome" >> beam.Map(outcome_of("built")),
+                    built.rejects | "BuiltRejectOutcome" >> beam.Map(outcome_of("built"))]
+        outcomes += [pc | f"CarriedOutcome{i}" >> beam.Map(outcome_of("carried"))
+                     for i, pc in enumerate([*carried_pairs, *carried_rejects])]
+        rows = ((plan["planned"], outcomes | "AllOutcomes" >> beam.Flatten())
+                | "AssembleManifest" >> AssembleManifest(spec.path, self.options_hash))
+        manifest_files = ((rows, plan["retired"]) | "AllManifestRows" >> beam.Flatten()
+                          | "WriteManifest" >> WriteManifest(spec.path, spec.num_shards))
+
+        outcome_keys = [
+            pairs | "PairKey" >> beam.Map(outcome_key),
+            rejects | "RejectKey" >> beam.Map(outcome_key),
+            *format_keys,
+        ] | "AllOutcomeKeys" >> beam.Flatten()
+        files = [*pair_files, reject_files, manifest_files] | "AllFiles" >> beam.Flatten()
+        success = (outcome_keys, files) | "PublishRun" >> PublishRun(spec.path, self.run_info)
+        if self.latest:
+            success = success | "MoveLatest" >> beam.Map(move_latest, pointer=self.latest, run_dir=spec.path)
+        return success
+
+
+def counter_values(result) -> dict[str, int]:
+    """The job's `incremental` counters (committed values, summed over steps); {} when the runner
+    reports none."""
+    try:
+        found = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(NAMESPACE))["counters"]
+    except Exception:  # noqa: BLE001 - metrics are informative; a runner without them is fine
+        return {}
+    out: dict[str, int] = {}
+    for c in found:
+        out[c.key.metric.name] = out.get(c.key.metric.name, 0) + int(c.committed or 0)
+    return dict(sorted(out.items()))
+
+
+def build_incremental(p: beam.Pipeline, config: PairConfig, spec: OutputSpec, info: dict,
+                      previous_run: str | None = None, manifest: str | None = None, *, latest: str | None = None):
+    """The whole build on pipeline `p`: incremental against `previous_run` (a published run folder
+    with a manifest), or full when it is None; writes `manifest/` and, with `latest`, moves that
+    pointer after `_SUCCESS`."""
+    return p | "BuildPairs" >> IncrementalBuildPipeline(config, spec, info, previous_run, manifest, latest)
