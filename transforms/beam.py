@@ -2,6 +2,7 @@
 
 tile ids (manifest shards or a parallel listing) -> deduplicate (a keyed shuffle) -> build pairs
 (read, pre-filter, select) -> pairs in each format + rejects -> run.json, then _SUCCESS.
+`transforms.incremental.IncrementalBuildPipeline` composes them into the whole build.
 """
 from __future__ import annotations
 
@@ -285,29 +286,3 @@ class WritePairs(beam.PTransform):
             keys.append(png.rejects | "PngRejectKey" >> beam.Map(lambda r: f"png_reject:{r['reason']}"))
             keys.append(png.black_pixel_tiles | "BlackPixelKey" >> beam.Map(lambda _: "png_black_pixel_tile"))
         return files, keys
-
-
-class BuildPairsPipeline(beam.PTransform):
-    """The whole build from the pipeline's root: ids -> pairs (every format) and rejects -> run.json
-    and _SUCCESS."""
-
-    def __init__(self, config: PairConfig, spec: OutputSpec, run_info: dict, manifest: str | None = None):
-        super().__init__()
-        self.config, self.spec, self.run_info, self.manifest = config, spec, run_info, manifest
-
-    def expand(self, pbegin):
-        ids = pbegin | "ReadTileIds" >> ReadTileIds(self.config.input_root, self.manifest)
-        unique = ids | "Deduplicate" >> DeduplicateAndReshuffle()
-        built = unique.ids | "BuildPairs" >> BuildPairs(self.config)
-        rejects = (unique.rejects, built.rejects) | "AllRejects" >> beam.Flatten()
-        pair_files, format_keys = built.pairs | "WritePairs" >> WritePairs(self.spec)
-        reject_files = rejects | "WriteRejects" >> WriteParquet(
-            self.spec.path, "rejects", records.REJECT_SCHEMA, self.spec.num_shards)
-        # Keys are taken before flattening so that no pair record is ever materialised for counting.
-        outcome_keys = [
-            built.pairs | "PairKey" >> beam.Map(outcome_key),
-            rejects | "RejectKey" >> beam.Map(outcome_key),
-            *format_keys,
-        ] | "AllOutcomeKeys" >> beam.Flatten()
-        files = [*pair_files, reject_files] | "AllFiles" >> beam.Flatten()
-        return (outcome_keys, files) | "PublishRun" >> PublishRun(self.spec.path, self.run_info)

@@ -436,9 +436,9 @@ def count_processed(tile_id: str) -> str:
 
 
 class IncrementalBuildPipeline(beam.PTransform):
-    """The build of `transforms.beam.BuildPairsPipeline` (same transforms, same outputs), made
-    incremental against `previous_run` (None: everything is built), plus `manifest/`, and the
-    `latest` pointer moved after `_SUCCESS` when given."""
+    """The whole build: the transforms of `transforms.beam` (ids -> pairs in every format and
+    rejects -> run.json, _SUCCESS), made incremental against `previous_run` (None: everything is
+    built), plus `manifest/`, and the `latest` pointer moved after `_SUCCESS` when given."""
 
     def __init__(self, config: PairConfig, spec: OutputSpec, run_info: dict, previous_run: str | None = None,
                  manifest: str | None = None, latest: str | None = None):
