@@ -109,3 +109,26 @@ def naip_servers(real_naip_dir, tmp_path_factory):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture
+def loopback_only(monkeypatch):
+    """Fails any connection or name lookup of this process that is not loopback (tests of the
+    servers and clients use it: nothing they do may leave the machine)."""
+    import socket
+
+    real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
+    allowed = {"127.0.0.1", "localhost", "::1", None}
+
+    def connect(sock, address):
+        if isinstance(address, tuple) and address[0] not in allowed:
+            raise AssertionError(f"connection to {address!r} attempted")
+        return real_connect(sock, address)
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host not in allowed and not str(host).startswith("127."):
+            raise AssertionError(f"name lookup of {host!r} attempted")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import urllib.parse
 
 import apache_beam as beam
@@ -48,24 +47,7 @@ def xy(i: int) -> str:
     return f"{35000 + i}_55000"
 
 
-@pytest.fixture(autouse=True)
-def loopback_only(monkeypatch):
-    """Fails any connection or name lookup of this process that is not loopback."""
-    real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
-    allowed = {"127.0.0.1", "localhost", "::1", None}
-
-    def connect(sock, address):
-        if isinstance(address, tuple) and address[0] not in allowed:
-            raise AssertionError(f"connection to {address!r} attempted")
-        return real_connect(sock, address)
-
-    def getaddrinfo(host, *args, **kwargs):
-        if host not in allowed and not str(host).startswith("127."):
-            raise AssertionError(f"name lookup of {host!r} attempted")
-        return real_getaddrinfo(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+pytestmark = pytest.mark.usefixtures("loopback_only")  # tests/conftest.py
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import socket
 from collections import Counter
 
 import numpy as np
@@ -38,24 +37,7 @@ UNCAPTURED = "m_4709963_se_14_1_20110101"  # the quad, a date without a capture
 OTHER_QUAD = "m_2408115_sw_17_060_20191128"  # a quad the API does not have
 
 
-@pytest.fixture(autouse=True)
-def loopback_only(monkeypatch):
-    """Fails any connection or name lookup of this process that is not loopback."""
-    real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
-    allowed = {"127.0.0.1", "localhost", "::1", None}
-
-    def connect(sock, address):
-        if isinstance(address, tuple) and address[0] not in allowed:
-            raise AssertionError(f"connection to {address!r} attempted")
-        return real_connect(sock, address)
-
-    def getaddrinfo(host, *args, **kwargs):
-        if host not in allowed and not str(host).startswith("127."):
-            raise AssertionError(f"name lookup of {host!r} attempted")
-        return real_getaddrinfo(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+pytestmark = pytest.mark.usefixtures("loopback_only")  # tests/conftest.py
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 
 import pytest
 import rasterio
@@ -29,24 +28,7 @@ NEWER = ["m_4709963_se_14_1_20140720", "m_4709963_se_14_1_20150926", "m_4709963_
 FAST_HTTP = ["--http-backoff", "0.01", "--max-requests-per-second", "200"]
 
 
-@pytest.fixture(autouse=True)
-def loopback_only(monkeypatch):
-    """Fails any connection or name lookup of this process that is not loopback."""
-    real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
-    allowed = {"127.0.0.1", "localhost", "::1", None}
-
-    def connect(sock, address):
-        if isinstance(address, tuple) and address[0] not in allowed:
-            raise AssertionError(f"connection to {address!r} attempted")
-        return real_connect(sock, address)
-
-    def getaddrinfo(host, *args, **kwargs):
-        if host not in allowed and not str(host).startswith("127."):
-            raise AssertionError(f"name lookup of {host!r} attempted")
-        return real_getaddrinfo(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+pytestmark = pytest.mark.usefixtures("loopback_only")  # tests/conftest.py
 
 
 def feature(item_id: str, date: str, bbox=(-1.0, -1.0, 1.0, 1.0)) -> dict:

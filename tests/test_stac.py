@@ -32,24 +32,11 @@ from transforms import geo, nir_fetch, signing, stac, storage
 FAST = storage.RetryPolicy(attempts=6, initial_delay_s=0.01, max_delay_s=0.05, deadline_s=20)
 
 
+pytestmark = pytest.mark.usefixtures("loopback_only")  # tests/conftest.py
+
+
 @pytest.fixture(autouse=True)
-def loopback_only(monkeypatch):
-    """Fails any connection or name lookup of this process that is not loopback."""
-    real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
-    allowed = {"127.0.0.1", "localhost", "::1", None}
-
-    def connect(sock, address):
-        if isinstance(address, tuple) and address[0] not in allowed:
-            raise AssertionError(f"connection to {address!r} attempted")
-        return real_connect(sock, address)
-
-    def getaddrinfo(host, *args, **kwargs):
-        if host not in allowed and not str(host).startswith("127."):
-            raise AssertionError(f"name lookup of {host!r} attempted")
-        return real_getaddrinfo(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+def no_proxy_for_loopback(monkeypatch):
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
 
