@@ -1,7 +1,10 @@
 """`s2naip bench` / `python -m pipelines.bench`: throughput and memory of the build, measured in one run.
 
-Measures, on a generated sample (default 2,000 tiles, ~30 timesteps each), medians over repeats of:
-  decode   read + decode the tile's four PNGs (the floor: nothing can be faster than its input)
+Measures, on a generated sample (default 2,000 tiles, ~30 timesteps each, with the extra bands b01,
+b10, b11, b12 as S2-NAIP ships them), for one --selection mode (default: the build's), medians over
+repeats of:
+  decode   read + decode the PNGs the mode reads (rgb, nir, tci, b08; robust also the extra bands):
+           the floor, nothing can be faster than its input
   core     the selection alone (select_pair on decoded arrays)
   loop     the whole per-tile function (build_tile: read, decode, select, record) in a plain loop
   pipe-1   the full Beam pipeline, in-process runner, one worker (wall time of the command)
@@ -24,18 +27,19 @@ import time
 from transforms import runtime, tiles
 from transforms.pairs import PairConfig, TileRejected, build_tile, load_tile
 from transforms.sample import generate_sample
-from transforms.selection import select_pair
+from transforms.selection import DEFAULT_SELECTION, EXTRA_BANDS, SELECTION_MODES, SelectionConfig, select_pair
 from transforms.tiles import TileId
 
 TIMESTEPS = (26, 34)  # ~30 timesteps per tile, as S2-NAIP's shorter series
 
 
 def sample_dir(workdir: str, tiles: int, seed: int) -> str:
-    """A generated sample, made once per (tiles, seed) and reused by later runs."""
-    path = os.path.join(workdir, f"sample-{tiles}-{seed}")
+    """A generated sample (with extra bands), made once per (tiles, seed) and reused by later runs."""
+    path = os.path.join(workdir, f"sample-{tiles}-{seed}-xb")
     done = os.path.join(path, ".complete")
     if not os.path.exists(done):
-        generate_sample(path, tiles, seed=seed, timesteps=TIMESTEPS, workers=os.cpu_count() or 1)
+        generate_sample(path, tiles, seed=seed, timesteps=TIMESTEPS, extra_bands=True,
+                        workers=os.cpu_count() or 1)
         open(done, "w").close()
     return path
 
@@ -58,7 +62,7 @@ def time_decode_and_core(ids: list[str], config: PairConfig) -> tuple[float, flo
             continue
         t1 = time.perf_counter()
         try:
-            select_pair(inputs.hr, inputs.series, config.selection)
+            select_pair(inputs.hr, inputs.series, config.selection, inputs.extra)
         except Exception:
             continue
         t2 = time.perf_counter()
@@ -76,7 +80,8 @@ def time_loop(ids: list[str], config: PairConfig) -> float:
 
 
 def run_pipeline(sample: str, out: str, extra: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of one `python -m pipelines.build_pairs` run."""
+    """Wall seconds and peak RSS (MiB) of one `python -m pipelines.build_pairs` run (`extra`: more
+    options, e.g. --selection)."""
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "pipelines.build_pairs", "--input", sample, "--output", out,
            "--manifest", os.path.join(sample, "manifest.txt"), "--runner", "FnApiRunner", *extra]
@@ -91,14 +96,17 @@ def run_pipeline(sample: str, out: str, extra: list[str]) -> tuple[float, float]
     return wall, usage.ru_maxrss / 1024.0
 
 
-def input_bytes_per_tile(sample: str, ids: list[str]) -> float:
-    """Mean bytes of the four files a tile reads (rgb, nir, tci, b08), over tiles that have them."""
+def input_bytes_per_tile(sample: str, ids: list[str], mode: str) -> float:
+    """Mean bytes of the files a tile reads (rgb, nir, tci, b08; robust: also the extra bands it
+    has), over tiles that have the first four."""
     total, n = 0, 0
     for tile_id in ids:
         tile = TileId.parse(tile_id)
         paths = [tiles.hr_rgb_path(sample, tile), tiles.hr_nir_path(sample, tile),
                  tiles.s2_band_path(sample, tile, "tci"), tiles.s2_band_path(sample, tile, "b08")]
         if all(os.path.exists(p) for p in paths):
+            if mode == "robust":
+                paths += [p for p in (tiles.s2_band_path(sample, tile, b) for b in EXTRA_BANDS) if os.path.exists(p)]
             total += sum(os.path.getsize(p) for p in paths)
             n += 1
     return total / max(n, 1)
@@ -124,11 +132,13 @@ def machine() -> dict:
             "numpy": numpy.__version__, "platform": platform.platform()}
 
 
-def bench(tiles: int, rss_tiles: list[int], repeats: int, workdir: str, seed: int = 0) -> dict:
+def bench(tiles: int, rss_tiles: list[int], repeats: int, workdir: str, seed: int = 0,
+          selection: str = DEFAULT_SELECTION) -> dict:
     runtime.tune_allocator()  # as BuildPairDoFn.setup does in the pipeline's workers
     sample = sample_dir(workdir, tiles, seed)
     ids = tile_ids(sample)
-    config = PairConfig(input_root=sample)
+    config = PairConfig(input_root=sample, selection=SelectionConfig(mode=selection))
+    mode_args = ["--selection", selection]
     decode_rates, core_rates, loop_rates = [], [], []
     for _ in range(repeats):
         decode_s, core_s, n = time_decode_and_core(ids, config)
@@ -140,17 +150,18 @@ def bench(tiles: int, rss_tiles: list[int], repeats: int, workdir: str, seed: in
                                                      "--direct_num_workers=2"])]:
         rates = []
         for r in range(repeats):
-            wall, _ = run_pipeline(sample, os.path.join(workdir, f"out-{name}-{r}"), extra)
+            wall, _ = run_pipeline(sample, os.path.join(workdir, f"out-{name}-{r}"), extra + mode_args)
             rates.append(len(ids) / wall)
         pipe[name] = statistics.median(rates)
     rss = {}
     for n in rss_tiles:
         s = sample_dir(workdir, n, seed)
-        rss[n] = run_pipeline(s, os.path.join(workdir, f"out-rss-{n}"), [])[1]
+        rss[n] = run_pipeline(s, os.path.join(workdir, f"out-rss-{n}"), mode_args)[1]
     med = statistics.median
     result = {
         "tiles": tiles,
         "repeats": repeats,
+        "selection": selection,
         "tiles_per_s": {"decode": med(decode_rates), "core": med(core_rates), "loop": med(loop_rates),
                         "pipeline_in_process": pipe["pipe_1"], "pipeline_2_workers": pipe["pipe_2"]},
         "ratios": {
@@ -159,7 +170,7 @@ def bench(tiles: int, rss_tiles: list[int], repeats: int, workdir: str, seed: in
             "pipeline_2_workers_vs_1": pipe["pipe_2"] / pipe["pipe_1"],
         },
         "peak_rss_mib": {str(n): v for n, v in rss.items()},
-        "bytes": {"input_per_tile": input_bytes_per_tile(sample, ids),
+        "bytes": {"input_per_tile": input_bytes_per_tile(sample, ids, selection),
                   "parquet_per_pair": output_bytes_per_pair(os.path.join(workdir, "out-pipe_1-0"))},
         "machine": machine(),
     }
@@ -172,7 +183,7 @@ def bench(tiles: int, rss_tiles: list[int], repeats: int, workdir: str, seed: in
 def report_text(r: dict) -> str:
     t, q = r["tiles_per_s"], r["ratios"]
     lines = [
-        f"s2naip bench: {r['tiles']} tiles, medians of {r['repeats']} runs, "
+        f"s2naip bench: --selection {r.get('selection', '?')}, {r['tiles']} tiles, medians of {r['repeats']} runs, "
         f"{r['machine']['cpu']} ({r['machine']['cores']} cores)",
         f"  decode only (floor)         {t['decode']:8.1f} tiles/s",
         f"  core (selection) only       {t['core']:8.1f} tiles/s   cost {q['core_cost_vs_decode']:.2f}x decode",
@@ -197,12 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiles", type=int, default=2000)
     parser.add_argument("--rss-tiles", default="2000,20000", help="comma-separated sample sizes for peak RSS")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--selection", default=DEFAULT_SELECTION, choices=SELECTION_MODES,
+                        help=f"the selection mode to measure (default {DEFAULT_SELECTION}, the build's)")
     parser.add_argument("--workdir", default="bench-out", help="samples are generated here once and reused")
     parser.add_argument("--report", default=None, help="JSON file for the figures (default: WORKDIR/bench.json)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     os.makedirs(args.workdir, exist_ok=True)
     rss_tiles = [int(x) for x in args.rss_tiles.split(",") if x.strip()]
-    result = bench(args.tiles, rss_tiles, args.repeats, args.workdir)
+    result = bench(args.tiles, rss_tiles, args.repeats, args.workdir, selection=args.selection)
     report = args.report or os.path.join(args.workdir, "bench.json")
     with open(report, "w") as f:
         json.dump(result, f, indent=2)

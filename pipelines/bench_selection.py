@@ -186,7 +186,7 @@ def report_text(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.bench_selection", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="s2naip bench-selection", description=__doc__.splitlines()[0])
     parser.add_argument("--real-data", required=True,
                         help="folder of real NAIP GeoTIFFs of one quarter quad (m_*.tif), e.g. ../shared/data/naip_real")
     parser.add_argument("--split", default="held-out", choices=("held-out", "tune", "all"),

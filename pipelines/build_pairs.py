@@ -85,7 +85,7 @@ def run(argv: list[str] | None = None) -> dict | None:
 
         sample_dir = sample_input_dir(opts.output)
         _LOG.info("no --input: generating the embedded sample (%d tiles) in %s", opts.sample_tiles, sample_dir)
-        generate_sample(sample_dir, opts.sample_tiles, seed=0)
+        generate_sample(sample_dir, opts.sample_tiles, seed=0, extra_bands=True)
         opts.input = sample_dir
     try:
         config = pair_config(opts)

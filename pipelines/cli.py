@@ -9,6 +9,8 @@ SUBCOMMANDS = {
     "sample": ("transforms.sample", "generate a procedural S2-NAIP-layout sample folder"),
     "index": ("pipelines.index", "list an S2-NAIP folder into a tile-id manifest"),
     "bench": ("pipelines.bench", "measure decode, core and pipeline throughput"),
+    "bench-selection": ("pipelines.bench_selection",
+                        "measure each selection mode's choices on hard and easy tiles made from real NAIP"),
     "fetch-nir": ("pipelines.fetch_nir", "fetch NAIP NIR (band 4) per tile from a STAC API, grouped per NAIP item"),
     "plan": ("pipelines.plan", "list the quarter quads with a newer NAIP capture: the work list of a release"),
     "review": ("pipelines.review", "rank a build's pairs and write a page to re-pick or drop the worst"),
@@ -18,7 +20,8 @@ SUBCOMMANDS = {
 
 def usage() -> str:
     lines = ["usage: s2naip <command> [options]", "", "commands:"]
-    lines += [f"  {name:<8} {text}" for name, (_, text) in SUBCOMMANDS.items()]
+    width = max(map(len, SUBCOMMANDS))
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in SUBCOMMANDS.items()]
     lines += ["", "s2naip <command> --help shows a command's options."]
     return "\n".join(lines)
 

@@ -5,7 +5,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from transforms.pairs import BAND_SETS, PairConfig
 from transforms.publish import OutputSpec
-from transforms.selection import DOWNSAMPLE_METHODS, SELECTION_MODES, SelectionConfig
+from transforms.selection import DEFAULT_SELECTION, DOWNSAMPLE_METHODS, SELECTION_MODES, SelectionConfig
 
 DEFAULT_SAMPLE_TILES = 200
 
@@ -37,10 +37,10 @@ class BuildOptions(PipelineOptions):
         parser.add_argument("--manifest", default=None,
                             help="Tile ids to build: text (one id a line) or .parquet (tile_id column). "
                                  "Omitted: list --input.")
-        parser.add_argument("--selection", default="paper", choices=SELECTION_MODES,
-                            help="paper: the paper's score; companion: the published code's rule; "
-                                 "robust: the paper's closeness without SSIM's haze bias, plus evidence of "
-                                 "haze, cloud, shadow, snow and misregistration (README).")
+        parser.add_argument("--selection", default=DEFAULT_SELECTION, choices=SELECTION_MODES,
+                            help="robust (default): the paper's closeness without SSIM's haze bias, plus "
+                                 "evidence of haze, cloud, shadow, snow and misregistration (README); paper: "
+                                 "the paper's score as written; companion: the published code's rule.")
         parser.add_argument("--alpha", type=float, default=0.7, help="Weight of the raw distance.")
         parser.add_argument("--top-k", "--top_k", dest="top_k", type=int, default=16,
                             help="Timesteps kept by PSNR before scoring.")

@@ -92,7 +92,8 @@ def run(argv: list[str]) -> dict:
                      args.predictions)
     if len(selected) > LARGE_REVIEW:
         _LOG.warning("%d tiles selected: the page will be slow to write and to review; use --worst", len(selected))
-    pair_config = PairConfig(input_root=input_root, nir_root=nir_root, bands=bands)
+    # with the build's selection, so that a robust build's extra bands are read and scored as it did
+    pair_config = PairConfig(input_root=input_root, nir_root=nir_root, bands=bands, selection=config)
 
     def one(item: tuple[int, Ranked]):
         rank, ranked = item
@@ -102,7 +103,7 @@ def run(argv: list[str]) -> dict:
             detail = getattr(e, "detail", None) or f"{type(e).__name__}: {e}"
             return None, f"{ranked.tile_id}: {detail}"
         prediction = read_prediction(args.predictions, ranked.tile_id) if args.predictions else None
-        return review_tile(rank, ranked, inputs.hr, inputs.series, config, prediction), None
+        return review_tile(rank, ranked, inputs.hr, inputs.series, config, prediction, inputs.extra), None
 
     review_tiles, failures = [], []
     with concurrent.futures.ThreadPoolExecutor(max(1, args.workers)) as pool:

@@ -15,3 +15,7 @@ def test_bench_command_reports_every_figure(tmp_path, capsys):
     assert set(figures["peak_rss_mib"]) == {"24", "36"} and "rss_36_vs_24" in figures["ratios"]
     assert figures["bytes"]["input_per_tile"] > 10_000
     assert "pipeline, 2 workers" in capsys.readouterr().out
+    # the default mode, measured in every step (the pipeline runs record it)
+    assert figures["selection"] == "robust"
+    run = json.loads((tmp_path / "w" / "out-pipe_2-0" / "run.json").read_text())
+    assert run["options"]["selection"] == "robust"

@@ -59,5 +59,5 @@ def test_build_without_input_runs_the_embedded_sample(tmp_path):
 
 def test_help_lists_the_commands(tmp_path):
     proc = s2naip("--help", cwd=tmp_path)
-    for command in ("build", "sample", "index", "bench"):
+    for command in ("build", "sample", "index", "bench", "bench-selection", "review", "report"):
         assert command in proc.stdout

@@ -13,7 +13,7 @@ import apache_beam as beam
 from pipelines import build_pairs
 from pipelines.options import BuildOptions, pair_config
 from tests.tile_factory import NAIP_ID, black_edge, cloud, scene, series_from, write_tile
-from transforms import corrections
+from transforms import corrections, records
 from transforms.corrections import BadCorrection, Correction, CorrectionsFileError
 from transforms.pairs import PairConfig, build_tile, load_tile
 from transforms.selection import SelectionConfig, match_histograms, select_pair
@@ -128,6 +128,30 @@ def test_manual_selection_in_a_mode_scored_among_timesteps():
     assert manual.lr_index == index and np.isfinite(manual.score)
     assert manual.psnr == pytest.approx(every.candidate_psnr[at]) and manual.score == pytest.approx(
         every.candidate_scores[at], rel=1e-5)
+    # its own evidence, measured among every valid timestep, goes to the lr_* columns
+    assert manual.lr_evidence.haze[0] == every.evidence.haze[at]
+    record = records.pair_record(TileId.parse(tid(0)), manual, n_timesteps=12, split="s", mode="manual", alpha=0.7)
+    assert record["lr_cloud"] == pytest.approx(every.evidence.cloud[at]) and record["lr_index"] == index
+    assert record["candidate_cloud"] == pytest.approx(auto.evidence.cloud.tolist())  # the automatic candidates'
+
+
+def test_manual_pick_outside_the_candidates_is_scored_with_the_tiles_extra_bands(tmp_path):
+    """Robust mode: a pick outside the top-k is scored, and its evidence measured, among every valid
+    timestep with the extra bands the tile has (here a B10 with cirrus over the pick)."""
+    root = str(tmp_path)
+    hr, series = _series_with_defects(4, t=12)
+    b10 = np.zeros(series.shape[:3], np.uint8)
+    write_tile(root, tid(0), hr, series, extra={"b10": b10})
+    config = PairConfig(input_root=root, selection=SelectionConfig(top_k=3))
+    auto = build_tile(tid(0), config).record
+    index = next(t for t in auto["valid_indices"] if t not in auto["candidate_indices"] and t != 5)
+    clear = build_tile(tid(0), config, Correction(index)).record
+    b10[index] = 10  # thick cirrus over the pick, in the file the build reads
+    write_tile(root, tid(0), hr, series, extra={"b10": b10})
+    cirrus = build_tile(tid(0), config, Correction(index)).record
+    assert clear["selection"] == cirrus["selection"] == "manual" and clear["lr_index"] == cirrus["lr_index"] == index
+    assert clear["lr_cirrus"] == pytest.approx(0.0) and cirrus["lr_cirrus"] > 0.5
+    assert cirrus["score"] > clear["score"] + 0.2 and cirrus["evidence_bands"] == ["b10"]
 
 
 def test_build_tile_with_each_kind_of_correction(tmp_path):
@@ -136,14 +160,17 @@ def test_build_tile_with_each_kind_of_correction(tmp_path):
     write_tile(root, tid(0), hr, series)
     config = PairConfig(input_root=root, split="s")
     auto = build_tile(tid(0), config)
-    assert auto.kind == "pair" and auto.record["selection"] == "paper" and auto.record["lr_index"] != 5
+    assert auto.kind == "pair" and auto.record["selection"] == "robust" and auto.record["lr_index"] != 5
 
     manual = build_tile(tid(0), config, Correction(5, "review.json"))
     assert manual.kind == "pair"
     rec = manual.record
     assert rec["selection"] == "manual" and rec["lr_index"] == 5
-    for column in ("candidate_indices", "candidate_psnr", "candidate_scores", "valid_indices", "n_timesteps"):
+    for column in ("candidate_indices", "candidate_psnr", "candidate_scores", "valid_indices", "n_timesteps",
+                   "candidate_cloud"):
         assert rec[column] == auto.record[column], column
+    at = auto.record["candidate_indices"].index(5)  # a candidate: its evidence is the candidate's
+    assert rec["lr_cloud"] == auto.record["candidate_cloud"][at] > 0.05
     inputs = load_tile(TileId.parse(tid(0)), config)
     np.testing.assert_array_equal(np.frombuffer(rec["lr"], np.uint8).reshape(32, 32, 4), inputs.series[5])
     np.testing.assert_array_equal(np.frombuffer(rec["hr"], np.uint8).reshape(128, 128, 4),

@@ -24,7 +24,9 @@ from pipelines import build_pairs, review
 from tests.tile_factory import NAIP_ID, cloud, scene, series_from, write_tile
 from transforms import review_page
 from transforms.review_page import Ranking
-from transforms.selection import downsample, psnr, to_uint8
+from transforms.corrections import timestep_metrics
+from transforms.evidence import Evidence
+from transforms.selection import SelectionConfig, downsample, psnr, to_uint8
 
 RUNNER = "FnApiRunner"
 N_TILES = 5
@@ -35,21 +37,42 @@ def tid(i):
     return f"{NAIP_ID}/{38000 + i}_58000"
 
 
+def review_input(i: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Tile i: 10 timesteps, more of them cloudy the higher i; a B10 band with cirrus over timestep 9."""
+    rng = np.random.default_rng(100 + i)
+    hr = scene(rng)
+    series = series_from(hr, rng, 10)
+    for t in range(1, 1 + 2 * i):
+        series[t] = cloud(series[t])
+    b10 = np.zeros(series.shape[:3], np.uint8)
+    b10[9] = 10  # ~0.03 reflectance at 1375 nm: thick cirrus
+    return hr, series, {"b10": b10}
+
+
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """A small input (tile i: 10 timesteps, more of them cloudy the higher i) and its build."""
-    base = tmp_path_factory.mktemp("review")
-    root, out = str(base / "in"), str(base / "out")
+def review_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("review") / "in")
     for i in range(N_TILES):
-        rng = np.random.default_rng(100 + i)
-        hr = scene(rng)
-        series = series_from(hr, rng, 10)
-        for t in range(1, 1 + 2 * i):
-            series[t] = cloud(series[t])
-        write_tile(root, tid(i), hr, series)
-    summary = build_pairs.run(["--input", root, "--output", out, "--runner", RUNNER, "--top-k", "4"])
+        hr, series, extra = review_input(i)
+        write_tile(root, tid(i), hr, series, extra=extra)
+    return root
+
+
+def _build(root, out, *args):
+    summary = build_pairs.run(["--input", root, "--output", out, "--runner", RUNNER, "--top-k", "4", *args])
     assert summary["counts"]["pairs"] == N_TILES
     return root, out
+
+
+@pytest.fixture(scope="module")
+def built(review_root, tmp_path_factory):
+    """The review input built with the default selection (robust)."""
+    return _build(review_root, str(tmp_path_factory.mktemp("review-out") / "out"))
+
+
+@pytest.fixture(scope="module")
+def built_paper(review_root, tmp_path_factory):
+    return _build(review_root, str(tmp_path_factory.mktemp("review-paper") / "out"), "--selection", "paper")
 
 
 def read_data_js(page_dir) -> dict:
@@ -102,6 +125,16 @@ def test_metrics_match_the_selection_numerics():
         review_page.metric_values(hr[..., :3], hr[..., :3], "psnr_rgbn")
 
 
+def test_evidence_flags_name_what_is_beyond_the_scores_tolerances():
+    k = 4
+    ev = Evidence(bands=("b10",), distance=np.zeros(k), penalty=np.zeros(k),
+                  haze=np.array([0.0, 0.15, 0.04, 0.0]), dark_channel=np.zeros(k),
+                  cloud=np.array([0.0, 0.0, 0.08, 0.01]), shadow=np.zeros(k),
+                  misregistration_px=np.array([0.2, 0.0, 0.0, 1.34]), hr_shift=np.zeros((k, 2)),
+                  shift_peak=np.zeros(k), cirrus=np.array([0.1, 0.1, 0.1, 0.6]))
+    assert review_page.evidence_flags(ev) == [[], ["haze 15%"], ["cloud 8%"], ["cirrus 50%", "shift 1.3 px"]]
+
+
 def test_prediction_decoding():
     hr = scene(np.random.default_rng(1))
     buf = io.BytesIO()
@@ -118,6 +151,8 @@ def test_prediction_decoding():
 
 
 def test_review_page_data_and_images(built, tmp_path):
+    """The default (robust) build: every valid timestep scored as the robust mode scores a manual
+    pick, among every valid timestep and with the tile's extra bands, and flagged by its evidence."""
     root, out = built
     page = tmp_path / "page"
     summary = review.run(["--run", out, "--output", str(page), "--worst", "3"])
@@ -140,9 +175,21 @@ def test_review_page_data_and_images(built, tmp_path):
         assert sorted(s["t"] for s in steps) == sorted(row["valid_indices"])
         assert [s["psnr"] for s in steps] == sorted((s["psnr"] for s in steps), reverse=True)
         assert {s["t"] for s in steps if s["candidate"]} == set(row["candidate_indices"])
-        for t, p, sc in zip(row["candidate_indices"], row["candidate_psnr"], row["candidate_scores"]):
-            step = next(s for s in steps if s["t"] == t)  # the same numbers the build stored
-            assert step["psnr"] == pytest.approx(p, abs=1e-3) and step["score"] == pytest.approx(sc, abs=1e-4)
+        assert row["selection"] == "robust"
+        for t, p in zip(row["candidate_indices"], row["candidate_psnr"]):
+            step = next(s for s in steps if s["t"] == t)
+            assert step["psnr"] == pytest.approx(p, abs=1e-3)
+        hr, series, extra = review_input(int(xy_index(tile["tile_id"])))
+        valid = np.asarray(row["valid_indices"])
+        config = SelectionConfig(top_k=4)
+        with_b10 = timestep_metrics(hr, series[valid], config, {"b10": extra["b10"][valid]}).score
+        without = timestep_metrics(hr, series[valid], config).score
+        score = {s["t"]: s["score"] for s in steps}
+        np.testing.assert_allclose([score[t] for t in valid], with_b10, atol=1e-4)
+        assert abs(score[9] - without[list(valid).index(9)]) > 0.1  # the cirrus band was read and counts
+        flags = {s["t"]: s.get("flags", []) for s in steps}
+        assert any(f.startswith("cirrus") for f in flags[9]) and not any(
+            f.startswith("cirrus") for t in valid if t != 9 for f in flags[t])
         folder = page / tile["dir"]
         assert Image.open(folder / "hr_rgb.png").size == (128, 128)
         assert Image.open(folder / "hr_nir.png").mode == "L"
@@ -156,6 +203,24 @@ def test_review_page_data_and_images(built, tmp_path):
         assert (page / name).read_bytes() == review_page.asset(name)
     html = (page / "index.html").read_text() + (page / "review.js").read_text() + (page / "review.css").read_text()
     assert "http://" not in html and "https://" not in html  # nothing outside the folder
+
+
+def xy_index(tile_id: str) -> int:
+    return int(tile_id.split("/")[1].split("_")[0]) - 38000
+
+
+def test_review_of_a_paper_build_shows_the_scores_it_stored(built_paper, tmp_path):
+    root, out = built_paper
+    page = tmp_path / "page"
+    review.run(["--run", out, "--output", str(page), "--worst", str(N_TILES)])
+    pairs = {r["tile_id"]: r for r in pq.read_table(os.path.join(out, "pairs")).to_pylist()}
+    for tile in read_data_js(page)["tiles"]:
+        row = pairs[tile["tile_id"]]
+        assert row["selection"] == "paper"
+        for t, p, sc in zip(row["candidate_indices"], row["candidate_psnr"], row["candidate_scores"]):
+            step = next(s for s in tile["steps"] if s["t"] == t)  # the same numbers the build stored
+            assert step["psnr"] == pytest.approx(p, abs=1e-3) and step["score"] == pytest.approx(sc, abs=1e-4)
+        assert not any("flags" in s for s in tile["steps"])  # evidence flags are the robust mode's
 
 
 def test_review_by_predictions(built, tmp_path):

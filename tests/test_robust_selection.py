@@ -5,6 +5,7 @@ import collections
 import dataclasses
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -138,6 +139,17 @@ def test_other_modes_ignore_extra_bands_and_have_no_evidence(mode):
 def test_robust_is_a_selection_mode_with_the_papers_downsampling():
     assert "robust" in S.SELECTION_MODES
     assert ROBUST.downsample_method == "bicubic_aa"
+
+
+def test_robust_is_the_default_of_the_library_the_cli_and_the_template():
+    """The default measured in README "Selection modes": one value for every entry point."""
+    from pipelines.options import BuildOptions
+
+    assert S.DEFAULT_SELECTION == S.SelectionConfig().mode == "robust"
+    assert BuildOptions(["--output", "x"]).selection == "robust"
+    metadata = json.loads((Path(__file__).parent.parent / "deploy" / "dataflow" / "metadata.json").read_text())
+    parameter = next(p for p in metadata["parameters"] if p["name"] == "selection")
+    assert parameter["defaultValue"] == "robust" and "Default: robust" in parameter["helpText"]
 
 
 # ---------------------------------------------------------------------------------------------

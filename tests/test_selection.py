@@ -197,22 +197,25 @@ def test_paper_score_formula_against_skimage():
         assert score == pytest.approx(expected, abs=1e-6)
 
 
-def test_alpha_changes_the_mix():
+@pytest.mark.parametrize("mode", S.SELECTION_MODES)
+def test_alpha_changes_the_mix(mode):
     hr, series = _tile(4, 10)
-    a1 = S.select_pair(hr, series, S.SelectionConfig(alpha=1.0))
-    a0 = S.select_pair(hr, series, S.SelectionConfig(alpha=0.0))
+    a1 = S.select_pair(hr, series, S.SelectionConfig(mode=mode, alpha=1.0))
+    a0 = S.select_pair(hr, series, S.SelectionConfig(mode=mode, alpha=0.0))
     assert not np.allclose(a1.candidate_scores, a0.candidate_scores)
 
 
-def test_no_valid_timesteps_raises():
+@pytest.mark.parametrize("mode", S.SELECTION_MODES)
+def test_no_valid_timesteps_raises(mode):
     hr, series = _tile(5, 4)
     with pytest.raises(S.NoValidTimesteps):
-        S.select_pair(hr, np.stack([black_edge(f) for f in series]))
+        S.select_pair(hr, np.stack([black_edge(f) for f in series]), S.SelectionConfig(mode=mode))
 
 
-def test_rgb_only_selection():
+@pytest.mark.parametrize("mode", S.SELECTION_MODES)
+def test_rgb_only_selection(mode):
     hr, series = _tile(6, 8)
-    sel = S.select_pair(hr[..., :3].copy(), series[..., :3].copy())
+    sel = S.select_pair(hr[..., :3].copy(), series[..., :3].copy(), S.SelectionConfig(mode=mode))
     assert sel.hr_matched.shape == (128, 128, 3) and sel.lr.shape == (32, 32, 3)
 
 

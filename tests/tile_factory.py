@@ -50,8 +50,9 @@ def write_png(path: str, array: np.ndarray) -> None:
 
 
 def write_tile(root: str, tile_id: str, hr: np.ndarray, series: np.ndarray | None, *,
-               nir: bool = True, b08: bool = True) -> None:
-    """hr [128,128,4], series [T,32,32,4] -> naip/<id>/<xy>/{rgb,nir}.png, sentinel2/<xy>/{tci,b08}.png."""
+               nir: bool = True, b08: bool = True, extra: dict[str, np.ndarray] | None = None) -> None:
+    """hr [128,128,4], series [T,32,32,4] -> naip/<id>/<xy>/{rgb,nir}.png, sentinel2/<xy>/{tci,b08}.png;
+    `extra` {band: [T,32,32] uint8} -> sentinel2/<xy>/<band>.png (the robust mode's b01, b10, ...)."""
     naip_id, xy = tile_id.split("/")
     write_png(f"{root}/naip/{naip_id}/{xy}/rgb.png", hr[..., :3])
     if nir:
@@ -61,6 +62,8 @@ def write_tile(root: str, tile_id: str, hr: np.ndarray, series: np.ndarray | Non
         write_png(f"{root}/sentinel2/{xy}/tci.png", stacked[..., :3])
         if b08:
             write_png(f"{root}/sentinel2/{xy}/b08.png", stacked[..., 3])
+    for band, values in (extra or {}).items():
+        write_png(f"{root}/sentinel2/{xy}/{band}.png", values.reshape(-1, values.shape[-1]))
 
 
 def good_tile(root: str, tile_id: str, seed: int, t: int = 12) -> None:

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
 from transforms import storage
+from transforms.evidence import Evidence
 from transforms.imagery import black_border_count
 from transforms.selection import (
     Selection,
@@ -177,41 +178,63 @@ def check_correction(correction: Correction, series: np.ndarray, config: Selecti
 INDEPENDENT_MODES = ("paper", "companion")  # modes whose score of a timestep ignores the other timesteps
 
 
-def timestep_metrics(hr: np.ndarray, timesteps: np.ndarray, config: SelectionConfig = SelectionConfig()
-                     ) -> tuple[np.ndarray, np.ndarray]:
-    """(PSNR [N], score [N]) of valid `timesteps` [N, 32, 32, C] against `hr` [128, 128, C], as the
-    automatic selection computes them for its candidates: `paper` and `companion` with their own
-    reference HR and score; any other mode (e.g. `robust`, whose evidence is relative to the tile's
-    other timesteps) by its own `select_pair` over all N timesteps as candidates."""
+def score_among(hr: np.ndarray, timesteps: np.ndarray, config: SelectionConfig = SelectionConfig(),
+                extra: dict[str, np.ndarray] | None = None) -> Selection:
+    """The automatic selection of `config.mode` with every one of `timesteps` [N, 32, 32, C] (valid
+    ones) as a candidate; `extra` holds their extra bands ([N, 32, 32] each), if any. Candidate
+    indices are positions in `timesteps`."""
+    return select_pair(hr, timesteps, dataclasses.replace(config, top_k=len(timesteps)), extra)
+
+
+class TimestepMetrics(NamedTuple):
+    psnr: np.ndarray  # [N]
+    score: np.ndarray  # [N], lower is better
+    evidence: Evidence | None  # the robust mode's, aligned with the timesteps; None in other modes
+
+
+def timestep_metrics(hr: np.ndarray, timesteps: np.ndarray, config: SelectionConfig = SelectionConfig(),
+                     extra: dict[str, np.ndarray] | None = None) -> TimestepMetrics:
+    """PSNR, score (and evidence) of valid `timesteps` [N, 32, 32, C] against `hr` [128, 128, C], as
+    the automatic selection computes them for its candidates: `paper` and `companion` with their own
+    reference HR and score; any other mode (`robust`, whose evidence is relative to the tile's other
+    timesteps) by its own selection with all N timesteps as candidates (`score_among`, with the
+    tile's extra bands `extra` [N, 32, 32] when it has them)."""
     if config.mode not in INDEPENDENT_MODES:
-        selection = select_pair(hr, timesteps, dataclasses.replace(config, top_k=len(timesteps)))
-        psnrs, scores = np.full(len(timesteps), np.nan), np.full(len(timesteps), np.nan)
-        psnrs[selection.candidate_indices] = selection.candidate_psnr
-        scores[selection.candidate_indices] = selection.candidate_scores
-        return psnrs, scores
+        selection = score_among(hr, timesteps, config, extra)
+        order = np.argsort(selection.candidate_indices)  # candidates (best first) -> timestep order
+        evidence = None if selection.evidence is None else selection.evidence.take(order)
+        return TimestepMetrics(selection.candidate_psnr[order].astype(np.float64),
+                               selection.candidate_scores[order].astype(np.float64), evidence)
     hr_down = downsample(hr, timesteps.shape[1], config.downsample_method)
     if config.mode == "companion":
-        return psnr(timesteps, hr_down.astype(np.float32)), companion_scores(hr_down, timesteps, config.alpha)
+        return TimestepMetrics(psnr(timesteps, hr_down.astype(np.float32)),
+                               companion_scores(hr_down, timesteps, config.alpha), None)
     hr_ref = to_uint8(hr_down)
-    return psnr(timesteps, hr_ref), paper_scores(hr_ref, timesteps, config.alpha)
+    return TimestepMetrics(psnr(timesteps, hr_ref), paper_scores(hr_ref, timesteps, config.alpha), None)
 
 
 def manual_selection(hr: np.ndarray, series: np.ndarray, automatic: Selection, lr_index: int,
-                     config: SelectionConfig = SelectionConfig()) -> Selection:
+                     config: SelectionConfig = SelectionConfig(),
+                     extra: dict[str, np.ndarray] | None = None) -> Selection:
     """`automatic` with its choice replaced by timestep `lr_index`: that LR, the HR histogram-matched
     to it, and its PSNR and score (the candidate's when it is one of the top-k, else computed as the
-    automatic mode computes them). Candidates and valid indices are kept as they are."""
+    automatic mode computes them: `robust` scores it, and measures its evidence, among every valid
+    timestep, with the tile's extra bands `extra` [T, 32, 32]). Candidates and valid indices are
+    kept as they are."""
     at = np.flatnonzero(automatic.candidate_indices == lr_index)
+    lr_evidence = None
     if at.size:
         tile_psnr, score = automatic.candidate_psnr[at[0]], automatic.candidate_scores[at[0]]
     elif config.mode in INDEPENDENT_MODES:
-        psnrs, scores = timestep_metrics(hr, series[lr_index][None], config)
-        tile_psnr, score = psnrs[0], scores[0]
+        metrics = timestep_metrics(hr, series[lr_index][None], config)
+        tile_psnr, score = metrics.psnr[0], metrics.score[0]
     else:  # scored among all the valid timesteps
         valid = np.asarray(automatic.valid_indices)
-        psnrs, scores = timestep_metrics(hr, series[valid], config)
+        every = timestep_metrics(hr, series[valid], config, {name: band[valid] for name, band in (extra or {}).items()})
         position = int(np.flatnonzero(valid == lr_index)[0])
-        tile_psnr, score = psnrs[position], scores[position]
+        tile_psnr, score = every.psnr[position], every.score[position]
+        if every.evidence is not None:
+            lr_evidence = every.evidence.take([position])
     lr = series[lr_index]
     return dataclasses.replace(
         automatic,
@@ -220,4 +243,5 @@ def manual_selection(hr: np.ndarray, series: np.ndarray, automatic: Selection, l
         score=float(score),
         hr_matched=match_histograms(hr, lr[None])[0],
         lr=lr,
+        lr_evidence=lr_evidence,
     )

@@ -63,6 +63,13 @@ class Evidence:
         """|shift| against the HR (px), [K]."""
         return np.hypot(self.hr_shift[:, 0], self.hr_shift[:, 1])
 
+    def take(self, positions) -> "Evidence":
+        """The evidence of the candidates at `positions` (in that order)."""
+        positions = np.atleast_1d(np.asarray(positions, dtype=np.intp))
+        return dataclasses.replace(self, **{
+            f.name: getattr(self, f.name)[positions] for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), np.ndarray)})
+
 
 # ---------------------------------------------------------------------------------------------
 # Haze

@@ -153,7 +153,8 @@ def build_tile(tile_id: str, config: PairConfig, correction: corrections.Correct
             lr_index = corrections.check_correction(correction, inputs.series, config.selection)
         selection = select_pair(inputs.hr, inputs.series, config.selection, inputs.extra)
         if correction is not None:
-            selection = corrections.manual_selection(inputs.hr, inputs.series, selection, lr_index, config.selection)
+            selection = corrections.manual_selection(inputs.hr, inputs.series, selection, lr_index, config.selection,
+                                                      inputs.extra)
             mode = corrections.MANUAL
     except corrections.BadCorrection as e:
         return Outcome("reject", records.reject_record(tile_id, "select", "bad_correction", str(e)))

@@ -144,9 +144,9 @@ def pair_record(
 
 def evidence_columns(selection: Selection, note: str | None = None) -> dict:
     """The evidence columns of a pair: the robust mode's per-candidate lists and the chosen
-    timestep's values (looked up by lr_index among the candidates, so null if it is not one, e.g.
-    after a manual correction); all null without evidence. `note` (e.g. an unusable extra band)
-    goes to evidence_note."""
+    timestep's values (looked up by lr_index among the candidates; a manual choice outside them
+    brings its own, `Selection.lr_evidence`); all null without evidence. `note` (e.g. an unusable
+    extra band) goes to evidence_note."""
     out = dict.fromkeys(EVIDENCE_COLUMNS)
     out["evidence_note"] = note or None
     ev = selection.evidence
@@ -156,9 +156,10 @@ def evidence_columns(selection: Selection, note: str | None = None) -> dict:
     for column, name in EVIDENCE_LISTS.items():
         values = getattr(ev, name)
         out[column] = None if values is None else np.asarray(values, dtype=np.float32).tolist()
+    chosen = ev.take(at[:1]) if at.size else selection.lr_evidence
     for column, name in EVIDENCE_SCALARS.items():
-        values = getattr(ev, name)
-        out[column] = None if values is None or not at.size else float(np.float32(values[at[0]]))
+        values = None if chosen is None else getattr(chosen, name)
+        out[column] = None if values is None else float(np.float32(values[0]))
     out["evidence_bands"] = list(ev.bands)
     return out
 

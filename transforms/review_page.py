@@ -33,7 +33,8 @@ from PIL import Image
 
 from transforms import readers, storage, tiles
 from transforms.corrections import timestep_metrics
-from transforms.selection import DATA_RANGE, SelectionConfig, downsample, ssim, to_uint8
+from transforms.evidence import Evidence
+from transforms.selection import DATA_RANGE, ROBUST_WEIGHTS, SelectionConfig, downsample, ssim, to_uint8
 
 METRICS = ("psnr_rgb", "psnr_rgbn", "ssim_rgb", "ssim_rgbn")
 METRIC_LABELS = {"psnr_rgb": "PSNR RGB", "psnr_rgbn": "PSNR RGBN", "ssim_rgb": "SSIM RGB", "ssim_rgbn": "SSIM RGBN"}
@@ -82,13 +83,13 @@ def read_run_json(run: str) -> dict:
 def run_selection_config(run_info: dict) -> SelectionConfig:
     """The automatic selection the build ran (from run.json's options; the defaults otherwise)."""
     options = run_info.get("options", {})
-    mode = options.get("selection", "paper")
+    mode = options.get("selection", SelectionConfig().mode)
     try:
         return SelectionConfig(mode=mode, alpha=float(options.get("alpha", 0.7)), top_k=int(options.get("top_k", 16)),
                                downsample=options.get("downsample"),
                                border_px=int(options.get("border_px", 2)),
                                max_border_black=int(options.get("max_border_black", 1)))
-    except ValueError:  # a mode this version does not know: score as the paper does
+    except ValueError:  # a mode this version does not know: score with the default
         return SelectionConfig(alpha=float(options.get("alpha", 0.7)), top_k=int(options.get("top_k", 16)))
 
 
@@ -269,18 +270,45 @@ def _finite(value: float, digits: int = 4) -> float | None:
     return round(float(value), digits) if math.isfinite(value) else None
 
 
+def evidence_flags(evidence: Evidence) -> list[list[str]]:
+    """Per timestep, the robust evidence worth a reviewer's eye, as short labels ("haze 15%",
+    "cloud 5%", "shift 1.3 px", ...): each measure that exceeds the tolerance the score itself
+    allows it by more than 2% (any amount for the shift). Cirrus counts above the tile's lowest,
+    as in the score."""
+    w = ROBUST_WEIGHTS
+    cirrus = None if evidence.cirrus is None else evidence.cirrus - evidence.cirrus.min()
+    # (label, value, tolerance, format)
+    measures = [("haze", evidence.haze, w.haze_tolerance, "{:.0%}"), ("cloud", evidence.cloud, 0.0, "{:.0%}"),
+                ("shadow", evidence.shadow, 0.0, "{:.0%}"), ("snow", evidence.snow, 0.0, "{:.0%}"),
+                ("cirrus", cirrus, 0.0, "{:.0%}"),
+                ("shift", evidence.misregistration_px, w.shift_tolerance, "{:.1f} px")]
+    flags: list[list[str]] = [[] for _ in range(len(evidence.distance))]
+    for name, values, tolerance, form in measures:
+        if values is None:
+            continue
+        margin = 0.0 if name == "shift" else 0.02
+        for i in np.flatnonzero(values > tolerance + margin):
+            flags[i].append(f"{name} " + form.format(float(values[i])))
+    return flags
+
+
 def review_tile(rank: int, ranked: Ranked, hr: np.ndarray, series: np.ndarray, config: SelectionConfig,
-                prediction: np.ndarray | None = None) -> ReviewTile:
-    """The page's view of one tile: the original HR [128, 128, C] and its series [T, 32, 32, C];
-    every valid timestep with its PSNR and score, best PSNR first, as vertical sprites."""
+                prediction: np.ndarray | None = None, extra: dict[str, np.ndarray] | None = None) -> ReviewTile:
+    """The page's view of one tile: the original HR [128, 128, C] and its series [T, 32, 32, C]
+    (with the robust mode's extra bands `extra` [T, 32, 32], those the tile has); every valid
+    timestep with its PSNR and score (`timestep_metrics`; the robust mode's among every valid
+    timestep, with its `evidence_flags`), best PSNR first, as vertical sprites."""
     row = ranked.row
     valid = np.asarray(row["valid_indices"], dtype=np.int64)
-    psnrs, scores = timestep_metrics(hr, series[valid], config)
+    psnrs, scores, evidence = timestep_metrics(hr, series[valid], config,
+                                               {name: band[valid] for name, band in (extra or {}).items()})
+    flags = [[] for _ in valid] if evidence is None else evidence_flags(evidence)
     order = np.argsort(-psnrs, kind="stable")
     candidates = set(row["candidate_indices"])
     folder = f"tiles/{rank:05d}"
     steps = [{"t": int(valid[i]), "psnr": _finite(psnrs[i]), "score": round(float(scores[i]), 5),
-              "candidate": int(valid[i]) in candidates} for i in order]
+              "candidate": int(valid[i]) in candidates, **({"flags": flags[i]} if flags[i] else {})}
+             for i in order]
     stacked = series[valid[order]].reshape(-1, series.shape[2], series.shape[3])
     files = {f"{folder}/hr_rgb.png": png_bytes(hr[..., :3]), f"{folder}/series_rgb.png": png_bytes(stacked[..., :3])}
     if hr.shape[-1] >= 4:

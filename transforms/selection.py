@@ -37,6 +37,8 @@ from transforms import evidence as E
 from transforms.imagery import has_black_border
 
 SELECTION_MODES = ("paper", "companion", "robust")
+# the default: at least as good as `paper` on easy tiles, better on hard ones (README, "Selection modes")
+DEFAULT_SELECTION = "robust"
 DOWNSAMPLE_METHODS = ("bicubic_aa", "bicubic_torch")
 DEFAULT_DOWNSAMPLE = {"paper": "bicubic_aa", "companion": "bicubic_torch", "robust": "bicubic_aa",
                       "manual": "bicubic_aa"}
@@ -53,7 +55,7 @@ class NoValidTimesteps(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class SelectionConfig:
-    mode: str = "paper"
+    mode: str = DEFAULT_SELECTION
     alpha: float = 0.7
     top_k: int = 16
     downsample: str | None = None  # None: the mode's default (DEFAULT_DOWNSAMPLE)
@@ -87,6 +89,9 @@ class Selection:
     hr_matched: np.ndarray  # uint8 [H, W, C], the HR histogram-matched to the chosen timestep
     lr: np.ndarray  # uint8 [32, 32, C], the chosen timestep
     evidence: E.Evidence | None = None  # robust mode: per-candidate evidence; None otherwise
+    # robust mode, a manual choice outside the candidates: its own evidence ([1]), measured among
+    # every valid timestep (`corrections.manual_selection`); None otherwise
+    lr_evidence: E.Evidence | None = None
 
 
 # ---------------------------------------------------------------------------------------------

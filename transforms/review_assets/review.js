@@ -241,6 +241,11 @@
       badges.appendChild(el("span", null, "score " + fmt(s.score, 3) + " "));
       if (s.candidate) badges.appendChild(el("span", "badge-cand", "\u2605 "));
       if (s.t === tile.lr_index) badges.appendChild(el("span", "badge-built", "built"));
+      if (s.flags && s.flags.length) {
+        var flags = el("div", "badge-flags", s.flags.join(", "));
+        flags.title = "robust selection evidence beyond its tolerances";
+        badges.appendChild(flags);
+      }
       cell.appendChild(badges);
       cell.addEventListener("click", function () { decide(s.t); });
       grid.appendChild(cell);
