@@ -9,6 +9,7 @@ SUBCOMMANDS = {
     "sample": ("transforms.sample", "generate a procedural S2-NAIP-layout sample folder"),
     "index": ("pipelines.index", "list an S2-NAIP folder into a tile-id manifest"),
     "bench": ("pipelines.bench", "measure decode, core and pipeline throughput"),
+    "bench-gcs": ("pipelines.bench_gcs", "the build from gs:// with an object store's latency, reads ahead or not"),
     "bench-selection": ("pipelines.bench_selection",
                         "measure each selection mode's choices on hard and easy tiles made from real NAIP"),
     "fetch-nir": ("pipelines.fetch_nir", "fetch NAIP NIR (band 4) per tile from a STAC API, grouped per NAIP item"),

@@ -387,6 +387,9 @@ class FaultPlan:
 
 class _ProxyHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # headers and body are two writes: with Nagle's algorithm the body waits for the client's
+    # delayed ACK, 40 ms per request on Linux loopback
+    disable_nagle_algorithm = True
     server: "_ProxyServer"
 
     def _body(self) -> bytes | None:
@@ -410,6 +413,8 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         proxy = self.server.proxy
         body = self._body()
         action = proxy._next_action(self.command, self.path)
+        if proxy.latency_s:
+            time.sleep(proxy.latency_s)  # the round trip to a distant object store
         if action and action[0] == "status":
             status = action[1]
             payload = json.dumps({"error": {"code": status, "message": "injected by FaultyProxy"}}).encode()
@@ -468,11 +473,14 @@ class _ProxyServer(_ThreadingServer):
 
 
 class FaultyProxy:
-    """Forwards HTTP from 127.0.0.1:<free port> to the emulator, injecting the faults of `plan`."""
+    """Forwards HTTP from 127.0.0.1:<free port> to the emulator, injecting the faults of `plan` and,
+    with `latency_s`, delaying every request by that much (each request on its own thread, so
+    concurrent requests overlap their delays as they would on a real object store)."""
 
-    def __init__(self, upstream_port: int, plan: FaultPlan | None = None):
+    def __init__(self, upstream_port: int, plan: FaultPlan | None = None, latency_s: float = 0.0):
         self.upstream_port = upstream_port
         self.plan = plan or FaultPlan()
+        self.latency_s = latency_s
         self._lock = threading.Lock()
         self.counts = {"requests": 0, "selected": 0, "forwarded": 0, "injected_status": 0, "resets": 0}
         self.by_status: dict[int, int] = {}
@@ -591,9 +599,9 @@ class GcsTestServer:
         it) talks to `endpoint` (default: the emulator itself; pass a FaultyProxy's endpoint)."""
         return applied_environment(self.env(endpoint))
 
-    def proxy(self, plan: FaultPlan | None = None) -> FaultyProxy:
+    def proxy(self, plan: FaultPlan | None = None, latency_s: float = 0.0) -> FaultyProxy:
         """A FaultyProxy in front of the emulator (started; stop it, or use it as a context manager)."""
-        return FaultyProxy(self.emulator.port, plan).start()
+        return FaultyProxy(self.emulator.port, plan, latency_s).start()
 
     def gcsfs(self, endpoint: str | None = None):
         """A gcsfs filesystem on the emulator, anonymous (the core class: no gRPC layout probes)."""

@@ -1,6 +1,9 @@
 """The benchmark command runs end to end on a tiny sample (its figures are not asserted: timing
 belongs to the benchmark, not to tests)."""
 import json
+import os
+
+import pytest
 
 from pipelines import bench
 
@@ -19,3 +22,24 @@ def test_bench_command_reports_every_figure(tmp_path, capsys):
     assert figures["selection"] == "robust"
     run = json.loads((tmp_path / "w" / "out-pipe_2-0" / "run.json").read_text())
     assert run["options"]["selection"] == "robust"
+
+
+def test_bench_gcs_command_compares_read_settings_on_the_emulator(tmp_path, capsys, loopback_only):
+    """`s2naip bench-gcs` end to end on a tiny sample: every setting builds the same pairs."""
+    if os.environ.get("CI"):
+        import gcp_storage_emulator  # noqa: F401  (the [test] extra installs it)
+    else:
+        pytest.importorskip("gcp_storage_emulator")
+    from pipelines import bench_gcs
+
+    report = tmp_path / "bench_gcs.json"
+    assert bench_gcs.main(["--tiles", "12", "--latency-ms", "0,5", "--read-threads", "0,4", "--repeats", "1",
+                           "--workdir", str(tmp_path / "w"), "--report", str(report)]) == 0
+    figures = json.loads(report.read_text())
+    rows = {(r["latency_ms"], r["read_threads"]): r for r in figures["results"]}
+    assert set(rows) == {(0.0, 0), (0.0, 4), (5.0, 0), (5.0, 4)}
+    for r in rows.values():
+        assert r["same_pairs_as_first_setting"] and r["tiles"] == 12 and r["tiles_per_s"] > 0
+        assert 4 <= r["requests_per_tile"] <= 20  # fingerprints, reads, writes: no request storm
+    assert rows[(5.0, 0)]["speedup_vs_first_setting"] == 1.0
+    assert "read threads" in capsys.readouterr().out

@@ -400,10 +400,10 @@ def test_killed_run_leaves_latest_and_reruns_to_completion(release_runs, monkeyp
 
     real_build_tile = beam_transforms.build_tile
 
-    def dies_on_victim(tile_id, config, correction=None):
+    def dies_on_victim(tile_id, config, correction=None, *read):
         if tile_id == victim:
             raise RuntimeError("worker killed")
-        return real_build_tile(tile_id, config, correction)
+        return real_build_tile(tile_id, config, correction, *read)
 
     with monkeypatch.context() as mp:
         mp.setattr(beam_transforms, "build_tile", dies_on_victim)

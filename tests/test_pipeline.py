@@ -117,14 +117,16 @@ def _read_outputs(out):
     return pairs, rejects
 
 
-def test_every_input_id_ends_in_exactly_one_output(tmp_path):
+@pytest.mark.parametrize("read_threads", ["0", "4"])  # reads direct, or started ahead (transforms.prefetch)
+def test_every_input_id_ends_in_exactly_one_output(tmp_path, read_threads):
     root = str(tmp_path / "in")
     expected = _bad_inputs(root)
     manifest = tmp_path / "manifest.txt"
     extra = ["../../../etc/passwd", "/abs/path", f"{NAIP_ID}/1_2/../../x", tid(0)]  # tid(0): duplicate
     manifest.write_text("\n".join([*expected, *extra]) + "\n")
     out = str(tmp_path / "out")
-    summary = build_pairs.run(["--input", root, "--output", out, "--manifest", str(manifest), "--runner", RUNNER])
+    summary = build_pairs.run(["--input", root, "--output", out, "--manifest", str(manifest), "--runner", RUNNER,
+                               "--read-threads", read_threads])
     pairs, rejects = _read_outputs(out)
 
     outcome = {}
@@ -219,7 +221,7 @@ def test_multi_processing_runner_gives_the_same_pairs(tmp_path):
         good_tile(root, tid(i), seed=i, t=10)
     write_png(os.path.join(root, "naip", NAIP_ID, "35099_55000", "rgb.png"), np.zeros((128, 128, 3), np.uint8))
     outs = {}
-    for mode, extra in [("in_memory", []), ("multi_processing", ["--direct_num_workers=2"])]:
+    for mode, extra in [("in_memory", []), ("multi_processing", ["--direct_num_workers=2", "--read-threads=4"])]:
         out = str(tmp_path / mode)
         build_pairs.run(["--input", root, "--output", out, "--runner", RUNNER,
                          f"--direct_running_mode={mode}", *extra])

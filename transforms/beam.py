@@ -13,13 +13,16 @@ from typing import Iterable
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms import corrections, publish, records, runtime, sinks, storage, tiles
-from transforms.pairs import PairConfig, build_tile
+from transforms import corrections, imagery, publish, records, runtime, sinks, storage, tiles
+from transforms.pairs import PairConfig, build_tile, tile_paths
+from transforms.prefetch import ReadAhead, TileReads
 from transforms.publish import OutputSpec
+from transforms.tiles import InvalidTileId, TileId
 
 _LOG = logging.getLogger(__name__)
 PARQUET_ROW_GROUP_BYTES = 32 * 1024 * 1024  # ~450 pairs per row group: bounded reader memory
 PARQUET_RECORD_BATCH = 64
+READ_BATCH = 32  # tiles whose reads are started together (transforms.prefetch)
 
 
 def _counter(transform: type, name: str):
@@ -123,8 +126,21 @@ class DeduplicateAndReshuffle(beam.PTransform):
 # Pairs
 
 
+def start_reads(read_ahead: ReadAhead, tile_id: str, correction, config: PairConfig) -> TileReads | None:
+    """The reads of one tile started ahead; None when it reads nothing (an invalid id, a removal)."""
+    if correction is not None and correction.removes:
+        return None
+    try:
+        tile = TileId.parse(tile_id)
+    except InvalidTileId:
+        return None
+    return read_ahead.start(tile_paths(tile, config), imagery.MAX_PNG_BYTES)
+
+
 class BuildPairDoFn(beam.DoFn):
-    """build_tile for each id: the pair to the main output, a reject to 'rejects'."""
+    """build_tile for each id of a batch (from BatchElements): the pair to the main output, a reject
+    to 'rejects'. The batch's reads are started ahead on `config.read_threads` threads while the
+    tiles are built in order (`transforms.prefetch`)."""
 
     PROGRESS_EVERY_S = 10.0
 
@@ -133,13 +149,29 @@ class BuildPairDoFn(beam.DoFn):
 
     def setup(self):
         runtime.tune_allocator()
+        self._read_ahead = ReadAhead(self.config.read_threads)
         self._tiles = self._pairs = 0
         self._started = self._last_log = time.monotonic()
 
-    def process(self, element):
-        # a tile id, or (tile id, Correction or None) when --corrections are joined in
-        tile_id, correction = element if isinstance(element, tuple) else (element, None)
-        outcome = build_tile(tile_id, self.config, correction)
+    def teardown(self):
+        self._read_ahead.close()
+
+    def process(self, batch):
+        # tile ids, or (tile id, Correction or None) when --corrections are joined in
+        elements = [element if isinstance(element, tuple) else (element, None) for element in batch]
+        reads = [start_reads(self._read_ahead, tile_id, correction, self.config) for tile_id, correction in elements]
+        for (tile_id, correction), tile_reads in zip(elements, reads):
+            yield from self._build(tile_id, correction, tile_reads)
+        storage.report_retries()  # those of the reader threads
+
+    def _build(self, tile_id: str, correction, tile_reads: TileReads | None):
+        if tile_reads is None:
+            outcome = build_tile(tile_id, self.config, correction)
+        else:
+            try:
+                outcome = build_tile(tile_id, self.config, correction, tile_reads)
+            finally:
+                tile_reads.cancel()
         self._tiles += 1
         _counter(BuildPairs, "tiles").inc()
         if outcome.kind == "pair":
@@ -169,7 +201,11 @@ class BuildPairs(beam.PTransform):
     def expand(self, ids):
         if self.config.corrections:
             ids = ids | "JoinCorrections" >> corrections.JoinCorrections(self.config.corrections)
-        return ids | "BuildPair" >> beam.ParDo(BuildPairDoFn(self.config)).with_outputs("rejects", main="pairs")
+        return (
+            ids
+            | "BatchIds" >> beam.BatchElements(min_batch_size=READ_BATCH, max_batch_size=READ_BATCH)
+            | "BuildPair" >> beam.ParDo(BuildPairDoFn(self.config)).with_outputs("rejects", main="pairs")
+        )
 
 
 # ---------------------------------------------------------------------------------------------

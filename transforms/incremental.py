@@ -35,6 +35,7 @@ from transforms import corrections, publish, records, storage, tiles
 from transforms import dataset_manifest as dm
 from transforms import fingerprints as fpr
 from transforms.beam import (
+    READ_BATCH,
     BuildPairs,
     DeduplicateAndReshuffle,
     PublishRun,
@@ -45,6 +46,7 @@ from transforms.beam import (
 )
 from transforms.latest import publish_latest
 from transforms.pairs import PairConfig
+from transforms.prefetch import ReadAhead
 from transforms.publish import OutputSpec
 
 _LOG = logging.getLogger(__name__)
@@ -61,26 +63,43 @@ def _counter(name: str):
 
 
 class FingerprintDoFn(beam.DoFn):
-    def __init__(self, spec: fpr.FingerprintSpec):
-        self.spec = spec
+    """The fingerprints of a batch of ids, taken on `threads` threads (listings are round trips)."""
 
-    def process(self, tile_id: str) -> Iterator[tuple[str, tuple]]:
-        fps = fpr.tile_fingerprints(tile_id, self.spec)
-        if any(fpr.is_error(v) for v in fps):
-            _counter("fingerprint_errors").inc()
-        yield tile_id, fps
+    def __init__(self, spec: fpr.FingerprintSpec, threads: int):
+        self.spec, self.threads = spec, threads
+
+    def setup(self):
+        self._read_ahead = ReadAhead(self.threads)
+
+    def teardown(self):
+        self._read_ahead.close()
+
+    def process(self, batch: list[str]) -> Iterator[tuple[str, tuple]]:
+        for tile_id, fps in zip(batch, self._read_ahead.map(self._fingerprints, batch)):
+            if any(fpr.is_error(v) for v in fps):
+                _counter("fingerprint_errors").inc()
+            yield tile_id, fps
+        storage.report_retries()  # those of the reader threads
+
+    def _fingerprints(self, tile_id: str) -> tuple:
+        return fpr.tile_fingerprints(tile_id, self.spec)
 
 
 class FingerprintTiles(beam.PTransform):
     """Tile ids -> (tile_id, fingerprints tuple in `fingerprints.FIELDS` order). No image is decoded;
-    on gs:// nothing is downloaded (one-level listings of the tile's folders)."""
+    on gs:// nothing is downloaded (one-level listings of the tile's folders, `threads` at a time
+    per worker process)."""
 
-    def __init__(self, spec: fpr.FingerprintSpec):
+    def __init__(self, spec: fpr.FingerprintSpec, threads: int = 0):
         super().__init__()
-        self.spec = spec
+        self.spec, self.threads = spec, threads
 
     def expand(self, ids):
-        return ids | "Fingerprint" >> beam.ParDo(FingerprintDoFn(self.spec))
+        return (
+            ids
+            | "BatchIds" >> beam.BatchElements(min_batch_size=READ_BATCH, max_batch_size=READ_BATCH)
+            | "Fingerprint" >> beam.ParDo(FingerprintDoFn(self.spec, self.threads))
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,7 +473,8 @@ class IncrementalBuildPipeline(beam.PTransform):
         config, spec = self.config, self.spec
         ids = pbegin | "ReadTileIds" >> ReadTileIds(config.input_root, self.manifest)
         unique = ids | "Deduplicate" >> DeduplicateAndReshuffle()
-        fps = unique.ids | "FingerprintTiles" >> FingerprintTiles(fpr.FingerprintSpec.for_config(config))
+        fps = unique.ids | "FingerprintTiles" >> FingerprintTiles(fpr.FingerprintSpec.for_config(config),
+                                                                   config.read_threads)
         plan = fps | "PlanIncrement" >> PlanIncrement(self.previous_run, self.options_hash, config.corrections)
 
         to_build = [plan["process"]]

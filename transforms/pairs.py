@@ -6,6 +6,7 @@ reject with its reason, whatever the input holds; the Beam DoFn only calls it.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import numpy as np
 
@@ -25,10 +26,13 @@ class PairConfig:
     split: str = ""
     selection: SelectionConfig = SelectionConfig()
     corrections: tuple[str, ...] = ()  # --corrections files, joined to the ids by BuildPairs
+    read_threads: int = 0  # per worker process, reads started ahead (0: none); not in the options hash
 
     def __post_init__(self):
         if self.bands not in BAND_SETS:
             raise ValueError(f"bands must be one of {BAND_SETS}, got {self.bands!r}")
+        if self.read_threads < 0:
+            raise ValueError(f"read_threads must be >= 0, got {self.read_threads}")
 
     @property
     def nir_input(self) -> str:
@@ -57,9 +61,23 @@ class TileInputs:
     extra_note: str = ""  # extra bands present but unusable (ignored), for the evidence_note column
 
 
-def _read(path: str, what: str, missing_reason: str) -> bytes:
+Reader = Callable[[str, int], bytes]  # storage.read_bytes's signature: (path, limit) -> bytes
+
+
+def tile_paths(tile: TileId, config: PairConfig) -> list[str]:
+    """Every file `load_tile` may read for `tile`, in the order it reads them: what a prefetch
+    (`transforms.prefetch`) fetches ahead. A tile rejected early reads fewer."""
+    paths = [tiles.hr_rgb_path(config.input_root, tile), tiles.s2_band_path(config.input_root, tile, "tci")]
+    if config.bands == "rgbn":
+        paths += [tiles.s2_band_path(config.input_root, tile, "b08"), tiles.hr_nir_path(config.nir_input, tile)]
+    if config.selection.mode == "robust":
+        paths += [tiles.s2_band_path(config.input_root, tile, band) for band in EXTRA_BANDS]
+    return paths
+
+
+def _read(path: str, what: str, missing_reason: str, read: Reader = storage.read_bytes) -> bytes:
     try:
-        return storage.read_bytes(path, imagery.MAX_PNG_BYTES)
+        return read(path, imagery.MAX_PNG_BYTES)
     except FileNotFoundError:
         raise TileRejected("read", missing_reason, f"{what} not found: {path}") from None
     except ValueError as e:
@@ -82,34 +100,37 @@ def _decode(fn, data: bytes, what: str, channels: int) -> np.ndarray:
         raise TileRejected("read", e.reason, f"{what}: {e.detail}") from None
 
 
-def load_tile(tile: TileId, config: PairConfig) -> TileInputs:
-    """Reads and decodes the tile's HR and Sentinel-2 series; raises TileRejected with a reason."""
-    rgb = _decode(imagery.decode_hr, _read(tiles.hr_rgb_path(config.input_root, tile), "rgb.png", "missing_hr"),
+def load_tile(tile: TileId, config: PairConfig, read: Reader = storage.read_bytes) -> TileInputs:
+    """Reads (with `read`, e.g. a prefetch) and decodes the tile's HR and Sentinel-2 series; raises
+    TileRejected with a reason."""
+    rgb = _decode(imagery.decode_hr, _read(tiles.hr_rgb_path(config.input_root, tile), "rgb.png", "missing_hr", read),
                   "rgb.png", 3)
     if imagery.has_black_border(rgb):
         # Checked before anything else is read: a black-bordered HR is dropped whatever else holds.
         raise TileRejected("prefilter", "naip_black_border",
                       f"{int(imagery.black_border_count(rgb))} black pixels in the 2-px border")
     try:
-        tci_data = _read(tiles.s2_band_path(config.input_root, tile, "tci"), "tci.png", "missing_band")
+        tci_data = _read(tiles.s2_band_path(config.input_root, tile, "tci"), "tci.png", "missing_band", read)
     except TileRejected as e:
         if e.reason == "missing_band" and not _has_files(tiles.s2_dir(config.input_root, tile)):
             raise TileRejected("read", "missing_s2", f"no Sentinel-2 files under {tiles.s2_dir(config.input_root, tile)}") from None
         raise
     tci = _decode(imagery.decode_series, tci_data, "tci.png", 3)
     if config.bands == "rgb":
-        return _with_extra_bands(TileInputs(rgb, tci), tile, config)
+        return _with_extra_bands(TileInputs(rgb, tci), tile, config, read)
     b08 = _decode(imagery.decode_series,
-                  _read(tiles.s2_band_path(config.input_root, tile, "b08"), "b08.png", "missing_band"), "b08.png", 1)
+                  _read(tiles.s2_band_path(config.input_root, tile, "b08"), "b08.png", "missing_band", read),
+                  "b08.png", 1)
     if b08.shape[0] != tci.shape[0]:
         raise TileRejected("read", "bad_shape", f"tci.png has {tci.shape[0]} timesteps, b08.png {b08.shape[0]}")
-    nir = _decode(imagery.decode_hr, _read(tiles.hr_nir_path(config.nir_input, tile), "nir.png", "missing_nir"),
+    nir = _decode(imagery.decode_hr, _read(tiles.hr_nir_path(config.nir_input, tile), "nir.png", "missing_nir", read),
                   "nir.png", 1)
     return _with_extra_bands(TileInputs(np.concatenate([rgb, nir], axis=-1), np.concatenate([tci, b08], axis=-1)),
-                             tile, config)
+                             tile, config, read)
 
 
-def _with_extra_bands(inputs: TileInputs, tile: TileId, config: PairConfig) -> TileInputs:
+def _with_extra_bands(inputs: TileInputs, tile: TileId, config: PairConfig,
+                      read: Reader = storage.read_bytes) -> TileInputs:
     """The robust mode's optional Sentinel-2 bands (EXTRA_BANDS: b01, b10, b11, b12), those the
     tile has: each is read directly (a missing file is one failed read, cheaper than listing the
     folder on an object store). A missing band is simply absent; one that cannot be used (read
@@ -120,7 +141,7 @@ def _with_extra_bands(inputs: TileInputs, tile: TileId, config: PairConfig) -> T
     notes = []
     for band in EXTRA_BANDS:
         try:
-            data = _read(tiles.s2_band_path(config.input_root, tile, band), f"{band}.png", "missing_band")
+            data = _read(tiles.s2_band_path(config.input_root, tile, band), f"{band}.png", "missing_band", read)
             series = _decode(imagery.decode_series, data, f"{band}.png", 1)[..., 0]
         except TileRejected as e:
             if e.reason != "missing_band":
@@ -134,11 +155,13 @@ def _with_extra_bands(inputs: TileInputs, tile: TileId, config: PairConfig) -> T
     return inputs
 
 
-def build_tile(tile_id: str, config: PairConfig, correction: corrections.Correction | None = None) -> Outcome:
+def build_tile(tile_id: str, config: PairConfig, correction: corrections.Correction | None = None,
+               read: Reader = storage.read_bytes) -> Outcome:
     """The outcome of one input tile id: a pair record, or a reject record with its reason.
 
     With a `correction` (from --corrections), the tile is removed, or built from the timestep it
-    names (selection `manual`, the automatic candidates and their scores kept)."""
+    names (selection `manual`, the automatic candidates and their scores kept). Files are read with
+    `read` (default: directly; the Beam DoFn passes a prefetch, `transforms.prefetch`)."""
     try:
         tile = TileId.parse(tile_id)
     except InvalidTileId as e:
@@ -148,7 +171,7 @@ def build_tile(tile_id: str, config: PairConfig, correction: corrections.Correct
                                                        f"removed by {correction.source or 'a correction'}"))
     mode = config.selection.mode
     try:
-        inputs = load_tile(tile, config)
+        inputs = load_tile(tile, config, read)
         if correction is not None:
             lr_index = corrections.check_correction(correction, inputs.series, config.selection)
         selection = select_pair(inputs.hr, inputs.series, config.selection, inputs.extra)

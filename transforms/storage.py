@@ -93,6 +93,34 @@ def retry_count() -> int:
     return _retry_count
 
 
+_unreported_retries = 0  # retries made on threads without a Beam metrics context (reader pools)
+
+
+def _count_retry() -> None:
+    """Counts one retry: in the Beam counter when this thread runs a DoFn; otherwise (a reader
+    thread of `transforms.prefetch`, where Beam would drop the increment) for `report_retries`."""
+    global _retry_count, _unreported_retries
+    from apache_beam.metrics.execution import MetricsEnvironment
+
+    in_beam = MetricsEnvironment.current_container() is not None
+    with _retry_lock:
+        _retry_count += 1
+        if not in_beam:
+            _unreported_retries += 1
+    if in_beam:
+        _RETRIES.inc()
+
+
+def report_retries() -> None:
+    """Adds the retries made on threads without a Beam context to the `storage/retries` counter;
+    called by the DoFns that use reader threads, on their own thread."""
+    global _unreported_retries
+    with _retry_lock:
+        n, _unreported_retries = _unreported_retries, 0
+    if n:
+        _RETRIES.inc(n)
+
+
 def _status_code(exc: BaseException) -> int | None:
     code = getattr(exc, "code", None)
     if isinstance(code, int):
@@ -147,7 +175,6 @@ def is_transient(exc: BaseException) -> bool:
 
 def _with_retries(what: str, op: Callable[[], T], policy: RetryPolicy | None = None) -> T:
     """op(), retried on transient errors; any other exception propagates at once."""
-    global _retry_count
     policy = policy or RETRY_POLICY
     started = time.monotonic()
     attempt = 0
@@ -163,9 +190,7 @@ def _with_retries(what: str, op: Callable[[], T], policy: RetryPolicy | None = N
                 raise StorageUnavailableError(
                     f"{what}: still failing after {attempt} tries in {elapsed:.1f}s: {_describe(e)}") from e
             delay = min(policy.delay(attempt - 1), max(0.0, policy.deadline_s - elapsed))
-            with _retry_lock:
-                _retry_count += 1
-            _RETRIES.inc()
+            _count_retry()
             _LOG.info("storage: transient error on %s (try %d), retrying in %.2fs: %s",
                       what, attempt, delay, _describe(e))
             time.sleep(delay)
@@ -198,6 +223,9 @@ def _gcs_client():
         return _client
 
 
+HTTP_POOL_SIZE = 64  # connections kept per host, >= the reader threads of a process
+
+
 def _new_gcs_client():
     from google.cloud import storage
 
@@ -216,6 +244,14 @@ def _new_gcs_client():
     # storage.buckets.get permission) this job does not need.
     if getattr(client, "_bucket_metadata_cache", None) is not None:
         client._bucket_metadata_cache = None
+    # One client serves every thread of the process (`transforms.prefetch`'s readers too): keep a
+    # connection per thread instead of requests' default 10, which would open (and TLS-handshake) a
+    # new connection for every request beyond them.
+    import requests
+
+    adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=HTTP_POOL_SIZE)
+    for scheme in ("https://", "http://"):
+        client._http.mount(scheme, adapter)
     return client
 
 

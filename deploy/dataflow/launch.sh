@@ -49,6 +49,7 @@ TOP_K="${TOP_K:-}"
 BANDS="${BANDS:-}"                   # rgbn | rgb
 SPLIT="${SPLIT:-}"
 NUM_SHARDS="${NUM_SHARDS:-}"
+READ_THREADS="${READ_THREADS:-}"     # reader threads per SDK process (default 16 for gs:// inputs)
 DOWNSAMPLE="${DOWNSAMPLE:-}"         # bicubic_aa | bicubic_torch
 FORMAT="${FORMAT:-}"                 # e.g. parquet,tfrecord (comma-separated)
 TFRECORD_GZIP="${TFRECORD_GZIP:-}"   # true | false
@@ -83,6 +84,7 @@ build_params() {
     input "$INPUT" output "$OUTPUT" manifest "$MANIFEST" corrections "$CORRECTIONS" nir_input "$NIR_INPUT"
     selection "$SELECTION" alpha "$ALPHA" top_k "$TOP_K" bands "$BANDS" split "$SPLIT"
     num_shards "$NUM_SHARDS" downsample "$DOWNSAMPLE" format "$FORMAT" tfrecord_gzip "$TFRECORD_GZIP"
+    read_threads "$READ_THREADS"
     overwrite "$OVERWRITE" since "$SINCE" latest "$LATEST"
   )
   local i

@@ -1,0 +1,93 @@
+"""Reads started ahead (transforms/prefetch.py): the same bytes and the same exceptions as direct
+reads, every file `load_tile` reads and no other, and the same outcomes from build_tile."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from tests.tile_factory import NAIP_ID, black_edge, good_tile, scene, series_from, write_tile
+from transforms import imagery, storage
+from transforms.pairs import PairConfig, build_tile, load_tile, tile_paths
+from transforms.prefetch import ReadAhead
+from transforms.selection import EXTRA_BANDS, SelectionConfig
+from transforms.tiles import TileId
+
+LIMIT = imagery.MAX_PNG_BYTES
+
+
+def tid(i):
+    return f"{NAIP_ID}/{36000 + i}_56000"
+
+
+@pytest.fixture
+def read_ahead():
+    pool = ReadAhead(4)
+    yield pool
+    pool.close()
+
+
+def test_reads_give_the_bytes_and_raise_what_a_direct_read_raises(tmp_path, read_ahead):
+    present, missing, large = tmp_path / "a.png", tmp_path / "missing.png", tmp_path / "large.png"
+    present.write_bytes(b"abc")
+    large.write_bytes(b"x" * 100)
+    reads = read_ahead.start([str(present), str(missing), str(large), str(present)], LIMIT)
+    assert reads(str(present), LIMIT) == b"abc"
+    with pytest.raises(FileNotFoundError):
+        reads(str(missing), LIMIT)  # raised when asked for, as a direct read raises it
+    small = read_ahead.start([str(large)], 10)
+    with pytest.raises(ValueError, match="larger than 10 bytes"):
+        small(str(large), 10)
+    # not started ahead, or with another limit: read directly
+    other = tmp_path / "b.png"
+    other.write_bytes(b"b")
+    assert reads(str(other), LIMIT) == b"b"
+    with pytest.raises(ValueError, match="larger than 50 bytes"):
+        reads(str(large), 50)  # the read ahead had LIMIT: this one is direct, with its own limit
+    reads.cancel()
+    assert ReadAhead(0).start([str(present)], LIMIT)(str(present), LIMIT) == b"abc"  # no pool: direct
+    with pytest.raises(ValueError, match="threads"):
+        ReadAhead(-1)
+
+
+@pytest.mark.parametrize("mode, bands", [("robust", "rgbn"), ("paper", "rgbn"), ("paper", "rgb"), ("robust", "rgb")])
+def test_tile_paths_are_the_files_load_tile_reads(tmp_path, mode, bands):
+    root = str(tmp_path)
+    rng = np.random.default_rng(0)
+    hr = scene(rng)
+    series = series_from(hr, rng, 5)
+    write_tile(root, tid(0), hr, series, extra={b: series[..., 0] for b in EXTRA_BANDS})
+    config = PairConfig(input_root=root, bands=bands, selection=SelectionConfig(mode=mode))
+    asked = []
+
+    def recording(path, limit):
+        asked.append(path)
+        return storage.read_bytes(path, limit)
+
+    tile = TileId.parse(tid(0))
+    load_tile(tile, config, recording)
+    assert asked == tile_paths(tile, config)
+    assert len(asked) == {"rgbn": 4, "rgb": 2}[bands] + (len(EXTRA_BANDS) if mode == "robust" else 0)
+
+
+def test_build_tile_with_reads_ahead_gives_the_same_outcomes(tmp_path, read_ahead):
+    root = str(tmp_path)
+    for i in range(3):
+        good_tile(root, tid(i), seed=i, t=6)
+    rng = np.random.default_rng(5)
+    hr = scene(rng)
+    write_tile(root, tid(3), hr, np.stack([black_edge(f) for f in series_from(hr, rng, 4)]))  # no valid timestep
+    write_tile(root, tid(4), scene(rng), None)  # no Sentinel-2
+    good_tile(root, tid(5), seed=5, t=4)
+    os.remove(os.path.join(root, "naip", NAIP_ID, "36005_56000", "nir.png"))
+    with open(os.path.join(root, "sentinel2", "36000_56000", "b10.png"), "wb") as f:
+        f.write(b"corrupt")  # an unusable extra band: noted, not fatal
+    config = PairConfig(input_root=root)
+    for i in range(6):
+        direct = build_tile(tid(i), config)
+        reads = read_ahead.start(tile_paths(TileId.parse(tid(i)), config), LIMIT)
+        ahead = build_tile(tid(i), config, None, reads)
+        reads.cancel()
+        assert ahead.kind == direct.kind and ahead.record == direct.record, i
+    assert build_tile(tid(0), config).record["evidence_note"].startswith("b10: decode_error")
