@@ -91,3 +91,18 @@ def test_build_tile_with_reads_ahead_gives_the_same_outcomes(tmp_path, read_ahea
         reads.cancel()
         assert ahead.kind == direct.kind and ahead.record == direct.record, i
     assert build_tile(tid(0), config).record["evidence_note"].startswith("b10: decode_error")
+
+
+def test_the_pool_is_shared_per_process_and_renewed_after_a_fork():
+    from transforms import prefetch
+
+    a = prefetch.shared_read_ahead(3)
+    assert prefetch.shared_read_ahead(3) is a and prefetch.shared_read_ahead(2) is not a
+    assert a.threads == 3
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a new pool, not the parent's (whose threads it does not have)
+        os.write(write_end, b"1" if prefetch.shared_read_ahead(3) is not a else b"0")
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(read_end, 1) == b"1"

@@ -15,7 +15,7 @@ from apache_beam.metrics import Metrics
 
 from transforms import corrections, imagery, publish, records, runtime, sinks, storage, tiles
 from transforms.pairs import PairConfig, build_tile, tile_paths
-from transforms.prefetch import ReadAhead, TileReads
+from transforms.prefetch import ReadAhead, TileReads, shared_read_ahead
 from transforms.publish import OutputSpec
 from transforms.tiles import InvalidTileId, TileId
 
@@ -149,12 +149,9 @@ class BuildPairDoFn(beam.DoFn):
 
     def setup(self):
         runtime.tune_allocator()
-        self._read_ahead = ReadAhead(self.config.read_threads)
+        self._read_ahead = shared_read_ahead(self.config.read_threads)
         self._tiles = self._pairs = 0
         self._started = self._last_log = time.monotonic()
-
-    def teardown(self):
-        self._read_ahead.close()
 
     def process(self, batch):
         # tile ids, or (tile id, Correction or None) when --corrections are joined in

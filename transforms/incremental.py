@@ -46,7 +46,7 @@ from transforms.beam import (
 )
 from transforms.latest import publish_latest
 from transforms.pairs import PairConfig
-from transforms.prefetch import ReadAhead
+from transforms.prefetch import shared_read_ahead
 from transforms.publish import OutputSpec
 
 _LOG = logging.getLogger(__name__)
@@ -69,10 +69,7 @@ class FingerprintDoFn(beam.DoFn):
         self.spec, self.threads = spec, threads
 
     def setup(self):
-        self._read_ahead = ReadAhead(self.threads)
-
-    def teardown(self):
-        self._read_ahead.close()
+        self._read_ahead = shared_read_ahead(self.threads)
 
     def process(self, batch: list[str]) -> Iterator[tuple[str, tuple]]:
         for tile_id, fps in zip(batch, self._read_ahead.map(self._fingerprints, batch)):

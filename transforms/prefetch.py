@@ -7,11 +7,15 @@ GIL) while the calling thread decodes and selects the tiles in order; `TileReads
 bytes to `pairs.load_tile` exactly as a direct read would, exceptions included (a missing file
 raises FileNotFoundError when its bytes are asked for, not before).
 
-Memory stays bounded by the batch: a batch of 32 robust tiles holds ~5 MB of PNG bytes.
+Memory stays bounded by the batch: a batch of 32 robust tiles holds ~5 MB of PNG bytes. A runner
+may run several bundles of a step at once in one process (one DoFn instance each): they share the
+process's pool (`shared_read_ahead`), so the threads and connections per process stay bounded.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import threading
 from typing import Iterable
 
 from transforms import storage
@@ -41,8 +45,8 @@ class TileReads:
 
 
 class ReadAhead:
-    """A pool of `threads` reader threads (0: no pool, every read is direct). Create it in
-    `DoFn.setup` (a thread pool cannot be pickled) and `close` it in `teardown`."""
+    """A pool of `threads` reader threads (0: no pool, every read is direct). A thread pool cannot be
+    pickled: DoFns get theirs in `setup`, from `shared_read_ahead`."""
 
     def __init__(self, threads: int):
         if threads < 0:
@@ -71,3 +75,21 @@ class ReadAhead:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+
+
+_shared: dict[int, ReadAhead] = {}
+_shared_pid: int | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_read_ahead(threads: int) -> ReadAhead:
+    """The process's ReadAhead of `threads` threads (created on first use, again after a fork; it
+    lives as long as the process: DoFns share it and do not close it)."""
+    global _shared_pid
+    with _shared_lock:
+        if _shared_pid != os.getpid():
+            _shared.clear()  # a forked child does not inherit the parent's threads
+            _shared_pid = os.getpid()
+        if threads not in _shared:
+            _shared[threads] = ReadAhead(threads)
+        return _shared[threads]
