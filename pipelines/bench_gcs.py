@@ -31,8 +31,13 @@ BUCKET = "s2naip-bench"
 def _emulator():
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    from tests import gcs_emulator
+    try:
+        from tests import gcs_emulator
 
+        import gcp_storage_emulator  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(f"s2naip bench-gcs needs a checkout (tests/gcs_emulator.py) with the [test] extra "
+                         f"installed: {e}") from None
     return gcs_emulator
 
 

@@ -249,10 +249,15 @@ def _input_listings(proxy) -> list[dict]:
 
 
 def _is_fingerprint_listing(q: dict) -> bool:
-    """A one-level listing of one tile's own folder for object metadata only: the fingerprints of the
-    dataset manifest (transforms/fingerprints.py), nothing deeper, nothing downloaded."""
+    """A listing for object metadata only, the fingerprints of the dataset manifest
+    (transforms/fingerprints.py): one level of one tile's own folder, or the recursive listing of
+    one NAIP capture's folder (the NAIP files of all its tiles); nothing downloaded."""
     prefix = q.get("prefix", [""])[0]
-    return q.get("delimiter") == ["/"] and "crc32c" in q.get("fields", [""])[0] and bool(
+    if "crc32c" not in q.get("fields", [""])[0]:
+        return False
+    if "delimiter" not in q:
+        return prefix == f"{SET}/naip/{NAIP_ID}/"
+    return q.get("delimiter") == ["/"] and bool(
         re.fullmatch(rf"{SET}/naip/{NAIP_ID}/[0-9]+_[0-9]+/", prefix)
         or re.fullmatch(rf"{SET}/sentinel2/[0-9]+_[0-9]+/", prefix))
 
@@ -268,6 +273,10 @@ def test_build_gcs_to_gcs_equals_local_run(gcs_emulator, gcs_input, local_run):
     assert {q["prefix"][0] for q in listings if q.get("delimiter") == ["/"]} == {
         f"{SET}/naip/", f"{SET}/naip/{NAIP_ID}/"}
     assert all(q.get("delimiter") == ["/"] or q.get("maxResults") == ["1"] for q in listings), listings
+    # fingerprints: the capture's NAIP files in one recursive listing, then one listing per tile
+    fingerprint_listings = [q for q in _input_listings(proxy) if _is_fingerprint_listing(q)]
+    assert [q["prefix"][0] for q in fingerprint_listings if "delimiter" not in q] == [f"{SET}/naip/{NAIP_ID}/"]
+    assert len(fingerprint_listings) == 1 + summary["counts"]["tiles"]
     assert summary["counts"] == local_summary["counts"]
     assert summary["input"] == base and summary["output"] == out
     assert all(f.startswith(out + "/") for f in summary["files"])

@@ -4,7 +4,7 @@
 * Pure: fingerprints of local files (and the GCS CRC32C conversion), options hash, plan_increment,
   supersession, the pointer refusing an unpublished run.
 * gs:// (GCS emulator on loopback): the fingerprints of the same bytes are equal locally and on
-  gs://, from two one-level listings per tile and no download; an incremental build on gs://.
+  gs://, from listings (per tile, or per NAIP capture) and no download; an incremental build on gs://.
 * The release: a full build, then new captures for some chips (old folders removed), a changed
   tci.png, new and removed tiles: the incremental build processes exactly those (Beam counters) and
   its dataset equals a full rebuild of the new input, pair by pair byte for byte, and every reject.
@@ -488,6 +488,25 @@ def test_gcs_fingerprints_equal_local_ones_from_listings(gcs_emulator, tmp_path)
         # a missing bucket is an error fingerprint: the tile is rebuilt, never carried on a guess
         assert fpr.tile_fingerprints(tid(0), fpr.FingerprintSpec("gs://no-such-bucket/set"))[0].startswith("error:")
 
+        # a capture's tiles together: one recursive listing of naip/<naip_id>/ for all their NAIP
+        # files, then one listing per tile for Sentinel-2; the same fingerprints
+        for spec in (gcs_spec, fpr.FingerprintSpec(base, files=("rgb", "tci")),
+                     fpr.FingerprintSpec(base, nir_root=base + "/"), fpr.FingerprintSpec(base, nir_root=base + "-nir")):
+            proxy.log.clear()
+            capture = fpr.capture_naip_fingerprints(spec, OLD)
+            assert len(proxy.log) == 1
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(proxy.log[0][1]).query)
+            assert "delimiter" not in query and query["prefix"] == [f"set/naip/{OLD}/"], query
+            for i in [*range(3), 7]:  # 7: no such tile
+                local = fpr.FingerprintSpec(root, spec.nir_root and spec.nir_root.replace(base, root), spec.files)
+                want = fpr.tile_fingerprints(tid(i), local) if spec.nir_root != base + "-nir" else None
+                got = fpr.tile_fingerprints(tid(i), spec, fpr.naip_files_from_capture(capture, tid(i), spec))
+                assert got == fpr.tile_fingerprints(tid(i), spec), (spec, i)
+                if want is not None:
+                    assert got == want, (spec, i)
+        failed = fpr.capture_naip_fingerprints(fpr.FingerprintSpec("gs://no-such-bucket/set"), OLD)
+        assert fpr.naip_files_from_capture(failed, tid(0), gcs_spec)["rgb.png"].startswith("error:")
+
 
 def test_incremental_build_on_gcs(gcs_emulator, tmp_path):
     root = str(tmp_path / "in")
@@ -543,7 +562,8 @@ def test_incremental_dataflow_job_offline(tmp_path_factory, monkeypatch):
     assert not p.run().has_job
     job = harness.collect(job_file, 0)
     names = job.transforms()
-    for step in ("BuildPairs/FingerprintTiles/Fingerprint", "BuildPairs/PlanIncrement/JoinByTileId",
+    for step in ("BuildPairs/FingerprintTiles/GroupByCapture", "BuildPairs/FingerprintTiles/FingerprintCaptures",
+                 "BuildPairs/PlanIncrement/JoinByTileId",
                  "BuildPairs/PlanIncrement/ReadPreviousManifest/ReadManifest", "BuildPairs/PlanIncrement/JoinByChip",
                  "BuildPairs/CarryForward/JoinLocations", "BuildPairs/CarryForward/GroupByRowGroup",
                  "BuildPairs/CarryForward/ReadCarried", "BuildPairs/BuildPairs/BuildPair", "BuildPairs/WritePairs",

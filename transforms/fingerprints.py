@@ -10,9 +10,12 @@ when the file is missing (or not read by this build: `nir` and `b08` with `--ban
   present, as one string `"b01=<fp>;b11=<fp>"` (None when the mode reads none or none is there).
 
 Locally the CRC32C is computed from the content; on gs:// both numbers come from object metadata
-through one-level listings of the tile's folders (`naip/<naip_id>/<x>_<y>/`, `sentinel2/<x>_<y>/`,
-and the NIR root's folder when it is elsewhere): two or three list requests per tile. The same
-bytes have the same fingerprint locally and on gs:// (GCS's base64 CRC32C is converted to hex).
+through listings: one-level listings of the tile's folders (`naip/<naip_id>/<x>_<y>/`,
+`sentinel2/<x>_<y>/`, and the NIR root's folder when it is elsewhere), or, for the tiles of one
+NAIP capture taken together, one recursive listing of `naip/<naip_id>/` for all their NAIP files
+(`capture_naip_fingerprints`) and one listing per tile for Sentinel-2: about one list request per
+tile instead of two. The same bytes have the same fingerprint locally and on gs:// (GCS's base64
+CRC32C is converted to hex).
 
 A folder that cannot be listed (after storage's retries) gives `"error:<type>"` for its files: such
 a fingerprint never equals a previous one, so the tile is rebuilt (and its new manifest row holds
@@ -23,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 
 from transforms import tiles
-from transforms.object_meta import ObjectMeta, list_object_meta
+from transforms.object_meta import ObjectMeta, list_object_meta, list_subfolder_meta
 from transforms.tiles import InvalidTileId, TileId
 
 FILES = ("rgb", "nir", "tci", "b08")
@@ -100,9 +103,45 @@ def _listed(folder: str, names: tuple[str, ...]) -> dict[str, str | None]:
     return {name: fingerprint(metas.get(name)) for name in names}
 
 
-def tile_fingerprints(tile_id: str, spec: FingerprintSpec) -> Fingerprints:
+def _naip_names(spec: FingerprintSpec) -> tuple[str, ...]:
+    """The files of `naip/<naip_id>/<x>_<y>/` under input_root that the build reads."""
+    names = ("rgb.png",) if "rgb" in spec.files else ()
+    if "nir" in spec.files and _same_nir_root(spec):
+        names += ("nir.png",)
+    return names
+
+
+def _same_nir_root(spec: FingerprintSpec) -> bool:
+    return tiles.join(spec.nir_input, "naip") == tiles.join(spec.input_root, "naip")
+
+
+NaipFiles = dict  # {file name: fingerprint or None} of one tile's NAIP folder
+
+
+def capture_naip_fingerprints(spec: FingerprintSpec, naip_id: str) -> dict[str, NaipFiles] | str:
+    """{x_y: NaipFiles} of every tile folder of one NAIP capture (`naip/<naip_id>/`, gs:// only)
+    from one recursive listing; the error string of every file when the listing fails."""
+    names = _naip_names(spec)
+    try:
+        metas = list_subfolder_meta(tiles.join(spec.input_root, "naip", naip_id))
+    except OSError as e:
+        return f"{ERROR_PREFIX}{type(e).__name__}"
+    return {xy: {name: fingerprint(files.get(name)) for name in names} for xy, files in metas.items()}
+
+
+def naip_files_from_capture(capture: dict[str, NaipFiles] | str, tile_id: str, spec: FingerprintSpec) -> NaipFiles:
+    """One tile's NaipFiles out of `capture_naip_fingerprints` (all None when its folder is not there)."""
+    names = _naip_names(spec)
+    if isinstance(capture, str):
+        return dict.fromkeys(names, capture)
+    xy = tile_id.rsplit("/", 1)[-1]
+    return capture.get(xy) or dict.fromkeys(names)
+
+
+def tile_fingerprints(tile_id: str, spec: FingerprintSpec, naip_files: NaipFiles | None = None) -> Fingerprints:
     """The fingerprints of one tile id (a tuple in FIELDS order). An invalid id has no files: all
-    None (it never touches a path)."""
+    None (it never touches a path). `naip_files`, when given, are those of its NAIP folder as a
+    capture listing found them (`naip_files_from_capture`); otherwise the folder is listed."""
     try:
         tile = TileId.parse(tile_id)
     except InvalidTileId:
@@ -110,13 +149,12 @@ def tile_fingerprints(tile_id: str, spec: FingerprintSpec) -> Fingerprints:
     naip_dir = tiles.join(spec.input_root, "naip", tile.naip_id, tile.xy)
     nir_dir = tiles.join(spec.nir_input, "naip", tile.naip_id, tile.xy)
     s2_dir = tiles.s2_dir(spec.input_root, tile)
-    same_nir = nir_dir == naip_dir
-    naip_names = ("rgb.png",) if "rgb" in spec.files else ()
-    if "nir" in spec.files and same_nir:
-        naip_names += ("nir.png",)
+    same_nir = _same_nir_root(spec)
+    naip_names = _naip_names(spec)
     s2_names = tuple(f"{b}.png" for b in ("tci", "b08") if b in spec.files)
     s2_names += tuple(f"{b}.png" for b in spec.extra_bands)
-    found = {**_listed(naip_dir, naip_names), **_listed(s2_dir, s2_names)}
+    naip_found = _listed(naip_dir, naip_names) if naip_files is None else dict(naip_files)
+    found = {**naip_found, **_listed(s2_dir, s2_names)}
     nir = None
     if "nir" in spec.files:
         nir = found.get("nir.png") if same_nir else _listed(nir_dir, ("nir.png",))["nir.png"]

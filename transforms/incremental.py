@@ -48,6 +48,7 @@ from transforms.latest import publish_latest
 from transforms.pairs import PairConfig
 from transforms.prefetch import shared_read_ahead
 from transforms.publish import OutputSpec
+from transforms.tiles import InvalidTileId, TileId
 
 _LOG = logging.getLogger(__name__)
 NAMESPACE = "incremental"
@@ -82,16 +83,58 @@ class FingerprintDoFn(beam.DoFn):
         return fpr.tile_fingerprints(tile_id, self.spec)
 
 
+CAPTURE_LISTING_MIN_TILES = 2  # a capture's own listing pays from two of its tiles on
+
+
+def capture_key(tile_id: str) -> tuple[str, str]:
+    """(naip_id, tile_id); an invalid id keys on '' (it is fingerprinted alone, touching no path)."""
+    try:
+        return TileId.parse(tile_id).naip_id, tile_id
+    except InvalidTileId:
+        return "", tile_id
+
+
+class FingerprintCaptureDoFn(FingerprintDoFn):
+    """The fingerprints of the tiles of one NAIP capture (gs://): one recursive listing of
+    `naip/<naip_id>/` for all their NAIP files, then one listing per tile for its Sentinel-2 files,
+    on `threads` threads."""
+
+    def process(self, keyed) -> Iterator[tuple[str, tuple]]:
+        naip_id, ids = keyed
+        ids = list(ids)
+        capture = (fpr.capture_naip_fingerprints(self.spec, naip_id)
+                   if naip_id and len(ids) >= CAPTURE_LISTING_MIN_TILES else None)
+
+        def one(tile_id: str) -> tuple:
+            naip_files = None if capture is None else fpr.naip_files_from_capture(capture, tile_id, self.spec)
+            return fpr.tile_fingerprints(tile_id, self.spec, naip_files)
+
+        for tile_id, fps in zip(ids, self._read_ahead.map(one, ids)):
+            if any(fpr.is_error(v) for v in fps):
+                _counter("fingerprint_errors").inc()
+            yield tile_id, fps
+        storage.report_retries()  # those of the reader threads
+
+
 class FingerprintTiles(beam.PTransform):
     """Tile ids -> (tile_id, fingerprints tuple in `fingerprints.FIELDS` order). No image is decoded;
-    on gs:// nothing is downloaded (one-level listings of the tile's folders, `threads` at a time
-    per worker process)."""
+    on gs:// nothing is downloaded: the ids are grouped per NAIP capture, whose NAIP files one
+    recursive listing describes, and each tile's Sentinel-2 folder is listed one level (about one
+    list request per tile; `threads` at a time per worker process). Local files are checksummed
+    tile by tile."""
 
     def __init__(self, spec: fpr.FingerprintSpec, threads: int = 0):
         super().__init__()
         self.spec, self.threads = spec, threads
 
     def expand(self, ids):
+        if storage.is_gcs(self.spec.input_root):
+            return (
+                ids
+                | "KeyByCapture" >> beam.Map(capture_key)
+                | "GroupByCapture" >> beam.GroupByKey()
+                | "FingerprintCaptures" >> beam.ParDo(FingerprintCaptureDoFn(self.spec, self.threads))
+            )
         return (
             ids
             | "BatchIds" >> beam.BatchElements(min_batch_size=READ_BATCH, max_batch_size=READ_BATCH)
