@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.testing.util import assert_that, equal_to
 
 from tests.tile_factory import NAIP_ID, good_tile, scene, series_from, write_png, write_tile
 from transforms import corrections, dataset_manifest as dm, fingerprints as fpr, incremental, latest, publish
@@ -507,6 +508,13 @@ def test_gcs_fingerprints_equal_local_ones_from_listings(gcs_emulator, tmp_path)
         failed = fpr.capture_naip_fingerprints(fpr.FingerprintSpec("gs://no-such-bucket/set"), OLD)
         assert fpr.naip_files_from_capture(failed, tid(0), gcs_spec)["rgb.png"].startswith("error:")
 
+        # the transform: grouped per capture on gs://, every id once, an invalid one touching no path
+        ids = [tid(0), tid(1), tid(2), tid(7), "../../etc/passwd", "not/an id"]
+        want = [(t, fpr.tile_fingerprints(t, local_spec)) for t in ids]
+        with beam.Pipeline(runner="FnApiRunner") as p:
+            got = p | beam.Create(ids) | incremental.FingerprintTiles(gcs_spec, threads=4)
+            assert_that(got, equal_to(want))
+
 
 def test_incremental_build_on_gcs(gcs_emulator, tmp_path):
     root = str(tmp_path / "in")
@@ -579,7 +587,6 @@ def test_carry_forward_reads_each_row_group_once(tmp_path):
     carried records is read once; duplicate_tile_id rejects are never carried (they are remade);
     ids without a record come out as 'missing'."""
     import pyarrow as pa
-    from apache_beam.testing.util import assert_that, equal_to
 
     from transforms import records
 

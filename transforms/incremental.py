@@ -48,7 +48,6 @@ from transforms.latest import publish_latest
 from transforms.pairs import PairConfig
 from transforms.prefetch import shared_read_ahead
 from transforms.publish import OutputSpec
-from transforms.tiles import InvalidTileId, TileId
 
 _LOG = logging.getLogger(__name__)
 NAMESPACE = "incremental"
@@ -88,10 +87,7 @@ CAPTURE_LISTING_MIN_TILES = 2  # a capture's own listing pays from two of its ti
 
 def capture_key(tile_id: str) -> tuple[str, str]:
     """(naip_id, tile_id); an invalid id keys on '' (it is fingerprinted alone, touching no path)."""
-    try:
-        return TileId.parse(tile_id).naip_id, tile_id
-    except InvalidTileId:
-        return "", tile_id
+    return dm.tile_parts(tile_id)[0] or "", tile_id
 
 
 class FingerprintCaptureDoFn(FingerprintDoFn):
