@@ -17,12 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from pipelines.bench import machine
 
 REPO = Path(__file__).resolve().parent.parent
 BUCKET = "s2naip-bench"
@@ -111,12 +112,12 @@ def bench(tiles: int, latencies_ms: list[float], thread_settings: list[int], rep
         for r in rows:
             r["speedup_vs_first_setting"] = r["tiles_per_s"] / base_rate
     return {"tiles": tiles, "repeats": repeats, "results": results,
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}}
+            "machine": machine()}
 
 
 def report_text(report: dict) -> str:
     lines = [f"s2naip bench-gcs: {report['tiles']} tiles from gs:// (emulator behind a latency proxy), "
-             f"one worker process, medians of {report['repeats']}, {report['machine']['cpus']} CPUs",
+             f"one worker process, medians of {report['repeats']}, {report['machine']['cores']} cores",
              f"  {'latency':>8} {'read threads':>12} {'tiles/s':>9} {'speed-up':>9} {'requests/tile':>14}  same pairs"]
     for r in report["results"]:
         lines.append(f"  {r['latency_ms']:>6g}ms {r['read_threads']:>12} {r['tiles_per_s']:>9.1f} "

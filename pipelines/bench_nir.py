@@ -29,12 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from pipelines.bench import machine
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_NAIP_DIR = REPO.parent / "shared" / "data" / "naip_real"
@@ -143,10 +144,6 @@ def _rates(r: dict) -> dict:
             "ms_per_tile": 1000 * r["seconds"] / r["tiles"]}
 
 
-def machine() -> dict:
-    return {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()}
-
-
 def projection(report: dict) -> dict:
     """1.1 M tiles at the measured rates (loopback: the network's latency is not in these)."""
     base, grouped = report["baseline"], report["grouped"]
@@ -172,7 +169,7 @@ def report_text(r: dict) -> str:
     b, g = r["baseline"], r["grouped"]
     lines = [
         f"fetch-nir benchmark: {r['tiles_total']} tiles of {r['captures']} real NAIP captures, loopback "
-        f"(nginx + stac-fastapi-pgstac/PostgreSQL), {r['machine']['cpus']} CPUs",
+        f"(nginx + stac-fastapi-pgstac/PostgreSQL), {r['machine']['cores']} cores",
         f"{'':<22} {'tiles':>6} {'seconds':>8} {'tiles/s':>8} {'ms/tile':>8} {'req/tile':>9} {'MB/tile':>8}",
     ]
 

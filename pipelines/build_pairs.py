@@ -12,6 +12,7 @@ import time
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from pipelines.cli import command_main
 from pipelines.options import BuildOptions, output_spec, pair_config, use_in_process_runner_by_default
 from transforms import dataset_manifest, incremental, latest, publish, storage, tiles
 from transforms.pairs import PairConfig
@@ -114,10 +115,7 @@ def run(argv: list[str] | None = None) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("apache_beam").setLevel(logging.WARNING)
-    run(sys.argv[1:] if argv is None else argv)
-    return 0
+    return command_main(run, argv)
 
 
 if __name__ == "__main__":

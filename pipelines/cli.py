@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
+from typing import Callable
 
 SUBCOMMANDS = {
     "build": ("pipelines.build_pairs", "build paired RGBN records from an S2-NAIP folder"),
@@ -17,6 +19,19 @@ SUBCOMMANDS = {
     "review": ("pipelines.review", "rank a build's pairs and write a page to re-pick or drop the worst"),
     "report": ("pipelines.report", "an HTML report with figures of a build's output"),
 }
+
+
+def configure_logging() -> None:
+    """INFO logs with timestamps for a command; Beam's own at WARNING."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("apache_beam").setLevel(logging.WARNING)
+
+
+def command_main(run: Callable[[list[str]], object], argv: list[str] | None = None) -> int:
+    """A subcommand's `main`: logging configured, then `run(argv)` (default: sys.argv[1:]); 0."""
+    configure_logging()
+    run(sys.argv[1:] if argv is None else argv)
+    return 0
 
 
 def usage() -> str:

@@ -33,9 +33,10 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from pipelines.cli import command_main
 from pipelines.options import use_in_process_runner_by_default
 from transforms import geo, nir_fetch, publish, records, runtime, signing, stac, storage, tiles
-from transforms.beam import ReadTileIds, WriteParquet
+from transforms.beam import ReadTileIds, WriteParquet, counter_values
 from transforms.nir_fetch import ItemRef, nir_reject
 from transforms.version import PIPELINE_VERSION
 
@@ -558,30 +559,15 @@ def run(argv: list[str] | None = None) -> dict | None:
     if storage.exists(run_json):
         summary = json.loads(storage.read_bytes(run_json, 64 * 1024 * 1024))
         print(summary_text(summary))
-        counters = counter_values(p.result)
+        counters = counter_values(p.result, NS)
         if counters:
             print("counters: " + ", ".join(f"{k}={v}" for k, v in counters.items()))
         return {**summary, "counters": counters}
     return None
 
 
-def counter_values(result) -> dict[str, int]:
-    """The job's `fetch_nir` Beam counters (committed values), {} when the runner has none."""
-    try:
-        counters = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(NS))["counters"]
-    except Exception:  # noqa: BLE001 - metrics are informative; a runner without them is fine
-        return {}
-    out: dict[str, int] = {}
-    for c in counters:
-        out[c.key.metric.name] = out.get(c.key.metric.name, 0) + int(c.committed or 0)
-    return dict(sorted(out.items()))
-
-
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("apache_beam").setLevel(logging.WARNING)
-    run(sys.argv[1:] if argv is None else argv)
-    return 0
+    return command_main(run, argv)
 
 
 if __name__ == "__main__":

@@ -6,12 +6,12 @@ in shards instead of listing the bucket again.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipelines.cli import configure_logging
 from pipelines.options import use_in_process_runner_by_default
 from transforms.beam import ReadTileIds
 
@@ -25,8 +25,7 @@ def build(p: beam.Pipeline, input_root: str, manifest: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    configure_logging()
     parser = argparse.ArgumentParser(prog="s2naip index", description=__doc__.splitlines()[0])
     parser.add_argument("--input", required=True, help="S2-NAIP set folder (local or gs://)")
     parser.add_argument("--manifest", required=True, help="Manifest file to write (text, one id a line)")

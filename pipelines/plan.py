@@ -37,6 +37,7 @@ import sys
 import time
 from collections import defaultdict
 
+from pipelines.cli import configure_logging
 from transforms import dataset_manifest as dm
 from transforms import nir_fetch, stac, storage, tiles
 from transforms.latest import resolve_since
@@ -255,7 +256,7 @@ def run(argv: list[str] | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     summary = run(sys.argv[1:] if argv is None else argv)
     return 0 if summary["complete"] else 1
 

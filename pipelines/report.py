@@ -15,6 +15,7 @@ import logging
 import sys
 import time
 
+from pipelines.cli import command_main
 from transforms import pairs, publish, records, report_figures, storage, tiles
 from transforms.pairs import PairConfig
 from transforms.report_figures import REVIEW_DB, SampleTile
@@ -186,10 +187,7 @@ def run(argv: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("apache_beam").setLevel(logging.WARNING)
-    run(sys.argv[1:] if argv is None else argv)
-    return 0
+    return command_main(run, argv)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import logging
 import sys
 import time
 
+from pipelines.cli import command_main
 from transforms import pairs, publish, storage
 from transforms.pairs import PairConfig
 from transforms.review_page import (
@@ -137,10 +138,7 @@ def run(argv: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("apache_beam").setLevel(logging.WARNING)
-    run(sys.argv[1:] if argv is None else argv)
-    return 0
+    return command_main(run, argv)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,19 @@ def _counter(transform: type, name: str):
     return Metrics.counter(transform.__name__, name)
 
 
+def counter_values(result, namespace: str) -> dict[str, int]:
+    """A finished job's Beam counters of `namespace` (committed values, summed over steps), by
+    name; {} when the runner reports none."""
+    try:
+        found = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(namespace))["counters"]
+    except Exception:  # noqa: BLE001 - metrics are informative; a runner without them is fine
+        return {}
+    out: dict[str, int] = {}
+    for c in found:
+        out[c.key.metric.name] = out.get(c.key.metric.name, 0) + int(c.committed or 0)
+    return dict(sorted(out.items()))
+
+
 # ---------------------------------------------------------------------------------------------
 # Tile ids
 

@@ -178,14 +178,6 @@ def check_correction(correction: Correction, series: np.ndarray, config: Selecti
 INDEPENDENT_MODES = ("paper", "companion")  # modes whose score of a timestep ignores the other timesteps
 
 
-def score_among(hr: np.ndarray, timesteps: np.ndarray, config: SelectionConfig = SelectionConfig(),
-                extra: dict[str, np.ndarray] | None = None) -> Selection:
-    """The automatic selection of `config.mode` with every one of `timesteps` [N, 32, 32, C] (valid
-    ones) as a candidate; `extra` holds their extra bands ([N, 32, 32] each), if any. Candidate
-    indices are positions in `timesteps`."""
-    return select_pair(hr, timesteps, dataclasses.replace(config, top_k=len(timesteps)), extra)
-
-
 class TimestepMetrics(NamedTuple):
     psnr: np.ndarray  # [N]
     score: np.ndarray  # [N], lower is better
@@ -197,10 +189,10 @@ def timestep_metrics(hr: np.ndarray, timesteps: np.ndarray, config: SelectionCon
     """PSNR, score (and evidence) of valid `timesteps` [N, 32, 32, C] against `hr` [128, 128, C], as
     the automatic selection computes them for its candidates: `paper` and `companion` with their own
     reference HR and score; any other mode (`robust`, whose evidence is relative to the tile's other
-    timesteps) by its own selection with all N timesteps as candidates (`score_among`, with the
-    tile's extra bands `extra` [N, 32, 32] when it has them)."""
+    timesteps) by its own selection with all N timesteps as candidates (with the tile's extra bands
+    `extra` [N, 32, 32] when it has them)."""
     if config.mode not in INDEPENDENT_MODES:
-        selection = score_among(hr, timesteps, config, extra)
+        selection = select_pair(hr, timesteps, dataclasses.replace(config, top_k=len(timesteps)), extra)
         order = np.argsort(selection.candidate_indices)  # candidates (best first) -> timestep order
         evidence = None if selection.evidence is None else selection.evidence.take(order)
         return TimestepMetrics(selection.candidate_psnr[order].astype(np.float64),

@@ -44,6 +44,7 @@ from transforms.beam import (
     WriteParquet,
     outcome_key,
 )
+from transforms.beam import counter_values as beam_counter_values
 from transforms.latest import publish_latest
 from transforms.pairs import PairConfig
 from transforms.prefetch import shared_read_ahead
@@ -555,16 +556,8 @@ class IncrementalBuildPipeline(beam.PTransform):
 
 
 def counter_values(result) -> dict[str, int]:
-    """The job's `incremental` counters (committed values, summed over steps); {} when the runner
-    reports none."""
-    try:
-        found = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(NAMESPACE))["counters"]
-    except Exception:  # noqa: BLE001 - metrics are informative; a runner without them is fine
-        return {}
-    out: dict[str, int] = {}
-    for c in found:
-        out[c.key.metric.name] = out.get(c.key.metric.name, 0) + int(c.committed or 0)
-    return dict(sorted(out.items()))
+    """The job's `incremental` counters (committed values, summed over steps)."""
+    return beam_counter_values(result, NAMESPACE)
 
 
 def build_incremental(p: beam.Pipeline, config: PairConfig, spec: OutputSpec, info: dict,
