@@ -17,10 +17,11 @@ def _build(root, out, *extra):
     return summary, rows
 
 
-@pytest.mark.parametrize("mode", ["paper", "companion"])
-def test_planted_bad_timesteps_are_never_chosen(real_tile_set, tmp_path, mode):
+@pytest.mark.parametrize("mode, extra", [("paper", []), ("companion", []),
+                                         ("robust", ["--read-threads", "4"])])  # the default, reads ahead
+def test_planted_bad_timesteps_are_never_chosen(real_tile_set, tmp_path, mode, extra):
     root, tiles = real_tile_set
-    summary, rows = _build(root, tmp_path / "out", "--selection", mode)
+    summary, rows = _build(root, tmp_path / "out", "--selection", mode, *extra)
     assert summary["counts"]["pairs"] == len(tiles) == len(rows)
     hr_date_chosen = 0
     for t in tiles:
@@ -37,7 +38,7 @@ def test_heavily_clouded_series_without_the_hr_date(real_naip_dir, tmp_path):
     root = tmp_path / "in"
     tiles = build_real_tiles(root, real_naip_dir, n_tiles=12, seed=3, include_hr_date=False,
                              plant={BLACK_BORDER: 3, CLOUDY: 3, DARK: 2})
-    for mode in ("paper", "companion"):
+    for mode in ("paper", "companion", "robust"):
         _, rows = _build(root, tmp_path / f"out-{mode}", "--selection", mode)
         for t in tiles:
             chosen = rows[t.tile_id]["lr_index"]
