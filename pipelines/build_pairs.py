@@ -13,7 +13,8 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from pipelines.cli import command_main
-from pipelines.options import BuildOptions, output_spec, pair_config, use_in_process_runner_by_default
+from pipelines.options import (BuildOptions, output_spec, pair_config, use_in_process_runner_by_default,
+                               use_own_image_on_dataflow_by_default)
 from transforms import dataset_manifest, incremental, latest, publish, storage, tiles
 from transforms.pairs import PairConfig
 from transforms.publish import OutputSpec
@@ -98,6 +99,7 @@ def run(argv: list[str] | None = None) -> dict | None:
     except (ValueError, FileNotFoundError, publish.OutputNotEmpty) as e:
         raise SystemExit(f"error: {e}") from None
     use_in_process_runner_by_default(options)
+    use_own_image_on_dataflow_by_default(options)
     info = run_info(config, spec, opts, options)
     with beam.Pipeline(options=options) as p:
         build(p, config, spec, info, opts.manifest, since=since, latest_pointer=opts.latest)

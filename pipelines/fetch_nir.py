@@ -34,7 +34,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from pipelines.cli import command_main
-from pipelines.options import use_in_process_runner_by_default
+from pipelines.options import use_in_process_runner_by_default, use_own_image_on_dataflow_by_default
 from transforms import geo, nir_fetch, publish, records, runtime, signing, stac, storage, tiles
 from transforms.beam import ReadTileIds, WriteParquet, counter_values
 from transforms.nir_fetch import ItemRef, nir_reject
@@ -546,6 +546,7 @@ def run(argv: list[str] | None = None) -> dict | None:
         raise SystemExit(f"error: {e}") from None
     options = PipelineOptions(beam_args)
     use_in_process_runner_by_default(options)
+    use_own_image_on_dataflow_by_default(options)
     removed = prepare_output(config.output)
     if removed:
         _LOG.info("resuming in %s: removed the previous run's _SUCCESS, run.json and rejects (%d files)",

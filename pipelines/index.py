@@ -12,7 +12,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.cli import configure_logging
-from pipelines.options import use_in_process_runner_by_default
+from pipelines.options import use_in_process_runner_by_default, use_own_image_on_dataflow_by_default
 from transforms.beam import ReadTileIds
 
 
@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args, beam_args = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     options = PipelineOptions(beam_args)
     use_in_process_runner_by_default(options)
+    use_own_image_on_dataflow_by_default(options)
     with beam.Pipeline(options=options) as p:
         build(p, args.input, args.manifest)
     print(f"manifest: {args.manifest}")

@@ -1,7 +1,9 @@
 """Pipeline options of the build, validated up front (before any worker starts)."""
 from __future__ import annotations
 
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+import os
+
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, WorkerOptions
 
 from transforms import storage
 from transforms.pairs import BAND_SETS, PairConfig
@@ -10,6 +12,8 @@ from transforms.selection import DEFAULT_SELECTION, DOWNSAMPLE_METHODS, SELECTIO
 
 DEFAULT_SAMPLE_TILES = 200
 REMOTE_READ_THREADS = 16  # GCS: ~20-50 ms per small read, ~10 reads per tile, ~10 ms of CPU per tile
+# The name of the image this process runs in, baked in at build time (deploy/dataflow/Dockerfile).
+IMAGE_ENV = "S2NAIP_IMAGE"
 
 
 def _parse_bool(text: str) -> bool:
@@ -122,3 +126,22 @@ def use_in_process_runner_by_default(options: PipelineOptions) -> None:
     standard = options.view_as(StandardOptions)
     if not standard.runner:
         standard.runner = "FnApiRunner"
+
+
+def use_own_image_on_dataflow_by_default(options: PipelineOptions) -> None:
+    """On Dataflow without --sdk_container_image, run the workers on the image this process runs in.
+
+    Inside the project's image (`S2NAIP_IMAGE` names it) a launch that omits the option (the Flex
+    Template from the Console or the REST API, `index` or `fetch-nir` from a Cloud Run job) would
+    otherwise get Beam's stock worker image, which lacks this project (ModuleNotFoundError:
+    transforms). Outside the image nothing changes.
+    """
+    image = os.environ.get(IMAGE_ENV, "").strip()
+    runner = options.view_as(StandardOptions).runner
+    name = runner if isinstance(runner, str) else type(runner).__name__ if runner else ""
+    if not image or name.rsplit(".", 1)[-1].lower() not in ("dataflow", "dataflowrunner"):
+        return
+    worker = options.view_as(WorkerOptions)
+    if worker.sdk_container_image or worker.worker_harness_container_image:
+        return
+    worker.sdk_container_image = image
