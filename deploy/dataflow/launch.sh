@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds and launches `s2naip build` on Dataflow as a Flex Template with a custom worker container.
 #
+#   deploy/dataflow/launch.sh names      # print IMAGE=... and TEMPLATE_PATH=... (for eval)
+#   deploy/dataflow/launch.sh grant      # IAM for SERVICE_ACCOUNT: image pull, Dataflow worker, the bucket
 #   deploy/dataflow/launch.sh image      # build and push the worker/launcher image
 #   deploy/dataflow/launch.sh template   # gcloud dataflow flex-template build (spec JSON on GCS)
 #   deploy/dataflow/launch.sh run        # gcloud dataflow flex-template run (starts the job)
@@ -16,8 +18,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 HERE="$ROOT/deploy/dataflow"
 
 case "${1:-}" in
-  image | template | run | all | direct) ;;
-  *) sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  names | grant | image | template | run | all | direct) ;;
+  *) sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
 
 # --- where ----------------------------------------------------------------------------------------
@@ -32,8 +34,9 @@ TEMPLATE_PATH="${TEMPLATE_PATH:-gs://${BUCKET}/dataflow/templates/s2naip-build-p
 STAGING_LOCATION="${STAGING_LOCATION:-gs://${BUCKET}/dataflow/staging}"
 TEMP_LOCATION="${TEMP_LOCATION:-gs://${BUCKET}/dataflow/tmp}"
 # Worker (and launcher) service account, e.g. s2naip-dataflow@PROJECT.iam.gserviceaccount.com:
-# needs roles/dataflow.worker, read on the input, write on the output and the staging bucket.
-# Empty: the Compute Engine default service account.
+# needs roles/dataflow.worker, roles/artifactregistry.reader on REPOSITORY (the launcher VM and the
+# workers pull IMAGE as this account), read on the input, write on the output and the staging
+# bucket (`launch.sh grant` binds all but the input's). Empty: the Compute Engine default account.
 SERVICE_ACCOUNT="${SERVICE_ACCOUNT:-}"
 BUILDER="${BUILDER:-docker}"         # image builder: docker (local docker build + push) or cloudbuild
 
@@ -106,10 +109,32 @@ require_input() {
   fi
 }
 
+cmd_names() {
+  printf 'IMAGE=%q\nTEMPLATE_PATH=%q\n' "$IMAGE" "$TEMPLATE_PATH"
+}
+
+cmd_grant() {
+  if [ -z "$SERVICE_ACCOUNT" ]; then
+    echo "error: set SERVICE_ACCOUNT (the launcher's and workers' account) to grant it its roles" >&2
+    exit 2
+  fi
+  local member="serviceAccount:$SERVICE_ACCOUNT"
+  run gcloud projects add-iam-policy-binding "$PROJECT" --member="$member" --role=roles/dataflow.worker \
+    --condition=None
+  # Flex Template launches and custom worker containers pull IMAGE with this account.
+  run gcloud artifacts repositories add-iam-policy-binding "$REPOSITORY" --project="$PROJECT" \
+    --location="$REGION" --member="$member" --role=roles/artifactregistry.reader
+  # Templates, staging and temp files (and, by default, the output) are in BUCKET.
+  run gcloud storage buckets add-iam-policy-binding "gs://$BUCKET" --project="$PROJECT" \
+    --member="$member" --role=roles/storage.objectAdmin
+}
+
 cmd_image() {
   case "$BUILDER" in
     docker)
-      run docker build --platform=linux/amd64 -f "$HERE/Dockerfile" -t "$IMAGE" "$ROOT"
+      # The image is built with its own name: a launch that names no worker image uses it.
+      run docker build --platform=linux/amd64 -f "$HERE/Dockerfile" --build-arg "S2NAIP_IMAGE=$IMAGE" \
+        -t "$IMAGE" "$ROOT"
       run docker push "$IMAGE"
       ;;
     cloudbuild)
@@ -196,6 +221,8 @@ cmd_direct() {
 }
 
 case "${1:-}" in
+  names) cmd_names ;;
+  grant) cmd_grant ;;
   image) cmd_image ;;
   template) cmd_template ;;
   run) cmd_run ;;
