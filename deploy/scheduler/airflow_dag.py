@@ -11,7 +11,8 @@
   `s2naip fetch-nir --manifest <worklist>/fetch_nir_manifest.txt` on Dataflow from the Cloud Run job
   `s2naip-fetch-nir`.
 * `build` launches the Flex Template of deploy/dataflow/ with `since`, the new `output` and `latest`
-  (DataflowStartFlexTemplateOperator, waits for the job); the job itself moves latest.json after
+  (DataflowStartFlexTemplateOperator, waits for the job, deferred where [operators]
+  default_deferrable is set, as on Composer); the job itself moves latest.json after
   its _SUCCESS, so a failed job leaves it on the previous version.
 * `verify_latest` checks that latest.json now names the new output.
 
@@ -198,7 +199,9 @@ with DAG(
             }
         },
         append_job_name=False,
-        wait_until_finished=True,
+        # No wait_until_finished: the operator then waits for a batch job either way, blocking or
+        # deferred (`deferrable` defaults to [operators] default_deferrable, True on Composer), and
+        # wait_until_finished=True with deferrable=True is refused when the DAG is parsed.
         gcp_conn_id=GCP_CONN_ID,
         trigger_rule="none_failed",  # runs when fetch_nir was skipped (nothing to fetch)
     )

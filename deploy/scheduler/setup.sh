@@ -8,14 +8,15 @@
 #   deploy/scheduler/setup.sh run-now     # one release now (gcloud workflows run, waits for the result)
 #
 # Required: PROJECT, BUCKET, INPUT, IMAGE (the image of deploy/dataflow/launch.sh image) and
-# TEMPLATE_PATH (the Flex Template spec of launch.sh template). DRY_RUN=1 prints the commands.
+# TEMPLATE_PATH (the Flex Template spec of launch.sh template); for schedule (and all) SCHEDULER_SA.
+# DRY_RUN=1 prints the commands.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 case "${1:-}" in
   jobs | workflow | schedule | all | run-now) ;;
-  *) sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
 
 : "${PROJECT:?set PROJECT to the Google Cloud project id}"
@@ -38,7 +39,7 @@ PLAN_JOB="${PLAN_JOB:-s2naip-plan}"
 FETCH_JOB="${FETCH_JOB:-s2naip-fetch-nir}"
 # Service accounts (create them once; roles in README.md). Empty: the defaults of each service.
 WORKFLOW_SA="${WORKFLOW_SA:-}"             # runs the workflow
-SCHEDULER_SA="${SCHEDULER_SA:-}"           # Cloud Scheduler's identity: roles/workflows.invoker
+SCHEDULER_SA="${SCHEDULER_SA:-}"           # Cloud Scheduler's identity (OAuth): roles/workflows.invoker
 JOBS_SA="${JOBS_SA:-}"                     # the Cloud Run jobs (plan reads the run, fetch-nir submits to Dataflow)
 WORKER_SA="${WORKER_SA:-}"                 # Dataflow workers of the build
 
@@ -92,16 +93,24 @@ execution_body() {
   workflow_argument | python3 -c 'import json, sys; print(json.dumps({"argument": sys.stdin.read().strip()}))'
 }
 
+require_scheduler_sa() {
+  # Without an OAuth identity the scheduled call to the executions API is unauthenticated (403).
+  if [ -z "$SCHEDULER_SA" ]; then
+    echo "error: set SCHEDULER_SA to the service account Cloud Scheduler calls the workflow as (roles/workflows.invoker)" >&2
+    exit 2
+  fi
+}
+
 cmd_schedule() {
+  require_scheduler_sa
   local args=(gcloud scheduler jobs create http "$WORKFLOW" --project="$PROJECT" --location="$REGION"
               --schedule="$SCHEDULE" --time-zone="$TIME_ZONE"
               --uri="https://workflowexecutions.googleapis.com/v1/projects/${PROJECT}/locations/${REGION}/workflows/${WORKFLOW}/executions"
               --http-method=POST --headers=Content-Type=application/json
               --message-body="$(execution_body)"
-              --attempt-deadline=180s --max-retry-attempts=0)
-  if [ -n "$SCHEDULER_SA" ]; then
-    args+=(--oauth-service-account-email="$SCHEDULER_SA" --oauth-token-scope=https://www.googleapis.com/auth/cloud-platform)
-  fi
+              --attempt-deadline=180s --max-retry-attempts=0
+              --oauth-service-account-email="$SCHEDULER_SA"
+              --oauth-token-scope=https://www.googleapis.com/auth/cloud-platform)
   run "${args[@]}"
 }
 
@@ -113,6 +122,6 @@ case "$1" in
   jobs) cmd_jobs ;;
   workflow) cmd_workflow ;;
   schedule) cmd_schedule ;;
-  all) cmd_jobs; cmd_workflow; cmd_schedule ;;
+  all) require_scheduler_sa; cmd_jobs; cmd_workflow; cmd_schedule ;;
   run-now) cmd_run_now ;;
 esac
