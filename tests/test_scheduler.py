@@ -3,13 +3,15 @@ of Cloud Run jobs, the workflow and the Cloud Scheduler job) and the Airflow DAG
 
 Nothing is deployed: the workflow is validated statically with PyYAML (structure, jumps, every
 expression's names, the Flex Template parameters against deploy/dataflow/metadata.json, the CLI
-arguments it passes against the commands' own parsers); setup.sh runs with DRY_RUN=1; the DAG is
+arguments it passes against the commands' own parsers); setup.sh runs with DRY_RUN=1, and its
+schedule with the real gcloud against a fake Cloud Scheduler API on loopback; the DAG is
 checked with `ast` always, and imported (its task graph and templated fields) where Airflow and its
 Google provider are installed (not in the project's CI: that test skips there).
 """
 from __future__ import annotations
 
 import ast
+import base64
 import importlib.util
 import json
 import os
@@ -20,6 +22,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.test_dataflow_deploy import gcloud_env, google_apis, run_script  # noqa: F401 (a fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 HERE = REPO / "deploy" / "scheduler"
@@ -183,6 +187,41 @@ def test_workflow_cli_arguments_parse():
     assert "with_newer_capture" in gate["condition"] and "force" in gate["condition"] and "return" in gate
 
 
+def duration_seconds(text: str) -> int:
+    """gcloud's duration: 2h, 24h, 90m, 3600s."""
+    value, unit = re.fullmatch(r"(\d+)([smh])", text).groups()
+    return int(value) * {"s": 1, "m": 60, "h": 3600}[unit]
+
+
+def test_workflow_waits_for_the_cloud_run_jobs_as_long_as_they_may_run():
+    """A connector call gives up after 30 minutes by default: each jobs.run call waits for its
+    job's whole task timeout (setup.sh) plus start-up, polling at a modest rate."""
+    steps = load_workflow()["main"]["steps"]
+    deployed = {c[4]: duration_seconds(flag(c, "--task-timeout")) for c in dry_run("jobs")}
+    assert deployed == {"s2naip-plan": 2 * 3600, "s2naip-fetch-nir": 24 * 3600}
+    for step, job in (("plan", "s2naip-plan"), ("fetch_nir", "s2naip-fetch-nir")):
+        body = find_step(steps, step)
+        assert body["call"] == "googleapis.run.v2.projects.locations.jobs.run"
+        connector = body["args"]["connector_params"]
+        assert set(connector) <= {"timeout", "polling_policy"}  # a wait, never skip_polling
+        assert deployed[job] < connector["timeout"] <= deployed[job] + 3600, step
+        policy = connector["polling_policy"]
+        assert set(policy) == {"initial_delay", "multiplier", "max_delay"}
+        assert 0 < policy["initial_delay"] <= policy["max_delay"] <= 600 and policy["multiplier"] >= 1
+
+
+def test_workflow_stops_on_an_incomplete_plan():
+    """plan.json's `complete` is false when a STAC search failed: no build from a partial work list
+    (the Airflow DAG's has_work raises the same way)."""
+    steps = load_workflow()["main"]["steps"]
+    order = [name for name, _ in walk_steps(steps)]
+    assert order.index("parse_plan") < order.index("check_plan_complete") < order.index("gate")
+    (check,) = find_step(steps, "check_plan_complete")["switch"]
+    assert check["condition"] == '${not(default(map.get(planSummary, "complete"), false))}'
+    assert "raise" in check and "next" not in check and "incomplete" in check["raise"]
+    assert names_in(check["raise"][2:-1]) <= assigned_names(steps) | WORKFLOWS_NAMES
+
+
 # ---------------------------------------------------------------------------------------------
 # setup.sh
 
@@ -230,6 +269,44 @@ def test_setup_script_commands():
 # The Airflow DAG
 
 
+@pytest.mark.parametrize("command", ["schedule", "all"])
+def test_setup_script_requires_the_scheduler_identity(command):
+    """Without SCHEDULER_SA the schedule would call the executions API unauthenticated: refused
+    with one line, before anything is deployed."""
+    base = {"PATH": os.environ["PATH"], "DRY_RUN": "1", "PROJECT": "example-project", "BUCKET": "example-bucket",
+            "INPUT": "gs://example-bucket/s2naip/train", "IMAGE": "us-central1-docker.pkg.dev/p/s2naip/img:1",
+            "TEMPLATE_PATH": "gs://example-bucket/dataflow/templates/t.json"}
+    for environ in (base, {**base, "SCHEDULER_SA": ""}):
+        done = subprocess.run(["bash", str(HERE / "setup.sh"), command], env=environ, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 2 and done.stdout == ""
+        assert done.stderr.startswith("error: set SCHEDULER_SA") and done.stderr.count("\n") == 1
+    assert dry_run("jobs", SCHEDULER_SA="")  # the other commands do not need it
+
+
+def test_schedule_as_cloud_scheduler_receives_it(google_apis, tmp_path):
+    """`setup.sh schedule` with the real gcloud: the job Cloud Scheduler creates calls the workflow
+    executions API with an OAuth token of SCHEDULER_SA."""
+    account = "s2naip-scheduler@example-project.iam.gserviceaccount.com"
+    run_script(HERE / "setup.sh", "schedule", google_apis, {
+        **gcloud_env(google_apis, tmp_path), "PROJECT": "example-project", "BUCKET": "example-bucket",
+        "INPUT": "gs://example-bucket/s2naip/train", "IMAGE": "us-central1-docker.pkg.dev/p/s2naip/img:1",
+        "TEMPLATE_PATH": "gs://example-bucket/dataflow/templates/t.json", "SCHEDULER_SA": account})
+    (create,) = google_apis.requests
+    assert create["method"] == "POST" and create["path"] == "/v1/projects/example-project/locations/us-central1/jobs"
+    job = json.loads(create["body"])
+    assert job["name"] == "projects/example-project/locations/us-central1/jobs/s2naip-release"
+    target = job["httpTarget"]
+    assert target["uri"] == ("https://workflowexecutions.googleapis.com/v1/projects/example-project/"
+                             "locations/us-central1/workflows/s2naip-release/executions")
+    assert target["httpMethod"] == "POST"
+    assert target["oauthToken"] == {"serviceAccountEmail": account,
+                                    "scope": "https://www.googleapis.com/auth/cloud-platform"}
+    argument = json.loads(json.loads(base64.b64decode(target["body"]))["argument"])
+    assert argument["template"] == "gs://example-bucket/dataflow/templates/t.json" and argument["force"] is False
+    assert job["retryConfig"]["retryCount"] == 0 and job["schedule"] == "0 6 1 * *"
+
+
 def test_airflow_dag_static():
     tree = ast.parse(DAG_FILE.read_text())
     calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
@@ -265,6 +342,11 @@ def test_airflow_dag_static():
     dag_call = next(c for c in calls if callee(c) == "DAG")
     dag_kw = {k.arg: k.value for k in dag_call.keywords}
     assert ast.literal_eval(dag_kw["max_active_runs"]) == 1 and ast.literal_eval(dag_kw["catchup"]) is False
+    # wait_until_finished=True is refused with deferrable=True (Composer's default_deferrable): the
+    # build waits for the job either way without it.
+    build = next(c for c in calls if callee(c) == "DataflowStartFlexTemplateOperator")
+    build_kw = {k.arg: k.value for k in build.keywords}
+    assert "wait_until_finished" not in build_kw and "deferrable" not in build_kw
     source = DAG_FILE.read_text()
     assert '"since": SINCE' in source and '"latest": "gs://{{ params.bucket }}/{{ params.latest_object }}"' in source
 
