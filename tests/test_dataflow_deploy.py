@@ -197,6 +197,13 @@ def test_launch_request_as_dataflow_receives_it(google_apis, tmp_path):
     assert env["stagingLocation"] == f"gs://{BUCKET}/dataflow/staging"
     assert env["tempLocation"] == f"gs://{BUCKET}/dataflow/tmp"
     assert env["additionalUserLabels"]["app"] == "s2naip-pairs"
+    # `launch.sh names` (eval'd by the READMEs) names this template and image
+    names = subprocess.run(["bash", str(DEPLOY / "launch.sh"), "names"], capture_output=True, text=True, timeout=60,
+                           check=True, env={"PATH": os.environ["PATH"], "PROJECT": PROJECT, "BUCKET": BUCKET,
+                                            "REGION": REGION}).stdout
+    exported = dict(line.removeprefix("export ").split("=", 1) for line in names.splitlines())
+    assert exported["TEMPLATE_PATH"] == request["containerSpecGcsPath"]
+    assert exported["IMAGE"].startswith(f"{REGION}-docker.pkg.dev/{PROJECT}/s2naip/s2naip-pairs:")
 
 
 def test_template_spec_as_uploaded(google_apis, tmp_path):

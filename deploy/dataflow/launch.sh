@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds and launches `s2naip build` on Dataflow as a Flex Template with a custom worker container.
 #
-#   deploy/dataflow/launch.sh names      # print IMAGE=... and TEMPLATE_PATH=... (for eval)
+#   deploy/dataflow/launch.sh names      # print export IMAGE=... TEMPLATE_PATH=... (for eval)
 #   deploy/dataflow/launch.sh grant      # IAM for SERVICE_ACCOUNT: image pull, Dataflow worker, the bucket
 #   deploy/dataflow/launch.sh image      # build and push the worker/launcher image
 #   deploy/dataflow/launch.sh template   # gcloud dataflow flex-template build (spec JSON on GCS)
@@ -110,7 +110,7 @@ require_input() {
 }
 
 cmd_names() {
-  printf 'IMAGE=%q\nTEMPLATE_PATH=%q\n' "$IMAGE" "$TEMPLATE_PATH"
+  printf 'export IMAGE=%q\nexport TEMPLATE_PATH=%q\n' "$IMAGE" "$TEMPLATE_PATH"
 }
 
 cmd_grant() {
