@@ -15,19 +15,13 @@
 """
 from __future__ import annotations
 
-import base64
-import hashlib
-import http.server
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import threading
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from packaging.markers import default_environment
@@ -37,6 +31,7 @@ from packaging.version import Version
 
 from pipelines import index
 from pipelines.options import IMAGE_ENV, use_own_image_on_dataflow_by_default
+from tests.fake_google_apis import FakeGoogleApis, gcloud_env, run_script
 from tests.test_dataflow_graph import (BUCKET, IMAGE, INPUT, NAIP_ID, OUTPUT, PROJECT, REGION, SERVICE_ACCOUNT,
                                        OfflineDataflow, load_flex_main)
 
@@ -45,89 +40,6 @@ DEPLOY = REPO / "deploy" / "dataflow"
 DOCKERFILE = DEPLOY / "Dockerfile"
 MANIFEST = f"gs://{BUCKET}/manifests/ids.txt"
 CORRECTIONS = f"gs://{BUCKET}/review/round1.json,gs://{BUCKET}/review/round2.json"
-FAKE_TOKEN = "fake-loopback-token-not-a-secret"
-JOB_ID = "2026-12-05_00_00_00-1234567890"
-
-
-# ---------------------------------------------------------------------------------------------
-# A fake of the Google APIs gcloud calls here, on loopback
-
-
-class FakeGoogleApis:
-    """Records every request; answers Dataflow's flexTemplates.launch, IAM get/set policy (resource
-    manager, Artifact Registry, Cloud Storage buckets), Cloud Storage multipart uploads and Cloud
-    Scheduler's jobs.create; anything else is a 404 (and fails the test)."""
-
-    def __init__(self):
-        self.requests: list[dict] = []
-        self.objects: dict[str, bytes] = {}
-        fake = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def handle_request(self):
-                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                url = urlsplit(self.path)
-                record = {"method": self.command, "path": url.path, "query": parse_qs(url.query),
-                          "authorization": self.headers.get("Authorization"), "body": raw}
-                fake.requests.append(record)
-                status, answer = fake.answer(record, self.headers.get("Content-Type", ""))
-                record["status"] = status
-                out = json.dumps(answer).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(out)))
-                self.end_headers()
-                self.wfile.write(out)
-
-            do_GET = do_POST = do_PUT = handle_request
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)  # listening from here
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def answer(self, record: dict, content_type: str) -> tuple[int, dict]:
-        path, method = record["path"], record["method"]
-        if method == "POST" and path.endswith("/flexTemplates:launch"):
-            body = json.loads(record["body"])
-            return 200, {"job": {"id": JOB_ID, "name": body["launchParameter"]["jobName"], "projectId": PROJECT}}
-        if path.endswith(":getIamPolicy") or (method == "GET" and path.endswith("/iam")):
-            return 200, {"etag": "BwAAAA==", "bindings": [], "version": 1}
-        if path.endswith(":setIamPolicy"):
-            return 200, json.loads(record["body"])["policy"]
-        if method == "PUT" and path.endswith("/iam"):
-            return 200, json.loads(record["body"])
-        if method == "POST" and re.fullmatch(r"/v1/projects/[^/]+/locations/[^/]+/jobs", path):  # Cloud Scheduler
-            return 200, json.loads(record["body"])
-        if method == "POST" and path.startswith("/upload/storage/v1/b/") and record["query"].get("uploadType") == ["multipart"]:
-            bucket = path.split("/")[5]
-            name = record["query"]["name"][0]
-            size, media = multipart_related(content_type, record["body"])
-            assert int(json.loads(size)["size"]) == len(media)
-            self.objects[f"gs://{bucket}/{name}"] = media
-            import google_crc32c
-
-            return 200, {"bucket": bucket, "name": name, "size": str(len(media)), "generation": "1",
-                         "md5Hash": base64.b64encode(hashlib.md5(media).digest()).decode(),
-                         "crc32c": base64.b64encode(google_crc32c.Checksum(media).digest()).decode()}
-        return 404, {"error": {"code": 404, "message": f"the fake does not serve {method} {path}"}}
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def multipart_related(content_type: str, body: bytes) -> list[bytes]:
-    """The payloads of a multipart/related body (the boundary may be quoted either way)."""
-    boundary = re.search(r"boundary=['\"]?([^'\";]+)", content_type).group(1).encode()
-    payloads = []
-    for part in body.split(b"--" + boundary)[1:-1]:
-        _, _, payload = part.lstrip(b"\r\n").partition(b"\r\n\r\n" if part.lstrip(b"\r\n").count(b"\r\n\r\n") else b"\n\n")
-        payloads.append(payload[:-2] if payload.endswith(b"\r\n") else payload[:-1] if payload.endswith(b"\n") else payload)
-    return payloads
 
 
 @pytest.fixture
@@ -135,33 +47,6 @@ def google_apis():
     fake = FakeGoogleApis()
     yield fake
     fake.close()
-
-
-def gcloud_env(apis: FakeGoogleApis, tmp_path: Path) -> dict[str, str]:
-    """The real gcloud with a throw-away config and a dummy token, every API it calls sent to `apis`."""
-    if not shutil.which("gcloud"):
-        pytest.skip("the Google Cloud CLI (gcloud) is not installed")
-    token = tmp_path / "token"
-    token.write_text(FAKE_TOKEN)
-    return {
-        "PATH": os.environ["PATH"], "HOME": str(tmp_path), "CLOUDSDK_CONFIG": str(tmp_path / "gcloud"),
-        "CLOUDSDK_AUTH_ACCESS_TOKEN_FILE": str(token), "CLOUDSDK_CORE_DISABLE_PROMPTS": "1",
-        "CLOUDSDK_CORE_DISABLE_USAGE_REPORTING": "true", "CLOUDSDK_COMPONENT_MANAGER_DISABLE_UPDATE_CHECK": "true",
-        "CLOUDSDK_SURVEY_DISABLE_PROMPTS": "true",
-        **{f"CLOUDSDK_API_ENDPOINT_OVERRIDES_{api}": apis.url
-           for api in ("DATAFLOW", "STORAGE", "ARTIFACTREGISTRY", "CLOUDRESOURCEMANAGER", "CLOUDSCHEDULER")},
-    }
-
-
-def run_script(script: Path, command: str, apis: FakeGoogleApis, environ: dict[str, str]) -> str:
-    """`script command` (no DRY_RUN: gcloud really runs); every request answered, with the token."""
-    done = subprocess.run(["bash", str(script), command], env=environ, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert apis.requests, "gcloud sent nothing"
-    assert all(r["authorization"] == f"Bearer {FAKE_TOKEN}" for r in apis.requests)
-    unserved = [(r["method"], r["path"]) for r in apis.requests if r["status"] != 200]
-    assert not unserved, unserved
-    return done.stdout
 
 
 def gcloud_launch(command: str, apis: FakeGoogleApis, tmp_path: Path, **env) -> str:
@@ -233,7 +118,8 @@ def test_grant_gives_the_service_account_the_image_pull_role(google_apis, tmp_pa
             continue
         granted[r["path"]] = {b["role"] for b in policy["bindings"] if member in b["members"]}
     assert granted == {
-        f"/v1/projects/{PROJECT}/locations/{REGION}/repositories/s2naip:setIamPolicy": {"roles/artifactregistry.reader"},
+        f"/v1/projects/{PROJECT}/locations/{REGION}/repositories/s2naip:setIamPolicy":
+            {"roles/artifactregistry.reader"},
         f"/v1/projects/{PROJECT}:setIamPolicy": {"roles/dataflow.worker"},
         f"/storage/v1/b/{BUCKET}/iam": {"roles/storage.objectAdmin"},
     }
@@ -355,7 +241,8 @@ def test_image_is_built_with_its_own_name():
 
     (step,) = yaml.safe_load((DEPLOY / "cloudbuild.yaml").read_text())["steps"]
     args = step["args"]
-    assert args[args.index("--build-arg") + 1] == f"{IMAGE_ENV}=${{_IMAGE}}" and args[args.index("-t") + 1] == "${_IMAGE}"
+    assert args[args.index("--build-arg") + 1] == f"{IMAGE_ENV}=${{_IMAGE}}"
+    assert args[args.index("-t") + 1] == "${_IMAGE}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_dataflow_deploy import gcloud_env, google_apis, run_script  # noqa: F401 (a fixture)
+from tests.fake_google_apis import FakeGoogleApis, gcloud_env, run_script
 
 REPO = Path(__file__).resolve().parent.parent
 HERE = REPO / "deploy" / "scheduler"
@@ -267,6 +267,13 @@ def test_setup_script_commands():
 
 # ---------------------------------------------------------------------------------------------
 # The Airflow DAG
+
+
+@pytest.fixture
+def google_apis():
+    fake = FakeGoogleApis()
+    yield fake
+    fake.close()
 
 
 @pytest.mark.parametrize("command", ["schedule", "all"])
