@@ -362,7 +362,10 @@ def dockerignore_excludes(path: str, patterns: list[str]) -> bool:
 def test_dockerignore_sends_only_what_the_image_copies():
     lines = (REPO / ".dockerignore").read_text().splitlines()
     patterns = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-    copied = re.findall(r"^COPY (?!--from)(\S+) ", DOCKERFILE.read_text(), re.M)
+    copied = [source for dockerfile in (DOCKERFILE, REPO / "deploy" / "flink" / "Dockerfile.worker")
+              for line in re.findall(r"^COPY (?!--from)(.+)$", dockerfile.read_text(), re.M)
+              for source in line.split()[:-1]]
+    assert {"requirements.txt", "setup.py", "pipelines", "transforms", "deploy/dataflow/main.py"} <= set(copied)
     for path in copied:
         assert (REPO / path).exists(), path
         probe = path if (REPO / path).is_file() else f"{path}/__init__.py"
