@@ -15,6 +15,10 @@ changed and removed tiles) run with --parallelism=2 and must equal the FnApiRunn
 same inputs byte for byte: pairs, rejects, run.json counts, the manifest and the incremental counters.
 
 Both use --environment_type=LOOPBACK: the Python SDK workers run in the launching process.
+
+Everything these tests start (cluster, builds, job servers) runs in a network namespace of its own
+with only a loopback interface (`loopback_net`, as root: CI): Beam's Java gRPC servers listen on every
+interface and no option of theirs changes that.
 """
 from __future__ import annotations
 
@@ -27,7 +31,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -112,6 +115,53 @@ def job_server_jar() -> str:
     return str(jar)
 
 
+@pytest.fixture(scope="module")
+def loopback_net() -> list[str]:
+    """The command prefix (nsenter) that runs a process in a network namespace holding only `lo`.
+
+    Beam's Java gRPC servers (the job server's job and artifact services, the Fn API servers of
+    Flink's Beam operators) bind every interface (NettyServerBuilder.forPort); in this namespace
+    there is no other interface to reach them on. Needs root and unshare/nsenter/ip (util-linux,
+    iproute2). Without them the processes run in the machine's namespace, except where
+    S2NAIP_REQUIRE_FLINK=1 (CI), where that fails."""
+    if os.geteuid() != 0 or not all(shutil.which(t) for t in ("unshare", "nsenter", "ip")):
+        if _required():
+            pytest.fail(f"{REQUIRE_ENV} is set but a loopback-only network namespace needs root and "
+                        "unshare, nsenter, ip")
+        yield []
+        return
+    holder = subprocess.Popen(["unshare", "--net", "sleep", "infinity"], stdin=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        ours, deadline = os.readlink("/proc/self/ns/net"), time.monotonic() + 30
+        while True:  # probe: the holder has its own namespace once unshare(2) returned
+            try:
+                if os.readlink(f"/proc/{holder.pid}/ns/net") != ours:
+                    break
+            except OSError:
+                pass
+            if holder.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"unshare --net did not give a network namespace (exit {holder.returncode})")
+            time.sleep(0.05)
+        prefix = ["nsenter", f"--net=/proc/{holder.pid}/ns/net"]
+        subprocess.run([*prefix, "ip", "link", "set", "lo", "up"], check=True)
+        links = subprocess.run([*prefix, "ip", "-o", "link"], check=True, capture_output=True, text=True).stdout
+        assert [line.split(":")[1].strip() for line in links.splitlines()] == ["lo"], links
+        yield prefix
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def _get_json(net: list[str], url: str):
+    """GET `url` from inside the namespace `net` (the cluster is reachable only there)."""
+    got = subprocess.run([*net, sys.executable, "-c",
+                          "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], "
+                          "timeout=10).read().decode())", url], capture_output=True, text=True, timeout=60)
+    assert got.returncode == 0, got.stderr[-2000:]
+    return json.loads(got.stdout)
+
+
 # ---------------------------------------------------------------------------------------------
 # Inputs (the embedded sample, then a release of it) and the reference builds (FnApiRunner)
 
@@ -191,16 +241,16 @@ def _assert_same_outputs(got: dict, want: dict) -> None:
 # Running a build on Flink, in a child process
 
 
-def _flink_build(args: list[str], log: Path) -> tuple[float, dict]:
+def _flink_build(args: list[str], log: Path, net: list[str]) -> tuple[float, dict]:
     """`python -m pipelines.build_pairs ARGS` in its own process group; returns its wall time and the
     incremental counters it printed.
 
     A child process keeps the job server (a JVM that Beam starts and stops), its gRPC servers and the
     LOOPBACK worker pool out of the test process, and lets a hang be ended: on timeout the group
-    that this call started is killed."""
+    that this call started is killed. `net`: the loopback_net prefix (nsenter execs the build)."""
     started = time.monotonic()
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "pipelines.build_pairs", *args], cwd=REPO,
+        proc = subprocess.Popen([*net, sys.executable, "-m", "pipelines.build_pairs", *args], cwd=REPO,
                                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
         try:
@@ -238,37 +288,42 @@ def _flink_args(jar: str, master: str) -> list[str]:
     ]
 
 
-def _full_then_since(jar: str, master: str, inputs, reference, tmp_path: Path, label: str) -> None:
+def _full_then_since(jar: str, master: str, inputs, reference, tmp_path: Path, label: str, net: list[str]) -> None:
     """The full build of v1 and the `--since` build of v2 on Flink equal the FnApiRunner's."""
     full, inc = str(tmp_path / "full"), str(tmp_path / "inc")
-    seconds, counters = _flink_build([*_full_args(inputs, full), *_flink_args(jar, master)], tmp_path / "full.log")
+    seconds, counters = _flink_build([*_full_args(inputs, full), *_flink_args(jar, master)], tmp_path / "full.log",
+                                    net)
     print(f"Flink {label} full build ({SAMPLE_TILES} tiles): {seconds:.1f}s")
     got = _outputs(full, counters)
     assert got["runner"] == "FlinkRunner"
     _assert_same_outputs(got, reference["full"])
     seconds, counters = _flink_build([*_since_args(inputs, inc, full), *_flink_args(jar, master)],
-                                     tmp_path / "inc.log")
+                                     tmp_path / "inc.log", net)
     print(f"Flink {label} --since build ({RELEASE_TILES - 1} tiles): {seconds:.1f}s")
     _assert_same_outputs(_outputs(inc, counters), reference["inc"])
 
 
-def test_flink_local_gives_the_fnapi_outputs(job_server_jar, sample_inputs, reference, tmp_path):
+def test_flink_local_gives_the_fnapi_outputs(job_server_jar, sample_inputs, reference, loopback_net, tmp_path):
     """Flink's runtime inside the job server ([local]); each build starts its own job server."""
-    _full_then_since(job_server_jar, "[local]", sample_inputs, reference, tmp_path, "[local]")
+    _full_then_since(job_server_jar, "[local]", sample_inputs, reference, tmp_path, "[local]", loopback_net)
 
 
 CLUSTER_ENV = "S2NAIP_FLINK_CLUSTER"  # =1: test local_cluster.sh even without the job server
 
 
 @pytest.fixture(scope="module")
-def standalone_cluster(tmp_path_factory):
-    """A standalone session cluster (JobManager + TaskManager) on loopback: yields (host:port of its
-    REST API, its folder); stops it afterwards and checks that both processes are gone."""
+def standalone_cluster(tmp_path_factory, loopback_net):
+    """A standalone session cluster (JobManager + TaskManager) on loopback, in `loopback_net`: yields
+    (host:port of its REST API, its folder); stops it afterwards and checks that both processes are gone."""
     if shutil.which("mvn") is None or shutil.which("java") is None:
         _missing("no `mvn` or `java` on PATH (the standalone cluster is Flink's jars from Maven Central)")
     workdir = tmp_path_factory.mktemp("flink_cluster")
     script = str(DEPLOY / "local_cluster.sh")
-    started = subprocess.run([script, "start", str(workdir)], capture_output=True, text=True, timeout=900)
+    # Flink's jars from Maven first, here: the namespace has no way out
+    resolved = subprocess.run([script, "classpath"], capture_output=True, text=True, timeout=900)
+    if resolved.returncode != 0:
+        pytest.fail(f"could not resolve Flink {FLINK_VERSION}'s jars:\n{resolved.stderr[-4000:]}")
+    started = subprocess.run([*loopback_net, script, "start", str(workdir)], capture_output=True, text=True, timeout=900)
     if started.returncode != 0:
         pytest.fail(f"the standalone Flink cluster did not start:\n{started.stderr[-4000:]}")
     pids = [int((workdir / f"{p}.pid").read_text()) for p in ("jobmanager", "taskmanager")]
@@ -276,7 +331,7 @@ def standalone_cluster(tmp_path_factory):
     try:
         yield url.removeprefix("http://"), workdir
     finally:
-        subprocess.run([script, "stop", str(workdir)], timeout=120, check=False)
+        subprocess.run([*loopback_net, script, "stop", str(workdir)], timeout=120, check=False)
         for pid in pids:
             assert not Path(f"/proc/{pid}").exists() or _is_zombie(pid), f"process {pid} still runs"
 
@@ -289,7 +344,8 @@ def _is_zombie(pid: int) -> bool:
 
 
 def _listening_addresses(pid: int) -> set:
-    """Local addresses of the TCP sockets that process `pid` listens on (Linux /proc)."""
+    """Local addresses of the TCP sockets that process `pid` listens on (Linux /proc, in its own
+    network namespace)."""
     inodes = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:
@@ -299,7 +355,7 @@ def _listening_addresses(pid: int) -> set:
         if target.startswith("socket:["):
             inodes.add(target[8:-1])
     addresses = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    for table in (f"/proc/{pid}/net/tcp", f"/proc/{pid}/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
             if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
@@ -318,8 +374,7 @@ def test_standalone_cluster_starts_on_loopback(request):
     if not (_required() or os.environ.get(CLUSTER_ENV) == "1"):
         request.getfixturevalue("job_server_jar")  # skips without the jar, like the other Flink tests
     address, workdir = request.getfixturevalue("standalone_cluster")
-    with urllib.request.urlopen(f"http://{address}/overview", timeout=10) as resp:
-        overview = json.load(resp)
+    overview = _get_json(request.getfixturevalue("loopback_net"), f"http://{address}/overview")
     assert overview["taskmanagers"] == 1 and overview["slots-total"] == 2
     assert overview["flink-version"] == FLINK_VERSION  # the job server's Flink release
     if Path("/proc/net/tcp").exists():
@@ -335,10 +390,10 @@ def flink_cluster(job_server_jar, standalone_cluster) -> str:
 
 
 def test_flink_standalone_cluster_gives_the_fnapi_outputs(job_server_jar, flink_cluster, sample_inputs, reference,
-                                                           tmp_path):
-    _full_then_since(job_server_jar, flink_cluster, sample_inputs, reference, tmp_path, "standalone-cluster")
-    with urllib.request.urlopen(f"http://{flink_cluster}/jobs/overview", timeout=10) as resp:
-        jobs = json.load(resp)["jobs"]
+                                                           loopback_net, tmp_path):
+    _full_then_since(job_server_jar, flink_cluster, sample_inputs, reference, tmp_path, "standalone-cluster",
+                     loopback_net)
+    jobs = _get_json(loopback_net, f"http://{flink_cluster}/jobs/overview")["jobs"]
     assert [j["state"] for j in jobs] == ["FINISHED", "FINISHED"]  # both builds ran on this cluster
 
 
@@ -419,3 +474,5 @@ def test_job_server_pom_and_cluster_agree_on_flink():
     conf = deployment["spec"]["flinkConfiguration"]
     for key in ("taskmanager.memory.network.min", "taskmanager.memory.network.max"):
         assert conf[key] == "512m" and f"{key}: 512m" in script
+    key = "taskmanager.network.sort-shuffle.min-buffers"
+    assert conf[key] == "64" and f"{key}: 64" in script

@@ -84,10 +84,14 @@ taskmanager.host: 127.0.0.1
 taskmanager.bind-host: 127.0.0.1
 taskmanager.memory.process.size: 2048m
 taskmanager.numberOfTaskSlots: $FLINK_SLOTS
-# Beam's translated batch jobs shuffle between all-to-all tasks: at parallelism 2, Flink's default
-# network share (10% of 2 GiB) gives too few buffers ("required 512, but only 461 available").
+# Beam's translated batch jobs run many tasks at once, each blocking (sort-shuffle) result partition
+# holding at least sort-shuffle.min-buffers network buffers (Flink's default 512): with Flink's
+# default network share (10% of 2 GiB) parallelism 2 fails ("Insufficient number of network buffers:
+# required 512, but only 461 available"), and with 512m alone an incremental build still did now and
+# then (464 available). 512m and 64 buffers per partition leave room for 256 partitions.
 taskmanager.memory.network.min: 512m
 taskmanager.memory.network.max: 512m
+taskmanager.network.sort-shuffle.min-buffers: 64
 parallelism.default: 1
 rest.address: 127.0.0.1
 rest.bind-address: 127.0.0.1
