@@ -213,9 +213,9 @@ def _outputs(out: str, incremental: dict) -> dict:
     run = json.loads(Path(out, "run.json").read_text())
     options = {k: v for k, v in run["options"].items() if k != "runner"}
     # carried rows point at the --since run: where they were computed, as a flag
-    manifest = sorted(({k: v for k, v in row.items() if k != "computed_in"} | {"computed_here": row["computed_in"] == out}
-                       for row in dataset_manifest.read_manifest(out).to_pylist()),
-                      key=lambda r: (r["tile_id"], r["outcome"]))
+    rows = dataset_manifest.read_manifest(out).to_pylist()
+    manifest = sorted(({k: v for k, v in r.items() if k != "computed_in"} | {"computed_here": r["computed_in"] == out}
+                       for r in rows), key=lambda r: (r["tile_id"], r["outcome"]))
     return {"pairs": pairs, "rejects": rejects, "counts": run["counts"], "options": options,
             "options_hash": run["options_hash"], "manifest": manifest, "incremental": incremental,
             "runner": run["options"]["runner"]}
@@ -323,7 +323,8 @@ def standalone_cluster(tmp_path_factory, loopback_net):
     resolved = subprocess.run([script, "classpath"], capture_output=True, text=True, timeout=900)
     if resolved.returncode != 0:
         pytest.fail(f"could not resolve Flink {FLINK_VERSION}'s jars:\n{resolved.stderr[-4000:]}")
-    started = subprocess.run([*loopback_net, script, "start", str(workdir)], capture_output=True, text=True, timeout=900)
+    started = subprocess.run([*loopback_net, script, "start", str(workdir)], capture_output=True, text=True,
+                             timeout=900)
     if started.returncode != 0:
         pytest.fail(f"the standalone Flink cluster did not start:\n{started.stderr[-4000:]}")
     pids = [int((workdir / f"{p}.pid").read_text()) for p in ("jobmanager", "taskmanager")]

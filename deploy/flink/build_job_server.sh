@@ -5,7 +5,7 @@
 # takes. For registries that do not serve Beam's own shaded job-server jar; fetch_job_server.sh tries
 # that one first and calls this script when it is not served.
 #
-#   deploy/flink/build_job_server.sh           # -> ~/.cache/s2naip/flink-job-server/beam-runners-flink-1.19-job-server-2.70.0-....jar
+#   deploy/flink/build_job_server.sh           # -> ~/.cache/s2naip/flink-job-server/<name>.jar
 #   deploy/flink/build_job_server.sh --cached  # the path if that jar is built already, else exit 1 (no Maven)
 #
 # Cached: Maven's jars in the local repository (~/.m2, or $MAVEN_REPO_LOCAL), the built jar under
@@ -29,7 +29,10 @@ JOB_SERVICE_VERSION="$(prop beam.job-service.version)"
 KEY="$(sha1sum < "$POM" | cut -c1-12)"
 JAR="$CACHE_DIR/beam-runners-flink-$FLINK_MAJOR-job-server-$BEAM_VERSION-job-service-$JOB_SERVICE_VERSION-$KEY.jar"
 
-has_driver() { python3 -c 'import sys, zipfile; sys.exit(sys.argv[2] not in zipfile.ZipFile(sys.argv[1]).namelist())' "$1" "$MAIN_CLASS"; }
+has_driver() {  # has_driver JAR: the jar holds the job server's main class
+  python3 -c 'import sys, zipfile; sys.exit(sys.argv[2] not in zipfile.ZipFile(sys.argv[1]).namelist())' \
+    "$1" "$MAIN_CLASS"
+}
 
 if [ "${1:-}" = --cached ]; then
   [ -s "$JAR" ] && echo "$JAR"
