@@ -7,12 +7,13 @@
 #   deploy/flink/local_cluster.sh stop DIR    # stops the two processes started in DIR
 #
 # DIR holds conf/config.yaml, log/, the pids and rest_port. Every socket binds 127.0.0.1.
-# Environment: FLINK_VERSION (default 2.2.1: the Flink line of beam-runners-flink-2.2-job-server),
+# Environment: FLINK_VERSION (default 1.19.0: the Flink release beam-runners-flink-1.19 is built against;
+# the job server submits with that release's client, so the cluster runs the same release),
 # FLINK_SLOTS (task slots, default 2), FLINK_READY_TIMEOUT (seconds, default 180), JAVA (default java).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "$0")" && pwd)"
-FLINK_VERSION="${FLINK_VERSION:-2.2.1}"
+FLINK_VERSION="${FLINK_VERSION:-1.19.0}"
 FLINK_SLOTS="${FLINK_SLOTS:-2}"
 FLINK_READY_TIMEOUT="${FLINK_READY_TIMEOUT:-180}"
 JAVA="${JAVA:-java}"
@@ -83,6 +84,14 @@ taskmanager.host: 127.0.0.1
 taskmanager.bind-host: 127.0.0.1
 taskmanager.memory.process.size: 2048m
 taskmanager.numberOfTaskSlots: $FLINK_SLOTS
+# Beam's translated batch jobs run many tasks at once, each blocking (sort-shuffle) result partition
+# holding at least sort-shuffle.min-buffers network buffers (Flink's default 512): with Flink's
+# default network share (10% of 2 GiB) parallelism 2 fails ("Insufficient number of network buffers:
+# required 512, but only 461 available"), and with 512m alone an incremental build still did now and
+# then (464 available). 512m and 64 buffers per partition leave room for 256 partitions.
+taskmanager.memory.network.min: 512m
+taskmanager.memory.network.max: 512m
+taskmanager.network.sort-shuffle.min-buffers: 64
 parallelism.default: 1
 rest.address: 127.0.0.1
 rest.bind-address: 127.0.0.1
