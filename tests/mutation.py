@@ -48,7 +48,8 @@ FAST_TESTS = {
                   "tests/test_robust_selection.py", "tests/test_robust_behaviour.py", "-k", _UNIT],
     "evidence": ["tests/test_evidence.py", "tests/test_robust_behaviour.py", "tests/test_robust_selection.py",
                  "-k", _UNIT],
-    "imagery": ["tests/test_imagery.py", "tests/test_border_rule.py", "tests/test_selection.py", "-k", _UNIT],
+    "imagery": ["tests/test_imagery.py", "tests/test_imagery_limits.py", "tests/test_border_rule.py",
+                "tests/test_selection.py", "-k", _UNIT],
     "corrections": ["tests/test_corrections.py", "-k", "not gcs and not end_to_end and not missing_corrections"],
 }
 
@@ -88,8 +89,10 @@ DELIBERATE = [
      ["tests/test_robust_behaviour.py"]),
     ("robust: shift weight 0", "transforms/selection.py", "shift: float = 0.5", "shift: float = 0.0",
      ["tests/test_robust_behaviour.py"]),
-    ("gs://: 429 not retried", "transforms/storage.py", None, None, ["tests/test_gcs.py", "-k", "retr"]),
-    ("STAC: 429 not retried", "transforms/stac.py", None, None, ["tests/test_stac.py"]),
+    ("gs://: 429 not retried", "transforms/storage.py", "_TRANSIENT_STATUS = frozenset({408, 429, 500,",
+     "_TRANSIENT_STATUS = frozenset({408, 500,", ["tests/test_gcs.py", "-k", "retr"]),
+    ("STAC: 429 not retried", "transforms/stac.py", "TRANSIENT_STATUS = frozenset({408, 429, 500,",
+     "TRANSIENT_STATUS = frozenset({408, 500,", ["tests/test_stac.py", "-k", "transient or retry_after"]),
 ]
 
 _SKIP_FIELDS = {"annotation", "returns", "decorator_list"}
@@ -317,18 +320,10 @@ def run_modules(modules: list[str], sample: int | None, seed: int, timeout: floa
 # The deliberate bugs
 
 
-def _deliberate_edit(name: str, text: str, old: str | None, new: str | None) -> str:
-    if old is not None:
-        if text.count(old) != 1:
-            raise SystemExit(f"{name}: the text to change is not found exactly once; update DELIBERATE")
-        return text.replace(old, new)
-    if name.startswith("gs://"):  # 429 (TooManyRequests) no longer transient
-        old = "api.TooManyRequests"
-    else:
-        old = "429"
-    if old not in text:
-        raise SystemExit(f"{name}: {old!r} not found; update DELIBERATE")
-    return text.replace(old, "api.NotFound" if old == "api.TooManyRequests" else "499")
+def _deliberate_edit(name: str, text: str, old: str, new: str) -> str:
+    if text.count(old) != 1:
+        raise SystemExit(f"{name}: the text to change is not found exactly once; update DELIBERATE")
+    return text.replace(old, new)
 
 
 def run_deliberate(timeout: float, report: Path | None, only: list[str]) -> dict:
