@@ -50,7 +50,8 @@ FAST_TESTS = {
                  "-k", _UNIT],
     "imagery": ["tests/test_imagery.py", "tests/test_imagery_limits.py", "tests/test_border_rule.py",
                 "tests/test_selection.py", "-k", _UNIT],
-    "corrections": ["tests/test_corrections.py", "-k", "not gcs and not end_to_end and not missing_corrections"],
+    "corrections": ["tests/test_corrections_limits.py", "tests/test_corrections.py", "-k",
+                    "not gcs and not end_to_end and not missing_corrections"],
 }
 
 # (name, file, exact old text, new text, tests): the deliberate bugs of issue 17
