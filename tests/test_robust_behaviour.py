@@ -63,6 +63,28 @@ def shift_case():
     return hr, np.stack([_u8(changed), _u8(shifted), *_other_grounds(3)])
 
 
+def underexposed_case():
+    """[a timestep of partly changed ground (75% another scene), the HR's ground at a quarter of its
+    brightness (a shadowed or underexposed acquisition: its structure is intact), 3 other grounds].
+    Only the global darkening (shadow evidence against the other candidates) can see it."""
+    rng = np.random.default_rng(0)
+    hr = scene(rng)
+    base = area_down(hr.astype(np.float64))
+    other = area_down(scene(np.random.default_rng(900)).astype(np.float64))
+    changed = (0.25 * base + 0.75 * other) * 0.9 + 5 + np.random.default_rng(50).normal(0, 2, base.shape)
+    dark = (base * 0.9 + 5) * 0.25 + np.random.default_rng(51).normal(0, 1, base.shape)
+    return hr, np.stack([_u8(changed), _u8(dark), *_other_grounds(3)])
+
+
+def test_underexposure_evidence_alone_decides():
+    hr, series = underexposed_case()
+    sel = S.select_pair(hr, series, ROBUST)
+    assert sel.lr_index == 0
+    assert sel.evidence.shadow[list(sel.candidate_indices).index(1)] > 0.5
+    scores, ev = _scores(hr, series, shadow=0.0)
+    assert ev.distance[1] < ev.distance[0] and int(np.argmin(scores)) == 1
+
+
 def test_cloud_evidence_alone_decides():
     hr, series = cloud_case()
     sel = S.select_pair(hr, series, ROBUST)
@@ -90,7 +112,7 @@ def test_misregistration_evidence_alone_decides():
 def test_clean_twin_of_the_planted_timestep_wins_over_both():
     """With the clean version of the planted timestep also in the series, it is the pick (the
     planted conditions are penalised, not the ground)."""
-    for case in (cloud_case, shift_case):
+    for case in (cloud_case, shift_case, underexposed_case):
         hr, series = case()
         rng = np.random.default_rng(11)
         clean = _u8(area_down(hr.astype(np.float64)) * 0.9 + 5 + rng.normal(0, 2, (32, 32, 4)))
