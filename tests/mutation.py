@@ -44,8 +44,9 @@ MODULES = {
 }
 _UNIT = "not gcs and not bench and not real and not mosaic and not dev_tiles and not build and not dataflow"
 FAST_TESTS = {
-    "selection": ["tests/test_border_rule.py", "tests/test_mode_references.py", "tests/test_selection.py",
-                  "tests/test_robust_selection.py", "tests/test_robust_behaviour.py", "-k", _UNIT],
+    # fastest and most sensitive first: with -x a killed mutant stops at its first failure
+    "selection": ["tests/test_selection.py", "tests/test_robust_behaviour.py", "tests/test_border_rule.py",
+                  "tests/test_mode_references.py", "tests/test_robust_selection.py", "-k", _UNIT],
     "evidence": ["tests/test_evidence.py", "tests/test_robust_behaviour.py", "tests/test_robust_selection.py",
                  "-k", _UNIT],
     "imagery": ["tests/test_imagery.py", "tests/test_imagery_limits.py", "tests/test_border_rule.py",
