@@ -47,8 +47,8 @@ FAST_TESTS = {
     # fastest and most sensitive first: with -x a killed mutant stops at its first failure
     "selection": ["tests/test_selection.py", "tests/test_robust_behaviour.py", "tests/test_border_rule.py",
                   "tests/test_mode_references.py", "tests/test_robust_selection.py", "-k", _UNIT],
-    "evidence": ["tests/test_evidence.py", "tests/test_robust_behaviour.py", "tests/test_robust_selection.py",
-                 "-k", _UNIT],
+    "evidence": ["tests/test_evidence_limits.py", "tests/test_evidence.py", "tests/test_robust_behaviour.py",
+                 "tests/test_robust_selection.py", "-k", _UNIT],
     "imagery": ["tests/test_imagery.py", "tests/test_imagery_limits.py", "tests/test_border_rule.py",
                 "tests/test_selection.py", "-k", _UNIT],
     "corrections": ["tests/test_corrections_limits.py", "tests/test_corrections.py", "-k",
@@ -276,7 +276,7 @@ def _clean_environment() -> None:
 
 
 def run_modules(modules: list[str], sample: int | None, seed: int, timeout: float, report: Path | None,
-                argv: list[str]) -> dict:
+                argv: list[str], lines: set[int] | None = None) -> dict:
     _clean_environment()
     _preload()
     results: dict = {"command": "python -m tests.mutation " + " ".join(argv), "modules": {}}
@@ -293,6 +293,8 @@ def run_modules(modules: list[str], sample: int | None, seed: int, timeout: floa
             total = len(mutants)
             if sample and sample < total:
                 mutants = sorted(random.Random(seed).sample(mutants, sample), key=lambda m: (m.index, m.variant))
+            if lines:
+                mutants = [m for m in mutants if m.line in lines]
             print(f"{module}: {len(mutants)} of {total} mutants; unmutated tests {seconds:.1f} s", flush=True)
             limit = max(timeout, 3 * seconds)
             for i, m in enumerate(mutants):
@@ -362,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per mutant (at least 3x the unmutated run)")
     parser.add_argument("--report", type=Path, help="write the results as JSON")
     parser.add_argument("--list", action="store_true", help="print the mutants and exit")
+    parser.add_argument("--lines", help="only the mutants on these source lines (comma-separated), e.g. "
+                                        "to re-run a report's survivors")
     parser.add_argument("--deliberate", nargs="*", metavar="NAME",
                         help="apply the deliberate bugs (all, or those whose name contains NAME) instead")
     args = parser.parse_args(argv)
@@ -374,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
             for m in mutants_of(module):
                 print(f"{module}:{m.line}: {m.description}")
         return 0
-    results = run_modules(modules, args.sample, args.seed, args.timeout, args.report, argv)
+    lines = {int(x) for x in args.lines.split(",")} if args.lines else None
+    results = run_modules(modules, args.sample, args.seed, args.timeout, args.report, argv, lines)
     for module, r in results["modules"].items():
         print(f"{module}: {r['killed']}/{r['mutants']} killed ({r['score']:.1%}), {len(r['survivors'])} survived")
     return 0

@@ -1,0 +1,34 @@
+"""The snow tests' formula and thresholds (mutation testing found them unpinned: docs/testing.md).
+Physical definitions, computed here from the radiometry in transforms/evidence.py's docstring."""
+import numpy as np
+import pytest
+
+from transforms import evidence as E
+
+TCI = 0.3558 / 255  # TCI DN -> top-of-atmosphere reflectance
+BAND = 32 / 1e4  # S2-NAIP's B08 / B11 / B12 DN -> reflectance
+
+
+def _frames(rgbn, swir):
+    frames = np.asarray(rgbn, dtype=np.float64).T[None, :, None, :]  # [1, C, 1, N]
+    return frames, np.asarray(swir, dtype=np.float64)[None, None, :]
+
+
+def test_ndsi_is_the_normalised_difference_of_green_and_swir_reflectance():
+    frames, swir = _frames([(200, 210, 220, 120), (90, 80, 70, 60), (10, 5, 3, 2)], [10, 60, 200])
+    green = np.array([210, 80, 5]) * TCI
+    s = np.array([10, 60, 200]) * BAND
+    np.testing.assert_allclose(E.ndsi(frames, swir)[0, 0], (green - s) / (green + s), rtol=1e-5)
+
+
+def test_snow_needs_nir_above_011_reflectance():
+    nir_at = int(np.ceil(0.11 / BAND))  # 35 DN: reflectance 0.112
+    frames, swir = _frames([(250, 252, 255, nir_at), (250, 252, 255, nir_at - 1)], [15, 15])
+    assert E.snow_mask(frames, swir)[0, 0].tolist() == [True, False]
+
+
+def test_snow_without_nir_uses_the_visible_and_swir_tests_only():
+    frames, swir = _frames([(250, 252, 255, 0), (250, 75, 255, 0), (250, 252, 255, 0)], [15, 15, 200])
+    rgb = frames[:, :3]
+    assert E.snow_mask(rgb, swir)[0, 0].tolist() == [True, False, False]
+    assert E.snow_mask(frames, swir)[0, 0].tolist() == [False, False, False]  # NIR 0: not snow with B08
