@@ -32,3 +32,36 @@ def test_snow_without_nir_uses_the_visible_and_swir_tests_only():
     rgb = frames[:, :3]
     assert E.snow_mask(rgb, swir)[0, 0].tolist() == [True, False, False]
     assert E.snow_mask(frames, swir)[0, 0].tolist() == [False, False, False]  # NIR 0: not snow with B08
+
+
+def _smooth_field(seed, shape=(4, 32, 32)):
+    from scipy import ndimage
+
+    noise = np.random.default_rng(seed).normal(size=shape)
+    return 100 + 40 * ndimage.gaussian_filter(noise, sigma=(0, 1.5, 1.5), mode="wrap") / 0.15
+
+
+def _translated(field, dy, dx):
+    """`field` [C, H, W] moved by (dy, dx) px (content at (y, x) goes to (y + dy, x + dx)), exactly:
+    a phase ramp on the periodic field."""
+    from scipy import ndimage
+
+    return np.stack([np.fft.ifft2(ndimage.fourier_shift(np.fft.fft2(band), (dy, dx))).real for band in field])
+
+
+@pytest.mark.parametrize("dy, dx", [(3.0, -3.0), (0.5, 0.0), (-1.3, 0.6)])
+def test_estimate_shift_finds_whole_and_sub_pixel_shifts(dy, dx):
+    ref = _smooth_field(1)
+    moved = _translated(ref, dy, dx)
+    shift, peak = E.estimate_shift(moved[None], ref)
+    np.testing.assert_allclose(shift[0], [dy, dx], atol=0.2)
+    assert peak[0] > 0.3
+
+
+def test_band_covariances_are_pearson_over_pixels():
+    frames = np.stack([_smooth_field(2), _smooth_field(3), 0.5 * _smooth_field(2) + 20])
+    cov, corr = E.band_covariances(frames)
+    for band in range(4):
+        ref = np.corrcoef(frames[:, band].reshape(3, -1))
+        np.testing.assert_allclose(corr[band], ref, atol=1e-4)
+        np.testing.assert_allclose(cov[band], np.cov(frames[:, band].reshape(3, -1), bias=True), rtol=1e-3)
