@@ -65,3 +65,12 @@ def test_band_covariances_are_pearson_over_pixels():
         ref = np.corrcoef(frames[:, band].reshape(3, -1))
         np.testing.assert_allclose(corr[band], ref, atol=1e-4)
         np.testing.assert_allclose(cov[band], np.cov(frames[:, band].reshape(3, -1), bias=True), rtol=1e-3)
+
+
+def test_peak_shift_is_the_vertex_of_the_parabola_through_the_peak():
+    """On a surface that is exactly a paraboloid near its peak, the sub-pixel estimate is its vertex."""
+    yy, xx = np.mgrid[:32, :32].astype(np.float64)
+    for vy, vx in ((0.3, -0.2), (-2.4, 1.45)):
+        surface = 1.0 - 0.05 * ((yy - 16 - vy) ** 2 + (xx - 16 - vx) ** 2)
+        shift, peak, _ = E.peak_shift(surface[None])
+        np.testing.assert_allclose(shift[0], [vy, vx], atol=1e-9)
