@@ -62,8 +62,10 @@ def test_grey_alpha_pngs_decode_as_grey():
 
 def test_black_border_defaults_are_two_px_and_one_pixel():
     img = np.full((32, 32, 3), 50, np.uint8)
-    img[2, 10] = 0  # the third row: outside the default 2-px strips
+    img[2, 10] = img[2, 20] = 0  # the third row: outside the default 2-px strips
     assert imagery.black_border_count(img) == 0 and not imagery.has_black_border(img)
+    assert imagery.has_black_border(img, border=3)
+    img[2, 20] = 50
     img[1, 10] = img[1, 20] = 0
     assert imagery.black_border_count(img) == 2 and imagery.has_black_border(img)
     assert imagery.black_border_count(img, border=3) == 3
