@@ -271,7 +271,6 @@ def _clean_environment() -> None:
             del os.environ[name]
     # without $S2NAIP_REAL_DATA, tests/conftest.py looks beside the private copy (in the temp folder),
     # finds nothing and skips the real-data tests
-    os.environ["S2NAIP_MUTATION_RUN"] = "1"
     sys.dont_write_bytecode = True
 
 
