@@ -37,6 +37,9 @@ setup(
                  "planetary-computer>=1.0"],
         # `s2naip fetch-nir --sign planetary-computer`
         "planetary-computer": ["planetary-computer>=1.0"],
+        # CI only (.ci/run): TensorFlow's CPU wheel reads the TFRecords in tests/test_sinks.py; pinned
+        # with its dependencies in requirements-ci.txt (compatible with the lock's numpy and protobuf)
+        "ci": ["tensorflow-cpu>=2.21,<2.22"],
     },
     entry_points={"console_scripts": ["s2naip=pipelines.cli:main"]},
 )

@@ -412,7 +412,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
     def _handle(self):
         proxy = self.server.proxy
         body = self._body()
-        action = proxy._next_action(self.command, self.path)
+        action = proxy._next_action(self.command, self.path, self.headers.get("User-Agent", ""))
         if proxy.latency_s:
             time.sleep(proxy.latency_s)  # the round trip to a distant object store
         if action and action[0] == "status":
@@ -450,6 +450,8 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         if action and action[0] == "reset":
+            with proxy._lock:
+                proxy.cut_answers.append((self.command, self.path, status))
             self.wfile.write(data[: len(data) // 2])
             self.wfile.flush()
             self._reset()
@@ -485,7 +487,11 @@ class FaultyProxy:
         self.counts = {"requests": 0, "selected": 0, "forwarded": 0, "injected_status": 0, "resets": 0}
         self.by_status: dict[int, int] = {}
         self.log: list[tuple[str, str]] = []  # (method, path) of every request, no headers
-        self.fault_log: list[tuple[str, str, str]] = []  # (fault, method, path) of each injected fault
+        # (fault, method, path, client) of each injected fault; client: "beam" (Beam's gcsio, which
+        # retries on its own), "gcsfs", or "storage" (google-cloud-storage as transforms.storage uses it)
+        self.fault_log: list[tuple[str, str, str, str]] = []
+        # (method, path, upstream status) of each answer cut by a reset (the status line gets through)
+        self.cut_answers: list[tuple[str, str, int]] = []
         self._server = _ProxyServer((LOOPBACK, 0), _ProxyHandler)
         self._server.proxy = self
         self.port = self._server.server_address[1]
@@ -499,7 +505,17 @@ class FaultyProxy:
     def faults(self) -> int:
         return self.counts["injected_status"] + self.counts["resets"]
 
-    def _next_action(self, method: str, path: str):
+    def faults_of(self, client: str) -> int:
+        """Injected faults that hit requests of `client` (see fault_log)."""
+        return sum(f[3] == client for f in self.fault_log)
+
+    @staticmethod
+    def client_of(user_agent: str) -> str:
+        if "apache-beam" in user_agent:
+            return "beam"
+        return "gcsfs" if "gcsfs" in user_agent else "storage"
+
+    def _next_action(self, method: str, path: str, user_agent: str = ""):
         with self._lock:
             self.counts["requests"] += 1
             self.log.append((method, path))
@@ -513,7 +529,8 @@ class FaultyProxy:
             elif action:
                 self.counts["resets"] += 1
             if action:
-                self.fault_log.append((str(action[1]) if action[0] == "status" else "reset", method, path))
+                self.fault_log.append((str(action[1]) if action[0] == "status" else "reset", method, path,
+                                       self.client_of(user_agent)))
             return action
 
     def reset(self, plan: FaultPlan | None = None) -> None:
@@ -525,6 +542,7 @@ class FaultyProxy:
             self.by_status.clear()
             self.log.clear()
             self.fault_log.clear()
+            self.cut_answers.clear()
 
     def start(self) -> "FaultyProxy":
         if not self._thread.is_alive():

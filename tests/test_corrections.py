@@ -111,12 +111,8 @@ def test_manual_selection_scores_like_the_automatic_mode(mode):
 
 
 def test_manual_selection_in_a_mode_scored_among_timesteps():
-    """A mode other than paper/companion (the robust one, when this version has it) scores a pick
-    outside its top-k with its own selection over every valid timestep."""
-    from transforms.selection import SELECTION_MODES
-
-    if "robust" not in SELECTION_MODES:
-        pytest.skip("no robust selection mode in this version")
+    """A mode other than paper/companion (the robust one) scores a pick outside its top-k with its own
+    selection over every valid timestep."""
     hr, series = _series_with_defects(3, t=12)
     config = SelectionConfig(mode="robust", top_k=3)
     auto = select_pair(hr, series, config)

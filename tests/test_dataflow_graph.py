@@ -424,19 +424,10 @@ def test_job_size_does_not_depend_on_the_manifest(offline_dataflow, gcs_root):
 
 
 def test_graph_construction_makes_no_gcs_call(text_job):
-    """The launcher may not be able to read the input bucket: building the graph must not touch it.
-
-    Known issue: `ReadFromText` / `ReadFromParquet` default to `validate=True`, which matches the
-    manifest on the launcher (FileBasedSource._validate -> FileSystems.match, a GCS list call).
-    `validate=False` alone would turn a wrong manifest path into a successful run of 0 tiles; the
-    fix proposed in deploy/dataflow/README.md checks and reads the manifest on the workers.
-    """
-    calls = text_job.gcs_calls
-    assert [c for c in calls if c[0] != "match"] == []
-    if calls == [("match", TEXT_MANIFEST)]:
-        pytest.xfail("ReadTileIds: ReadFromText(manifest) validates (lists) the manifest on the launcher; "
-                     "fix in transforms/beam.py: match and read it on the workers (deploy/dataflow/README.md)")
-    assert calls == []
+    """The launcher may not be able to read the input bucket: building the graph must not touch it
+    (not even a match of the manifest, which `ReadFromText`'s default validate=True would do: the
+    manifest is checked and read on the workers)."""
+    assert text_job.gcs_calls == []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -555,7 +555,7 @@ def test_incremental_dataflow_job_offline(tmp_path_factory, monkeypatch):
     """The incremental build as a Dataflow (runner v2) job: it builds offline, the launcher reads
     nothing on gs:// (previous manifest, records, corrections are all read by the workers), and
     the job holds the incremental steps."""
-    graph = pytest.importorskip("tests.test_dataflow_graph")
+    from tests import test_dataflow_graph as graph
     root = tmp_path_factory.mktemp("df-gcs")
     (root / graph.BUCKET).mkdir()
     harness = graph.OfflineDataflow(monkeypatch, root, tmp_path_factory.mktemp("df-job"))
@@ -623,15 +623,14 @@ def test_carry_forward_reads_each_row_group_once(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# The command line (`s2naip build --since ... --latest ...`), once pipelines/ is wired to it
+# The command line (`s2naip build --since ... --latest ...`)
 
 
 def test_cli_build_since_and_latest(tmp_path):
     from pipelines import build_pairs, cli
     from pipelines.options import BuildOptions
 
-    if PipelineOptions(["--since", "x"]).view_as(BuildOptions).get_all_options().get("since") != "x":
-        pytest.skip("pipelines/options.py has no --since yet (wiring of transforms.incremental pending)")
+    assert PipelineOptions(["--since", "x"]).view_as(BuildOptions).since == "x"
     root, pointer = str(tmp_path / "in"), str(tmp_path / "latest.json")
     for i in range(3):
         good_tile(root, tid(i), seed=i, t=5)

@@ -189,3 +189,77 @@ def test_report_of_100k_pairs_in_bounded_memory(tmp_path):
     stats = json.loads((tmp_path / "report" / "stats.json").read_text())
     assert stats["pairs"]["psnr"]["median"] == pytest.approx(25, abs=0.2)
     assert stats["pairs"]["valid_timesteps"]["min"] == 8 and stats["pairs"]["valid_timesteps"]["max"] == 39
+
+
+# ---------------------------------------------------------------------------------------------
+# The figures' content, against the output read independently
+
+
+def _axes():
+    from matplotlib.figure import Figure
+
+    return Figure().add_subplot()
+
+
+def _bars(ax):
+    from matplotlib.patches import Rectangle
+
+    return [p for p in ax.patches if isinstance(p, Rectangle)]
+
+
+def _pixels_of(png: bytes, hex_color: str, tol: int = 6) -> int:
+    import io
+
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    want = np.array([int(hex_color[i:i + 2], 16) for i in (1, 3, 5)])
+    return int((np.abs(rgb - want).max(axis=-1) <= tol).sum())
+
+
+def test_figures_draw_the_outputs_counts(sample_build):
+    out, summary = sample_build
+    table = pq.read_table(os.path.join(out, "pairs"), columns=["psnr", "valid_indices", "n_timesteps"]).to_pylist()
+    reasons = pq.read_table(os.path.join(out, "rejects"), columns=["reason"]).column("reason").to_pylist()
+    stats = report_figures.collect_stats(out)
+    # rejects: one bar per reason, its length the number of reject rows of that reason
+    rejects = {r: reasons.count(r) for r in set(reasons)}
+    ax = _axes()
+    report_figures._draw_rejects(ax, rejects, summary["counts"]["tiles"])
+    drawn = {label.get_text(): bar.get_width() for label, bar in zip(ax.get_yticklabels(), _bars(ax))}
+    assert drawn == rejects and len(rejects) >= 3
+    # PSNR: the bars are a histogram of the pairs' PSNR over the drawn bins
+    psnr = np.array([r["psnr"] for r in table])
+    ax = _axes()
+    report_figures._draw_psnr(ax, stats)
+    bars = _bars(ax)
+    edges = [b.get_x() for b in bars]
+    step = edges[1] - edges[0]
+    expected, _ = np.histogram(psnr, bins=np.append(edges, edges[-1] + step))
+    assert [b.get_height() for b in bars] == expected.tolist()
+    assert sum(b.get_height() for b in bars) == len(table)
+    # valid timesteps: a bar per count of valid timesteps, the number of pairs with it
+    ax = _axes()
+    report_figures._draw_valid(ax, stats)
+    valid = np.bincount([len(r["valid_indices"]) for r in table])
+    drawn = {int(round(b.get_x())): b.get_height() for b in _bars(ax) if b.get_height()}
+    assert drawn == {n: c for n, c in enumerate(valid.tolist()) if c}
+    # scores: each series is a density (area 1)
+    ax = _axes()
+    report_figures._draw_scores(ax, stats)
+    bars = _bars(ax)
+    by_color = {}
+    for b in bars:
+        by_color.setdefault(b.get_facecolor()[:3], 0.0)
+        by_color[b.get_facecolor()[:3]] += b.get_height() * b.get_width()
+    assert len(by_color) == 2 and all(area == pytest.approx(1.0, abs=0.01) for area in by_color.values())
+
+
+def test_figure_pixels_show_the_counts():
+    """In the PNGs themselves: bar lengths in pixels follow the counts; no reject, no reject colour."""
+    png = report_figures.rejects_by_reason({"decode_error": 10, "no_valid_timesteps": 40}, 100)
+    rgb = np.asarray(Image.open(__import__("io").BytesIO(png)).convert("RGB")).astype(int)
+    want = np.array([int(report_figures.COLORS["reject"][i:i + 2], 16) for i in (1, 3, 5)])
+    mask = np.abs(rgb - want).max(axis=-1) <= 6
+    rows = mask.sum(axis=1)
+    lengths = sorted({int(n) for n in rows if n > 0})
+    assert lengths[-1] == pytest.approx(4 * lengths[0], rel=0.05), lengths  # 40 vs 10
+    assert _pixels_of(report_figures.rejects_by_reason({}, 100), report_figures.COLORS["reject"]) == 0

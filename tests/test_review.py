@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from skimage.metrics import structural_similarity
 
 from pipelines import build_pairs, review
 from tests.tile_factory import NAIP_ID, cloud, scene, series_from, write_tile
@@ -117,7 +118,14 @@ def test_metrics_match_the_selection_numerics():
     rgbn = review_page.pair_metrics(hr, lr, "psnr_rgbn")
     assert not np.allclose(rgbn, got)
     s = review_page.pair_metrics(hr, lr, "ssim_rgb")
-    assert np.all((s > -1) & (s < 1))
+    s4 = review_page.pair_metrics(hr, lr, "ssim_rgbn")
+    for i in range(3):  # scikit-image's SSIM (Gaussian, sigma 1.5, population covariance) of the stored pair
+        ref = to_uint8(downsample(hr[i], 32, "bicubic_aa"))
+        for got_ssim, bands in ((s, 3), (s4, 4)):
+            expected = structural_similarity(ref[..., :bands], lr[i][..., :bands], gaussian_weights=True, sigma=1.5,
+                                             use_sample_covariance=False, data_range=255, channel_axis=-1)
+            assert got_ssim[i] == pytest.approx(expected, abs=1e-6), (i, bands)
+    assert not np.allclose(s, s4)
     same = review_page.metric_values(hr, hr, "ssim_rgbn")
     np.testing.assert_allclose(same, 1.0)
     assert np.all(np.isinf(review_page.metric_values(hr, hr, "psnr_rgb")))

@@ -226,3 +226,8 @@ def test_config_validation():
         S.SelectionConfig(alpha=1.5)
     with pytest.raises(ValueError):
         S.SelectionConfig(top_k=0)
+
+
+def test_to_uint8_rounds_half_up_and_clips():
+    values = np.array([-3.0, 0.2, 0.5, 1.49, 254.5, 254.4, 300.0])
+    assert S.to_uint8(values).tolist() == [0, 0, 1, 1, 255, 254, 255]

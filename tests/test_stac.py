@@ -56,7 +56,8 @@ class _QuickServer(http.server.ThreadingHTTPServer):
 class Scripted:
     """Answers GET /<anything> from a queue of actions, then with the object (Range honoured):
     ("status", code, headers) | ("truncate",) (full Content-Length, half the body, close) |
-    ("reset",) (RST before answering) | ("slow", seconds)."""
+    ("reset",) (RST before answering) | ("slow", seconds) | ("short",) (a well-formed 206 whose
+    Content-Length and body are half of the range asked for: the client's own length check)."""
 
     def __init__(self, body: bytes, honour_range: bool = True):
         self.body = body
@@ -110,6 +111,9 @@ class Scripted:
                     start, end = (int(v) for v in rng.split("=")[1].split("-"))
                     end = min(end, len(outer.body) - 1)
                     data, status = outer.body[start:end + 1], 206
+                    if action and action[0] == "short":
+                        end = start + (end - start + 1) // 2 - 1
+                        data = outer.body[start:end + 1]
                     extra = {"Content-Range": f"bytes {start}-{end}/{len(outer.body)}"}
                 self.send_response(status)
                 for k, v in extra.items():
@@ -161,6 +165,23 @@ def test_transient_answers_are_retried_and_counted(scripted):
                             expected_length=10)
     assert resp.content == srv.body[10:20]
     assert stats.retries == 5 and stats.requests == 6
+
+
+def test_a_short_ranged_answer_is_retried(scripted, caplog):
+    """A 206 that is complete by its own Content-Length but shorter than the range asked for (a proxy
+    or CDN cutting the answer) is retried, not returned: stac.py's _Truncated path."""
+    srv = scripted()
+    srv.actions = [("short",), ("short",)]
+    stats = stac.RequestStats()
+    caplog.set_level("INFO")
+    resp = client().request("GET", srv.url, headers={"Range": "bytes=100-199"}, stats=stats, ok_status=(206,),
+                            expected_length=100)
+    assert resp.content == srv.body[100:200]
+    assert stats.retries == 2 and stats.requests == 3
+    assert "_Truncated: 50 of 100 bytes" in caplog.text
+    srv.actions = [("short",)] * FAST.attempts
+    with pytest.raises(stac.HttpUnavailable, match="50 of 100 bytes"):
+        client().request("GET", srv.url, headers={"Range": "bytes=100-199"}, ok_status=(206,), expected_length=100)
 
 
 def test_permanent_answers_are_not_retried(scripted):

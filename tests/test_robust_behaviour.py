@@ -1,0 +1,177 @@
+"""The robust mode through its public API: a planted condition that only one evidence term can see
+decides the pick (and no longer does once that term's weight is 0: the test proves the term is the
+decider), and the structural distance against an independent reference, which pins which side of
+the mix alpha weighs.
+
+No golden numbers of the evidence terms themselves (they are being extended); the cases only need
+the cloud and misregistration evidence to see what is planted and the other timestep to be clean."""
+import dataclasses
+
+import numpy as np
+import pytest
+from numpy.lib.stride_tricks import sliding_window_view
+from skimage.exposure import match_histograms as sk_match
+
+from tests.tile_factory import area_down, scene
+from transforms import selection as S
+
+ROBUST = S.SelectionConfig(mode="robust")
+
+
+def _u8(a):
+    return np.clip(np.rint(a), 1, 255).astype(np.uint8)
+
+
+def _other_grounds(n: int) -> list[np.ndarray]:
+    return [_u8(area_down(scene(np.random.default_rng(300 + k)).astype(np.float64)) * 0.9 + 5) for k in range(n)]
+
+
+def _scores(hr, series, alpha=0.7, **weights):
+    hr_down = S.downsample(hr, 32, "bicubic_aa")
+    w = dataclasses.replace(S.ROBUST_WEIGHTS, **weights)
+    return S.robust_scores(S.to_uint8(hr_down), hr_down, series, alpha, weights=w)
+
+
+def cloud_case():
+    """[a noisy clear timestep, the clean timestep under a soft white cloud (~8% of its pixels),
+    3 other grounds]. The cloud costs the clean timestep less structural distance than the noise
+    costs the other, so only the cloud evidence can turn the pick."""
+    rng = np.random.default_rng(3)
+    hr = scene(rng)
+    base = area_down(hr.astype(np.float64))
+    clean = base * 0.9 + 5 + rng.normal(0, 2, base.shape)
+    yy, xx = np.mgrid[:32, :32]
+    veil = 0.85 * np.exp(-((yy - 9) ** 2 + (xx - 21) ** 2) / (2 * 5.0**2))[..., None]
+    clouded = clean.copy()
+    clouded[..., :3] = (1 - veil) * clouded[..., :3] + veil * 250
+    clouded[..., 3:] = (1 - veil) * clouded[..., 3:] + veil * 240
+    noisy = base * 0.9 + 5 + np.random.default_rng(53).normal(0, 17, base.shape)
+    return hr, np.stack([_u8(noisy), _u8(clouded), *_other_grounds(3)])
+
+
+def shift_case():
+    """[a timestep of partly changed ground (85% another scene), the HR's ground misregistered by
+    (1, 1) px, 3 other grounds]. The shift costs less structural distance than the change, so only
+    the misregistration evidence can turn the pick."""
+    rng = np.random.default_rng(0)
+    hr = scene(rng)
+    base = area_down(hr.astype(np.float64))
+    moved = area_down(np.roll(hr.astype(np.float64), (4, 4), axis=(0, 1)))
+    shifted = moved * 0.9 + 5 + rng.normal(0, 2, base.shape)
+    other = area_down(scene(np.random.default_rng(900)).astype(np.float64))
+    changed = (0.15 * base + 0.85 * other) * 0.9 + 5 + np.random.default_rng(50).normal(0, 2, base.shape)
+    return hr, np.stack([_u8(changed), _u8(shifted), *_other_grounds(3)])
+
+
+def underexposed_case():
+    """[a timestep of partly changed ground (75% another scene), the HR's ground at a quarter of its
+    brightness (a shadowed or underexposed acquisition: its structure is intact), 3 other grounds].
+    Only the global darkening (shadow evidence against the other candidates) can see it."""
+    rng = np.random.default_rng(0)
+    hr = scene(rng)
+    base = area_down(hr.astype(np.float64))
+    other = area_down(scene(np.random.default_rng(900)).astype(np.float64))
+    changed = (0.25 * base + 0.75 * other) * 0.9 + 5 + np.random.default_rng(50).normal(0, 2, base.shape)
+    dark = (base * 0.9 + 5) * 0.25 + np.random.default_rng(51).normal(0, 1, base.shape)
+    return hr, np.stack([_u8(changed), _u8(dark), *_other_grounds(3)])
+
+
+def test_underexposure_evidence_alone_decides():
+    hr, series = underexposed_case()
+    sel = S.select_pair(hr, series, ROBUST)
+    assert sel.lr_index == 0
+    assert sel.evidence.shadow[list(sel.candidate_indices).index(1)] > 0.5
+    scores, ev = _scores(hr, series, shadow=0.0)
+    assert ev.distance[1] < ev.distance[0] and int(np.argmin(scores)) == 1
+
+
+def test_cloud_evidence_alone_decides():
+    hr, series = cloud_case()
+    sel = S.select_pair(hr, series, ROBUST)
+    assert sel.lr_index == 0
+    at = list(sel.candidate_indices).index(1)
+    assert sel.evidence.cloud[at] > 0.04 and sel.evidence.cloud[list(sel.candidate_indices).index(0)] == 0
+    # the clouded timestep is structurally closer: without the cloud term it would be the pick
+    scores, ev = _scores(hr, series, cloud=0.0)
+    assert ev.distance[1] < ev.distance[0] and int(np.argmin(scores)) == 1
+    scores, ev = _scores(hr, series)
+    assert int(np.argmin(scores)) == 0
+
+
+def test_misregistration_evidence_alone_decides():
+    hr, series = shift_case()
+    sel = S.select_pair(hr, series, ROBUST)
+    assert sel.lr_index == 0
+    at = list(sel.candidate_indices).index(1)
+    assert sel.evidence.misregistration_px[at] > 1.0 and sel.evidence.shift_px[at] > 1.0
+    scores, ev = _scores(hr, series, shift=0.0)
+    assert ev.distance[1] < ev.distance[0] and int(np.argmin(scores)) == 1
+    assert int(np.argmin(_scores(hr, series)[0])) == 0
+
+
+def test_clean_twin_of_the_planted_timestep_wins_over_both():
+    """With the clean version of the planted timestep also in the series, it is the pick (the
+    planted conditions are penalised, not the ground)."""
+    for case in (cloud_case, shift_case, underexposed_case):
+        hr, series = case()
+        rng = np.random.default_rng(11)
+        clean = _u8(area_down(hr.astype(np.float64)) * 0.9 + 5 + rng.normal(0, 2, (32, 32, 4)))
+        sel = S.select_pair(hr, np.concatenate([series, clean[None]]), ROBUST)
+        assert sel.lr_index == len(series), case.__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# The structural distance, independently
+
+
+def _gaussian_window():
+    x = np.arange(-5, 6)
+    g = np.exp(-(x**2) / (2 * 1.5**2))
+    g /= g.sum()
+    return np.outer(g, g)
+
+
+def local_correlation(x: np.ndarray, y: np.ndarray) -> float:
+    """Contrast-weighted local correlation of two [H, W, C] images over the 11x11 Gaussian windows
+    that fit inside (no padding): per band sum(cov) / sum(sqrt((var_x + 1)(var_y + 1))), mean of
+    the bands."""
+    win = _gaussian_window()
+    values = []
+    for band in range(x.shape[-1]):
+        a = x[..., band].astype(np.float64)
+        b = y[..., band].astype(np.float64)
+
+        def mean(img):
+            return np.einsum("ijkl,kl->ij", sliding_window_view(img, (11, 11)), win)
+
+        ua, ub = mean(a), mean(b)
+        va, vb = np.maximum(mean(a * a) - ua**2, 0), np.maximum(mean(b * b) - ub**2, 0)
+        values.append((mean(a * b) - ua * ub).sum() / np.sqrt((va + 1) * (vb + 1)).sum())
+    return float(np.mean(values))
+
+
+def robust_distance_reference(hr: np.ndarray, lr: np.ndarray, alpha: float) -> tuple[float, float, float]:
+    """(distance, LC(HR, LR), LC(HM(HR), LR)): the paper's two comparisons with the local correlation."""
+    hr_down = np.asarray(np.clip(np.floor(S.downsample(hr, 32, "bicubic_aa") + 0.5), 0, 255), np.uint8)
+    raw = local_correlation(hr_down, lr)
+    matched = local_correlation(np.asarray(sk_match(hr_down, lr, channel_axis=-1)).astype(np.uint8), lr)
+    return alpha * (1 - raw) + (1 - alpha) * (1 - matched), raw, matched
+
+
+@pytest.mark.parametrize("alpha", [0.7, 0.3, 1.0])
+def test_robust_distance_equals_the_reference(alpha):
+    hr, series = cloud_case()
+    hr2, series2 = shift_case()
+    for h, s in ((hr, series), (hr2, series2)):
+        sel = S.select_pair(h, s, dataclasses.replace(ROBUST, alpha=alpha))
+        for position, j in enumerate(sel.candidate_indices):
+            expected, raw, matched = robust_distance_reference(h, s[j], alpha)
+            assert sel.evidence.distance[position] == pytest.approx(expected, abs=2e-4), (alpha, j)
+
+
+def test_the_two_comparisons_differ_on_these_tiles():
+    """Guards the test above: the raw and the matched comparisons differ on the clouded timestep, so
+    a swapped alpha moves its distance by (0.7 - 0.3) * gap > 0.004, 20x the tolerance."""
+    hr, series = cloud_case()
+    gaps = [abs(raw - matched) for _, raw, matched in (robust_distance_reference(hr, lr, 0.7) for lr in series)]
+    assert max(gaps) > 0.01
