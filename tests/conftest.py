@@ -39,10 +39,6 @@ ALLOWED_SKIPS: list[tuple[str, str, str]] = [
     (r"tests/test_scheduler\.py::test_airflow_dag_task_graph", r"airflow",
      "Apache Airflow and its Google provider pin their own google-cloud-* versions that conflict with the "
      "lock; the DAG is checked statically (ast) by the other scheduler tests"),
-    (r"tests/test_flink\.py::", r"no Flink job server at ",
-     "Beam's Flink job server jar is not served by the package registry CI can reach (deploy/flink/README.md); "
-     ".ci/run sets S2NAIP_REQUIRE_FLINK=1 whenever it could fetch it, and then this skip is a failure. Java "
-     "and Maven being absent is not allowed"),
 ]
 
 
