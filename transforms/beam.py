@@ -294,8 +294,23 @@ def run_summary(run_info: dict, counts: dict[str, int], files: list[str]) -> dic
     }
 
 
+class NoTiles(ValueError):
+    """The build read no tile id at all: a wrong --input or --manifest, never a successful empty run."""
+
+
+def no_tiles_message(run_info: dict) -> str:
+    root = run_info.get("input") or "the input"
+    source = f"the manifest {run_info['manifest']}" if run_info.get("manifest") else f"{tiles.join(root, 'naip')}/"
+    return (f"no tile id read from {source}: expected naip/<naip_id>/<x>_<y>/rgb.png under {root}; "
+            "nothing was published")
+
+
 def publish_run(_, output: str, run_info: dict, counts: dict, files: list[str]) -> str:
-    return publish.publish(output, run_summary(run_info, counts, [str(f) for f in files]), [str(f) for f in files])
+    """run.json then _SUCCESS; fails the job instead when it read no tile (nothing is published)."""
+    summary = run_summary(run_info, counts, [str(f) for f in files])
+    if summary["counts"]["tiles"] == 0:
+        raise NoTiles(no_tiles_message(run_info))
+    return publish.publish(output, summary, [str(f) for f in files])
 
 
 class PublishRun(beam.PTransform):

@@ -467,6 +467,19 @@ def prepare_output(output: str, overwrite: bool) -> int:
     return deleted + len(manifest)
 
 
+def discard_unpublished_run(output: str) -> None:
+    """After a failed or interrupted run: deletes what it wrote (data shards, manifest, the runner's
+    beam-temp-* files, empty folders) unless it was published (_SUCCESS), so that nothing of it
+    looks like a dataset and a partial Parquet file does not break a reader of the table folder.
+    The output held no run when it started (`prepare_output`)."""
+    if publish.read_success(output) is not None:
+        return
+    prepare_output(output, overwrite=True)
+    if storage.is_local(output):
+        for folder in (*publish.run_folders(), dm.MANIFEST_FOLDER):
+            storage.remove_empty_tree(tiles.join(output, folder))
+
+
 # ---------------------------------------------------------------------------------------------
 # The whole build
 
