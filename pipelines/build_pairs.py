@@ -93,6 +93,11 @@ def run(argv: list[str] | None = None) -> dict | None:
         raise CommandError("--output is required (see --help)", usage=True)
     if opts.sample_tiles < 1:
         raise CommandError(f"--sample-tiles must be >= 1, got {opts.sample_tiles}", usage=True)
+    try:  # the options' values first, before any file is looked at
+        output_spec(opts)
+        pair_config(opts, input_root=opts.input or "embedded-sample")
+    except ValueError as e:
+        raise CommandError(str(e), usage=True) from None
     here = runs_here(options)
     output_existed = storage.exists(opts.output) if here else True
     if here and opts.input:

@@ -32,13 +32,17 @@ DEBUG_FLAGS = ("--debug", "-v")
 EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
-class CommandError(Exception):
+class CommandError(SystemExit):
     """A mistake the user can fix (wrong input, missing file, unwritable output): one line, no
-    traceback. `usage` errors exit 2, the others 1."""
+    traceback. `usage` errors exit 2, the others 1. A SystemExit: it ends the command also where
+    no boundary catches it (Python then prints the message and exits 1)."""
 
     def __init__(self, message: str, usage: bool = False):
         super().__init__(message)
         self.exit_code = EXIT_USAGE if usage else EXIT_FAILURE
+
+    def __str__(self) -> str:
+        return str(self.code)
 
 
 _state = {"debug": False, "interrupted": False}
@@ -81,7 +85,7 @@ def one_line(exc: BaseException) -> str:
         text += " " + lines[-1][lines[-1].rindex("[while running"):]
     if len(text) > 400:
         text = text[:397] + "..."
-    if isinstance(exc, (CommandError, ValueError, FileNotFoundError, PermissionError)) and text:
+    if isinstance(exc, (ValueError, FileNotFoundError, PermissionError)) and text:
         return text
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
@@ -129,10 +133,10 @@ def _exit_code(prog: str, run: Callable[[list[str]], object], argv: list[str]) -
     try:
         result = run(argv)
         return result if isinstance(result, int) and not isinstance(result, bool) else 0
-    except SystemExit as e:
-        if isinstance(e.code, str):  # raise SystemExit("error: ..."): one line already
-            print(f"{prog}: {e.code}", file=sys.stderr)
-            return EXIT_FAILURE
+    except CommandError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except SystemExit:  # argparse's exits, and raise SystemExit("error: ..."): one line already
         raise
     except BaseException as e:  # noqa: BLE001 - the boundary: everything ends in one line
         if _was_interrupted(e):
@@ -142,9 +146,8 @@ def _exit_code(prog: str, run: Callable[[list[str]], object], argv: list[str]) -
             return EXIT_INTERRUPTED
         if debug_enabled() or not isinstance(e, Exception):
             raise
-        hint = "" if isinstance(e, CommandError) else " (--debug shows the traceback)"
-        print(f"{prog}: error: {one_line(e)}{hint}", file=sys.stderr)
-        return e.exit_code if isinstance(e, CommandError) else EXIT_FAILURE
+        print(f"{prog}: error: {one_line(e)} (--debug shows the traceback)", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 def command_main(run: Callable[[list[str]], object], argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -237,4 +240,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m pipelines.cli`: run the imported module's main, so that the subcommands (which
+    # import pipelines.cli) share its state (--debug) instead of this __main__ copy's
+    from pipelines.cli import main as cli_main
+
+    sys.exit(cli_main())

@@ -121,9 +121,11 @@ def default_read_threads(opts: BuildOptions) -> int:
     return 0 if all(storage.is_local(root) for root in roots) else REMOTE_READ_THREADS
 
 
-def pair_config(opts: BuildOptions) -> PairConfig:
-    """The validated per-tile configuration; raises ValueError with a clear message."""
-    if not opts.input:
+def pair_config(opts: BuildOptions, input_root: str | None = None) -> PairConfig:
+    """The validated per-tile configuration (of `input_root`, default --input); raises ValueError
+    with a clear message."""
+    input_root = input_root or opts.input
+    if not input_root:
         raise ValueError("--input is required here")
     if opts.alpha is None or not 0.0 <= opts.alpha <= 1.0:
         raise ValueError(f"--alpha must be within [0, 1], got {opts.alpha}")
@@ -132,10 +134,10 @@ def pair_config(opts: BuildOptions) -> PairConfig:
     if opts.read_threads is not None and opts.read_threads < 0:
         raise ValueError(f"--read-threads must be >= 0, got {opts.read_threads}")
     return PairConfig(
-        input_root=opts.input,
+        input_root=input_root,
         nir_root=opts.nir_input,
         bands=opts.bands,
-        split=opts.split if opts.split is not None else default_split(opts.input),
+        split=opts.split if opts.split is not None else default_split(input_root),
         selection=SelectionConfig(mode=opts.selection, alpha=opts.alpha, top_k=opts.top_k,
                                   downsample=opts.downsample),
         corrections=tuple(p.strip() for arg in (opts.corrections or ()) for p in arg.split(",") if p.strip()),
@@ -293,7 +295,7 @@ def check_set_folder(root: str, option: str = "--input", leaf: str = "rgb.png") 
 def check_files_exist(paths, option: str) -> None:
     for path in paths:
         if not storage.exists(path):
-            raise CommandError(f"{option} {path} not found")
+            raise CommandError(f"{option} not found: {path}")
         if storage.is_local(path) and os.path.isdir(path):
             raise CommandError(f"{option} {path} is a folder; expected a file")
 
@@ -324,14 +326,14 @@ def check_build_inputs(opts: BuildOptions) -> None:
     """The inputs a build reads, checked before it starts (see `runs_here`; a remote job checks
     them on its workers)."""
     corrections = [p.strip() for arg in (opts.corrections or ()) for p in arg.split(",") if p.strip()]
+    if opts.manifest:
+        check_files_exist([opts.manifest], "--manifest")
+    check_files_exist(corrections, "--corrections")
     check_set_folder(opts.input)
     if opts.nir_input and opts.nir_input.rstrip("/") != opts.input.rstrip("/"):
         if "naip" not in storage.list_children(opts.nir_input):
             raise CommandError(f"--nir-input {opts.nir_input} has no naip/ folder; expected the folder holding "
                                "naip/<naip_id>/<x>_<y>/nir.png")
-    if opts.manifest:
-        check_files_exist([opts.manifest], "--manifest")
-    check_files_exist(corrections, "--corrections")
 
 
 def check_run_folder(run: str) -> None:

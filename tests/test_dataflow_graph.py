@@ -626,15 +626,18 @@ def test_launch_script_builds_and_runs_the_flex_template(offline_dataflow):
     assert [c for c in job.gcs_calls if c[0] not in ("match", "exists")] == []
 
 
-def test_flex_launcher_refuses_an_output_holding_a_previous_run(offline_dataflow, gcs_root):
+def test_flex_launcher_refuses_an_output_holding_a_previous_run(offline_dataflow, gcs_root, capsys):
     """A launch into an output that holds a previous run stops on the launcher with a clear error
     (the previous run.json is neither reported as this run's nor mixed with its files)."""
     old = gcs_root / BUCKET / "pairs" / "rerun" / "run.json"
     old.parent.mkdir(parents=True, exist_ok=True)
     old.write_text(json.dumps({"counts": {"tiles": 1}}))
     argv = [*DATAFLOW_ARGS, *BUILD_ARGS, f"--manifest={TEXT_MANIFEST}", f"--output=gs://{BUCKET}/pairs/rerun"]
-    with pytest.raises(SystemExit, match="already holds a run"):
-        offline_dataflow.run_main(load_flex_main().main, argv)
+    job_file = offline_dataflow.job_file()
+    assert load_flex_main().main([*argv, f"--template_location={job_file}"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("s2naip build: error: ") and "already holds a run" in line
+    assert not job_file.exists()
 
 
 def test_flex_launcher_returns_without_reading_outputs(offline_dataflow):

@@ -459,7 +459,8 @@ def prepare_output(output: str, overwrite: bool) -> int:
     manifest = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
     if manifest and not overwrite:
         raise publish.OutputNotEmpty(
-            f"{output} already holds a run or part of one ({len(manifest)} manifest files, e.g. {manifest[0]}); "
+            f"{output} already holds a run or part of one ({publish.count_text(len(manifest), 'manifest file')}, "
+            f"e.g. {manifest[0]}); "
             "choose a new --output or pass --overwrite to replace it")
     deleted = publish.prepare_output(output, overwrite)  # _SUCCESS first, then the data folders
     if manifest:
