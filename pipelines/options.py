@@ -264,13 +264,17 @@ def expected_layout(leaf: str = "rgb.png") -> str:
 
 
 def check_set_folder(root: str, option: str = "--input", leaf: str = "rgb.png") -> None:
-    """CommandError unless `root` looks like an S2-NAIP set folder: a one-level listing of it (and
-    one of naip/, limited to one object on gs://). Catches a missing path, a file, an empty folder
-    and the naip/ folder given instead of the set folder."""
+    """CommandError unless `root` looks like an S2-NAIP set folder, i.e. something lies under its
+    naip/ (one probe; on gs:// a listing of at most one object). When not, one listing of `root`
+    names the mistake: a missing path, a file, an empty folder, the naip/ folder itself."""
     expected = expected_layout(leaf)
     try:
+        if storage.dir_has_files(tiles.join(root, "naip")):
+            return
         children = storage.list_children(root)
     except FileNotFoundError:  # no such bucket
+        children = []
+    except NotADirectoryError:  # a local file given as the folder
         children = []
     if not children:
         if storage.is_local(root):
@@ -288,8 +292,7 @@ def check_set_folder(root: str, option: str = "--input", leaf: str = "rgb.png") 
             raise CommandError(f"{option} {root} is a naip/ folder; pass the set folder above it ({parent}), "
                                f"the one holding naip/<naip_id>/<x>_<y>/{leaf}")
         raise CommandError(f"{option} {root} has no naip/ folder; {expected}")
-    if not storage.dir_has_files(tiles.join(root, "naip")):
-        raise CommandError(f"{option} {root}: naip/ is empty; {expected}")
+    raise CommandError(f"{option} {root}: naip/ is empty; {expected}")
 
 
 def check_files_exist(paths, option: str) -> None:
@@ -329,11 +332,12 @@ def check_build_inputs(opts: BuildOptions) -> None:
     if opts.manifest:
         check_files_exist([opts.manifest], "--manifest")
     check_files_exist(corrections, "--corrections")
-    check_set_folder(opts.input)
+    if not opts.manifest or storage.is_local(opts.input):  # with a manifest, an object store is never listed
+        check_set_folder(opts.input)
     if opts.nir_input and opts.nir_input.rstrip("/") != opts.input.rstrip("/"):
-        if "naip" not in storage.list_children(opts.nir_input):
-            raise CommandError(f"--nir-input {opts.nir_input} has no naip/ folder; expected the folder holding "
-                               "naip/<naip_id>/<x>_<y>/nir.png")
+        if not opts.manifest and not storage.dir_has_files(tiles.join(opts.nir_input, "naip")):
+            raise CommandError(f"--nir-input {opts.nir_input} has no naip/ folder, or an empty one; expected the "
+                               "folder holding naip/<naip_id>/<x>_<y>/nir.png")
 
 
 def check_run_folder(run: str) -> None:
