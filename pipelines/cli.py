@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import textwrap
 from typing import Callable, Iterable
 
 SUBCOMMANDS = {
@@ -170,7 +171,7 @@ def _prog_of(run: Callable) -> str:
 def description(doc: str | None) -> str:
     """A module docstring's first paragraph as one sentence for --help (not its first line only)."""
     paragraph = (doc or "").strip().split("\n\n", 1)[0]
-    return " ".join(paragraph.split())
+    return textwrap.fill(" ".join(paragraph.split()), width=100)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

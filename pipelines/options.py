@@ -114,10 +114,10 @@ def default_split(input_root: str) -> str:
     return input_root.rstrip("/").rsplit("/", 1)[-1] or "default"
 
 
-def default_read_threads(opts: BuildOptions) -> int:
+def default_read_threads(opts: BuildOptions, input_root: str | None = None) -> int:
     """Reads ahead only pay where a read is a round trip: on an object store, not on local disk
     (measured: README, "Reading from cloud storage")."""
-    roots = [opts.input] + ([opts.nir_input] if opts.nir_input else [])
+    roots = [input_root or opts.input] + ([opts.nir_input] if opts.nir_input else [])
     return 0 if all(storage.is_local(root) for root in roots) else REMOTE_READ_THREADS
 
 
@@ -141,7 +141,7 @@ def pair_config(opts: BuildOptions, input_root: str | None = None) -> PairConfig
         selection=SelectionConfig(mode=opts.selection, alpha=opts.alpha, top_k=opts.top_k,
                                   downsample=opts.downsample),
         corrections=tuple(p.strip() for arg in (opts.corrections or ()) for p in arg.split(",") if p.strip()),
-        read_threads=opts.read_threads if opts.read_threads is not None else default_read_threads(opts),
+        read_threads=opts.read_threads if opts.read_threads is not None else default_read_threads(opts, input_root),
     )
 
 
