@@ -14,7 +14,6 @@ Prints a table and writes the figures to --report (JSON).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -24,6 +23,7 @@ import subprocess
 import sys
 import time
 
+from pipelines.cli import ArgumentParser, description
 from transforms import runtime, tiles
 from transforms.pairs import PairConfig, TileRejected, build_tile, load_tile
 from transforms.sample import generate_sample
@@ -204,10 +204,12 @@ def report_text(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="s2naip bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--tiles", type=int, default=2000)
+    parser = ArgumentParser(prog="s2naip bench", description=description(__doc__))
+    parser.add_argument("--tiles", type=int, default=2000,
+                        help="tiles of the generated sample the speed figures are measured on")
     parser.add_argument("--rss-tiles", default="2000,20000", help="comma-separated sample sizes for peak RSS")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of each measurement; the median is reported")
     parser.add_argument("--selection", default=DEFAULT_SELECTION, choices=SELECTION_MODES,
                         help=f"the selection mode to measure (default {DEFAULT_SELECTION}, the build's)")
     parser.add_argument("--workdir", default="bench-out", help="samples are generated here once and reused")

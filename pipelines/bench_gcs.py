@@ -14,7 +14,6 @@ run.json), requests through the proxy per tile, and whether the outputs equal th
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 
 from pipelines.bench import machine
+from pipelines.cli import ArgumentParser, description
 
 REPO = Path(__file__).resolve().parent.parent
 BUCKET = "s2naip-bench"
@@ -127,11 +127,12 @@ def report_text(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="s2naip bench-gcs", description=__doc__.splitlines()[0])
-    p.add_argument("--tiles", type=int, default=200)
+    p = ArgumentParser(prog="s2naip bench-gcs", description=description(__doc__))
+    p.add_argument("--tiles", type=int, default=200, help="tiles of the generated sample read from gs://")
     p.add_argument("--latency-ms", default="0,30", help="comma-separated per-request delays (default 0,30)")
     p.add_argument("--read-threads", default="0,16", help="comma-separated settings; the first is the baseline")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs of each setting (settings interleaved); the median is reported")
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temp folder, removed)")
     p.add_argument("--report", default=None, help="write the figures as JSON here")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)

@@ -26,7 +26,6 @@ Prints a table and the projection for 1.1 M tiles; `--report FILE` writes the fi
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -36,6 +35,7 @@ import time
 from pathlib import Path
 
 from pipelines.bench import machine
+from pipelines.cli import ArgumentParser, description
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_NAIP_DIR = REPO.parent / "shared" / "data" / "naip_real"
@@ -259,7 +259,7 @@ def bench(naip_dir: str, workdir: str, baseline_every: int, workers: list[int], 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipelines.bench_nir", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m pipelines.bench_nir", description=description(__doc__))
     p.add_argument("--naip-dir", default=os.environ.get("S2NAIP_REAL_DATA", str(DEFAULT_NAIP_DIR)),
                    help="folder of real NAIP GeoTIFFs (m_*.tif)")
     p.add_argument("--baseline-every", type=int, default=9,

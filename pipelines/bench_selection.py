@@ -19,7 +19,6 @@ robust mode and writes every figure to --report (JSON).
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import os
@@ -30,6 +29,7 @@ import time
 import numpy as np
 
 from pipelines.bench import machine
+from pipelines.cli import ArgumentParser, description
 from transforms import hard_cases as H
 from transforms import runtime
 from transforms.selection import SELECTION_MODES, SelectionConfig, select_pair
@@ -186,7 +186,7 @@ def report_text(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="s2naip bench-selection", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="s2naip bench-selection", description=description(__doc__))
     parser.add_argument("--real-data", required=True,
                         help="folder of real NAIP GeoTIFFs of one quarter quad (m_*.tif), e.g. ../shared/data/naip_real")
     parser.add_argument("--split", default="held-out", choices=("held-out", "tune", "all"),

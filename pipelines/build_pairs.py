@@ -12,10 +12,20 @@ import time
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from pipelines.cli import command_main
-from pipelines.options import (BuildOptions, output_spec, pair_config, use_in_process_runner_by_default,
-                               use_own_image_on_dataflow_by_default)
+from pipelines.cli import CommandError, command_main
+from pipelines.options import (
+    BuildOptions,
+    check_build_inputs,
+    check_output_writable,
+    output_spec,
+    pair_config,
+    parse_build_options,
+    runs_here,
+    use_in_process_runner_by_default,
+    use_own_image_on_dataflow_by_default,
+)
 from transforms import dataset_manifest, incremental, latest, publish, storage, tiles
+from transforms.beam import NoTiles
 from transforms.pairs import PairConfig
 from transforms.publish import OutputSpec
 from transforms.version import PIPELINE_VERSION
@@ -78,10 +88,23 @@ def summary_text(summary: dict) -> str:
 
 def run(argv: list[str] | None = None) -> dict | None:
     """Runs the build; returns run.json's content when the runner waited for the job."""
-    options = PipelineOptions(argv)
+    options = parse_build_options(sys.argv[1:] if argv is None else argv)
     opts = options.view_as(BuildOptions)
     if not opts.output:
-        raise SystemExit("error: --output is required")
+        raise CommandError("--output is required (see --help)", usage=True)
+    if opts.sample_tiles < 1:
+        raise CommandError(f"--sample-tiles must be >= 1, got {opts.sample_tiles}", usage=True)
+    try:  # the options' values first, before any file is looked at
+        output_spec(opts)
+        pair_config(opts, input_root=opts.input or "embedded-sample")
+    except ValueError as e:
+        raise CommandError(str(e), usage=True) from None
+    here = runs_here(options)
+    output_existed = storage.exists(opts.output) if here else True
+    if here and opts.input:
+        check_build_inputs(opts)  # before anything is written, deleted or started
+    if here:
+        check_output_writable(opts.output)
     if not opts.input:
         from transforms.sample import generate_sample
 
@@ -97,12 +120,21 @@ def run(argv: list[str] | None = None) -> dict | None:
             dataset_manifest.manifest_files(since)  # fail fast: a published run with a manifest
         incremental.prepare_output(spec.path, opts.overwrite)
     except (ValueError, FileNotFoundError, publish.OutputNotEmpty) as e:
-        raise SystemExit(f"error: {e}") from None
+        raise CommandError(str(e)) from None
     use_in_process_runner_by_default(options)
     use_own_image_on_dataflow_by_default(options)
     info = run_info(config, spec, opts, options)
-    with beam.Pipeline(options=options) as p:
-        build(p, config, spec, info, opts.manifest, since=since, latest_pointer=opts.latest)
+    try:
+        with beam.Pipeline(options=options) as p:
+            build(p, config, spec, info, opts.manifest, since=since, latest_pointer=opts.latest)
+    except BaseException as e:  # failed or interrupted (Ctrl-C): nothing of this run stays published
+        if here:
+            incremental.discard_unpublished_run(spec.path)
+            if not output_existed:
+                storage.remove_empty_tree(spec.path)
+        if isinstance(e, NoTiles):
+            raise CommandError(str(e).split(" [while running", 1)[0]) from None
+        raise
     if not getattr(p.result, "has_job", True) or options.view_as(StandardOptions).no_wait_until_finish:
         return None  # a template was staged or the job runs on: its run.json does not exist yet
     run_json = tiles.join(opts.output, "run.json")
@@ -117,7 +149,7 @@ def run(argv: list[str] | None = None) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return command_main(run, argv)
+    return command_main(run, argv, prog="s2naip build")
 
 
 if __name__ == "__main__":

@@ -21,13 +21,13 @@ A research tool: nothing in the project imports it and no test needs it.
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 import warnings
 
 import numpy as np
 
+from pipelines.cli import ArgumentParser, description
 from transforms.beam import list_naip_ids, list_tile_ids, manifest_lines_to_ids
 from transforms.pairs import PairConfig, TileRejected, load_tile
 from transforms.selection import NoValidTimesteps, SelectionConfig, select_pair
@@ -95,8 +95,8 @@ def tile_ids(input_root: str, manifest: str | None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.companion_parity",
-                                     description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m pipelines.companion_parity",
+                                     description=description(__doc__))
     parser.add_argument("--companion-repo", required=True, help="checkout of ozendelait/better_s2_naip")
     parser.add_argument("--input", required=True, help="local S2-NAIP-layout folder")
     parser.add_argument("--nir-root", help="folder of naip/<id>/<x_y>/nir.png (default: --input)")

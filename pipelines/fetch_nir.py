@@ -17,7 +17,6 @@ request at all), and replaces the previous run's rejects/, run.json and _SUCCESS
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -33,8 +32,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from pipelines.cli import command_main
-from pipelines.options import use_in_process_runner_by_default, use_own_image_on_dataflow_by_default
+from pipelines.cli import ArgumentParser, command_main, description
+from pipelines.options import parse_beam_options, use_in_process_runner_by_default, use_own_image_on_dataflow_by_default
 from transforms import geo, nir_fetch, publish, records, runtime, signing, stac, storage, tiles
 from transforms.beam import ReadTileIds, WriteParquet, counter_values
 from transforms.nir_fetch import ItemRef, nir_reject
@@ -430,8 +429,8 @@ def prepare_output(output: str) -> int:
     return deleted + len(old)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="s2naip fetch-nir", description=__doc__.splitlines()[0], allow_abbrev=False)
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="s2naip fetch-nir", description=description(__doc__), allow_abbrev=False)
     p.add_argument("--input", default=None, help="S2-NAIP set folder to list tile ids from (local or gs://)")
     p.add_argument("--manifest", default=None,
                    help="tile ids: text (one a line) or .parquet (tile_id column); instead of listing --input")
@@ -544,7 +543,7 @@ def run(argv: list[str] | None = None) -> dict | None:
             raise ValueError(f"--manifest {args.manifest} not found")
     except (ValueError, ImportError) as e:
         raise SystemExit(f"error: {e}") from None
-    options = PipelineOptions(beam_args)
+    options = parse_beam_options(beam_args)
     use_in_process_runner_by_default(options)
     use_own_image_on_dataflow_by_default(options)
     removed = prepare_output(config.output)

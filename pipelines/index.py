@@ -5,38 +5,74 @@ in shards instead of listing the bucket again.
 """
 from __future__ import annotations
 
-import argparse
+import os
 import sys
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.cli import configure_logging
-from pipelines.options import use_in_process_runner_by_default, use_own_image_on_dataflow_by_default
-from transforms.beam import ReadTileIds
+from pipelines.cli import ArgumentParser, CommandError, command_main, description
+from pipelines.options import (
+    check_output_writable,
+    check_set_folder,
+    parse_beam_options,
+    runs_here,
+    use_in_process_runner_by_default,
+    use_own_image_on_dataflow_by_default,
+)
+from transforms import storage
+from transforms.beam import NoTiles, ReadTileIds, no_tiles_message
+
+
+def require_tile_ids(count: int, input_root: str) -> int:
+    if count == 0:
+        raise NoTiles(no_tiles_message({"input": input_root}))
+    return count
 
 
 def build(p: beam.Pipeline, input_root: str, manifest: str):
-    return (
-        p
-        | "ListTileIds" >> ReadTileIds(input_root)
-        | "WriteManifest" >> beam.io.WriteToText(manifest, num_shards=1, shard_name_template="")
-    )
+    ids = p | "ListTileIds" >> ReadTileIds(input_root)
+    # an empty listing fails the job: a wrong --input never looks like an empty set
+    _ = (ids | "CountIds" >> beam.combiners.Count.Globally()
+         | "RequireIds" >> beam.Map(require_tile_ids, input_root=input_root))
+    return ids | "WriteManifest" >> beam.io.WriteToText(manifest, num_shards=1, shard_name_template="")
+
+
+def parser() -> ArgumentParser:
+    p = ArgumentParser(prog="s2naip index", description=description(__doc__),
+                       epilog="Apache Beam options (--runner, ...) are accepted too.")
+    p.add_argument("--input", required=True,
+                   help="S2-NAIP set folder, the one holding naip/<naip_id>/<x>_<y>/rgb.png (local or gs://)")
+    p.add_argument("--manifest", required=True, help="Manifest file to write (text, one id a line)")
+    return p
+
+
+def run(argv: list[str]) -> int:
+    args, beam_args = parser().parse_known_args(argv)
+    options = parse_beam_options(beam_args)
+    here = runs_here(options)
+    existed = storage.exists(args.manifest) if here else True
+    if here:
+        check_set_folder(args.input)
+        check_output_writable(os.path.dirname(args.manifest) or ".", "--manifest's folder")
+    use_in_process_runner_by_default(options)
+    use_own_image_on_dataflow_by_default(options)
+    try:
+        with beam.Pipeline(options=options) as p:
+            build(p, args.input, args.manifest)
+    except NoTiles as e:
+        if here and not existed:
+            storage.delete([args.manifest])
+        raise CommandError(str(e).split(" [while running", 1)[0]) from None
+    except BaseException:
+        if here and not existed:
+            storage.delete([args.manifest])
+        raise
+    print(f"manifest: {args.manifest}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    configure_logging()
-    parser = argparse.ArgumentParser(prog="s2naip index", description=__doc__.splitlines()[0])
-    parser.add_argument("--input", required=True, help="S2-NAIP set folder (local or gs://)")
-    parser.add_argument("--manifest", required=True, help="Manifest file to write (text, one id a line)")
-    args, beam_args = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    options = PipelineOptions(beam_args)
-    use_in_process_runner_by_default(options)
-    use_own_image_on_dataflow_by_default(options)
-    with beam.Pipeline(options=options) as p:
-        build(p, args.input, args.manifest)
-    print(f"manifest: {args.manifest}")
-    return 0
+    return command_main(run, argv, prog="s2naip index")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,29 @@
-"""Pipeline options of the build, validated up front (before any worker starts)."""
+"""Pipeline options of the build, validated up front (before any worker starts).
+
+`parse_build_options` is the build's command line: every option of `BuildOptions` plus any Apache
+Beam option; anything else stops the build before it starts (`did you mean`). The `check_*`
+functions look at the input and output before the pipeline starts (one listing, a probe file), so
+that a wrong path ends in one line instead of an empty run.
+"""
 from __future__ import annotations
 
+import argparse
+import copy
 import os
+import tempfile
 
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, WorkerOptions
+from apache_beam.options.pipeline_options import (
+    DebugOptions,
+    DirectOptions,
+    GoogleCloudOptions,
+    PipelineOptions,
+    StandardOptions,
+    WorkerOptions,
+    _BeamArgumentParser,
+)
 
-from transforms import storage
+from pipelines.cli import CommandError, HelpFormatter, description, unknown_arguments_message
+from transforms import storage, tiles
 from transforms.pairs import BAND_SETS, PairConfig
 from transforms.publish import OutputSpec
 from transforms.selection import DEFAULT_SELECTION, DOWNSAMPLE_METHODS, SELECTION_MODES, SelectionConfig
@@ -28,74 +46,88 @@ def _flag(parser, *names: str, help: str) -> None:
     """A boolean flag that also takes a value (`--x`, `--x=true`, `--x=false`): template launchers
     pass every parameter as name=value."""
     dest = names[-1].lstrip("-").replace("-", "_")
-    parser.add_argument(*names, dest=dest, nargs="?", const=True, default=False, type=_parse_bool, help=help)
+    parser.add_argument(*names, dest=dest, nargs="?", const=True, default=False, type=_parse_bool, metavar="true|false",
+                        help=help)
 
 
 class BuildOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
-        parser.add_argument("--input", default=None,
-                            help="S2-NAIP set folder (naip/, sentinel2/); local or gs://. "
-                                 "Omitted: generate the embedded sample and build it.")
-        parser.add_argument("--output", default=None, help="Output folder of this run (local or gs://).")
-        parser.add_argument("--nir-input", "--nir_input", dest="nir_input", default=None,
-                            help="Root of naip/<naip_id>/<x>_<y>/nir.png (default: --input).")
-        parser.add_argument("--manifest", default=None,
-                            help="Tile ids to build: text (one id a line) or .parquet (tile_id column). "
-                                 "Omitted: list --input.")
-        parser.add_argument("--selection", default=DEFAULT_SELECTION, choices=SELECTION_MODES,
-                            help="robust (default): the paper's closeness without SSIM's haze bias, plus "
-                                 "evidence of haze, cloud, shadow, snow and misregistration (README); paper: "
-                                 "the paper's score as written; companion: the published code's rule.")
-        parser.add_argument("--alpha", type=float, default=0.7, help="Weight of the raw distance.")
-        parser.add_argument("--top-k", "--top_k", dest="top_k", type=int, default=16,
-                            help="Timesteps kept by PSNR before scoring.")
-        parser.add_argument("--downsample", default=None, choices=DOWNSAMPLE_METHODS,
-                            help="HR->32x32 resampling (default: bicubic_aa for paper, "
-                                 "bicubic_torch, the companion's non-antialiased one, for companion).")
-        parser.add_argument("--bands", default="rgbn", choices=BAND_SETS)
-        parser.add_argument("--split", default=None,
-                            help="Value of the split column (default: the input folder's name).")
-        parser.add_argument("--format", default="parquet",
-                            help="Comma-separated output formats: parquet, tfrecord, png (each in its own folder).")
-        _flag(parser, "--tfrecord-gzip", "--tfrecord_gzip", help="Gzip the TFRecord files (.tfrecord.gz).")
-        parser.add_argument("--num-shards", "--num_shards", dest="num_shards", type=int, default=0,
-                            help="Output shards per table (0: the runner decides).")
-        _flag(parser, "--overwrite", help="Replace a run already in --output (default: refuse).")
-        parser.add_argument("--since", default=None,
-                            help="Build incrementally against a published run (a run folder with manifest/, or a "
-                                 "latest pointer *.json naming one): only new and changed tiles are built, the "
-                                 "others' records are copied. Omitted: a full build.")
-        parser.add_argument("--latest", default=None,
-                            help="A latest pointer (JSON, local or gs://) moved to this run after its _SUCCESS.")
-        parser.add_argument("--corrections", action="append", default=None,
-                            help="Reviewer corrections, JSON {tile_id: lr_index or null} (local or gs://); "
-                                 "repeatable or comma-separated, a later file wins. An index builds that "
-                                 "timestep (selection manual), null removes the tile.")
-        parser.add_argument("--read-threads", "--read_threads", dest="read_threads", type=int, default=None,
-                            help="Per worker process, input reads (and fingerprint listings) run ahead on this "
-                                 "many threads while tiles are built, so that object-store round trips overlap; "
-                                 f"0: read each file when it is needed. Default: {REMOTE_READ_THREADS} when an "
-                                 "input is on an object store (gs://), 0 for local files.")
-        parser.add_argument("--sample-tiles", "--sample_tiles", dest="sample_tiles", type=int,
-                            default=DEFAULT_SAMPLE_TILES,
-                            help="Tiles of the embedded sample when --input is omitted.")
+        src = parser.add_argument_group("input")
+        src.add_argument("--input", default=None,
+                         help="S2-NAIP set folder, the one holding naip/<naip_id>/<x>_<y>/rgb.png and "
+                              "sentinel2/; local or gs://. Omitted: generate the embedded sample and build it.")
+        src.add_argument("--nir-input", "--nir_input", dest="nir_input", default=None,
+                         help="Root of naip/<naip_id>/<x>_<y>/nir.png (default: --input).")
+        src.add_argument("--manifest", default=None,
+                         help="Tile ids to build: text (one id a line, '#' starts a comment) or .parquet "
+                              "(tile_id column). Omitted: list --input.")
+        src.add_argument("--since", default=None,
+                         help="Build incrementally against a published run (a run folder with manifest/, or a "
+                              "latest pointer *.json naming one): only new and changed tiles are built, the "
+                              "others' records are copied. Omitted: a full build.")
+        src.add_argument("--corrections", action="append", default=None,
+                         help="Reviewer corrections, JSON {tile_id: lr_index or null} (local or gs://); "
+                              "repeatable or comma-separated, a later file wins. An index builds that "
+                              "timestep (selection manual), null removes the tile.")
+        src.add_argument("--sample-tiles", "--sample_tiles", dest="sample_tiles", type=int,
+                         default=DEFAULT_SAMPLE_TILES,
+                         help="Tiles of the embedded sample when --input is omitted (>= 1).")
+
+        sel = parser.add_argument_group("selection")
+        sel.add_argument("--selection", default=DEFAULT_SELECTION, choices=SELECTION_MODES,
+                         help="robust (default): the paper's closeness without SSIM's haze bias, plus "
+                              "evidence of haze, cloud, shadow, snow and misregistration (README); paper: "
+                              "the paper's score as written; companion: the published code's rule.")
+        sel.add_argument("--alpha", type=float, default=0.7,
+                         help="Weight, in [0, 1], of the raw comparison against the one after histogram "
+                              "matching.")
+        sel.add_argument("--top-k", "--top_k", dest="top_k", type=int, default=16,
+                         help="Candidate timesteps scored per tile: the k closest to the downsampled NAIP, "
+                              "by PSNR (paper, companion) or by gap-free correlation (robust).")
+        sel.add_argument("--downsample", default=None, choices=DOWNSAMPLE_METHODS,
+                         help="NAIP -> 32x32 resampling. Default: the mode's, bicubic_aa (antialiased) for "
+                              "robust and paper, bicubic_torch (PyTorch's, not antialiased) for companion.")
+
+        out = parser.add_argument_group("output")
+        out.add_argument("--output", default=None, help="Output folder of this run (local or gs://); required.")
+        out.add_argument("--format", default="parquet",
+                         help="Comma-separated output formats: parquet, tfrecord, png (each in its own folder).")
+        out.add_argument("--bands", default="rgbn", choices=BAND_SETS,
+                         help="Bands of the records: rgbn (R, G, B and NAIP/Sentinel-2 NIR) or rgb.")
+        out.add_argument("--split", default=None,
+                         help="Value of the split column (default: the input folder's name).")
+        _flag(out, "--tfrecord-gzip", "--tfrecord_gzip", help="Gzip the TFRecord files (.tfrecord.gz).")
+        out.add_argument("--num-shards", "--num_shards", dest="num_shards", type=int, default=0,
+                         help="Output shards per table (0: the runner decides).")
+        _flag(out, "--overwrite", help="Replace a run already in --output (default: refuse).")
+        out.add_argument("--latest", default=None,
+                         help="A latest pointer (JSON, local or gs://) moved to this run after its _SUCCESS.")
+
+        run = parser.add_argument_group("cloud / runner")
+        run.add_argument("--read-threads", "--read_threads", dest="read_threads", type=int, default=None,
+                         help="Per worker process, input reads (and fingerprint listings) run ahead on this "
+                              "many threads while tiles are built, so that object-store round trips overlap; "
+                              f"0: read each file when it is needed. Default: {REMOTE_READ_THREADS} when an "
+                              "input is on an object store (gs://), 0 for local files.")
 
 
 def default_split(input_root: str) -> str:
     return input_root.rstrip("/").rsplit("/", 1)[-1] or "default"
 
 
-def default_read_threads(opts: BuildOptions) -> int:
+def default_read_threads(opts: BuildOptions, input_root: str | None = None) -> int:
     """Reads ahead only pay where a read is a round trip: on an object store, not on local disk
     (measured: README, "Reading from cloud storage")."""
-    roots = [opts.input] + ([opts.nir_input] if opts.nir_input else [])
+    roots = [input_root or opts.input] + ([opts.nir_input] if opts.nir_input else [])
     return 0 if all(storage.is_local(root) for root in roots) else REMOTE_READ_THREADS
 
 
-def pair_config(opts: BuildOptions) -> PairConfig:
-    """The validated per-tile configuration; raises ValueError with a clear message."""
-    if not opts.input:
+def pair_config(opts: BuildOptions, input_root: str | None = None) -> PairConfig:
+    """The validated per-tile configuration (of `input_root`, default --input); raises ValueError
+    with a clear message."""
+    input_root = input_root or opts.input
+    if not input_root:
         raise ValueError("--input is required here")
     if opts.alpha is None or not 0.0 <= opts.alpha <= 1.0:
         raise ValueError(f"--alpha must be within [0, 1], got {opts.alpha}")
@@ -104,14 +136,14 @@ def pair_config(opts: BuildOptions) -> PairConfig:
     if opts.read_threads is not None and opts.read_threads < 0:
         raise ValueError(f"--read-threads must be >= 0, got {opts.read_threads}")
     return PairConfig(
-        input_root=opts.input,
+        input_root=input_root,
         nir_root=opts.nir_input,
         bands=opts.bands,
-        split=opts.split if opts.split is not None else default_split(opts.input),
+        split=opts.split if opts.split is not None else default_split(input_root),
         selection=SelectionConfig(mode=opts.selection, alpha=opts.alpha, top_k=opts.top_k,
                                   downsample=opts.downsample),
         corrections=tuple(p.strip() for arg in (opts.corrections or ()) for p in arg.split(",") if p.strip()),
-        read_threads=opts.read_threads if opts.read_threads is not None else default_read_threads(opts),
+        read_threads=opts.read_threads if opts.read_threads is not None else default_read_threads(opts, input_root),
     )
 
 
@@ -145,3 +177,195 @@ def use_own_image_on_dataflow_by_default(options: PipelineOptions) -> None:
     if worker.sdk_container_image or worker.worker_harness_container_image:
         return
     worker.sdk_container_image = image
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+
+# Beam options shown in `s2naip build --help` (every other Beam option is accepted too).
+BEAM_HELP_OPTIONS = (
+    (StandardOptions, ("runner",)),
+    (DirectOptions, ("direct_num_workers", "direct_running_mode")),
+    (GoogleCloudOptions, ("project", "region", "job_name", "temp_location", "staging_location",
+                          "template_location", "service_account_email")),
+    (WorkerOptions, ("num_workers", "max_num_workers", "machine_type", "disk_size_gb", "sdk_container_image")),
+    (DebugOptions, ("experiments",)),
+)
+BEAM_HELP_OVERRIDES = {
+    "runner": "Where the pipeline runs: FnApiRunner (the default here: in this process), DataflowRunner, "
+              "FlinkRunner, PortableRunner, ... or any PipelineRunner's qualified name.",
+}
+BUILD_DESCRIPTION = """\
+Build paired RGBN records from an S2-NAIP set folder (naip/<naip_id>/<x>_<y>/rgb.png and
+sentinel2/<x>_<y>/*.png): Parquet pairs, Parquet rejects with their reason, run.json and _SUCCESS.
+Without --input, the embedded sample is generated beside --output and built."""
+BUILD_EPILOG = """\
+Without --runner the build runs in this process, on Beam's FnApiRunner.
+Any other Apache Beam pipeline option is accepted as well (--name=value), e.g. --direct_running_mode=
+multi_processing; see https://beam.apache.org/releases/pydoc/current/apache_beam.options.pipeline_options.html.
+--debug (or -v) shows a failure's traceback instead of its one-line message."""
+
+
+class _OneLineParser(_BeamArgumentParser):
+    def error(self, message):
+        if message.startswith("ambiguous option: "):  # as Beam's: an unknown prefix is reported below
+            return
+        raise CommandError(message, usage=True)
+
+
+def _beam_parser() -> _BeamArgumentParser:
+    """Every option Beam knows in this process (all PipelineOptions subclasses, the build's
+    included), as `PipelineOptions.get_all_options` collects them."""
+    parser = _OneLineParser(allow_abbrev=False, add_help=False)
+    seen = {}
+    for cls in PipelineOptions.__subclasses__():
+        seen.setdefault(str(cls), cls)
+    for cls in seen.values():
+        cls._add_argparse_args(parser)  # noqa: SLF001 - Beam's own registration hook
+    return parser
+
+
+def build_help(prog: str = "s2naip build") -> str:
+    parser = argparse.ArgumentParser(prog=prog, description=BUILD_DESCRIPTION, epilog=BUILD_EPILOG,
+                                     formatter_class=HelpFormatter, usage=f"{prog} --output DIR [--input DIR] [options]")
+    BuildOptions._add_argparse_args(parser)  # noqa: SLF001
+    group = next(g for g in parser._action_groups if g.title == "cloud / runner")  # noqa: SLF001
+    for cls, dests in BEAM_HELP_OPTIONS:
+        beam = _BeamArgumentParser(add_help=False)
+        cls._add_argparse_args(beam)  # noqa: SLF001
+        actions = {a.dest: a for a in beam._actions}  # noqa: SLF001
+        for dest in dests:
+            if dest in actions:
+                action = copy.copy(actions[dest])  # shown only, never parsed
+                action.help = BEAM_HELP_OVERRIDES.get(dest, action.help)
+                group._add_action(action)  # noqa: SLF001
+    return parser.format_help()
+
+
+def parse_beam_options(argv: list[str]) -> PipelineOptions:
+    """PipelineOptions of the arguments a command left to Beam; CommandError for any Beam does
+    not know either."""
+    parser = _beam_parser()
+    _, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise CommandError(unknown_arguments_message(unknown, parser._option_string_actions), usage=True)  # noqa: SLF001
+    return PipelineOptions(argv)
+
+
+def parse_build_options(argv: list[str], prog: str = "s2naip build") -> PipelineOptions:
+    """The build's PipelineOptions from its arguments. --help prints the grouped help and exits 0;
+    an unknown option (a misspelt build option, not a Beam one), a stray argument or a bad value
+    raises CommandError before anything runs."""
+    if "-h" in argv or "--help" in argv:
+        print(build_help(prog))
+        raise SystemExit(0)
+    return parse_beam_options(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks before the pipeline starts
+
+LOCAL_RUNNERS = {"fnapirunner", "directrunner", "bundlebaseddirectrunner", "switchingdirectrunner",
+                 "prismrunner", "direct", "prism"}
+
+
+def runs_here(options: PipelineOptions) -> bool:
+    """Whether the pipeline runs in this process (the in-process runners), so that this machine reads
+    what the workers will read. A remote launcher may not be allowed to read the input: there, the
+    job itself fails on a missing manifest or on zero tiles."""
+    if options.view_as(GoogleCloudOptions).template_location:
+        return False
+    runner = options.view_as(StandardOptions).runner
+    name = runner if isinstance(runner, str) else type(runner).__name__ if runner else "FnApiRunner"
+    return name.lower() in LOCAL_RUNNERS
+
+
+def expected_layout(leaf: str = "rgb.png") -> str:
+    return f"expected the S2-NAIP set folder, the one holding naip/<naip_id>/<x>_<y>/{leaf}"
+
+
+def check_set_folder(root: str, option: str = "--input", leaf: str = "rgb.png") -> None:
+    """CommandError unless `root` looks like an S2-NAIP set folder, i.e. something lies under its
+    naip/ (one probe; on gs:// a listing of at most one object). When not, one listing of `root`
+    names the mistake: a missing path, a file, an empty folder, the naip/ folder itself."""
+    expected = expected_layout(leaf)
+    try:
+        if storage.dir_has_files(tiles.join(root, "naip")):
+            return
+        children = storage.list_children(root)
+    except FileNotFoundError:  # no such bucket
+        children = []
+    except NotADirectoryError:  # a local file given as the folder
+        children = []
+    if not children:
+        if storage.is_local(root):
+            if os.path.isfile(root):
+                raise CommandError(f"{option} {root} is a file; {expected}")
+            if not os.path.exists(root):
+                raise CommandError(f"{option} {root} does not exist; {expected}")
+            raise CommandError(f"{option} {root} is an empty folder; {expected}")
+        if storage.exists(root):
+            raise CommandError(f"{option} {root} is a file; {expected}")
+        raise CommandError(f"{option} {root} does not exist or is empty; {expected}")
+    if "naip" not in children:
+        if any(tiles.NAIP_ID_PATTERN.fullmatch(name) for name in children):
+            parent = root.rstrip("/").rsplit("/", 1)[0] if "/" in root.rstrip("/") else "its parent"
+            raise CommandError(f"{option} {root} is a naip/ folder; pass the set folder above it ({parent}), "
+                               f"the one holding naip/<naip_id>/<x>_<y>/{leaf}")
+        raise CommandError(f"{option} {root} has no naip/ folder; {expected}")
+    raise CommandError(f"{option} {root}: naip/ is empty; {expected}")
+
+
+def check_files_exist(paths, option: str) -> None:
+    for path in paths:
+        if not storage.exists(path):
+            raise CommandError(f"{option} not found: {path}")
+        if storage.is_local(path) and os.path.isdir(path):
+            raise CommandError(f"{option} {path} is a folder; expected a file")
+
+
+def check_output_writable(output: str, option: str = "--output") -> None:
+    """CommandError unless a local `output` folder can be written: a probe file in it, or in its
+    nearest existing parent when it does not exist yet (nothing is left behind). Object stores are
+    not probed: a write there needs the same rights as the run's own."""
+    if not storage.is_local(output):
+        return
+    path = os.path.abspath(output)
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        what = "is a file" if existing == path else f"is under a file, {existing}"
+        raise CommandError(f"{option} {output} {what}; expected a folder (created if missing)")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".s2naip-write-check-", dir=existing)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        where = "" if existing == path else f" (its parent {existing} is not)"
+        raise CommandError(f"{option} {output} is not writable{where}: {e.strerror or e}") from None
+
+
+def check_build_inputs(opts: BuildOptions) -> None:
+    """The inputs a build reads, checked before it starts (see `runs_here`; a remote job checks
+    them on its workers)."""
+    corrections = [p.strip() for arg in (opts.corrections or ()) for p in arg.split(",") if p.strip()]
+    if opts.manifest:
+        check_files_exist([opts.manifest], "--manifest")
+    check_files_exist(corrections, "--corrections")
+    if not opts.manifest or storage.is_local(opts.input):  # with a manifest, an object store is never listed
+        check_set_folder(opts.input)
+    if opts.nir_input and opts.nir_input.rstrip("/") != opts.input.rstrip("/"):
+        if not opts.manifest and not storage.dir_has_files(tiles.join(opts.nir_input, "naip")):
+            raise CommandError(f"--nir-input {opts.nir_input} has no naip/ folder, or an empty one; expected the "
+                               "folder holding naip/<naip_id>/<x>_<y>/nir.png")
+
+
+def check_run_folder(run: str) -> None:
+    """CommandError unless `run` holds a build's output (run.json, _SUCCESS or pairs/)."""
+    if storage.is_local(run) and not os.path.exists(run):
+        raise CommandError(f"--run {run} does not exist; expected a build's --output folder")
+    if not any((storage.exists(tiles.join(run, "run.json")), storage.exists(tiles.join(run, "_SUCCESS")),
+                storage.dir_has_files(tiles.join(run, "pairs")))):
+        raise CommandError(f"--run {run} holds no build (no run.json, _SUCCESS or pairs/); expected a build's "
+                           "--output folder")

@@ -26,7 +26,6 @@ rebuilds exactly what changed. The work list says what a release will change, an
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import dataclasses
 import datetime as dt
@@ -37,7 +36,7 @@ import sys
 import time
 from collections import defaultdict
 
-from pipelines.cli import configure_logging
+from pipelines.cli import ArgumentParser, configure_logging, description
 from transforms import dataset_manifest as dm
 from transforms import nir_fetch, stac, storage, tiles
 from transforms.latest import resolve_since
@@ -164,8 +163,8 @@ def plan_quad(qq: QuarterQuad, client: stac.StacClient) -> dict:
 # The command
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="s2naip plan", description=__doc__.splitlines()[0], allow_abbrev=False)
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="s2naip plan", description=description(__doc__), allow_abbrev=False)
     p.add_argument("--naip-stac-url", "--naip_stac_url", dest="stac_url", required=True,
                    help="STAC API root, e.g. https://planetarycomputer.microsoft.com/api/stac/v1")
     p.add_argument("--since", required=True,

@@ -15,7 +15,8 @@ import logging
 import sys
 import time
 
-from pipelines.cli import command_main
+from pipelines.cli import ArgumentParser, command_main, description
+from pipelines.options import check_output_writable, check_run_folder
 from transforms import pairs, publish, records, report_figures, storage, tiles
 from transforms.pairs import PairConfig
 from transforms.report_figures import REVIEW_DB, SampleTile
@@ -36,7 +37,7 @@ FIGURES = {
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="s2naip report", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="s2naip report", description=description(__doc__))
     parser.add_argument("--run", required=True, help="A build's --output folder (local or gs://).")
     parser.add_argument("--output", required=True, help="Folder to write the report into (local or gs://).")
     parser.add_argument("--input", default=None,
@@ -143,6 +144,8 @@ pipeline {e(str(info.get("pipeline_version", "")))} · {e(option_text)} · built
 
 def run(argv: list[str]) -> dict:
     args = parse_args(argv)
+    check_run_folder(args.run)
+    check_output_writable(args.output)
     started = time.monotonic()
     if publish.read_success(args.run) is None:
         _LOG.warning("%s has no _SUCCESS: the build did not finish, or this is not a build's output", args.run)

@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
 from pipelines import build_pairs
-from pipelines.options import BuildOptions, pair_config
+from pipelines.options import BuildOptions, output_spec, pair_config
 from tests.tile_factory import NAIP_ID, black_edge, cloud, scene, series_from, write_tile
 from transforms import corrections, records
 from transforms.corrections import BadCorrection, Correction, CorrectionsFileError
@@ -252,9 +253,17 @@ def test_build_reads_corrections_from_gcs(gcs_env, corrections_input, automatic_
 
 
 def test_missing_corrections_file_fails_the_build(corrections_input, tmp_path):
+    argv = ["--input", corrections_input, "--output", str(tmp_path / "out"), "--runner", RUNNER,
+            "--corrections", str(tmp_path / "nope.json")]
+    with pytest.raises(SystemExit, match="--corrections not found"):  # the command checks before it starts
+        build_pairs.run(argv)
+    # where the launcher does not check (a remote runner), the job fails on its workers
+    options = PipelineOptions(argv)
+    opts = options.view_as(BuildOptions)
+    config, spec = pair_config(opts), output_spec(opts)
     with pytest.raises(Exception, match="corrections file not found"):
-        build_pairs.run(["--input", corrections_input, "--output", str(tmp_path / "out"), "--runner", RUNNER,
-                         "--corrections", str(tmp_path / "nope.json")])
+        with beam.Pipeline(options=options) as p:
+            build_pairs.build(p, config, spec, build_pairs.run_info(config, spec, opts, options))
 
 
 def test_corrections_stay_out_of_the_job_graph(tmp_path):

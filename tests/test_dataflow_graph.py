@@ -23,6 +23,8 @@ Runner API pipeline proto staged as `pipeline.pb` (the job's `pipelineUrl`); bot
 """
 from __future__ import annotations
 
+import base64
+import bz2
 import glob
 import importlib.util
 import json
@@ -32,6 +34,7 @@ import shlex
 import shutil
 import socket
 import subprocess
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,7 +70,14 @@ LARGE_MANIFEST = f"gs://{BUCKET}/manifests/ids-large.txt"  # 1,000,000 ids, same
 PARQUET_MANIFEST = f"gs://{BUCKET}/manifests/ids.parquet"
 NAIP_ID = "m_2608101_nw_17_060_20191121"
 SENTINEL_ID = f"{NAIP_ID}/99999_99999"  # only in the large manifest (its last line)
-MAX_JOB_BYTES = 200 * 1024
+# Sanity ceilings, far above today's job (pipeline.pb ~200 KB for ~140 steps, job JSON ~15 KB) so
+# that no clone path or Python/Beam patch release can cross them; what the job's size must not
+# depend on (the ids) is tested exactly, by comparing a 10-id and a 1M-id manifest.
+MAX_PIPELINE_BYTES = 1024 * 1024
+MAX_JOB_JSON_BYTES = 256 * 1024
+# One step's pickled function and arguments. The largest are the Parquet sinks' (~6 KB, their Arrow
+# schema); a step that pickled data (ids, a client, a thread pool, a table) would be far above.
+MAX_STEP_PAYLOAD_BYTES = 16 * 1024
 
 # The Dataflow options a 1.1M-tile rebuild is launched with (deploy/dataflow/launch.sh).
 DATAFLOW_ARGS = [
@@ -405,22 +415,61 @@ def test_other_id_sources_build_valid_jobs(offline_dataflow, manifest, steps):
 # Nothing per tile on the launcher
 
 
+def pickled_payloads(job: DataflowJob) -> dict[str, bytes]:
+    """Each ParDo step's function as its pickle bytes (Beam stores them base64-encoded and
+    compressed), to look inside: ids or paths in a compressed payload would not show otherwise."""
+    out = {}
+    for t in job.pipeline.components.transforms.values():
+        if t.spec.urn != common_urns.primitives.PAR_DO.urn:
+            continue
+        data = base64.b64decode(beam_runner_api_pb2.ParDoPayload.FromString(t.spec.payload).do_fn.payload)
+        for decompress in (bz2.decompress, zlib.decompress):
+            try:
+                data = decompress(data)
+                break
+            except (OSError, ValueError, zlib.error):
+                continue
+        out[t.unique_name] = data
+    return out
+
+
 def test_job_size_does_not_depend_on_the_manifest(offline_dataflow, gcs_root):
+    """Nothing per id reaches the job: a 1M-id manifest gives the job of a 10-id one (same paths but
+    the manifest's name, of the same length), and no id is in anything staged."""
     assert (gcs_root / LARGE_MANIFEST[len("gs://"):]).stat().st_size > 40_000_000  # 1M ids
     small = offline_dataflow.build_job([*DATAFLOW_ARGS, *BUILD_ARGS, f"--manifest={TEXT_MANIFEST}"])
     large = offline_dataflow.build_job([*DATAFLOW_ARGS, *BUILD_ARGS, f"--manifest={LARGE_MANIFEST}"])
+    sizes = {name: (len(job.pipeline_bytes), len(job.job_json)) for name, job in (("small", small), ("large", large))}
+    print("pipeline.pb and job JSON bytes:", sizes)
+    # The same graph: a few bytes apart at most (compression of per-run names and timestamps).
+    # One id is ~40 bytes, the large manifest ~40 MB.
+    assert len(large.transforms()) == len(small.transforms())
+    assert abs(len(large.pipeline_bytes) - len(small.pipeline_bytes)) <= 256
+    assert abs(len(large.job_json) - len(small.job_json)) <= 256
     for job in (small, large):
-        assert len(job.job_json) < MAX_JOB_BYTES
-        assert len(job.pipeline_bytes) < MAX_JOB_BYTES
-    # Same paths but for the manifest's name (same length): the sizes may differ by a few bytes of
-    # pickling and timestamps, never by anything proportional to the 1M ids.
-    assert abs(len(large.job_json) - len(small.job_json)) < 1024
-    assert abs(len(large.pipeline_bytes) - len(small.pipeline_bytes)) < 4096
-    staged = b"".join([large.job_json, *large.uploads.values()])
+        assert len(job.pipeline_bytes) < MAX_PIPELINE_BYTES
+        assert len(job.job_json) < MAX_JOB_JSON_BYTES
+    staged = b"".join([large.job_json, *large.uploads.values(), *pickled_payloads(large).values()])
     assert SENTINEL_ID.encode() not in staged
     assert f"{NAIP_ID}/35001_55000".encode() not in staged
     # The manifest's bytes were never read on the launcher (the fake fails any open()).
     assert [c for c in large.gcs_calls if c[0] not in ("match", "exists", "size")] == []
+
+
+def test_job_steps_are_lean(text_job):
+    """Each step pickles a small function and its configuration, never data or a client (those are
+    made in DoFn.setup), and the project's functions are pickled by name: a lambda or closure is
+    pickled by value with its code and the clone's absolute path, so the job's size would depend
+    on where the code was cloned."""
+    transforms = text_job.transforms()
+    too_big = {name: len(t.spec.payload) for name, t in transforms.items()
+               if len(t.spec.payload) > MAX_STEP_PAYLOAD_BYTES}
+    assert too_big == {}
+    assert len(transforms["BuildPairs/BuildPairs/BuildPair/ParDo(BuildPairDoFn)"].spec.payload) < 2048
+    project_dirs = [f"{REPO / package}/".encode() for package in ("transforms", "pipelines")]
+    by_value = {name for name, data in pickled_payloads(text_job).items()
+                if any(d in data for d in project_dirs)}
+    assert by_value == set(), "project functions pickled by value (lambdas or closures)"
 
 
 def test_graph_construction_makes_no_gcs_call(text_job):
@@ -567,15 +616,18 @@ def test_launch_script_builds_and_runs_the_flex_template(offline_dataflow):
     assert [c for c in job.gcs_calls if c[0] not in ("match", "exists")] == []
 
 
-def test_flex_launcher_refuses_an_output_holding_a_previous_run(offline_dataflow, gcs_root):
+def test_flex_launcher_refuses_an_output_holding_a_previous_run(offline_dataflow, gcs_root, capsys):
     """A launch into an output that holds a previous run stops on the launcher with a clear error
     (the previous run.json is neither reported as this run's nor mixed with its files)."""
     old = gcs_root / BUCKET / "pairs" / "rerun" / "run.json"
     old.parent.mkdir(parents=True, exist_ok=True)
     old.write_text(json.dumps({"counts": {"tiles": 1}}))
     argv = [*DATAFLOW_ARGS, *BUILD_ARGS, f"--manifest={TEXT_MANIFEST}", f"--output=gs://{BUCKET}/pairs/rerun"]
-    with pytest.raises(SystemExit, match="already holds a run"):
-        offline_dataflow.run_main(load_flex_main().main, argv)
+    job_file = offline_dataflow.job_file()
+    assert load_flex_main().main([*argv, f"--template_location={job_file}"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("s2naip build: error: ") and "already holds a run" in line
+    assert not job_file.exists()
 
 
 def test_flex_launcher_returns_without_reading_outputs(offline_dataflow):

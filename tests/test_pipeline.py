@@ -10,7 +10,9 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
 from pipelines import build_pairs
+from pipelines.options import BuildOptions, output_spec, pair_config
 from tests.imagery_fixtures import forged_header_png, png_bytes_noise
 from tests.tile_factory import NAIP_ID, black_edge, good_tile, scene, series_from, write_png, write_tile
 from transforms.beam import BuildPairs, DeduplicateAndReshuffle, ReadTileIds
@@ -233,6 +235,14 @@ def test_multi_processing_runner_gives_the_same_pairs(tmp_path):
 
 
 def test_missing_manifest_fails_the_job_instead_of_building_nothing(tmp_path):
+    argv = ["--input", str(tmp_path), "--output", str(tmp_path / "o"), "--manifest", str(tmp_path / "absent.txt"),
+            "--runner", RUNNER]
+    with pytest.raises(SystemExit, match="--manifest not found"):  # the command checks before it starts
+        build_pairs.run(argv)
+    # where the launcher does not check (a remote runner), the job fails on its workers
+    options = PipelineOptions(argv)
+    opts = options.view_as(BuildOptions)
+    config, spec = pair_config(opts), output_spec(opts)
     with pytest.raises(Exception, match="manifest not found"):
-        build_pairs.run(["--input", str(tmp_path), "--output", str(tmp_path / "o"),
-                         "--manifest", str(tmp_path / "absent.txt"), "--runner", RUNNER])
+        with beam.Pipeline(options=options) as p:
+            build_pairs.build(p, config, spec, build_pairs.run_info(config, spec, opts, options), opts.manifest)

@@ -47,10 +47,14 @@ def counter_values(result, namespace: str) -> dict[str, int]:
 
 
 def manifest_lines_to_ids(line: str) -> Iterable[str]:
-    """A manifest line -> its tile id; blank lines and '#' comments carry none."""
-    text = line.strip()
-    if text and not text.startswith("#"):
-        yield text
+    """A manifest line -> its tile id; blank lines and '#' comments (whole-line or trailing) carry none."""
+    tile_id = tiles.manifest_line_id(line)
+    if tile_id is not None:
+        yield tile_id
+
+
+def tile_id_of_row(row: dict) -> str:
+    return str(row["tile_id"])
 
 
 def require_manifest(path: str) -> str:
@@ -69,6 +73,11 @@ def list_tile_ids(input_root: str, naip_id: str) -> list[str]:
     if not tiles.NAIP_ID_PATTERN.fullmatch(naip_id):
         return [naip_id]
     return [f"{naip_id}/{xy}" for xy in storage.list_children(tiles.join(input_root, "naip", naip_id))]
+
+
+def list_capture_tile_ids(naip_id: str, input_root: str) -> list[str]:
+    """list_tile_ids with the element first, for FlatMap."""
+    return list_tile_ids(input_root, naip_id)
 
 
 class ReadTileIds(beam.PTransform):
@@ -94,20 +103,19 @@ class ReadTileIds(beam.PTransform):
                 return (
                     path
                     | "ReadParquetManifest" >> beam.io.ReadAllFromParquet(columns=["tile_id"])
-                    | "TileIdColumn" >> beam.Map(lambda row: str(row["tile_id"]))
+                    | "TileIdColumn" >> beam.Map(tile_id_of_row)
                 )
             return (
                 path
                 | "ReadTextManifest" >> beam.io.ReadAllFromText()
                 | "ParseLines" >> beam.FlatMap(manifest_lines_to_ids)
             )
-        root = self.input_root
         return (
             pbegin
-            | "Root" >> beam.Create([root])
+            | "Root" >> beam.Create([self.input_root])
             | "ListNaipIds" >> beam.FlatMap(list_naip_ids)
             | "SpreadNaipIds" >> beam.Reshuffle()
-            | "ListTiles" >> beam.FlatMap(lambda naip_id: list_tile_ids(root, naip_id))
+            | "ListTiles" >> beam.FlatMap(list_capture_tile_ids, input_root=self.input_root)
         )
 
 
@@ -129,7 +137,7 @@ class DeduplicateAndReshuffle(beam.PTransform):
     def expand(self, ids):
         return (
             ids
-            | "KeyById" >> beam.Map(lambda tile_id: (tile_id, None))
+            | "KeyById" >> beam.Map(tiles.keyed_by_itself)
             | "GroupById" >> beam.GroupByKey()
             | "FirstCopy" >> beam.FlatMap(first_of_duplicates).with_outputs("rejects", main="ids")
         )
@@ -246,6 +254,14 @@ def outcome_key(record: dict) -> str:
     return f"reject:{record['reason']}" if "reason" in record else "pair"
 
 
+def png_reject_key(record: dict) -> str:
+    return f"png_reject:{record['reason']}"
+
+
+def png_black_pixel_key(_) -> str:
+    return "png_black_pixel_tile"
+
+
 def run_summary(run_info: dict, counts: dict[str, int], files: list[str]) -> dict:
     """run.json's content: the launcher's `run_info` plus counts per outcome and reason.
 
@@ -278,8 +294,23 @@ def run_summary(run_info: dict, counts: dict[str, int], files: list[str]) -> dic
     }
 
 
+class NoTiles(ValueError):
+    """The build read no tile id at all: a wrong --input or --manifest, never a successful empty run."""
+
+
+def no_tiles_message(run_info: dict) -> str:
+    root = run_info.get("input") or "the input"
+    source = f"the manifest {run_info['manifest']}" if run_info.get("manifest") else f"{tiles.join(root, 'naip')}/"
+    return (f"no tile id read from {source}: expected naip/<naip_id>/<x>_<y>/rgb.png under {root}; "
+            "nothing was published")
+
+
 def publish_run(_, output: str, run_info: dict, counts: dict, files: list[str]) -> str:
-    return publish.publish(output, run_summary(run_info, counts, [str(f) for f in files]), [str(f) for f in files])
+    """run.json then _SUCCESS; fails the job instead when it read no tile (nothing is published)."""
+    summary = run_summary(run_info, counts, [str(f) for f in files])
+    if summary["counts"]["tiles"] == 0:
+        raise NoTiles(no_tiles_message(run_info))
+    return publish.publish(output, summary, [str(f) for f in files])
 
 
 class PublishRun(beam.PTransform):
@@ -329,6 +360,6 @@ class WritePairs(beam.PTransform):
             files.append(png.files)
             files.append(png.rejects | "PngRejects" >> WriteParquet(
                 spec.path, "png_rejects", records.REJECT_SCHEMA, spec.num_shards))
-            keys.append(png.rejects | "PngRejectKey" >> beam.Map(lambda r: f"png_reject:{r['reason']}"))
-            keys.append(png.black_pixel_tiles | "BlackPixelKey" >> beam.Map(lambda _: "png_black_pixel_tile"))
+            keys.append(png.rejects | "PngRejectKey" >> beam.Map(png_reject_key))
+            keys.append(png.black_pixel_tiles | "BlackPixelKey" >> beam.Map(png_black_pixel_key))
         return files, keys

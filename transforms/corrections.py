@@ -25,7 +25,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from transforms import storage
+from transforms import storage, tiles
 from transforms.evidence import Evidence
 from transforms.imagery import black_border_count
 from transforms.selection import (
@@ -145,7 +145,7 @@ class JoinCorrections(beam.PTransform):
             | "SpreadFiles" >> beam.Reshuffle()
             | "ReadCorrections" >> beam.FlatMap(read_corrections_file)
         )
-        keyed_ids = ids | "KeyIds" >> beam.Map(lambda tile_id: (tile_id, None))
+        keyed_ids = ids | "KeyIds" >> beam.Map(tiles.keyed_by_itself)
         return (
             {"ids": keyed_ids, "corrections": entries}
             | "JoinById" >> beam.CoGroupByKey()

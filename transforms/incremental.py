@@ -224,6 +224,11 @@ def retire_chip(keyed) -> Iterator[dict]:
         yield row
 
 
+def fingerprints_only(tile_id: str, fps) -> tuple[str, dict]:
+    """A tile's fingerprints shaped as a join's result, when there is nothing to join them with."""
+    return tile_id, {"fp": [fps]}
+
+
 class PlanIncrement(beam.PTransform):
     """(tile_id, fingerprints) of the current input, joined by tile id (CoGroupByKey) with the
     previous run's manifest (read on the workers) and the corrections entries (read on the workers,
@@ -255,7 +260,7 @@ class PlanIncrement(beam.PTransform):
         if len(groups) > 1:
             joined = groups | "JoinByTileId" >> beam.CoGroupByKey()
         else:  # a full build without corrections: nothing to join
-            joined = fingerprints | "NothingToJoin" >> beam.MapTuple(lambda tid, fps: (tid, {"fp": [fps]}))
+            joined = fingerprints | "NothingToJoin" >> beam.MapTuple(fingerprints_only)
         plan = joined | "Plan" >> beam.ParDo(PlanTileDoFn(self.options_hash)).with_outputs(
             "process", "carry", "planned", "current_xy", "retiring", "retired")
         if self.previous_run:
@@ -373,7 +378,7 @@ class CarryForward(beam.PTransform):
             | "RowGroupTileIds" >> beam.FlatMap(row_group_tile_ids)
         )
         located = (
-            {"carry": carry_ids | "KeyCarried" >> beam.Map(lambda tile_id: (tile_id, None)), "at": locations}
+            {"carry": carry_ids | "KeyCarried" >> beam.Map(tiles.keyed_by_itself), "at": locations}
             | "JoinLocations" >> beam.CoGroupByKey()
             | "Locate" >> beam.FlatMap(locate).with_outputs("missing", main="located")
         )
@@ -389,15 +394,11 @@ class CarryForward(beam.PTransform):
 # The manifest
 
 
-def outcome_of(source: str):
+def outcome_of(record: dict, source: str):
     """A pair or reject record -> (tile_id, (source, outcome, reason)): small, for the manifest join."""
-
-    def key(record: dict):
-        if "reason" in record:
-            return record["tile_id"], (source, "reject", record["reason"])
-        return record["tile_id"], (source, "pair", None)
-
-    return key
+    if "reason" in record:
+        return record["tile_id"], (source, "reject", record["reason"])
+    return record["tile_id"], (source, "pair", None)
 
 
 def assemble_rows(keyed, output: str, options_hash: str) -> Iterator[dict]:
@@ -458,12 +459,26 @@ def prepare_output(output: str, overwrite: bool) -> int:
     manifest = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
     if manifest and not overwrite:
         raise publish.OutputNotEmpty(
-            f"{output} already holds a run or part of one ({len(manifest)} manifest files, e.g. {manifest[0]}); "
+            f"{output} already holds a run or part of one ({publish.count_text(len(manifest), 'manifest file')}, "
+            f"e.g. {manifest[0]}); "
             "choose a new --output or pass --overwrite to replace it")
     deleted = publish.prepare_output(output, overwrite)  # _SUCCESS first, then the data folders
     if manifest:
         storage.delete(manifest)
     return deleted + len(manifest)
+
+
+def discard_unpublished_run(output: str) -> None:
+    """After a failed or interrupted run: deletes what it wrote (data shards, manifest, the runner's
+    beam-temp-* files, empty folders) unless it was published (_SUCCESS), so that nothing of it
+    looks like a dataset and a partial Parquet file does not break a reader of the table folder.
+    The output held no run when it started (`prepare_output`)."""
+    if publish.read_success(output) is not None:
+        return
+    prepare_output(output, overwrite=True)
+    if storage.is_local(output):
+        for folder in (*publish.run_folders(), dm.MANIFEST_FOLDER):
+            storage.remove_empty_tree(tiles.join(output, folder))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -534,9 +549,9 @@ class IncrementalBuildPipeline(beam.PTransform):
         reject_files = rejects | "WriteRejects" >> WriteParquet(spec.path, "rejects", records.REJECT_SCHEMA,
                                                                spec.num_shards)
 
-        outcomes = [built.pairs | "BuiltPairOutcome" >> beam.Map(outcome_of("built")),
-                    built.rejects | "BuiltRejectOutcome" >> beam.Map(outcome_of("built"))]
-        outcomes += [pc | f"CarriedOutcome{i}" >> beam.Map(outcome_of("carried"))
+        outcomes = [built.pairs | "BuiltPairOutcome" >> beam.Map(outcome_of, source="built"),
+                    built.rejects | "BuiltRejectOutcome" >> beam.Map(outcome_of, source="built")]
+        outcomes += [pc | f"CarriedOutcome{i}" >> beam.Map(outcome_of, source="carried")
                      for i, pc in enumerate([*carried_pairs, *carried_rejects])]
         rows = ((plan["planned"], outcomes | "AllOutcomes" >> beam.Flatten())
                 | "AssembleManifest" >> AssembleManifest(spec.path, self.options_hash))

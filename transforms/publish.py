@@ -50,6 +50,11 @@ class OutputSpec:
         return cls(path, names, num_shards, tfrecord_gzip)
 
 
+def count_text(n: int, noun: str) -> str:
+    """'1 file', '2 files'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def run_folders() -> tuple[str, ...]:
     """Every folder any run may write (a rerun clears them all, whatever formats it has)."""
     return ALWAYS_FOLDERS + tuple(folder for folders in FORMAT_FOLDERS.values() for folder in folders)
@@ -73,7 +78,7 @@ def prepare_output(output: str, overwrite: bool) -> int:
         return 0
     if not overwrite:
         raise OutputNotEmpty(
-            f"{output} already holds a run ({len(existing)} files, e.g. {existing[0]}); "
+            f"{output} already holds a run ({count_text(len(existing), 'file')}, e.g. {existing[0]}); "
             "choose a new --output or pass --overwrite to replace it"
         )
     success = tiles.join(output, SUCCESS)

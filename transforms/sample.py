@@ -44,7 +44,6 @@ that is ~3x faster than Pillow's encoder at about the same size; Pillow reads th
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import json
@@ -925,7 +924,9 @@ def load_truth(path: str) -> dict[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    from pipelines.cli import ArgumentParser  # the command line's parser: one-line errors
+
+    parser = ArgumentParser(
         prog="s2naip sample",
         description="Write a deterministic procedural S2-NAIP-layout sample with planted defects.")
     parser.add_argument("--output", required=True, help="local folder to write the sample into")
@@ -937,6 +938,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="also write b01, b10, b11, b12 (aerosol, cirrus, SWIR)")
     parser.add_argument("--workers", type=int, default=1, help="processes (default 1)")
     args = parser.parse_args(argv)
+    if args.tiles < 1:
+        parser.error(f"--tiles must be >= 1, got {args.tiles}")
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        parser.error(f"--output {args.output} is a file; expected a folder (created if missing)")
     try:
         summary = generate_sample(args.output, args.tiles, args.seed, timesteps=tuple(args.timesteps),
                                   extra_bands=args.extra_bands, workers=args.workers)

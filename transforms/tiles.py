@@ -57,6 +57,18 @@ class TileId:
         return cls(naip_id, x, y)
 
 
+def manifest_line_id(line: str) -> str | None:
+    """A text manifest's line -> its tile id, or None for a blank or comment line. '#' starts a
+    comment anywhere on a line (`<id>  # note`): no tile id contains '#'."""
+    text = line.split("#", 1)[0].strip()
+    return text or None
+
+
+def keyed_by_itself(tile_id: str) -> tuple[str, None]:
+    """(tile_id, None): an id keyed for a join (a module function, pickled by name, not by value)."""
+    return tile_id, None
+
+
 def join(root: str, *parts: str) -> str:
     """Joins path parts with '/', for local paths and gs:// URLs alike."""
     return "/".join([root.rstrip("/"), *parts])
