@@ -154,9 +154,11 @@ def progress_line(listed: int, done: int, rate: float | None, elapsed: float) ->
 class ProgressReporter:
     """Prints the build's progress from a folder the workers count into (see the module doc)."""
 
-    def __init__(self, folder: str, every_s: float = REPORT_EVERY_S, out: TextIO | None = None,
-                 poll_s: float = 1.0):
-        self.folder, self.every_s, self.poll_s = folder, every_s, poll_s
+    def __init__(self, folder: str, every_s: float | None = None, out: TextIO | None = None,
+                 poll_s: float | None = None):
+        self.every_s = REPORT_EVERY_S if every_s is None else every_s
+        self.poll_s = min(1.0, self.every_s) if poll_s is None else poll_s
+        self.folder = folder
         self.out = out
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -199,17 +201,14 @@ class ProgressReporter:
 
     def _loop(self) -> None:
         last_print = time.monotonic()
-        last_line = None
         while not self._stop.wait(self.poll_s):
             now = time.monotonic()
             counts = read(self.folder)
             rate = self.rate(now, counts["done"]) if counts["done"] else None
             if now - last_print < self.every_s or not (counts["listed"] or counts["done"]):
                 continue
-            line = progress_line(counts["listed"], counts["done"], rate, now - self._started)
-            if line != last_line:
-                self._print(line)
-                last_line, last_print = line, now
+            self._print(progress_line(counts["listed"], counts["done"], rate, now - self._started))
+            last_print = now
 
     def _print(self, line: str) -> None:
         self.lines.append(line)
