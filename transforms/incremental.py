@@ -25,7 +25,7 @@ with `previous_run=None` it is a full build that also writes the manifest.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -169,8 +169,8 @@ class ReadPreviousManifest(beam.PTransform):
 class PlanTileDoFn(beam.DoFn):
     """(tile_id, {'fp': [...], 'prev': [...], 'corr': [...]}) -> the tile's plan.
 
-    Outputs: 'process' (tile id), 'carry' (tile id), 'plan' (the tile's plan: new, changed or
-    unchanged, for run.json's counts), 'planned' ((tile_id, (fps, correction, computed_in of the
+    Outputs: 'process' (tile id), 'carry' (tile id), 'plan' (the tile's plan as run.json counts it:
+    'incremental:new', ':changed' or ':unchanged'), 'planned' ((tile_id, (fps, correction, computed_in of the
     previous record or None))), 'current_xy' ((x_y, naip_id) of each current
     tile), 'retiring' ((x_y, previous row tuple) of previous tiles gone from the input), 'retired'
     (rows of gone tiles without an x_y: invalid ids)."""
@@ -208,7 +208,7 @@ class PlanTileDoFn(beam.DoFn):
             plan = dm.plan_increment(prev, fps, self.options_hash, corr)
             yield beam.pvalue.TaggedOutput("current_xy", (xy, naip_id))
         _counter(plan).inc()
-        yield beam.pvalue.TaggedOutput("plan", plan)
+        yield beam.pvalue.TaggedOutput("plan", f"incremental:{plan}")  # counted into run.json
         carry = plan == "unchanged"
         computed_in = prev["computed_in"] if carry else None
         # keyed as its record will be (reject records truncate ids), for AssembleManifest's join
@@ -233,7 +233,7 @@ class PlanIncrement(beam.PTransform):
 
     Returns a dict of PCollections: 'process' (tile ids to build), 'carry' (tile ids whose previous
     record is reused), 'retired' (superseded / removed manifest rows, dicts), 'plan' (each tile's
-    plan: new, changed, unchanged) and 'planned' (tile_id, (fingerprints, correction, computed_in))
+    plan as a run.json count key) and 'planned' (tile_id, (fingerprints, correction, computed_in))
     for `AssembleManifest`. With
     `previous_run=None` every tile is 'new'."""
 
@@ -495,13 +495,15 @@ def count_processed(tile_id: str) -> str:
     return tile_id
 
 
-def increment_key(name: str) -> Callable:
-    """An element -> the key that counts it in run.json's `incremental` (transforms.beam.run_summary)."""
-    return lambda _: f"incremental:{name}"
-
-
-def retired_key(row: dict) -> str:
-    return f"incremental:{row['outcome']}"  # superseded or removed
+def increment_key(element) -> str:
+    """What an element of the increment counts as in run.json's `incremental`
+    (transforms.beam.run_summary): a retired manifest row (superseded, removed), a carried record
+    (a pair or reject dict), a carried id without a record (str, rebuilt)."""
+    if isinstance(element, str):
+        return "incremental:carry_missing"
+    if "outcome" in element:
+        return f"incremental:{element['outcome']}"
+    return "incremental:carried"
 
 
 class IncrementalBuildPipeline(beam.PTransform):
@@ -538,24 +540,20 @@ class IncrementalBuildPipeline(beam.PTransform):
 
         to_build = [plan["process"]]
         carried_pairs, carried_rejects = [], []
-        increment_keys = [plan["plan"] | "PlanKey" >> beam.Map(lambda name: f"incremental:{name}"),
-                          plan["retired"] | "RetiredKey" >> beam.Map(retired_key)]
+        counted = [plan["retired"]]  # the increment's elements run.json counts (increment_key)
         if self.previous_run:
             carried = plan["carry"] | "CarryForward" >> CarryForward(self.previous_run)
             to_build.append(carried["missing"])
             carried_pairs.append(carried["pairs"])
             carried_rejects.append(carried["rejects"])
-            increment_keys += [
-                carried["missing"] | "CarryMissingKey" >> beam.Map(increment_key("carry_missing")),
-                carried["pairs"] | "CarriedPairKey" >> beam.Map(increment_key("carried")),
-                carried["rejects"] | "CarriedRejectKey" >> beam.Map(increment_key("carried")),
-            ]
+            counted += [carried["missing"], carried["pairs"], carried["rejects"]]
         process = (
             to_build
             | "AllToBuild" >> beam.Flatten()
             | "CountProcessed" >> beam.Map(count_processed)
         )
-        increment_keys.append(process | "ProcessedKey" >> beam.Map(increment_key("processed")))
+        increment_keys = [plan["plan"], process | "ProcessedKey" >> beam.Map(lambda _: "incremental:processed"),
+                          counted | "AllCounted" >> beam.Flatten() | "IncrementKey" >> beam.Map(increment_key)]
         built = process | "BuildPairs" >> BuildPairs(config)
 
         pairs = [built.pairs, *carried_pairs] | "AllPairs" >> beam.Flatten()
