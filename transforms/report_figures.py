@@ -396,6 +396,11 @@ def _draw_scores(ax, stats: PairStats) -> None:
                linewidth=0)
     ax.legend(frameon=False, fontsize=8.5)
     ax.set_xlim(edges[starts[0]], edges[min(starts[-1], len(edges) - 1)] + width)
+    tail = int(both[starts[-1] + factor:].sum())  # the last bar also holds the 0.5% above the view
+    if tail:
+        ax.text(0.99, 0.62, f"last bar also holds the {tail:,} scores above {edges[starts[-1]] + width:.2f}"
+                f"\n(highest {stats.score_max_seen:.2f})", transform=ax.transAxes, ha="right", va="top",
+                fontsize=8, color=COLORS["muted"])
     ax.set_xlabel(stats.score_label, fontsize=9, color=COLORS["muted"])
     ax.set_ylabel("density", fontsize=9, color=COLORS["muted"])
 
