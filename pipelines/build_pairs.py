@@ -96,6 +96,7 @@ def progress_reporting(options: PipelineOptions):
 
 # The folders a build writes, per output format, beside rejects/ and manifest/ (transforms.publish).
 FORMAT_FOLDERS = {"parquet": ("pairs",), "tfrecord": ("tfrecord",), "png": ("png", "png_rejects")}
+INCREMENTAL_SHOWN = ("new", "changed", "carried", "superseded", "removed")
 
 
 def summary_text(summary: dict) -> str:
@@ -111,7 +112,7 @@ def summary_text(summary: dict) -> str:
     ]
     png = counts.get("png")
     if png:
-        lines.append(f"png: {png['pairs']} pairs in png/, {png['black_pixel_tiles']} of them with a pure-black "
+        lines.append(f"png layout: {png['pairs']} pairs in png/, {png['black_pixel_tiles']} of them with a pure-black "
                      "HR pixel (the training code skips those)")
     inc = summary.get("incremental")
     if inc and summary.get("since"):
@@ -120,9 +121,6 @@ def summary_text(summary: dict) -> str:
     lines += [f"{folder + ':':<{width}} {tiles.join(output, folder)}/" for folder in folders]
     lines.append(f"{'summary:':<{width}} {tiles.join(output, 'run.json')}")
     return "\n".join(lines)
-
-
-INCREMENTAL_SHOWN = ("new", "changed", "carried", "superseded", "removed")
 
 
 def run(argv: list[str] | None = None) -> dict | None:
