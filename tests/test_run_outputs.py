@@ -70,6 +70,10 @@ def test_summary_text_lists_png_folders():
     assert "png:" in text and "gs://b/run/png/" in text and "gs://b/run/png_rejects/" in text
     assert "gs://b/run/pairs/" not in text  # parquet was not written
     assert "rejected       1  missing_hr" in text and "1 of them with a pure-black HR pixel" in text
+    increment = {"new": 1, "changed": 2, "unchanged": 5, "processed": 3, "carried": 5, "carry_missing": 0,
+                 "superseded": 1, "removed": 4}
+    text = build_pairs.summary_text({**summary, "since": "gs://b/v1", "incremental": increment})
+    assert "incremental: new 1, changed 2, carried 5, superseded 1, removed 4 (since gs://b/v1)" in text
 
 
 def test_report_and_review_from_another_folder(relative_build, tmp_path, monkeypatch, capsys):
