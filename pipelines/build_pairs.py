@@ -4,13 +4,16 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import shutil
 import sys
+import tempfile
 import time
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import PipelineOptions, PortableOptions, StandardOptions
 
 from pipelines.cli import CommandError, command_main
 from pipelines.options import (
@@ -24,7 +27,7 @@ from pipelines.options import (
     use_in_process_runner_by_default,
     use_own_image_on_dataflow_by_default,
 )
-from transforms import dataset_manifest, incremental, latest, publish, storage, tiles
+from transforms import dataset_manifest, incremental, latest, progress, publish, storage, tiles
 from transforms.beam import NoTiles
 from transforms.pairs import PairConfig
 from transforms.publish import OutputSpec
@@ -34,14 +37,15 @@ _LOG = logging.getLogger(__name__)
 
 
 def run_info(config: PairConfig, spec: OutputSpec, opts: BuildOptions, options: PipelineOptions) -> dict:
-    """What run.json records about the run, fixed on the launcher (no per-tile data)."""
+    """What run.json records about the run, fixed on the launcher (no per-tile data). Local paths
+    are made absolute, so that `report` and `review` find the input from any folder."""
     return {
         "pipeline_version": PIPELINE_VERSION,
-        "input": config.input_root,
-        "nir_input": config.nir_input,
-        "manifest": opts.manifest,
-        "corrections": list(config.corrections),
-        "output": spec.path,
+        "input": storage.absolute(config.input_root),
+        "nir_input": storage.absolute(config.nir_input),
+        "manifest": storage.absolute(opts.manifest),
+        "corrections": [storage.absolute(c) for c in config.corrections],
+        "output": storage.absolute(spec.path),
         "formats": list(spec.formats),
         "options": {
             "selection": config.selection.mode,
@@ -64,25 +68,69 @@ def sample_input_dir(output: str) -> str:
     """Where the embedded sample is generated: beside a local output, in a temp folder otherwise."""
     if storage.is_local(output):
         return output.rstrip("/") + "-sample-input"
-    import tempfile
-
     return tempfile.mkdtemp(prefix="s2naip-sample-")
 
 
 def build(p: beam.Pipeline, config: PairConfig, spec: OutputSpec, info: dict, manifest: str | None = None,
-          since: str | None = None, latest_pointer: str | None = None):
-    return incremental.build_incremental(p, config, spec, info, since, manifest, latest=latest_pointer)
+          since: str | None = None, latest_pointer: str | None = None, progress_dir: str | None = None):
+    return incremental.build_incremental(p, config, spec, info, since, manifest, latest=latest_pointer,
+                                         progress=progress_dir)
+
+
+# Runners whose workers run on this machine: they can count into a folder the launcher reads.
+LOCAL_RUNNERS = ("FnApiRunner", "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner")
+
+
+def runs_on_this_machine(options: PipelineOptions) -> bool:
+    """True when every worker of the job is a process of this machine (local runners, or any
+    portable runner with LOOPBACK workers)."""
+    runner = options.view_as(StandardOptions).runner
+    name = runner if isinstance(runner, str) else type(runner).__name__
+    environment = options.view_as(PortableOptions).environment_type
+    return name.rsplit(".", 1)[-1] in LOCAL_RUNNERS or str(environment).upper() == "LOOPBACK"
+
+
+@contextlib.contextmanager
+def progress_reporting(options: PipelineOptions):
+    """A progress folder the workers count into and a reporter printing from it, on a local runner
+    (transforms.progress); None elsewhere (Dataflow and Flink have their own consoles)."""
+    if not runs_on_this_machine(options):
+        yield None
+        return
+    folder = tempfile.mkdtemp(prefix="s2naip-progress-")
+    try:
+        with progress.ProgressReporter(folder):
+            yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# The folders a build writes, per output format, beside rejects/ and manifest/ (transforms.publish).
+FORMAT_FOLDERS = {"parquet": ("pairs",), "tfrecord": ("tfrecord",), "png": ("png", "png_rejects")}
+INCREMENTAL_SHOWN = ("new", "changed", "carried", "superseded", "removed")
 
 
 def summary_text(summary: dict) -> str:
+    """The lines printed at the end of a build: counts, then every folder the run wrote."""
     counts = summary["counts"]
+    output = summary["output"]
+    folders = [f for fmt in summary.get("formats", ("parquet",)) for f in FORMAT_FOLDERS.get(fmt, ())]
+    folders += ["rejects", "manifest"]
+    width = max(len(f) for f in folders) + 1
     lines = [
         f"tiles {counts['tiles']}: {counts['pairs']} pairs, {counts['rejects']} rejects",
         *(f"  rejected {n:>7}  {reason}" for reason, n in counts["rejects_by_reason"].items()),
-        f"pairs:   {tiles.join(summary['output'], 'pairs')}/",
-        f"rejects: {tiles.join(summary['output'], 'rejects')}/",
-        f"summary: {tiles.join(summary['output'], 'run.json')}",
     ]
+    png = counts.get("png")
+    if png:
+        lines.append(f"png layout: {png['pairs']} pairs in png/, {png['black_pixel_tiles']} of them with a pure-black "
+                     "HR pixel (the training code skips those)")
+    inc = summary.get("incremental")
+    if inc and summary.get("since"):
+        lines.append("incremental: " + ", ".join(f"{k} {inc.get(k, 0)}" for k in INCREMENTAL_SHOWN)
+                     + f" (since {summary['since']})")
+    lines += [f"{folder + ':':<{width}} {tiles.join(output, folder)}/" for folder in folders]
+    lines.append(f"{'summary:':<{width}} {tiles.join(output, 'run.json')}")
     return "\n".join(lines)
 
 
@@ -109,7 +157,8 @@ def run(argv: list[str] | None = None) -> dict | None:
         from transforms.sample import generate_sample
 
         sample_dir = sample_input_dir(opts.output)
-        _LOG.info("no --input: generating the embedded sample (%d tiles) in %s", opts.sample_tiles, sample_dir)
+        print(f"no --input: generating the embedded sample ({opts.sample_tiles} tiles) in "
+              f"{storage.absolute(sample_dir)}", flush=True)
         generate_sample(sample_dir, opts.sample_tiles, seed=0, extra_bands=True)
         opts.input = sample_dir
     try:
@@ -125,8 +174,9 @@ def run(argv: list[str] | None = None) -> dict | None:
     use_own_image_on_dataflow_by_default(options)
     info = run_info(config, spec, opts, options)
     try:
-        with beam.Pipeline(options=options) as p:
-            build(p, config, spec, info, opts.manifest, since=since, latest_pointer=opts.latest)
+        with progress_reporting(options) as progress_dir, beam.Pipeline(options=options) as p:
+            build(p, config, spec, info, opts.manifest, since=since, latest_pointer=opts.latest,
+                  progress_dir=progress_dir)
     except BaseException as e:  # failed or interrupted (Ctrl-C): nothing of this run stays published
         if here:
             incremental.discard_unpublished_run(spec.path)
@@ -141,10 +191,7 @@ def run(argv: list[str] | None = None) -> dict | None:
     if storage.exists(run_json):
         summary = json.loads(storage.read_bytes(run_json, 64 * 1024 * 1024))
         print(summary_text(summary))
-        counters = incremental.counter_values(p.result)
-        if counters:
-            print("incremental: " + ", ".join(f"{k}={v}" for k, v in counters.items()))
-        return {**summary, "incremental": counters}
+        return summary
     return None
 
 

@@ -25,8 +25,10 @@ from transforms.tiles import TileId
 
 _LOG = logging.getLogger(__name__)
 
+# The page shows each figure once; overview.png (the first four on one canvas) is written beside
+# them, as one image to share, and linked from the page.
 FIGURES = {
-    "overview.png": "Overview",
+    "overview.png": "Overview: the four charts below on one image",
     "rejects_by_reason.png": "Rejects by reason",
     "psnr_histogram.png": "PSNR of the chosen pairs",
     "valid_timesteps.png": "Timesteps per tile",
@@ -55,7 +57,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def load_samples(rows: list[dict], input_root: str | None, nir_root: str | None, bands: str) -> list[SampleTile]:
-    samples = []
+    """The sampled pairs with their input (original NAIP, time series) where it can be read; says on
+    stdout when it cannot (the grids then show only what the output holds)."""
+    samples, unreadable = [], []
     config = PairConfig(input_root=input_root, nir_root=nir_root, bands=bands) if input_root else None
     for row in rows:
         sample = SampleTile(row)
@@ -64,13 +68,25 @@ def load_samples(rows: list[dict], input_root: str | None, nir_root: str | None,
                 inputs = pairs.load_tile(TileId.parse(row["tile_id"]), config)
                 sample.original_hr, sample.series = inputs.hr, inputs.series
             except Exception as e:  # the input moved or is partial: the grid shows what the output has
-                _LOG.warning("sample %s: input unreadable (%s)", row["tile_id"], getattr(e, "detail", e))
+                unreadable.append(f"{row['tile_id']}: {getattr(e, 'detail', None) or e}")
         samples.append(sample)
+    if rows and config is None:
+        print("note: run.json names no input: the sample grids show the output only (pass --input)")
+    elif unreadable:
+        print(f"note: {len(unreadable)} of {len(rows)} sampled tiles unreadable in the input {input_root} "
+              f"(e.g. {unreadable[0]}): the grids show the output only for them (pass --input)")
     return samples
 
 
 def _fmt(value, digits=1, unit=""):
     return "–" if value is None else f"{value:,.{digits}f}{unit}"
+
+
+def figure_caption(name: str, summary: dict) -> str:
+    if name == "score_distribution.png":
+        scores = summary["scores"]
+        return f"{FIGURES[name]}: {scores['label']}, histogram range 0 to {scores['range'][1]:g}"
+    return FIGURES[name]
 
 
 def report_html(info: dict, counts: dict, summary: dict, sample_ids: list[str], figures: list[str]) -> str:
@@ -93,8 +109,14 @@ def report_html(info: dict, counts: dict, summary: dict, sample_ids: list[str], 
     option_text = ", ".join(f"{k}={v}" for k, v in sorted(options.items()) if k in
                             ("selection", "alpha", "top_k", "downsample", "bands", "split"))
     figure_html = "".join(
-        f'<figure><img src="{e(name)}" alt="{e(FIGURES[name])}"><figcaption>{e(FIGURES[name])} '
+        f'<figure><img src="{e(name)}" alt="{e(FIGURES[name])}"><figcaption>{e(figure_caption(name, summary))} '
         f'(<a href="{e(name)}">{e(name)}</a>)</figcaption></figure>' for name in figures if name != "overview.png")
+    overview_link = (f'<p class="meta">{e(FIGURES["overview.png"])}: <a href="overview.png">overview.png</a></p>'
+                     if "overview.png" in figures else "")
+    scores = summary["scores"]
+    score_text = (f"{e(scores['label'])}; max {_fmt(scores['max'], 2)}"
+                  + (f", {scores['above_range']:,} beyond the histogram's {scores['range'][1]:g}"
+                     if scores["above_range"] else ""))
     below = psnr.get(f"below_{REVIEW_DB:g}_db", 0)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
@@ -123,7 +145,6 @@ pipeline {e(str(info.get("pipeline_version", "")))} · {e(option_text)} · built
 <div class="card"><b>{below:,}</b><span>chosen timesteps below {REVIEW_DB:g} dB (selection PSNR)</span></div>
 <div class="card"><b>{_fmt(valid["mean"], 1)}</b><span>valid timesteps per tile (mean)</span></div>
 </div>
-<img src="overview.png" alt="overview" style="max-width:100%">
 <h2>Rejects</h2>
 <table><tr><th>reason</th><th>tiles</th><th>share</th><th>meaning</th></tr>{reason_rows or
     '<tr><td colspan=4>no rejects</td></tr>'}</table>
@@ -132,10 +153,12 @@ pipeline {e(str(info.get("pipeline_version", "")))} · {e(option_text)} · built
 <tr><td>selection PSNR of the chosen timestep (dB, vs the downsampled original NAIP)</td><td class=n>mean {_fmt(psnr["mean"], 2)}, min {_fmt(psnr["min"], 2)},
 5% {_fmt(psnr["p05"])}, median {_fmt(psnr["median"])}, 95% {_fmt(psnr["p95"])}, max {_fmt(psnr["max"], 2)}</td></tr>
 <tr><td>valid timesteps per tile</td><td class=n>mean {_fmt(valid["mean"])}, min {valid["min"]}, max {valid["max"]}</td></tr>
+<tr><td>score (lower is better)</td><td>{score_text}</td></tr>
 </table>
 <table><tr><th>selection</th><th>pairs</th></tr>{selection_rows}</table>
 <h2>Figures</h2>
 {figure_html}
+{overview_link}
 <h2>Sampled tiles</h2>
 <p class="meta">{e(", ".join(sample_ids)) or "none"}</p>
 </body></html>
@@ -150,12 +173,17 @@ def run(argv: list[str]) -> dict:
     if publish.read_success(args.run) is None:
         _LOG.warning("%s has no _SUCCESS: the build did not finish, or this is not a build's output", args.run)
     info = read_run_json(args.run)
-    stats = report_figures.collect_stats(args.run, samples=max(args.samples, args.timestep_samples), seed=args.seed)
+    mode = info.get("options", {}).get("selection")
+    stats = report_figures.collect_stats(args.run, samples=max(args.samples, args.timestep_samples), seed=args.seed,
+                                         mode=mode)
     counts = dict(info.get("counts") or {})
     if "rejects_by_reason" not in counts:  # no run.json: count the rejects' reason column
         rejects = dict(report_figures.count_rejects(args.run))
         counts = {"pairs": stats.pairs, "rejects": sum(rejects.values()), "rejects_by_reason": rejects,
                   "tiles": stats.pairs + sum(rejects.values())}
+    if not counts.get("tiles"):  # a page of empty charts would look like a report of an empty dataset
+        raise SystemExit(f"error: {args.run} holds no pairs and no rejects (and run.json counts no tiles): "
+                         "nothing to report; --run must be a build's --output folder")
     summary = stats.summary()
     refs = stats.samples()
     rows = report_figures.read_sample_rows(refs)

@@ -72,6 +72,15 @@ def selection_rule(args: argparse.Namespace) -> str:
     return (" and ".join(parts)) + (" (predictions)" if args.predictions else "")
 
 
+def nothing_selected(args: argparse.Namespace, counts: dict) -> str:
+    """Why a ranking selected no tile."""
+    if not counts["pairs"]:
+        return f"{args.run} holds no pairs to review (--run must be a build's --output folder)"
+    if args.predictions and counts["missing_predictions"] == counts["pairs"]:
+        return f"none of the {counts['pairs']:,} pairs has a prediction in {args.predictions}"
+    return f"nothing to review: no pair has {args.metric} below {args.threshold:g} ({counts['pairs']:,} ranked)"
+
+
 def run(argv: list[str]) -> dict:
     args = parse_args(argv)
     check_run_folder(args.run)
@@ -91,6 +100,8 @@ def run(argv: list[str]) -> dict:
     ranking = Ranking(args.threshold, args.worst)
     counts = rank_pairs(args.run, args.metric, ranking, args.predictions, config.downsample_method)
     selected = ranking.result()
+    if not selected:  # a page with nothing on it is not a review
+        raise SystemExit(f"error: {nothing_selected(args, counts)}; no page written")
     if counts["missing_predictions"]:
         _LOG.warning("%d pairs have no prediction in %s and were not ranked", counts["missing_predictions"],
                      args.predictions)
@@ -118,6 +129,9 @@ def run(argv: list[str]) -> dict:
                 failures.append(failure)
     for failure in failures[:20]:
         _LOG.warning("left out of the review (input unreadable): %s", failure)
+    if not review_tiles:
+        raise SystemExit(f"error: none of the {len(selected):,} selected tiles could be read from the input "
+                         f"{input_root} (e.g. {failures[0]}); no page written; pass the build's input with --input")
     meta = {
         "version": 1,
         "run": args.run,

@@ -366,6 +366,18 @@ def test_incremental_run_processes_exactly_the_release(release_runs):
     assert info["since"] == runs["run1"] and info["counts"]["tiles"] == 14
 
 
+def test_run_json_holds_the_increments_counts(release_runs):
+    """Where a scheduler reads them: run.json's `incremental`, equal to the Beam counters."""
+    _, _, runs, counters, expected = release_runs
+    names = ("new", "changed", "unchanged", "processed", "carried", "carry_missing", "superseded", "removed")
+    for run in ("run1", "run2"):
+        got = json.load(open(os.path.join(runs[run], "run.json")))["incremental"]
+        assert got == {name: count(counters[run], name) for name in names}, run
+    got = json.load(open(os.path.join(runs["run2"], "run.json")))["incremental"]
+    assert (got["new"], got["changed"], got["carried"], got["superseded"], got["removed"]) == (
+        len(expected["new"]), len(expected["changed"]), len(expected["unchanged"]), 2, 1)
+
+
 def test_incremental_dataset_equals_a_full_rebuild(release_runs):
     _, _, runs, counters, expected = release_runs
     formats = ("parquet", "tfrecord")

@@ -78,8 +78,10 @@ def test_report_page_and_figures(sample_build, tmp_path):
     assert _png_size((dest / "sample_pairs.png").read_bytes())[0] > _png_size(
         (dest / "sample_pairs.png").read_bytes())[1] * 0.6  # 6 image columns
     page = (dest / "index.html").read_text()
-    for name in report.FIGURES:
-        assert f'src="{name}"' in page
+    # each chart once on the page; the overview (the first four on one image) only linked
+    images = re.findall(r'<img src="([^"]+)"', page)
+    assert sorted(images) == sorted(set(report.FIGURES) - {"overview.png"}) and len(images) == 6
+    assert 'href="overview.png"' in page and 'src="overview.png"' not in page
     for reason, n in summary["counts"]["rejects_by_reason"].items():
         assert re.search(rf"<code>{reason}</code></td><td class=n>{n:,}</td>", page), reason
     assert "http://" not in page and "https://" not in page
@@ -263,3 +265,33 @@ def test_figure_pixels_show_the_counts():
     lengths = sorted({int(n) for n in rows if n > 0})
     assert lengths[-1] == pytest.approx(4 * lengths[0], rel=0.05), lengths  # 40 vs 10
     assert _pixels_of(report_figures.rejects_by_reason({}, 100), report_figures.COLORS["reject"]) == 0
+
+
+def test_score_histogram_label_and_range_follow_the_selection_mode(sample_build, tmp_path):
+    """The default (robust) build's scores go beyond the paper's [0, 2]: its histogram is labelled
+    with the robust score and covers them, and the page says so; paper and companion keep [0, 2]."""
+    out, summary = sample_build
+    assert summary["options"]["selection"] == "robust"
+    table = pq.read_table(os.path.join(out, "pairs"), columns=["score", "candidate_scores"]).to_pylist()
+    scores = np.array([r["score"] for r in table] + [s for r in table for s in r["candidate_scores"]])
+    robust = report_figures.collect_stats(out, samples=0, mode="robust")
+    assert robust.score_max == 16.0 and robust.scores_above == 0
+    assert robust.score_max_seen == pytest.approx(scores.max())
+    beyond_two = int(np.searchsorted(robust.score_edges, 2.0))
+    n_beyond = int((scores >= 2.0 + report_figures.SCORE_BIN).sum())
+    held = int(robust.chosen_score_counts[beyond_two:].sum() + robust.other_score_counts[beyond_two:].sum())
+    assert held >= n_beyond  # nothing piled into a last bin at 2.0
+    paper = report_figures.collect_stats(out, samples=0, mode="paper")
+    assert paper.score_max == 2.0 and paper.scores_above == int((scores > 2.0).sum())
+    assert "SSIM" in paper.score_label and "LC(" in robust.score_label and "penalty" in robust.score_label
+    assert "SSIM" in report_figures.score_scale("companion")[0]
+
+    dest = tmp_path / "report"
+    report.run(["--run", out, "--output", str(dest), "--samples", "2", "--timestep-samples", "1"])
+    page = (dest / "index.html").read_text()
+    caption = re.search(r'<img src="score_distribution.png"[^>]*><figcaption>([^<]*)', page).group(1)
+    assert "LC(HR, LR)" in caption and "evidence penalty" in caption and "range 0 to 16" in caption
+    assert "1-SSIM" not in page  # the paper's formula labels no chart of a robust build
+    stats = json.loads((dest / "stats.json").read_text())["pairs"]["scores"]
+    assert stats["mode"] == "robust" and stats["range"] == [0.0, 16.0] and stats["above_range"] == 0
+    assert stats["max"] == pytest.approx(scores.max())

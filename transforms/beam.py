@@ -161,9 +161,8 @@ def start_reads(read_ahead: ReadAhead, tile_id: str, correction, config: PairCon
 class BuildPairDoFn(beam.DoFn):
     """build_tile for each id of a batch (from BatchElements): the pair to the main output, a reject
     to 'rejects'. The batch's reads are started ahead on `config.read_threads` threads while the
-    tiles are built in order (`transforms.prefetch`)."""
-
-    PROGRESS_EVERY_S = 10.0
+    tiles are built in order (`transforms.prefetch`). Progress: the `BuildPairs` counters, and on a
+    local runner the launcher's progress lines (`transforms.progress`)."""
 
     def __init__(self, config: PairConfig):
         self.config = config
@@ -171,8 +170,6 @@ class BuildPairDoFn(beam.DoFn):
     def setup(self):
         runtime.tune_allocator()
         self._read_ahead = shared_read_ahead(self.config.read_threads)
-        self._tiles = self._pairs = 0
-        self._started = self._last_log = time.monotonic()
 
     def process(self, batch):
         # tile ids, or (tile id, Correction or None) when --corrections are joined in
@@ -190,22 +187,13 @@ class BuildPairDoFn(beam.DoFn):
                 outcome = build_tile(tile_id, self.config, correction, tile_reads)
             finally:
                 tile_reads.cancel()
-        self._tiles += 1
         _counter(BuildPairs, "tiles").inc()
         if outcome.kind == "pair":
-            self._pairs += 1
             _counter(BuildPairs, "pairs").inc()
             yield outcome.record
         else:
             _counter(BuildPairs, f"reject_{outcome.record['reason']}").inc()
             yield beam.pvalue.TaggedOutput("rejects", outcome.record)
-        now = time.monotonic()
-        if now - self._last_log >= self.PROGRESS_EVERY_S:
-            self._last_log = now
-            _LOG.info(
-                "progress: %d tiles (%d pairs, %d rejects) in this worker, %.1f tiles/s",
-                self._tiles, self._pairs, self._tiles - self._pairs, self._tiles / (now - self._started),
-            )
 
 
 class BuildPairs(beam.PTransform):
@@ -262,11 +250,17 @@ def png_black_pixel_key(_) -> str:
     return "png_black_pixel_tile"
 
 
+
+INCREMENTAL_COUNTS = ("new", "changed", "unchanged", "processed", "carried", "carry_missing", "superseded", "removed")
+
+
 def run_summary(run_info: dict, counts: dict[str, int], files: list[str]) -> dict:
     """run.json's content: the launcher's `run_info` plus counts per outcome and reason.
 
-    Keys counted: 'pair', 'reject:<reason>' (every input id has exactly one of these) and, with the
-    png format, 'png_reject:<reason>' and 'png_black_pixel_tile' (about pairs, not extra tiles)."""
+    Keys counted: 'pair', 'reject:<reason>' (every input id has exactly one of these), with the
+    png format 'png_reject:<reason>' and 'png_black_pixel_tile' (about pairs, not extra tiles), and
+    'incremental:<name>' (`transforms.incremental`: INCREMENTAL_COUNTS, all of them in run.json's
+    `incremental` when any is counted)."""
 
     def by_prefix(prefix):
         return {k[len(prefix):]: v for k, v in sorted(counts.items()) if k.startswith(prefix)}
@@ -286,9 +280,13 @@ def run_summary(run_info: dict, counts: dict[str, int], files: list[str]) -> dic
             "rejects_by_reason": png_rejects,
             "black_pixel_tiles": counts.get("png_black_pixel_tile", 0),
         }
+    increment = by_prefix("incremental:")
+    if increment:
+        increment = {**dict.fromkeys(INCREMENTAL_COUNTS, 0), **increment}
     return {
         **run_info,
         "counts": summary_counts,
+        **({"incremental": increment} if increment else {}),
         "files": sorted(files),
         "end_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -9,7 +9,9 @@ when both are imported); `message_classes()` makes the classes (a DoFn calls it 
 
 The feature of each column is derived from `records.PAIR_SCHEMA`, so a new column reaches every
 sink and reader: strings and binaries -> bytes, integers (also list<int32>) -> int64, floats ->
-float. `feature_spec()` describes it (name -> kind, length) for a `tf.data` parse spec.
+float. `feature_spec()` describes it (name -> kind, length) for a `tf.data` parse spec. What each
+column means: docs/outputs.md (e.g. `candidate_indices` is in PSNR order in the paper and
+companion modes only; robust ranks its top-k by gap-free correlation).
 """
 from __future__ import annotations
 

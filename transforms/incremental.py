@@ -31,7 +31,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from transforms import corrections, publish, records, storage, tiles
+from transforms import corrections, progress, publish, records, storage, tiles
 from transforms import dataset_manifest as dm
 from transforms import fingerprints as fpr
 from transforms.beam import (
@@ -169,8 +169,9 @@ class ReadPreviousManifest(beam.PTransform):
 class PlanTileDoFn(beam.DoFn):
     """(tile_id, {'fp': [...], 'prev': [...], 'corr': [...]}) -> the tile's plan.
 
-    Outputs: 'process' (tile id), 'carry' (tile id), 'planned' ((tile_id, (fps, correction,
-    computed_in of the previous record or None))), 'current_xy' ((x_y, naip_id) of each current
+    Outputs: 'process' (tile id), 'carry' (tile id), 'plan' (the tile's plan as run.json counts it:
+    'incremental:new', ':changed' or ':unchanged'), 'planned' ((tile_id, (fps, correction, computed_in of the
+    previous record or None))), 'current_xy' ((x_y, naip_id) of each current
     tile), 'retiring' ((x_y, previous row tuple) of previous tiles gone from the input), 'retired'
     (rows of gone tiles without an x_y: invalid ids)."""
 
@@ -207,6 +208,7 @@ class PlanTileDoFn(beam.DoFn):
             plan = dm.plan_increment(prev, fps, self.options_hash, corr)
             yield beam.pvalue.TaggedOutput("current_xy", (xy, naip_id))
         _counter(plan).inc()
+        yield beam.pvalue.TaggedOutput("plan", f"incremental:{plan}")  # counted into run.json
         carry = plan == "unchanged"
         computed_in = prev["computed_in"] if carry else None
         # keyed as its record will be (reject records truncate ids), for AssembleManifest's join
@@ -235,8 +237,9 @@ class PlanIncrement(beam.PTransform):
     a later file wins, as `corrections.JoinCorrections`).
 
     Returns a dict of PCollections: 'process' (tile ids to build), 'carry' (tile ids whose previous
-    record is reused), 'retired' (superseded / removed manifest rows, dicts) and 'planned'
-    (tile_id, (fingerprints, correction, computed_in)) for `AssembleManifest`. With
+    record is reused), 'retired' (superseded / removed manifest rows, dicts), 'plan' (each tile's
+    plan as a run.json count key) and 'planned' (tile_id, (fingerprints, correction, computed_in))
+    for `AssembleManifest`. With
     `previous_run=None` every tile is 'new'."""
 
     def __init__(self, previous_run: str | None, options_hash: str, corrections_files: Iterable[str] = ()):
@@ -262,7 +265,7 @@ class PlanIncrement(beam.PTransform):
         else:  # a full build without corrections: nothing to join
             joined = fingerprints | "NothingToJoin" >> beam.MapTuple(fingerprints_only)
         plan = joined | "Plan" >> beam.ParDo(PlanTileDoFn(self.options_hash)).with_outputs(
-            "process", "carry", "planned", "current_xy", "retiring", "retired")
+            "process", "carry", "plan", "planned", "current_xy", "retiring", "retired")
         if self.previous_run:
             by_chip = (
                 {"retiring": plan.retiring, "current": plan.current_xy}
@@ -272,7 +275,8 @@ class PlanIncrement(beam.PTransform):
             retired = (plan.retired, by_chip) | "AllRetired" >> beam.Flatten()
         else:
             retired = plan.retired
-        return {"process": plan.process, "carry": plan.carry, "retired": retired, "planned": plan.planned}
+        return {"process": plan.process, "carry": plan.carry, "retired": retired, "planned": plan.planned,
+                "plan": plan.plan}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -506,24 +510,48 @@ def count_processed(tile_id: str) -> str:
     return tile_id
 
 
+def processed_key(_) -> str:
+    return "incremental:processed"
+
+
+def increment_key(element) -> str:
+    """What an element of the increment counts as in run.json's `incremental`
+    (transforms.beam.run_summary): a retired manifest row (superseded, removed), a carried record
+    (a pair or reject dict), a carried id without a record (str, rebuilt)."""
+    if isinstance(element, str):
+        return "incremental:carry_missing"
+    if "outcome" in element:
+        return f"incremental:{element['outcome']}"
+    return "incremental:carried"
+
+
 class IncrementalBuildPipeline(beam.PTransform):
     """The whole build: the transforms of `transforms.beam` (ids -> pairs in every format and
     rejects -> run.json, _SUCCESS), made incremental against `previous_run` (None: everything is
-    built), plus `manifest/`, and the `latest` pointer moved after `_SUCCESS` when given."""
+    built), plus `manifest/`, and the `latest` pointer moved after `_SUCCESS` when given.
+
+    run.json's `incremental` counts the plan (new, changed, unchanged), the tiles built
+    (processed), the records carried, carried ids rebuilt (carry_missing) and the previous
+    version's tiles retired (superseded, removed). With `progress` (a folder on the launcher's
+    machine, local runners only), listed ids and records made are counted into it
+    (`transforms.progress`)."""
 
     def __init__(self, config: PairConfig, spec: OutputSpec, run_info: dict, previous_run: str | None = None,
-                 manifest: str | None = None, latest: str | None = None):
+                 manifest: str | None = None, latest: str | None = None, progress: str | None = None):
         super().__init__()
         self.config, self.spec, self.manifest = config, spec, manifest
         self.previous_run = check_since(previous_run, spec.path)
         self.latest = latest
-        self.run_info = {**run_info, "since": self.previous_run, "latest": latest}
+        self.progress = progress
+        self.run_info = {**run_info, "since": storage.absolute(self.previous_run), "latest": storage.absolute(latest)}
         self.options_hash = dm.config_options_hash(config)
         self.run_info.setdefault("options_hash", self.options_hash)
 
     def expand(self, pbegin):
         config, spec = self.config, self.spec
         ids = pbegin | "ReadTileIds" >> ReadTileIds(config.input_root, self.manifest)
+        if self.progress:
+            ids = ids | "CountListed" >> progress.count(self.progress, "listed")
         unique = ids | "Deduplicate" >> DeduplicateAndReshuffle()
         fps = unique.ids | "FingerprintTiles" >> FingerprintTiles(fpr.FingerprintSpec.for_config(config),
                                                                    config.read_threads)
@@ -531,16 +559,20 @@ class IncrementalBuildPipeline(beam.PTransform):
 
         to_build = [plan["process"]]
         carried_pairs, carried_rejects = [], []
+        counted = [plan["retired"]]  # the increment's elements run.json counts (increment_key)
         if self.previous_run:
             carried = plan["carry"] | "CarryForward" >> CarryForward(self.previous_run)
             to_build.append(carried["missing"])
             carried_pairs.append(carried["pairs"])
             carried_rejects.append(carried["rejects"])
+            counted += [carried["missing"], carried["pairs"], carried["rejects"]]
         process = (
             to_build
             | "AllToBuild" >> beam.Flatten()
             | "CountProcessed" >> beam.Map(count_processed)
         )
+        increment_keys = [plan["plan"], process | "ProcessedKey" >> beam.Map(processed_key),
+                          counted | "AllCounted" >> beam.Flatten() | "IncrementKey" >> beam.Map(increment_key)]
         built = process | "BuildPairs" >> BuildPairs(config)
 
         pairs = [built.pairs, *carried_pairs] | "AllPairs" >> beam.Flatten()
@@ -559,9 +591,10 @@ class IncrementalBuildPipeline(beam.PTransform):
                           | "WriteManifest" >> WriteManifest(spec.path, spec.num_shards))
 
         outcome_keys = [
-            pairs | "PairKey" >> beam.Map(outcome_key),
-            rejects | "RejectKey" >> beam.Map(outcome_key),
+            pairs | "PairKey" >> progress.count(self.progress, "done", outcome_key),
+            rejects | "RejectKey" >> progress.count(self.progress, "done", outcome_key),
             *format_keys,
+            *increment_keys,
         ] | "AllOutcomeKeys" >> beam.Flatten()
         files = [*pair_files, reject_files, manifest_files] | "AllFiles" >> beam.Flatten()
         success = (outcome_keys, files) | "PublishRun" >> PublishRun(spec.path, self.run_info)
@@ -576,8 +609,10 @@ def counter_values(result) -> dict[str, int]:
 
 
 def build_incremental(p: beam.Pipeline, config: PairConfig, spec: OutputSpec, info: dict,
-                      previous_run: str | None = None, manifest: str | None = None, *, latest: str | None = None):
+                      previous_run: str | None = None, manifest: str | None = None, *, latest: str | None = None,
+                      progress: str | None = None):
     """The whole build on pipeline `p`: incremental against `previous_run` (a published run folder
     with a manifest), or full when it is None; writes `manifest/` and, with `latest`, moves that
-    pointer after `_SUCCESS`."""
-    return p | "BuildPairs" >> IncrementalBuildPipeline(config, spec, info, previous_run, manifest, latest)
+    pointer after `_SUCCESS`; with `progress`, counts into that folder (`transforms.progress`)."""
+    return p | "BuildPairs" >> IncrementalBuildPipeline(config, spec, info, previous_run, manifest, latest,
+                                                        progress)

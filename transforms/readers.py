@@ -2,7 +2,9 @@
 
 `read_parquet_pairs` and `read_tfrecord_pairs` yield the same dicts for the same pair: the Parquet
 row as `pyarrow` returns it (`records.PAIR_SCHEMA` order, str/int/float/bytes/lists). Both stream
-(a row group, a record at a time), so a shard of any size reads in bounded memory.
+(a row group, a record at a time), so a shard of any size reads in bounded memory. The columns'
+meanings: docs/outputs.md (`candidate_indices` is best first by the build's mode's ranking: PSNR,
+or gap-free correlation in robust).
 """
 from __future__ import annotations
 

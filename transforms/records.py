@@ -1,6 +1,7 @@
 """The one schema of the outputs: pair rows, reject rows, and their Arrow schemas.
 
-Every sink and reader uses these definitions; the README's schema table documents them.
+Every sink and reader uses these definitions; docs/outputs.md (and the README's short table)
+documents them.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from transforms.selection import Selection
 from transforms.tiles import ZOOM, TileId
 from transforms.version import PIPELINE_VERSION
 
-# Stages and reasons of reject records (the README documents this vocabulary).
+# Stages and reasons of reject records (docs/outputs.md documents this vocabulary).
 REJECT_REASONS = {
     "invalid_tile_id": "the id does not match <naip_id>/<x>_<y> (never touches a path)",
     "duplicate_tile_id": "the id appeared earlier in the same input; the first one is processed",
@@ -79,6 +80,9 @@ PAIR_SCHEMA = pa.schema(
         ("lr_index", pa.int32()),
         ("n_timesteps", pa.int32()),
         ("valid_indices", pa.list_(pa.int32())),
+        # the top-k timesteps the mode scored, best first by its ranking: PSNR against the
+        # downsampled HR (paper, companion) or gap-free correlation with it (robust: not PSNR order);
+        # psnr and scores aligned with them, scores in the build's mode (lower is better)
         ("candidate_indices", pa.list_(pa.int32())),
         ("candidate_psnr", pa.list_(pa.float32())),
         ("candidate_scores", pa.list_(pa.float32())),
@@ -88,7 +92,7 @@ PAIR_SCHEMA = pa.schema(
         ("alpha", pa.float32()),
         ("pipeline_version", pa.string()),
     ]
-    # Evidence of the robust selection, null in the other modes (README, "Evidence columns").
+    # Evidence of the robust selection, null in the other modes (docs/selection-modes.md).
     + [(name, pa.list_(pa.float32())) for name in EVIDENCE_LISTS]
     + [(name, pa.float32()) for name in EVIDENCE_SCALARS]
     + [("evidence_bands", pa.list_(pa.string())), ("evidence_note", pa.string())]

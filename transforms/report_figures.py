@@ -10,10 +10,11 @@ Figures are drawn with matplotlib's object API (no pyplot state, Agg canvas) and
 * `rejects_by_reason`: bar chart of reject reasons;
 * `psnr_histogram`: PSNR of the chosen pairs, with the 20 dB line the paper reviews below;
 * `valid_timesteps_histogram`: valid (and all) timesteps per tile;
-* `score_distribution`: score of the chosen timestep vs the other top-k candidates;
+* `score_distribution`: score of the chosen timestep vs the other top-k candidates, labelled and
+  ranged per selection mode (`score_scale`);
 * `sample_grid` (paper Figure 1 style): original NAIP, histogram-matched NAIP, Sentinel-2, RGB and NIR;
 * `timestep_grid` (paper Figure 3 style): the HR next to its kept timesteps, best PSNR first;
-* `overview`: the four statistics figures on one canvas.
+* `overview`: the four statistics figures on one canvas (a file to share; the page shows them one by one).
 """
 from __future__ import annotations
 
@@ -35,7 +36,17 @@ from transforms.review_page import iter_row_groups, open_file
 PSNR_BIN_DB = 0.1
 PSNR_MAX_DB = 100.0
 SCORE_BIN = 0.0025
-SCORE_MAX = 2.0  # a*(1-SSIM) + (1-a)*(1-SSIM) lies in [0, 2]
+# What `score` is, and the range its histogram covers, per selection mode (transforms.selection):
+# paper and companion are 1 - a mix of SSIMs, in [0, 2]; robust adds an evidence penalty to a
+# distance in [0, 2] (haze, cloud, shadow and snow up to 2 each, cirrus 0.5, misregistration 0.5
+# per pixel), so its scores reach ~4 on ordinary data and more on bad timesteps.
+SCORE_SCALES = {
+    "paper": ("score = a*(1-SSIM(HR, LR)) + (1-a)*(1-SSIM(HM(HR), LR))", 2.0),
+    "companion": ("score = 1 - (a*SSIM(LR, HR) + (1-a)*SSIM(HR, HM(HR))), the companion code's SSIM", 2.0),
+    "robust": ("score = a*(1-LC(HR, LR)) + (1-a)*(1-LC(HM(HR), LR)) + evidence penalty "
+               "(haze, cloud, shadow, snow, cirrus, shift)", 16.0),
+}
+UNKNOWN_SCORE_SCALE = ("score (the build's selection mode is unknown: no run.json)", 16.0)
 REVIEW_DB = 20.0  # the paper reviewed the test pairs below 20 dB
 STAT_COLUMNS = ("tile_id", "psnr", "score", "lr_index", "n_timesteps", "valid_indices", "candidate_indices",
                 "candidate_scores", "selection")
@@ -52,6 +63,11 @@ COLORS = {"pair": "#2b8a3e", "reject": "#e8590c", "chosen": "#1971c2", "other": 
 
 def _edges(bin_width: float, maximum: float) -> np.ndarray:
     return np.linspace(0.0, maximum, int(round(maximum / bin_width)) + 1)
+
+
+def score_scale(mode: str | None) -> tuple[str, float]:
+    """(axis label, histogram range maximum) of the scores of a build in selection `mode`."""
+    return SCORE_SCALES.get(mode or "", UNKNOWN_SCORE_SCALE)
 
 
 def _histogram(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
@@ -73,9 +89,13 @@ class SampleRef:
 class PairStats:
     """Histograms and counters of the pairs, folded one row group at a time."""
 
-    def __init__(self, samples: int = 6, seed: int = 0):
+    def __init__(self, samples: int = 6, seed: int = 0, mode: str | None = None):
+        self.mode = mode
+        self.score_label, self.score_max = score_scale(mode)
         self.psnr_edges = _edges(PSNR_BIN_DB, PSNR_MAX_DB)
-        self.score_edges = _edges(SCORE_BIN, SCORE_MAX)
+        self.score_edges = _edges(SCORE_BIN, self.score_max)
+        self.scores_above = 0  # chosen and other candidates' scores beyond score_max (in the last bin)
+        self.score_max_seen = -np.inf
         self.psnr_counts = np.zeros(len(self.psnr_edges) - 1, np.int64)
         self.chosen_score_counts = np.zeros(len(self.score_edges) - 1, np.int64)
         self.other_score_counts = np.zeros(len(self.score_edges) - 1, np.int64)
@@ -110,8 +130,9 @@ class PairStats:
         self.valid_counts += np.bincount(np.clip(valid, 0, MAX_TIMESTEPS), minlength=MAX_TIMESTEPS + 1)
         total = table.column("n_timesteps").to_numpy(zero_copy_only=False)
         self.total_counts += np.bincount(np.clip(total, 0, MAX_TIMESTEPS), minlength=MAX_TIMESTEPS + 1)
-        self.chosen_score_counts += _histogram(
-            table.column("score").to_numpy(zero_copy_only=False).astype(np.float64), self.score_edges)
+        chosen_scores = table.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
+        self.chosen_score_counts += _histogram(chosen_scores, self.score_edges)
+        self._note_score_range(chosen_scores)
         # every other top-k candidate: flatten the lists, drop the chosen index of each row
         cand = table.column("candidate_indices").combine_chunks()
         scores = pc.list_flatten(table.column("candidate_scores").combine_chunks()).to_numpy(zero_copy_only=False)
@@ -120,7 +141,9 @@ class PairStats:
         lr_index = table.column("lr_index").to_numpy(zero_copy_only=False)
         if flat.size:
             others = flat != lr_index[parents]
-            self.other_score_counts += _histogram(scores[others].astype(np.float64), self.score_edges)
+            other_scores = scores[others].astype(np.float64)
+            self.other_score_counts += _histogram(other_scores, self.score_edges)
+            self._note_score_range(other_scores)
         self.selection.update(table.column("selection").to_pylist())
         if self.n_samples:
             for row, tile_id in enumerate(table.column("tile_id").to_pylist()):
@@ -130,6 +153,12 @@ class PairStats:
                     heapq.heappush(self._heap, entry)
                 elif entry > self._heap[0]:
                     heapq.heapreplace(self._heap, entry)
+
+    def _note_score_range(self, values: np.ndarray) -> None:
+        values = values[np.isfinite(values)]
+        if values.size:
+            self.score_max_seen = max(self.score_max_seen, float(values.max()))
+            self.scores_above += int(np.count_nonzero(values > self.score_max))
 
     def samples(self) -> list[SampleRef]:
         """The sampled tiles, in sample order (smallest hash first)."""
@@ -163,6 +192,9 @@ class PairStats:
             },
             "valid_timesteps": {"mean": mean_valid,
                                 "min": _first_nonzero(self.valid_counts), "max": _last_nonzero(self.valid_counts)},
+            "scores": {"mode": self.mode, "label": self.score_label, "range": [0.0, self.score_max],
+                       "max": self.score_max_seen if np.isfinite(self.score_max_seen) else None,
+                       "above_range": self.scores_above},
         }
 
 
@@ -176,9 +208,10 @@ def _last_nonzero(counts: np.ndarray) -> int | None:
     return int(nz[-1]) if nz.size else None
 
 
-def collect_stats(run: str, samples: int = 6, seed: int = 0) -> PairStats:
-    """One pass over the build's pairs, reading only STAT_COLUMNS, a row group at a time."""
-    stats = PairStats(samples, seed)
+def collect_stats(run: str, samples: int = 6, seed: int = 0, mode: str | None = None) -> PairStats:
+    """One pass over the build's pairs, reading only STAT_COLUMNS, a row group at a time; `mode`
+    (the build's selection mode) sets the score histogram's label and range."""
+    stats = PairStats(samples, seed, mode)
     for path, group, table in iter_row_groups(run, STAT_COLUMNS):
         stats.add(table, path, group)
     return stats
@@ -341,8 +374,10 @@ def _draw_valid(ax, stats: PairStats) -> None:
 def _draw_scores(ax, stats: PairStats) -> None:
     _style(ax)
     chosen, other, edges = stats.chosen_score_counts, stats.other_score_counts, stats.score_edges
+    above = f"; {stats.scores_above:,} above {stats.score_max:g}, in the last bar" if stats.scores_above else ""
+    mode = f"{stats.mode} selection: " if stats.mode else ""
     _title(ax, "Score of chosen vs other candidates",
-           f"{int(chosen.sum()):,} chosen, {int(other.sum()):,} other top-k candidates; lower is better")
+           f"{mode}{int(chosen.sum()):,} chosen, {int(other.sum()):,} other top-k candidates; lower is better{above}")
     both = chosen + other
     if not both.sum():
         return
@@ -361,7 +396,12 @@ def _draw_scores(ax, stats: PairStats) -> None:
                linewidth=0)
     ax.legend(frameon=False, fontsize=8.5)
     ax.set_xlim(edges[starts[0]], edges[min(starts[-1], len(edges) - 1)] + width)
-    ax.set_xlabel("score  a*(1-SSIM(HR, LR)) + (1-a)*(1-SSIM(HM(HR), LR))", fontsize=9, color=COLORS["muted"])
+    tail = int(both[starts[-1] + factor:].sum())  # the last bar also holds the 0.5% above the view
+    if tail:
+        ax.text(0.99, 0.62, f"last bar also holds the {tail:,} scores above {edges[starts[-1]] + width:.2f}"
+                f"\n(highest {stats.score_max_seen:.2f})", transform=ax.transAxes, ha="right", va="top",
+                fontsize=8, color=COLORS["muted"])
+    ax.set_xlabel(stats.score_label, fontsize=9, color=COLORS["muted"])
     ax.set_ylabel("density", fontsize=9, color=COLORS["muted"])
 
 

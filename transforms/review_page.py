@@ -222,6 +222,8 @@ def rank_pairs(run: str, metric: str, ranking: Ranking, predictions: str | None 
     counts = {"pairs": 0, "missing_predictions": 0}
     for _, _, table in iter_row_groups(run, columns):
         rows = table.to_pylist()
+        if not rows:  # an empty shard
+            continue
         counts["pairs"] += len(rows)
         hr = np.stack([np.frombuffer(r["hr"], np.uint8).reshape(r["hr_shape"]) for r in rows])
         if predictions:

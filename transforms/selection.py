@@ -81,7 +81,7 @@ class SelectionConfig:
 class Selection:
     lr_index: int  # original index in the time series
     valid_indices: np.ndarray  # int32, timesteps without a black border
-    candidate_indices: np.ndarray  # int32, top-k by PSNR (robust: by gap_free_correlation), best first
+    candidate_indices: np.ndarray  # int32, top-k, best first: by PSNR (robust: by gap_free_correlation)
     candidate_psnr: np.ndarray  # float32, aligned with candidate_indices
     candidate_scores: np.ndarray  # float32, lower is better
     psnr: float

@@ -48,6 +48,13 @@ def is_gcs(path: str) -> bool:
     return path.startswith(GCS_SCHEME)
 
 
+def absolute(path: str | None) -> str | None:
+    """A local path made absolute (so that a record of it is valid from any folder); a URL as it is."""
+    if not path or not is_local(path):
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
 class StorageUnavailableError(OSError):
     """A storage operation still failed with transient errors after every retry."""
 
