@@ -118,7 +118,7 @@ def default_split(input_root: str) -> str:
 
 def default_read_threads(opts: BuildOptions, input_root: str | None = None) -> int:
     """Reads ahead only pay where a read is a round trip: on an object store, not on local disk
-    (measured: README, "Reading from cloud storage")."""
+    (measured: docs/cloud.md, "Reading from cloud storage: reads started ahead")."""
     roots = [input_root or opts.input] + ([opts.nir_input] if opts.nir_input else [])
     return 0 if all(storage.is_local(root) for root in roots) else REMOTE_READ_THREADS
 

@@ -114,8 +114,8 @@ def test_plan_finds_the_newer_captures(naip_servers, dataset_2012):
 
 
 def test_release_workflow_plan_fetch_build(naip_servers, dataset_2012, capsys):
-    """The README's release workflow on loopback: plan, fetch the new capture's NIR from the work
-    list, land the new capture's tiles, build --since latest: the old tiles are superseded."""
+    """The release workflow of docs/incremental.md on loopback: plan, fetch the new capture's NIR from
+    the work list, land the new capture's tiles, build --since latest: the old tiles are superseded."""
     base, root, pointer, chips, ids = dataset_2012
     worklist, nir_out = str(base / "worklist2"), str(base / "nir")
     assert plan.main(["--naip-stac-url", naip_servers.stac_url, "--since", pointer, "--output", worklist,

@@ -388,7 +388,7 @@ def companion_scores(hr_down: np.ndarray, candidates: np.ndarray, alpha: float) 
 @dataclasses.dataclass(frozen=True)
 class RobustWeights:
     """Weights and tolerances of the robust score's evidence terms (tuned on development tiles; see
-    README, "Selection modes"). Fractions and indices are in [0, 1] unless said otherwise."""
+    docs/selection-modes.md). Fractions and indices are in [0, 1] unless said otherwise."""
 
     haze: float = 2.0  # per unit of contrast loss against a twin beyond `haze_tolerance`
     haze_tolerance: float = 0.03  # revisits of clear ground differ by a few % in gain
