@@ -117,8 +117,8 @@ def test_cirrus_in_b10_steers_the_choice_and_extra_bands_are_validated():
     assert sel.lr_index == 1
     assert sel.evidence.bands == hard_cases.EXTRA_BANDS
     assert sel.evidence.cirrus[list(sel.candidate_indices).index(0)] > 0.9
-    with pytest.raises(ValueError, match="b09"):
-        S.select_pair(hr, series, ROBUST, {"b09": extra["b10"]})
+    with pytest.raises(ValueError, match="b8a"):
+        S.select_pair(hr, series, ROBUST, {"b8a": extra["b10"]})
     with pytest.raises(ValueError, match="b10"):
         S.select_pair(hr, series, ROBUST, {"b10": extra["b10"][:3]})
 
@@ -167,10 +167,12 @@ def test_robust_records_carry_the_evidence_columns():
     sel, record = _record("robust")
     k = len(record["candidate_indices"])
     at = record["candidate_indices"].index(record["lr_index"])
+    assert record["candidate_cloud_prob"] is None and record["lr_cloud_prob"] is None  # needs b05, b09 too
     for column in records.EVIDENCE_LISTS:
-        assert len(record[column]) == k, column
+        assert column == "candidate_cloud_prob" or len(record[column]) == k, column
     for column, name in records.EVIDENCE_SCALARS.items():
-        assert record[column] == record[f"candidate_{name}"][at], column
+        assert column == "lr_cloud_prob" or record[column] == record[f"candidate_{name}"][at], column
+    assert 0.0 <= record["confidence"] <= 1.0
     assert record["candidate_shift_px"] == pytest.approx(np.hypot(*sel.evidence.hr_shift.T).tolist(), abs=1e-6)
     assert record["evidence_bands"] == list(hard_cases.EXTRA_BANDS)
     assert record["evidence_note"] is None
@@ -182,7 +184,8 @@ def test_robust_records_carry_the_evidence_columns():
 
 def test_robust_records_without_extra_bands_have_null_extra_measures():
     _, record = _record("robust", extra=False, evidence_note="b10: decode_error: x")
-    for column in ("candidate_snow", "candidate_cirrus", "candidate_aerosol", "lr_snow", "lr_cirrus", "lr_aerosol"):
+    for column in ("candidate_snow", "candidate_cirrus", "candidate_aerosol", "lr_snow", "lr_cirrus", "lr_aerosol",
+                   "candidate_cloud_prob", "lr_cloud_prob"):
         assert record[column] is None, column
     assert record["evidence_bands"] == [] and record["lr_haze"] is not None
     assert record["evidence_note"] == "b10: decode_error: x"
