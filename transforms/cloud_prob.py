@@ -3,8 +3,8 @@
 s2cloudless (Sentinel Hub, PyPI `s2cloudless`) is a LightGBM model of 170 trees over ten
 top-of-atmosphere reflectances, B01, B02, B04, B05, B08, B8A, B09, B10, B11, B12. S2-NAIP ships
 them all but B8A: `tci` (B04, B03, B02 as ESA's 8-bit true colour, 255 ~ reflectance 0.3558 in L1C)
-and `b01, b05, b08, b09, b10, b11, b12` (the 16-bit value / 8160 clipped to [0, 1], stored as 8-bit,
-i.e. reflectance = DN * 0.0032). B08 stands in for B8A (both near-infrared, 842 vs 865 nm).
+and `b01, b05, b08, b09, b10, b11, b12` (the 16-bit value / 8160 clipped to [0, 1], stored as 8-bit:
+DN = raw // 32, so reflectance = (DN + 0.5) * 0.0032). B08 stands in for B8A (both near-infrared, 842 vs 865 nm).
 
 The model file ships inside the s2cloudless wheel; it is read from the installed distribution
 without importing the package (whose imports pull in OpenCV and sentinelhub) and evaluated here in
@@ -134,9 +134,13 @@ def features(frames: np.ndarray, bands: dict[str, np.ndarray], block: int = 8) -
         raise ValueError("s2cloudless needs b08 (a band or the series' fourth channel)")
     planes = {"b02": frames[:, TCI_BLUE], "b04": frames[:, TCI_RED], "b08": nir, "b8a": nir}
     stack = np.stack([planes.get(b, bands.get(b)) for b in MODEL_BANDS], axis=-1)  # [K, H, W, 10] uint8
-    scale = np.array([TCI_REFLECTANCE if b in ("b02", "b04") else BAND_REFLECTANCE for b in MODEL_BANDS])
+    tci = np.array([b in ("b02", "b04") for b in MODEL_BANDS])
+    scale = np.where(tci, TCI_REFLECTANCE, BAND_REFLECTANCE)
+    # S2-NAIP floors raw // 32: the middle of a DN's interval is its unbiased reflectance (half a
+    # DN, 0.0016, moves s2cloudless's B10 and B09 splits noticeably)
+    offset = np.where(tci, 0.0, 0.5)
     cells = stack[:, : gh * block, : gw * block].reshape(k, gh, block, gw, block, len(MODEL_BANDS))
-    return cells.mean(axis=(2, 4), dtype=np.float64) * scale
+    return (cells.mean(axis=(2, 4), dtype=np.float64) + offset) * scale
 
 
 def cloud_probability_map(frames: np.ndarray, bands: dict[str, np.ndarray], block: int = 8) -> np.ndarray:

@@ -403,8 +403,8 @@ class RobustWeights:
     shift: float = 0.5  # per pixel of misregistration beyond `shift_tolerance`
     shift_tolerance: float = 0.5
     hr_shift_peak: float = 0.3  # the HR phase-correlation shift counts when its peak reaches this
-    veil: float = 0.0  # per unit of twin-free veil evidence (`evidence.veil_evidence`) beyond `veil_tolerance`
-    veil_tolerance: float = 0.0
+    veil: float = 0.5  # per unit of twin-free veil evidence (`evidence.veil_evidence`) beyond `veil_tolerance`
+    veil_tolerance: float = 0.1  # ground changes between dates move one or two veil terms
     cloud_prob: float = 1.0  # per unit of s2cloudless probability above the lowest evaluated candidate
     cloud_prob_tolerance: float = 0.05
     cloud_prob_candidates: int = 4  # s2cloudless runs on this many best-scoring candidates
