@@ -5,8 +5,8 @@ folder of the eo-learn example patch (`../shared/data/real_s2/eolearn`, its READ
 L1C scenes of one 1 km box in Slovenia, 2 of them overcast, and the provider's s2cloudless
 probabilities and masks of 68 dates). Nothing built here (arrays, images) may be committed.
 
-* S2-NAIP scaling (`to_s2naip`): `tci` is ESA's L1C true colour, DN = reflectance * 255 / 0.3558
-  clipped to 1..255 (0 is nodata; ESA: "the saturation level of 255 digital counts correspond to a
+* S2-NAIP scaling (`to_s2naip`): `tci` is ESA's L1C true colour, DN = value * 255 / 3558 rounded
+  and clipped to 1..255 (value = reflectance * 1e4, the product's 16-bit integer) (0 is nodata; ESA: "the saturation level of 255 digital counts correspond to a
   level of 3558 for L1C products"); every other band is the 16-bit value (reflectance * 1e4)
   divided by 8160, clipped to [0, 1] and stored as 8-bit, i.e. floor(value / 32) clipped to 0..255.
   Bands: the ones S2-NAIP ships, `tci`, `b01`, `b05`, `b06`, `b07`, `b08`, `b09`, `b10`, `b11`, `b12`.
@@ -20,9 +20,10 @@ probabilities and masks of 68 dates). Nothing built here (arrays, images) may be
   timestep's kind its label by eye (`LABELS`, tests/data/real_s2/eolearn_labels.json).
 * `semi_real_tiles` (semi-real): real clear frames veiled with the real s2cloudless cloud shapes
   (CLP/CLM windows of the 68 dates) as physical veils, twin-free (a veiled frame replaces its date):
-    haze        aerosol: transmission exp(-tau_b) and path radiance rising towards the blue
-                (Angstrom exponent 1.3), optical depth 0.25-0.7 at 490 nm modulated by a
-                smoothed real CLP window
+    haze        aerosol: transmission exp(-0.3 tau_b) (Angstrom exponent 1.3) and path
+                reflectance 0.08 (lambda / 490 nm)^-2 per unit depth (bluer than the extinction;
+                none in B10), optical depth 0.25-0.7 at 490 nm modulated by a smoothed real CLP
+                window
     thin_cloud  a semi-transparent veil: (1 - a) * ground + a * cloud, a = CLP * 0.2-0.45 and the
                 cloud body the real overcast scene of 2015-08-20 at the same pixels (its 13 bands)
     cloud       the real CLM window (its coarse-grid block edges softened, Gaussian sigma 1.5 px) as
@@ -50,7 +51,7 @@ BANDS_13 = ("b01", "b02", "b03", "b04", "b05", "b06", "b07", "b08", "b8a", "b09"
 WAVELENGTH_NM = (443, 490, 560, 665, 705, 740, 783, 842, 865, 945, 1375, 1610, 2190)
 S2NAIP_BANDS = ("tci", "b01", "b05", "b06", "b07", "b08", "b09", "b10", "b11", "b12")
 EXTRA_BANDS = tuple(b for b in S2NAIP_BANDS if b not in ("tci", "b08"))
-TCI_SCALE = 255.0 / 0.3558  # ESA L1C TCI: 255 is reflectance 0.3558
+TCI_SATURATION = 3558.0  # ESA L1C TCI: 255 is the 16-bit value 3558 (reflectance 0.3558)
 BAND_DIVISOR = 8160.0  # S2-NAIP: 16-bit value / 8160 clipped to [0, 1], stored as 8-bit
 
 # REFERENCE_SCENES.npy index -> acquisition date (the eolearn README matched them to the NDVI series)
@@ -112,11 +113,12 @@ def to_s2naip(refl: np.ndarray) -> dict[str, np.ndarray]:
     """float [..., 13] TOA reflectance -> {band: uint8} as S2-NAIP stores them: `tci` [..., 3]
     (R, G, B), the other S2NAIP_BANDS [...]."""
     refl = np.asarray(refl, dtype=np.float64)
-    tci = np.clip(np.rint(refl[..., [3, 2, 1]] * TCI_SCALE), 1, 255).astype(np.uint8)
+    value = np.rint(refl[..., [3, 2, 1]] * 1e4)  # the product's 16-bit integers
+    tci = np.clip(np.rint(value * 255.0 / TCI_SATURATION), 1, 255).astype(np.uint8)
     out = {"tci": tci}
     for name in S2NAIP_BANDS[1:]:
-        value = refl[..., BANDS_13.index(name)] * 1e4
-        out[name] = np.floor(np.clip(value / BAND_DIVISOR, 0.0, 1.0) * 255.0).astype(np.uint8)
+        value = np.rint(refl[..., BANDS_13.index(name)] * 1e4)  # the product's 16-bit integer
+        out[name] = np.floor(np.clip(value * 255.0 / BAND_DIVISOR, 0.0, 255.0)).astype(np.uint8)
     return out
 
 
@@ -180,8 +182,8 @@ def is_held_out(tile_id: str) -> bool:
 
 _LAMBDA = np.array(WAVELENGTH_NM, dtype=np.float64)
 _AEROSOL_TAU = (_LAMBDA / 490.0) ** -1.3  # Angstrom law, per unit optical depth at 490 nm
-_AEROSOL_TAU[10] = 0.0  # B10 (1375 nm) sits in a water-vapour absorption band: it sees no aerosol
-_AEROSOL_PATH = 0.06 * _AEROSOL_TAU  # path reflectance per unit depth
+_AEROSOL_PATH = 0.08 * (_LAMBDA / 490.0) ** -2.0  # path reflectance per unit depth (steeper: phase function)
+_AEROSOL_TAU[10] = _AEROSOL_PATH[10] = 0.0  # B10 (1375 nm) sits in a water-vapour absorption band
 _SHADOW_BANDS = np.ones(13, bool)
 _SHADOW_BANDS[10] = False  # B10 sees no ground, hence no shadow
 
@@ -216,7 +218,7 @@ def veil(ground: np.ndarray, body: np.ndarray, clp: np.ndarray, clm: np.ndarray,
         shape = ndimage.gaussian_filter(clp.astype(np.float64), 3.0)
         shape = (shape - shape.min()) / (np.ptp(shape) + 1e-9)
         depth = rng.uniform(0.25, 0.7) * (0.6 + 0.8 * shape)[..., None]
-        return g * np.exp(-0.5 * _AEROSOL_TAU * depth) + _AEROSOL_PATH * depth
+        return g * np.exp(-0.3 * _AEROSOL_TAU * depth) + _AEROSOL_PATH * depth
     if kind == THIN_CLOUD:
         a = (np.clip(clp, 0.0, 1.0) * rng.uniform(0.2, 0.45))[..., None]
         return (1.0 - a) * g + a * body
