@@ -13,6 +13,7 @@ Evaluation sets (`build_sets`; each row of the table is a set seen through some 
   real S2          real Sentinel-2 L1C (`transforms.real_s2`, --real-s2): 32x32 chips, a clear date
                    as HR (upsampled 4x, NAIP-like radiometry), its own date left out, the other real
                    dates as the series; every timestep labelled by eye (tests/data/real_s2)
+  real S2+hr       the same with the HR's own date in the series: same-date on real imagery
   semi-real S2     real clear frames veiled with the real s2cloudless cloud shapes of 68 dates
                    (haze, thin cloud, cloud with its shadow, shadow alone), twin-free
 
@@ -60,13 +61,14 @@ ROWS = (
     ("real S2", "all"),
     ("semi-real S2", "rgb"),
     ("semi-real S2", "all"),
+    ("real S2+hr", "rgb"),
     ("easy", "tci+b08"),
     ("easy+hr", "tci+b08"),
     ("twin hard", "tci+b08"),
     ("twin hard", "all"),
 )
 SYNTHETIC_SETS = ("twin-free hard", "easy", "easy+hr", "twin hard")
-REAL_SETS = ("real S2", "semi-real S2")
+REAL_SETS = ("real S2", "real S2+hr", "semi-real S2")
 
 # The targets for the default mode (held-out part).
 TARGETS = {
@@ -156,14 +158,17 @@ def real_sets(real_s2: str, *, seed: int = 100, names: Sequence[str] = REAL_SETS
         if name == "real S2":
             tiles = R.real_tiles(data)
             note = "real L1C dates, labelled by eye"
+        elif name == "real S2+hr":
+            tiles = R.real_tiles(data, include_hr_date=True)
+            note = "real L1C dates with the HR's own date in the series"
         elif name == "semi-real S2":
             tiles = R.semi_real_tiles(data, seed=seed)
             note = "real clear frames veiled with real s2cloudless cloud shapes"
         else:
             raise ValueError(f"unknown real set {name!r}; expected some of {REAL_SETS}")
         held = frozenset(t.tile_id for t in tiles if R.is_held_out(t.tile_id))
-        out.append(EvalSet(name, "real" if name == "real S2" else "semi-real", tiles, held, same_date=False,
-                           note=note))
+        out.append(EvalSet(name, "semi-real" if name == "semi-real S2" else "real", tiles, held,
+                           same_date=name == "real S2+hr", note=note))
     return out
 
 

@@ -143,3 +143,16 @@ def test_semi_real_tiles_are_twin_free(patch):
         diff = np.abs(t.series[..., :3].astype(int) - clean.astype(int)).mean(axis=(1, 2, 3))
         assert (diff > 1.0).all(), (t.tile_id, diff)  # no frame is the clean frame of the veiled date
         assert t.kinds.count(R.CLEAN) == 1
+
+
+def test_real_tiles_with_the_hr_date_know_the_same_date_answer(patch):
+    tiles = R.real_tiles(patch, include_hr_date=True)
+    assert len(tiles) == 27
+    for t in tiles:
+        assert t.n_timesteps == 5 and t.capture_of_index[t.hr_date_index] == t.hr_date
+        assert t.kinds[t.hr_date_index] == R.CLEAN
+        # the HR is its own date's chip, upsampled: downsampled again, it matches that date best
+        down = t.hr.astype(float).reshape(32, 4, 32, 4, 4).mean(axis=(1, 3))
+        corr = [np.corrcoef(down[..., 1].ravel(), t.series[i, ..., 1].astype(float).ravel())[0, 1]
+                for i in range(t.n_timesteps)]
+        assert int(np.argmax(corr)) == t.hr_date_index

@@ -73,7 +73,7 @@ HARD_PLANT = {HAZE: 1, THIN_CLOUD: 2, CUMULUS: 1, SHADOW: 1, SNOW: 1, MISREGISTE
               CLOUDY: 1, DARK: 1, BLACK_BORDER: 1}
 EASY_PLANT = {CLOUDY: 2, DARK: 1, BLACK_BORDER: 2}
 
-MIN_CLEAN_DATES = 2  # twin-free tiles: dates left unperturbed (besides the HR's own, always left out)
+MIN_CLEAN_DATES = 4  # twin-free tiles: dates left clean (of 9 besides the HR's own): ~half the frames clean, as in real series
 
 EXTRA_BANDS = ("b01", "b10", "b11", "b12")
 # Band planes of the reflectance stacks: R, G, B, NIR (B08), B01, B10, B11, B12.

@@ -17,7 +17,8 @@ probabilities and masks of 68 dates). Nothing built here (arrays, images) may be
   a brighter, more contrasted stretch than TCI); it carries no detail beyond 10 m. Its own
   date is always left out of the series.
 * `real_tiles`: per chip and clear HR date, the other four real dates as the series, each
-  timestep's kind its label by eye (`LABELS`, tests/data/real_s2/eolearn_labels.json).
+  timestep's kind its label by eye (tests/data/real_s2/eolearn_labels.json); with
+  `include_hr_date` the HR's own date too (the "same-date" answer).
 * `semi_real_tiles` (semi-real): real clear frames veiled with the real s2cloudless cloud shapes
   (CLP/CLM windows of the 68 dates) as physical veils, twin-free (a veiled frame replaces its date):
     haze        aerosol: transmission exp(-0.3 tau_b) (Angstrom exponent 1.3) and path
@@ -156,16 +157,20 @@ def clear_dates(data: EoLearnPatch, chip_id: str) -> list[str]:
     return [d for d in data.dates if data.labels[chip_id][d] == CLEAN]
 
 
-def real_tiles(data: EoLearnPatch) -> list[H.DevTile]:
-    """Per chip and clear HR date: the HR, and the other real dates as the series (labels by eye)."""
+def real_tiles(data: EoLearnPatch, include_hr_date: bool = False) -> list[H.DevTile]:
+    """Per chip and clear HR date: the HR, and the other real dates as the series (labels by eye);
+    `include_hr_date`: every date, the HR's own too (`DevTile.hr_date_index`: the same-date answer)."""
     out = []
     for chip_id in CHIPS:
         scenes = chip(data.scenes, chip_id)
         for hd in clear_dates(data, chip_id):
-            idx = [i for i, d in enumerate(data.dates) if d != hd]
-            out.append(_tile(chip_id, hd, "", hr_from(scenes[data.dates.index(hd)]),
-                             [scenes[i] for i in idx], [data.labels[chip_id][data.dates[i]] for i in idx],
-                             [data.dates[i] for i in idx]))
+            idx = [i for i, d in enumerate(data.dates) if include_hr_date or d != hd]
+            tile = _tile(chip_id, hd, "", hr_from(scenes[data.dates.index(hd)]),
+                         [scenes[i] for i in idx], [data.labels[chip_id][data.dates[i]] for i in idx],
+                         [data.dates[i] for i in idx])
+            if include_hr_date:
+                tile.hr_date_index = tile.capture_of_index.index(hd)
+            out.append(tile)
     return out
 
 
