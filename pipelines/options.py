@@ -40,9 +40,10 @@ class BuildOptions(PipelineOptions):
                             help="Tile ids to build: text (one id a line) or .parquet (tile_id column). "
                                  "Omitted: list --input.")
         parser.add_argument("--selection", default=DEFAULT_SELECTION, choices=SELECTION_MODES,
-                            help="robust (default): the paper's closeness without SSIM's haze bias, plus "
-                                 "evidence of haze, cloud, shadow, snow and misregistration (README); paper: "
-                                 "the paper's score as written; companion: the published code's rule.")
+                            help="paper (default): the paper's score as written; robust: the paper's closeness "
+                                 "without SSIM's haze bias, plus evidence of haze, cloud (s2cloudless), shadow, "
+                                 "snow and misregistration (docs/selection-method.md); companion: the published "
+                                 "code's rule.")
         parser.add_argument("--alpha", type=float, default=0.7, help="Weight of the raw distance.")
         parser.add_argument("--top-k", "--top_k", dest="top_k", type=int, default=16,
                             help="Timesteps kept by PSNR before scoring.")

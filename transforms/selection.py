@@ -38,8 +38,9 @@ from transforms import evidence as E
 from transforms.imagery import has_black_border
 
 SELECTION_MODES = ("paper", "companion", "robust")
-# the default: at least as good as `paper` on easy tiles, better on hard ones (README, "Selection modes")
-DEFAULT_SELECTION = "robust"
+# the default, decided on real Sentinel-2 (docs/selection-method.md): `robust` does not beat `paper`
+# there (semi-real veiled series), so the paper's formula is the default again
+DEFAULT_SELECTION = "paper"
 DOWNSAMPLE_METHODS = ("bicubic_aa", "bicubic_torch")
 DEFAULT_DOWNSAMPLE = {"paper": "bicubic_aa", "companion": "bicubic_torch", "robust": "bicubic_aa",
                       "manual": "bicubic_aa"}
