@@ -66,7 +66,7 @@ def test_views_give_each_row_its_bands():
     hr, series, extra = s.view(t, "tci+b08")
     assert hr.shape[-1] == series.shape[-1] == 4 and extra is None
     _, _, extra = s.view(t, "all")
-    assert set(extra) == {"b10"}  # only bands the selection accepts (b05 is not among them yet)
+    assert set(extra) == {"b05", "b10"}  # only bands the selection accepts
     with pytest.raises(ValueError, match="bands must be one of"):
         s.view(t, "nir")
 
