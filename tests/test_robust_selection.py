@@ -386,3 +386,24 @@ def test_robust_on_degenerate_series_stays_finite():
                      "shift_px", "shift_peak"):
             assert np.isfinite(getattr(ev, name)).all(), name
         assert (ev.shift_px == 0.0).all() and np.isfinite(sel.candidate_scores).all()
+
+
+def test_pair_confidence_is_the_margin_to_the_best_non_copy_rival_times_the_worst_evidence():
+    rng = np.random.default_rng(9)
+    a = rng.integers(0, 255, (32, 32, 3)).astype(np.uint8)
+    copy = np.clip(a.astype(int) + rng.integers(-2, 3, a.shape), 0, 255).astype(np.uint8)  # a revisit
+    other = rng.integers(0, 255, (32, 32, 3)).astype(np.uint8)
+    cands = np.stack([a, copy, other])
+    # the near copy scores almost as well but is no rival: the margin is to `other`
+    assert S.pair_confidence(np.array([0.10, 0.101, 0.125]), 0, cands) == pytest.approx(0.5)
+    assert S.pair_confidence(np.array([0.10, 0.101, 0.30]), 0, cands) == 1.0
+    assert S.pair_confidence(np.array([0.10, 0.101]), 0, cands[:2]) == 1.0  # no rival at all
+    hr, series = _hazy_tile(6)
+    sel = S.select_pair(hr, series, ROBUST)
+    ev = sel.evidence
+    best = int(np.argmin(sel.candidate_scores))
+    margin_only = S.pair_confidence(sel.candidate_scores, best, series[sel.candidate_indices])
+    worst = max(float(getattr(ev, n)[best]) for n in ("cloud", "shadow", "haze", "veil"))
+    assert sel.confidence == pytest.approx(margin_only * (1 - min(worst, 1.0)), abs=1e-6)
+    paper = S.select_pair(hr, series, S.SelectionConfig(mode="paper"))
+    assert 0.0 <= paper.confidence <= 1.0
