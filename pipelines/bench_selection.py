@@ -63,8 +63,11 @@ ROWS = (
     ("semi-real S2", "all"),
     ("real S2+hr", "rgb"),
     ("easy", "tci+b08"),
+    ("easy", "rgb"),
     ("easy+hr", "tci+b08"),
+    ("easy+hr", "rgb"),
     ("twin hard", "tci+b08"),
+    ("twin hard", "rgb"),
     ("twin hard", "all"),
 )
 SYNTHETIC_SETS = ("twin-free hard", "easy", "easy+hr", "twin hard")
