@@ -27,7 +27,8 @@ part separately. The held-out part is never to be tuned on.
 Columns per mode: % of chosen timesteps that are clean (unperturbed / labelled clean), % same-date
 (the HR's own date chosen, only where it is in the series), counts chosen of each bad kind, and
 the per-tile cost of the selection core. `evaluate(eval_set, selector)` measures any callable
-`selector(hr, series, extra) -> lr_index`, e.g. an ablation; `mode_selector(mode)` wraps a mode.
+`selector(hr, series, extra) -> lr_index`, e.g. an ablation (`evaluate_rows`: every row at once);
+`mode_selector(mode)` wraps a mode.
 """
 from __future__ import annotations
 
@@ -218,6 +219,13 @@ def evaluate(eval_set: EvalSet, selector: Selector, bands: str = "tci+b08",
             "chosen": {k: n for k, n in sorted(kinds.items()) if k != H.CLEAN},
         }
     return out
+
+
+def evaluate_rows(sets: Sequence[EvalSet], selector: Selector, rows: Sequence[tuple[str, str]] = ROWS) -> dict:
+    """{(set name, bands): evaluate(...)} of `selector` on every row of `rows` whose set is in `sets`
+    (an ablation over the whole table in one call; no timing)."""
+    by_name = {s.name: s for s in sets}
+    return {(name, bands): evaluate(by_name[name], selector, bands) for name, bands in rows if name in by_name}
 
 
 def run_row(eval_set: EvalSet, bands: str, modes: Sequence[str], repeats: int = 1) -> dict[str, dict]:

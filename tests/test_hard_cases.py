@@ -58,6 +58,15 @@ def test_evaluate_counts_clean_same_date_and_bad_picks_per_part():
     assert B.evaluate(no_same, None, choices=[1, 0, 2, 0])["tune"]["same_date"] is None
 
 
+def test_evaluate_rows_scores_a_selector_on_every_row_of_its_sets():
+    tiles = [_tile("a", ["haze", "clean"], ["1", "2"]), _tile("b", ["clean", "haze"], ["1", "2"])]
+    sets = [B.EvalSet("semi-real S2", "semi-real", tiles, frozenset({"b"}), same_date=False)]
+    out = B.evaluate_rows(sets, lambda hr, series, extra: 1 if series.shape[-1] == 3 else 0)
+    assert set(out) == {("semi-real S2", "rgb"), ("semi-real S2", "all")}
+    assert out[("semi-real S2", "rgb")]["tune"]["clean"] == 1.0 and out[("semi-real S2", "rgb")]["held-out"]["clean"] == 0.0
+    assert out[("semi-real S2", "all")]["tune"]["clean"] == 0.0 and out[("semi-real S2", "all")]["held-out"]["clean"] == 1.0
+
+
 def test_views_give_each_row_its_bands():
     t = _tile("a", ["clean", "haze"], ["1", "2"])
     s = B.EvalSet("x", "real", [t], frozenset(), same_date=False)
