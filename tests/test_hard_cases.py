@@ -170,7 +170,7 @@ def test_bench_selection_command_prints_tune_and_held_out_rows(real_naip_dir, tm
     r = json.loads(report.read_text())
     rows = {(x["set"], x["bands"]) for x in r["rows"]}
     assert rows == {("twin-free hard", "tci+b08"), ("twin-free hard", "rgb"), ("twin-free hard", "all"),
-                    ("easy+hr", "tci+b08")}
+                    ("easy+hr", "tci+b08"), ("easy+hr", "rgb")}
     for row in r["rows"]:
         for mode in ("paper", "robust"):
             x = row["modes"][mode]
