@@ -142,6 +142,7 @@ def test_semi_real_tiles_are_twin_free(patch):
         clean = R.to_s2naip(patch.scenes[patch.dates.index(t.capture_of_index[vi]), r:r + 32, c:c + 32])["tci"]
         diff = np.abs(t.series[..., :3].astype(int) - clean.astype(int)).mean(axis=(1, 2, 3))
         assert (diff > 1.0).all(), (t.tile_id, diff)  # no frame is the clean frame of the veiled date
+        assert diff[vi] >= R.MIN_VEIL_DN  # and the veil shows
         assert t.kinds.count(R.CLEAN) == 1
 
 
