@@ -272,6 +272,9 @@ def bench(real_data: str | None = None, real_s2: str | None = None, *, seed: int
         results.append({"set": name, "source": s.source, "bands": bands, "note": s.note,
                         "mean_timesteps": float(np.mean([t.n_timesteps for t in s.tiles])),
                         "modes": run_row(s, bands, modes, repeats)})
+    if not results:
+        raise ValueError(f"no evaluation set to run: sets {list(sets or [])} need their sources "
+                         f"(real_data={real_data!r}, real_s2={real_s2!r})")
     result = {
         "real_data": os.path.abspath(real_data) if real_data else None,
         "real_s2": os.path.abspath(real_s2) if real_s2 else None,
@@ -391,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     sets = [s for s in args.sets.split(",") if s] if args.sets else None
     if sets and (unknown := set(sets) - set(SYNTHETIC_SETS + REAL_SETS)):
         parser.error(f"unknown sets {sorted(unknown)}; expected some of {SYNTHETIC_SETS + REAL_SETS}")
+    for names, flag, given in ((SYNTHETIC_SETS, "--real-data", args.real_data), (REAL_SETS, "--real-s2", args.real_s2)):
+        if sets and not given and (need := [n for n in sets if n in names]):
+            parser.error(f"sets {need} need {flag}")
     result = bench(args.real_data, args.real_s2, seed=args.seed, repeats=args.repeats,
                    max_tiles=args.max_tiles, modes=modes, sets=sets)
     os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)

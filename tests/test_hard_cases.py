@@ -67,6 +67,17 @@ def test_evaluate_rows_scores_a_selector_on_every_row_of_its_sets():
     assert out[("semi-real S2", "all")]["tune"]["clean"] == 0.0 and out[("semi-real S2", "all")]["held-out"]["clean"] == 1.0
 
 
+def test_bench_selection_refuses_sets_without_their_source(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        B.main(["--real-s2", str(tmp_path), "--sets", "twin-free hard", "--report", str(tmp_path / "r.json")])
+    assert "need --real-data" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        B.main(["--report", str(tmp_path / "r.json")])
+    assert "give --real-data and/or --real-s2" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="no evaluation set to run"):
+        B.bench(real_s2=str(tmp_path), sets=["twin-free hard"])
+
+
 def test_views_give_each_row_its_bands():
     t = _tile("a", ["clean", "haze"], ["1", "2"])
     s = B.EvalSet("x", "real", [t], frozenset(), same_date=False)
