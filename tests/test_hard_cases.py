@@ -1,7 +1,6 @@
 """The selection evaluation harness: twin-free hard tiles really hold no clean twin of a planted
 timestep (transforms/hard_cases.py, on the real NAIP captures: skipped without them), and the
 bench's scoring (pipelines/bench_selection.py) counts what it says, per part."""
-import collections
 import json
 
 import numpy as np

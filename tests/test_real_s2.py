@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 
-from transforms import hard_cases as H
 from transforms import real_s2 as R
 
 
