@@ -27,7 +27,8 @@ part separately. The held-out part is never to be tuned on.
 Columns per mode: % of chosen timesteps that are clean (unperturbed / labelled clean), % same-date
 (the HR's own date chosen, only where it is in the series), counts chosen of each bad kind, and
 the per-tile cost of the selection core. `evaluate(eval_set, selector)` measures any callable
-`selector(hr, series, extra) -> lr_index`, e.g. an ablation; `mode_selector(mode)` wraps a mode.
+`selector(hr, series, extra) -> lr_index`, e.g. an ablation (`evaluate_rows`: every row at once);
+`mode_selector(mode)` wraps a mode.
 """
 from __future__ import annotations
 
@@ -63,8 +64,11 @@ ROWS = (
     ("semi-real S2", "all"),
     ("real S2+hr", "rgb"),
     ("easy", "tci+b08"),
+    ("easy", "rgb"),
     ("easy+hr", "tci+b08"),
+    ("easy+hr", "rgb"),
     ("twin hard", "tci+b08"),
+    ("twin hard", "rgb"),
     ("twin hard", "all"),
 )
 SYNTHETIC_SETS = ("twin-free hard", "easy", "easy+hr", "twin hard")
@@ -217,6 +221,13 @@ def evaluate(eval_set: EvalSet, selector: Selector, bands: str = "tci+b08",
     return out
 
 
+def evaluate_rows(sets: Sequence[EvalSet], selector: Selector, rows: Sequence[tuple[str, str]] = ROWS) -> dict:
+    """{(set name, bands): evaluate(...)} of `selector` on every row of `rows` whose set is in `sets`
+    (an ablation over the whole table in one call; no timing)."""
+    by_name = {s.name: s for s in sets}
+    return {(name, bands): evaluate(by_name[name], selector, bands) for name, bands in rows if name in by_name}
+
+
 def run_row(eval_set: EvalSet, bands: str, modes: Sequence[str], repeats: int = 1) -> dict[str, dict]:
     """Each mode on one row; modes interleaved per tile in rotating order, `repeats` timing runs."""
     selectors = {m: mode_selector(m) for m in modes}
@@ -261,6 +272,9 @@ def bench(real_data: str | None = None, real_s2: str | None = None, *, seed: int
         results.append({"set": name, "source": s.source, "bands": bands, "note": s.note,
                         "mean_timesteps": float(np.mean([t.n_timesteps for t in s.tiles])),
                         "modes": run_row(s, bands, modes, repeats)})
+    if not results:
+        raise ValueError(f"no evaluation set to run: sets {list(sets or [])} need their sources "
+                         f"(real_data={real_data!r}, real_s2={real_s2!r})")
     result = {
         "real_data": os.path.abspath(real_data) if real_data else None,
         "real_s2": os.path.abspath(real_s2) if real_s2 else None,
@@ -380,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     sets = [s for s in args.sets.split(",") if s] if args.sets else None
     if sets and (unknown := set(sets) - set(SYNTHETIC_SETS + REAL_SETS)):
         parser.error(f"unknown sets {sorted(unknown)}; expected some of {SYNTHETIC_SETS + REAL_SETS}")
+    for names, flag, given in ((SYNTHETIC_SETS, "--real-data", args.real_data), (REAL_SETS, "--real-s2", args.real_s2)):
+        if sets and not given and (need := [n for n in sets if n in names]):
+            parser.error(f"sets {need} need {flag}")
     result = bench(args.real_data, args.real_s2, seed=args.seed, repeats=args.repeats,
                    max_tiles=args.max_tiles, modes=modes, sets=sets)
     os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)

@@ -1,7 +1,6 @@
 """The selection evaluation harness: twin-free hard tiles really hold no clean twin of a planted
 timestep (transforms/hard_cases.py, on the real NAIP captures: skipped without them), and the
 bench's scoring (pipelines/bench_selection.py) counts what it says, per part."""
-import collections
 import json
 
 import numpy as np
@@ -56,6 +55,26 @@ def test_evaluate_counts_clean_same_date_and_bad_picks_per_part():
     assert oracle["tune"]["same_date"] == 0.5 and oracle["held-out"]["same_date"] == 0.5
     no_same = B.EvalSet("x", "real", tiles, frozenset(), same_date=False)
     assert B.evaluate(no_same, None, choices=[1, 0, 2, 0])["tune"]["same_date"] is None
+
+
+def test_evaluate_rows_scores_a_selector_on_every_row_of_its_sets():
+    tiles = [_tile("a", ["haze", "clean"], ["1", "2"]), _tile("b", ["clean", "haze"], ["1", "2"])]
+    sets = [B.EvalSet("semi-real S2", "semi-real", tiles, frozenset({"b"}), same_date=False)]
+    out = B.evaluate_rows(sets, lambda hr, series, extra: 1 if series.shape[-1] == 3 else 0)
+    assert set(out) == {("semi-real S2", "rgb"), ("semi-real S2", "all")}
+    assert out[("semi-real S2", "rgb")]["tune"]["clean"] == 1.0 and out[("semi-real S2", "rgb")]["held-out"]["clean"] == 0.0
+    assert out[("semi-real S2", "all")]["tune"]["clean"] == 0.0 and out[("semi-real S2", "all")]["held-out"]["clean"] == 1.0
+
+
+def test_bench_selection_refuses_sets_without_their_source(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        B.main(["--real-s2", str(tmp_path), "--sets", "twin-free hard", "--report", str(tmp_path / "r.json")])
+    assert "need --real-data" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        B.main(["--report", str(tmp_path / "r.json")])
+    assert "give --real-data and/or --real-s2" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="no evaluation set to run"):
+        B.bench(real_s2=str(tmp_path), sets=["twin-free hard"])
 
 
 def test_views_give_each_row_its_bands():
@@ -161,7 +180,7 @@ def test_bench_selection_command_prints_tune_and_held_out_rows(real_naip_dir, tm
     r = json.loads(report.read_text())
     rows = {(x["set"], x["bands"]) for x in r["rows"]}
     assert rows == {("twin-free hard", "tci+b08"), ("twin-free hard", "rgb"), ("twin-free hard", "all"),
-                    ("easy+hr", "tci+b08")}
+                    ("easy+hr", "tci+b08"), ("easy+hr", "rgb")}
     for row in r["rows"]:
         for mode in ("paper", "robust"):
             x = row["modes"][mode]

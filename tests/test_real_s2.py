@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 
-from transforms import hard_cases as H
 from transforms import real_s2 as R
 
 
@@ -142,6 +141,7 @@ def test_semi_real_tiles_are_twin_free(patch):
         clean = R.to_s2naip(patch.scenes[patch.dates.index(t.capture_of_index[vi]), r:r + 32, c:c + 32])["tci"]
         diff = np.abs(t.series[..., :3].astype(int) - clean.astype(int)).mean(axis=(1, 2, 3))
         assert (diff > 1.0).all(), (t.tile_id, diff)  # no frame is the clean frame of the veiled date
+        assert diff[vi] >= R.MIN_VEIL_DN  # and the veil shows
         assert t.kinds.count(R.CLEAN) == 1
 
 
@@ -156,3 +156,21 @@ def test_real_tiles_with_the_hr_date_know_the_same_date_answer(patch):
         corr = [np.corrcoef(down[..., 1].ravel(), t.series[i, ..., 1].astype(float).ravel())[0, 1]
                 for i in range(t.n_timesteps)]
         assert int(np.argmax(corr)) == t.hr_date_index
+
+
+def test_bench_selection_on_the_real_sets_prints_both_parts(real_s2_dir, tmp_path, capsys):
+    from pipelines import bench_selection as B
+
+    report = tmp_path / "sel.json"
+    assert B.main(["--real-s2", str(real_s2_dir), "--sets", "real S2,real S2+hr", "--modes", "paper,robust",
+                   "--report", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "real S2         rgb" in out and "real S2+hr" in out and "real S2 rgb:" in out
+    r = json.loads(report.read_text())
+    assert [(x["set"], x["bands"]) for x in r["rows"]] == [("real S2", "rgb"), ("real S2", "all"), ("real S2+hr", "rgb")]
+    for row in r["rows"]:
+        for mode in ("paper", "robust"):
+            x = row["modes"][mode]
+            assert (x["tune"]["tiles"], x["held-out"]["tiles"]) == (18, 9)  # 3 held-out chips x 3 HR dates
+            assert (x["held-out"]["same_date"] is None) == (row["set"] == "real S2")
+            assert len(x["lr_index"]) == 27

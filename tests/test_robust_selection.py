@@ -4,7 +4,6 @@ skipped without the data), its choices against the paper's."""
 import collections
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -335,26 +334,6 @@ def test_build_with_robust_selection_on_dev_tiles(mosaic, tmp_path):
         assert row["evidence_bands"] == ([] if i == 0 else list(hard_cases.EXTRA_BANDS))
         assert row["lr_haze"] is not None and len(row["candidate_cloud"]) == len(row["candidate_indices"])
     assert pq.read_schema(next((out / "pairs").glob("*.parquet"))).field("lr_shift_px").type == "float"
-
-
-def test_bench_selection_command(real_naip_dir, tmp_path, capsys):
-    from pipelines import bench_selection
-
-    report = tmp_path / "bench.json"
-    assert bench_selection.main(["--real-data", str(real_naip_dir), "--max-tiles", "4", "--repeats", "1",
-                                 "--report", str(report)]) == 0
-    figures = json.loads(report.read_text())
-    assert set(figures["results"]) == {"hard", "hard tci+b08", "easy", "easy+hr"}
-    assert set(figures["results"]["hard"]) == set(S.SELECTION_MODES)
-    assert set(figures["results"]["hard tci+b08"]) == {"robust"}
-    for per_mode in figures["results"].values():
-        for x in per_mode.values():
-            assert x["tiles"] == 4 and 0.0 <= x["unperturbed"] <= 1.0 and x["ms_per_tile"] > 0
-            assert set(x["chosen"]) == set(bench_selection.BAD_KINDS)
-    assert "cost_ratio_robust_vs_paper" in figures["checks"]
-    text = capsys.readouterr().out
-    assert "robust core cost" in text and "unperturbed" in text
-    assert os.path.exists(report)
 
 
 def test_robust_build_tile_reads_extra_bands_from_gcs(gcs_env, tmp_path):

@@ -32,7 +32,9 @@ probabilities and masks of 68 dates). Nothing built here (arrays, images) may be
                 shifted 3-7 px towards north-north-west (the morning sun over Slovenia), ground
                 darkened by 35-60 % in every band but B10
     shadow      a shadow alone (the clouds outside the chip): a shifted CLM window, darkening 35-60 %
-  Series: the two real overcast dates, the veiled date, and the remaining clear date (clean).
+  A veil must change the TCI by >= MIN_VEIL_DN (2) DN on average (else another mask window is
+  drawn: a shadow over dark forest can be invisible). Series: the two real overcast dates, the
+  veiled date, and the remaining clear date (clean).
 * `is_held_out`: the fixed held-out part, by a hash of the chip id (never tune on it).
 """
 from __future__ import annotations
@@ -240,6 +242,22 @@ def veil(ground: np.ndarray, body: np.ndarray, clp: np.ndarray, clm: np.ndarray,
     raise ValueError(f"unknown veil {kind!r}; expected one of {VEILS}")
 
 
+MIN_VEIL_DN = 2.0  # a veiled frame's TCI differs from its clean frame by at least this mean |DN|
+_VEIL_TRIES = 20
+
+
+def _visible_veil(ground, body, data: EoLearnPatch, windows, kind: str, rng):
+    """(veiled frame, mask index, window) whose veil changes the TCI by >= MIN_VEIL_DN on average
+    (a shadow over dark forest can be invisible); the last draw if none of _VEIL_TRIES is."""
+    clean = to_s2naip(ground)["tci"].astype(np.float64)
+    for _ in range(_VEIL_TRIES):
+        m, w = windows[int(rng.integers(len(windows)))]
+        out = veil(ground, body, chip(data.clp[m], w), chip(data.clm[m], w), kind, rng)
+        if np.abs(to_s2naip(out)["tci"] - clean).mean() >= MIN_VEIL_DN:
+            break
+    return out, m, w
+
+
 def semi_real_tiles(data: EoLearnPatch, *, seed: int = 100, draws: int = 2) -> list[H.DevTile]:
     """Per chip, clear HR date, veiled clear date and veil kind, `draws` mask windows: the series is
     the real overcast dates, the veiled date (twin-free) and the other clear dates, clean."""
@@ -259,13 +277,13 @@ def semi_real_tiles(data: EoLearnPatch, *, seed: int = 100, draws: int = 2) -> l
                     for n in range(draws):
                         rng = np.random.default_rng([seed, list(CHIPS).index(chip_id), data.dates.index(hd),
                                                      data.dates.index(vd), VEILS.index(kind), n])
-                        m, w = windows[kind][int(rng.integers(len(windows[kind])))]
+                        veiled, m, w = _visible_veil(scenes[data.dates.index(vd)], body, data, windows[kind], kind, rng)
                         frames, kinds, dates = [], [], []
                         for i, d in enumerate(data.dates):
                             if d == hd:
                                 continue
                             if d == vd:
-                                frames.append(veil(scenes[i], body, chip(data.clp[m], w), chip(data.clm[m], w), kind, rng))
+                                frames.append(veiled)
                                 kinds.append(kind)
                             else:
                                 frames.append(scenes[i])
