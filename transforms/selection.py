@@ -399,7 +399,10 @@ class RobustWeights:
     cirrus: float = 0.5  # per unit of mean cirrus probability above the tile's lowest
     cloud: float = 2.0  # per unit of cloud fraction (or global brightening beyond `exposure_tolerance`)
     shadow: float = 2.0  # per unit of shadow fraction (or global darkening beyond `exposure_tolerance`)
-    exposure_tolerance: float = 0.35  # global darkening / brightening against the other candidates
+    # global darkening / brightening against the other candidates counted as cloud / shadow beyond
+    # this; None: not counted (the default: on real series, half of them overcast, the median
+    # candidate is a grey one and the clear frames looked "dark"; docs/selection-method.md)
+    exposure_tolerance: float | None = None
     snow: float = 2.0  # per unit of snow fraction
     shift: float = 0.5  # per pixel of misregistration beyond `shift_tolerance`
     shift_tolerance: float = 0.5
@@ -457,8 +460,10 @@ def robust_scores(hr_down_u8: np.ndarray, hr_down: np.ndarray, candidates: np.nd
     cloud, shadow = E.cloud_shadow_fractions(frames, matched_u8, swir)
     # a timestep mostly under cloud (or shadow) fools the histogram-matched reference: its global
     # brightness against the other candidates' tells instead
-    cloud = np.maximum(cloud, (E.brightening(frames) - w.exposure_tolerance) / (1.0 - w.exposure_tolerance))
-    shadow = np.maximum(shadow, (E.darkening(frames) - w.exposure_tolerance) / (1.0 - w.exposure_tolerance))
+    if w.exposure_tolerance is not None:
+        t = w.exposure_tolerance
+        cloud = np.maximum(cloud, (E.brightening(frames) - t) / (1.0 - t))
+        shadow = np.maximum(shadow, (E.darkening(frames) - t) / (1.0 - t))
     reg = E.registration(frames, np.moveaxis(hr_down, -1, 0), smoothed=uy)
     confident = reg.hr_peak >= w.hr_shift_peak
     hr_px = np.hypot(reg.hr_shift[:, 0], reg.hr_shift[:, 1])
