@@ -274,16 +274,18 @@ def cloud_shadow_fractions(frames: np.ndarray, reference: np.ndarray, swir: np.n
     return cloud.mean(axis=(-2, -1)), shadow.mean(axis=(-2, -1))
 
 
-def _exposure(frames: np.ndarray) -> np.ndarray:
-    """Mean R, G, B of each timestep over the median of those means, [K]."""
+def _exposure(frames: np.ndarray, quantile: float = 0.5) -> np.ndarray:
+    """Mean R, G, B of each timestep over the `quantile` of those means (the median), [K]."""
     level = frames[:, :3].mean(axis=(1, 2, 3), dtype=np.float64)
-    return level / max(float(np.median(level)), 1e-6)
+    return level / max(float(np.quantile(level, quantile)), 1e-6)
 
 
 def darkening(frames: np.ndarray) -> np.ndarray:
-    """1 - mean brightness / the median of the timesteps' mean brightness, >= 0, [K]: an
-    underexposed (or fully shadowed) timestep scores near 1 - its exposure factor."""
-    return np.maximum(1.0 - _exposure(frames), 0.0)
+    """1 - mean brightness / the lower quartile of the timesteps' mean brightness, >= 0, [K]: an
+    underexposed (or fully shadowed) timestep scores near 1 - its exposure factor. The lower
+    quartile, not the median: in real series half overcast, the median is a grey overcast frame
+    and every clear frame would look dark against it."""
+    return np.maximum(1.0 - _exposure(frames, 0.25), 0.0)
 
 
 def brightening(frames: np.ndarray) -> np.ndarray:

@@ -399,10 +399,9 @@ class RobustWeights:
     cirrus: float = 0.5  # per unit of mean cirrus probability above the tile's lowest
     cloud: float = 2.0  # per unit of cloud fraction (or global brightening beyond `exposure_tolerance`)
     shadow: float = 2.0  # per unit of shadow fraction (or global darkening beyond `exposure_tolerance`)
-    # global darkening / brightening against the other candidates counted as cloud / shadow beyond
-    # this; None: not counted (the default: on real series, half of them overcast, the median
-    # candidate is a grey one and the clear frames looked "dark"; docs/selection-method.md)
-    exposure_tolerance: float | None = None
+    # global darkening / brightening against the other candidates counted as shadow / cloud beyond
+    # this; None: not counted
+    exposure_tolerance: float | None = 0.35
     snow: float = 2.0  # per unit of snow fraction
     shift: float = 0.5  # per pixel of misregistration beyond `shift_tolerance`
     shift_tolerance: float = 0.5
