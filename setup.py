@@ -30,6 +30,8 @@ setup(
         "protobuf>=4.25",
         "google-crc32c>=1.5",
         "matplotlib>=3.9",
+        # the s2cloudless model file (read, never imported: transforms/cloud_prob.py)
+        "s2cloudless>=1.7,<2",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "pandas>=2.2", "gcp-storage-emulator>=2026.7",

@@ -23,7 +23,7 @@ SUBCOMMANDS = {
     "bench": ("pipelines.bench", "measure decode, core and pipeline throughput"),
     "bench-gcs": ("pipelines.bench_gcs", "the build from gs:// with an object store's latency, reads ahead or not"),
     "bench-selection": ("pipelines.bench_selection",
-                        "measure each selection mode's choices on hard and easy tiles made from real NAIP"),
+                        "measure each selection mode on twin-free synthetic, real Sentinel-2 and easy evaluation sets"),
     "fetch-nir": ("pipelines.fetch_nir", "fetch NAIP NIR (band 4) per tile from a STAC API, grouped per NAIP item"),
     "plan": ("pipelines.plan", "list the quarter quads with a newer NAIP capture: the work list of a release"),
     "review": ("pipelines.review", "rank a build's pairs and write a page to re-pick or drop the worst"),

@@ -46,7 +46,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="Root of the NAIP NIR files (default: run.json's nir_input).")
     parser.add_argument("--metric", default="psnr_rgb", choices=METRICS,
                         help="Rank by this metric, lower is worse: the stored pair (histogram-matched HR, "
-                             "downsampled as the build did, vs the chosen LR), or each prediction vs the HR.")
+                             "downsampled as the build did, vs the chosen LR), or each prediction vs the HR; "
+                             "confidence: the selection's stored certainty (margin to the best rival, worst "
+                             "evidence), the least certain picks first.")
     parser.add_argument("--threshold", type=float, default=None,
                         help="Review the pairs whose metric is below this value (dB for PSNR).")
     parser.add_argument("--worst", type=int, default=None,
@@ -98,7 +100,12 @@ def run(argv: list[str]) -> dict:
     if args.metric.endswith("rgbn") and bands != "rgbn":
         raise SystemExit(f"error: {args.metric} needs an RGBN build; this one has bands={bands}")
     ranking = Ranking(args.threshold, args.worst)
-    counts = rank_pairs(args.run, args.metric, ranking, args.predictions, config.downsample_method)
+    try:
+        counts = rank_pairs(args.run, args.metric, ranking, args.predictions, config.downsample_method)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if counts.get("no_metric"):
+        _LOG.warning("%d pairs have no %s (manual choices) and were not ranked", counts["no_metric"], args.metric)
     selected = ranking.result()
     if not selected:  # a page with nothing on it is not a review
         raise SystemExit(f"error: {nothing_selected(args, counts)}; no page written")

@@ -125,6 +125,34 @@ def real_tile_set(real_naip_dir, tmp_path_factory):
     return root, build_real_tiles(root, real_naip_dir, n_tiles=20, seed=0)
 
 
+# --- real Sentinel-2 (transforms/real_s2.py) ---------------------------------------------------
+
+REAL_S2_ENV = "S2NAIP_REAL_S2"
+DEFAULT_REAL_S2_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "real_s2"
+
+
+@pytest.fixture(scope="session")
+def real_s2_dir() -> Path:
+    """The folder of real Sentinel-2 data holding eolearn/ (transforms/real_s2.py).
+
+    $S2NAIP_REAL_S2 if set (then it must exist and hold eolearn/REFERENCE_SCENES.npy, or the session
+    errors); else <repo>/../shared/data/real_s2 if it exists; else every test using it is skipped.
+    Never copy these files, or anything built from them, into the project.
+    """
+    env = os.environ.get(REAL_S2_ENV)
+    if env:
+        path = Path(env)
+        if not path.is_dir():
+            raise FileNotFoundError(f"${REAL_S2_ENV}={env!r} is not a directory")
+    else:
+        path = DEFAULT_REAL_S2_DIR
+        if not path.is_dir():
+            pytest.skip(f"no real Sentinel-2 data: set ${REAL_S2_ENV} or provide {path}")
+    if not (path / "eolearn" / "REFERENCE_SCENES.npy").is_file():
+        raise FileNotFoundError(f"real Sentinel-2 folder {path} holds no eolearn/REFERENCE_SCENES.npy")
+    return path
+
+
 # --- GCS emulator on loopback (tests/gcs_emulator.py) -------------------------------------------
 
 

@@ -154,10 +154,13 @@ def test_a_coloured_bright_change_is_not_cloud():
 
 def test_darkening_measures_global_underexposure():
     base = _lr(11)
-    frames = np.stack([base, base * 1.05, base * 0.2])
+    frames = np.stack([base, base * 1.05, base * 1.02, base * 0.98, base * 0.2])
     got = E.darkening(frames)
-    assert got[0] == 0.0 and got[1] == 0.0
-    assert got[2] == pytest.approx(0.8, abs=0.01)
+    assert got[0] < 0.03 and got[1] == got[2] == 0.0
+    assert got[4] == pytest.approx(0.8, abs=0.01)
+    # half the series overcast (bright): the clear frames are not "dark" against the grey ones
+    half_overcast = np.stack([base, base * 1.02, np.minimum(base * 2.5, 255), np.minimum(base * 2.6, 255)])
+    assert E.darkening(half_overcast)[:2].max() < 0.05
 
 
 def test_brightening_measures_a_mostly_clouded_timestep():

@@ -68,7 +68,9 @@ def test_tile_paths_are_the_files_load_tile_reads(tmp_path, mode, bands):
     tile = TileId.parse(tid(0))
     load_tile(tile, config, recording)
     assert asked == tile_paths(tile, config)
-    assert len(asked) == {"rgbn": 4, "rgb": 2}[bands] + (len(EXTRA_BANDS) if mode == "robust" else 0)
+    # robust: b01, b05, b08, b09, b10, b11, b12, but b08 is already the rgbn series' fourth band
+    assert len(asked) == {"rgbn": 4, "rgb": 2}[bands] + ({"rgbn": 6, "rgb": 7}[bands] if mode == "robust" else 0)
+    assert len(EXTRA_BANDS) == 7
 
 
 def test_build_tile_with_reads_ahead_gives_the_same_outcomes(tmp_path, read_ahead):
@@ -83,7 +85,7 @@ def test_build_tile_with_reads_ahead_gives_the_same_outcomes(tmp_path, read_ahea
     os.remove(os.path.join(root, "naip", NAIP_ID, "36005_56000", "nir.png"))
     with open(os.path.join(root, "sentinel2", "36000_56000", "b10.png"), "wb") as f:
         f.write(b"corrupt")  # an unusable extra band: noted, not fatal
-    config = PairConfig(input_root=root)
+    config = PairConfig(input_root=root, selection=SelectionConfig(mode="robust"))  # reads the extra bands
     for i in range(6):
         direct = build_tile(tid(i), config)
         reads = read_ahead.start(tile_paths(TileId.parse(tid(i)), config), LIMIT)

@@ -18,7 +18,7 @@ def _build(root, out, *extra):
 
 
 @pytest.mark.parametrize("mode, extra", [("paper", []), ("companion", []),
-                                         ("robust", ["--read-threads", "4"])])  # the default, reads ahead
+                                         ("robust", ["--read-threads", "4"])])  # reads ahead
 def test_planted_bad_timesteps_are_never_chosen(real_tile_set, tmp_path, mode, extra):
     root, tiles = real_tile_set
     summary, rows = _build(root, tmp_path / "out", "--selection", mode, *extra)

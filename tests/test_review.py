@@ -67,8 +67,8 @@ def _build(root, out, *args):
 
 @pytest.fixture(scope="module")
 def built(review_root, tmp_path_factory):
-    """The review input built with the default selection (robust)."""
-    return _build(review_root, str(tmp_path_factory.mktemp("review-out") / "out"))
+    """The review input built with the robust selection (evidence flags on the page)."""
+    return _build(review_root, str(tmp_path_factory.mktemp("review-out") / "out"), "--selection", "robust")
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +189,7 @@ def test_review_page_data_and_images(built, tmp_path):
             assert step["psnr"] == pytest.approx(p, abs=1e-3)
         hr, series, extra = review_input(int(xy_index(tile["tile_id"])))
         valid = np.asarray(row["valid_indices"])
-        config = SelectionConfig(top_k=4)
+        config = SelectionConfig(mode="robust", top_k=4)
         with_b10 = timestep_metrics(hr, series[valid], config, {"b10": extra["b10"][valid]}).score
         without = timestep_metrics(hr, series[valid], config).score
         score = {s["t"]: s["score"] for s in steps}
@@ -256,6 +256,22 @@ def test_review_by_predictions(built, tmp_path):
     assert [t["tile_id"] for t in data["tiles"]] == [tid(0), tid(2), tid(1)]
     assert all(t["prediction"] for t in data["tiles"]) and "prediction" in data["metric_label"]
     assert Image.open(page / data["tiles"][0]["dir"] / "prediction.png").size == (128, 128)
+
+
+def test_review_by_confidence_ranks_the_least_certain_picks_first(built, tmp_path):
+    _, out = built
+    pairs = {r["tile_id"]: r for r in pq.read_table(os.path.join(out, "pairs")).to_pylist()}
+    assert all(0.0 <= r["confidence"] <= 1.0 for r in pairs.values())
+    expected = sorted(pairs, key=lambda t: (pairs[t]["confidence"], t))[:3]
+    page = tmp_path / "page"
+    summary = review.run(["--run", out, "--output", str(page), "--metric", "confidence", "--worst", "3"])
+    assert summary["selected"] == 3
+    data = read_data_js(page)
+    assert [t["tile_id"] for t in data["tiles"]] == expected
+    assert data["metric_label"] == "selection confidence"
+    with pytest.raises(SystemExit, match="prediction"):
+        review.run(["--run", out, "--output", str(tmp_path / "p"), "--metric", "confidence", "--worst", "3",
+                    "--predictions", str(tmp_path)])
 
 
 def test_review_arguments(built, tmp_path):

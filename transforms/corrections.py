@@ -236,4 +236,5 @@ def manual_selection(hr: np.ndarray, series: np.ndarray, automatic: Selection, l
         hr_matched=match_histograms(hr, lr[None])[0],
         lr=lr,
         lr_evidence=lr_evidence,
+        confidence=None,  # a reviewer's choice, not the selection's
     )

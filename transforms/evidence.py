@@ -35,7 +35,9 @@ TCI_REFLECTANCE = 0.3558 / 255.0
 BAND_REFLECTANCE = 32.0 / 1e4
 R, G, B, N = range(4)
 
-EXTRA_BANDS = ("b01", "b10", "b11", "b12")
+# optional bands the robust mode reads when a tile has them: the cirrus/aerosol/snow measures' b01,
+# b10, b11, b12 and s2cloudless's b05, b08 (rgb builds; rgbn has it), b09 (`transforms.cloud_prob`)
+EXTRA_BANDS = ("b01", "b05", "b08", "b09", "b10", "b11", "b12")
 
 
 @dataclasses.dataclass
@@ -57,6 +59,12 @@ class Evidence:
     aerosol: np.ndarray | None = None  # aerosol_index (needs b01)
     cirrus: np.ndarray | None = None  # cirrus_index (needs b10)
     snow: np.ndarray | None = None  # snow_fraction (needs b11 or b12)
+    # twin-free veil evidence against the tile's other candidates (`veil_evidence`); zeros when
+    # computed without it (manual choices measured alone)
+    veil: np.ndarray | None = None
+    # s2cloudless cloud probability (`transforms.cloud_prob`; needs b01, b05, b08, b09, b10, b11,
+    # b12): measured on the best few candidates only, NaN for the others
+    cloud_prob: np.ndarray | None = None
 
     @property
     def shift_px(self) -> np.ndarray:
@@ -140,6 +148,69 @@ def contrast_loss(frames: np.ndarray, twin_corr: float = 0.65, full_corr: float 
     return np.maximum((weight * loss).max(axis=0), 0.0)
 
 
+def detail_level(frames: np.ndarray) -> np.ndarray:
+    """Mean over R, G, B of ln(sd of the Laplacian + 0.5 DN), [K]: a timestep's fine detail."""
+    lap = laplacian(np.asarray(frames[:, :3], dtype=np.float32))
+    return np.log(lap.std(axis=(-2, -1), dtype=np.float64) + 0.5).mean(axis=-1)
+
+
+def chroma(frames: np.ndarray) -> np.ndarray:
+    """Mean of (max - min) / (max + 1) over R, G, B per pixel, [K]: haze and veils wash colour out."""
+    vis = np.asarray(frames[:, :3], dtype=np.float32)
+    return ((vis.max(axis=1) - vis.min(axis=1)) / (vis.max(axis=1) + 1.0)).mean(axis=(-2, -1), dtype=np.float64)
+
+
+def blue_red(frames: np.ndarray) -> np.ndarray:
+    """ln(mean blue + 1) - ln(mean red + 1), [K]: aerosol path radiance lifts blue most."""
+    m = np.asarray(frames[:, :3], dtype=np.float64).mean(axis=(-2, -1))
+    return np.log(m[:, B] + 1.0) - np.log(m[:, R] + 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class VeilTerms:
+    """Per-timestep departures from the tile's median timestep, each >= 0 where it means haze."""
+
+    detail: np.ndarray  # loss of fine detail: median detail_level - detail_level (ln units)
+    contrast: np.ndarray  # loss of contrast relative to the HR's: median - own ln(sd LR / sd HR)
+    dark: np.ndarray  # dark channel above the median (TCI reflectance)
+    colour: np.ndarray  # chroma below the median, over the median
+    blue: np.ndarray  # blue/red ratio above the median (ln units)
+
+
+def veil_terms(frames: np.ndarray, contrast_to_hr: np.ndarray | None = None) -> VeilTerms:
+    """The twin-free haze measures of each timestep [K, C, H, W] against the median of the tile's
+    timesteps: no timestep needs a structurally identical twin. Haze and veils (thin cloud, smoke)
+    multiply detail and contrast by the transmission, add path radiance to dark objects (most to
+    blue) and wash colour out; ground changes between dates move these too, which is why each is
+    measured against the median date (robust to a minority of bad dates) and why `veil_evidence`
+    needs several of them to agree. `contrast_to_hr` [K]: ln(sd LR / sd HR) per timestep (window
+    contrast relative to the matched HR), if computed."""
+    def above_median(x):
+        return np.maximum(x - np.median(x), 0.0)
+
+    d = detail_level(frames)
+    c = chroma(frames)
+    return VeilTerms(
+        detail=above_median(-d),
+        contrast=np.zeros(len(d)) if contrast_to_hr is None else above_median(-contrast_to_hr),
+        dark=above_median(haze_index(frames)),
+        colour=np.maximum(1.0 - c / max(float(np.median(c)), 1e-6), 0.0),
+        blue=above_median(blue_red(frames)),
+    )
+
+
+# scales at which each VeilTerms term counts fully, 0 = left out (tuned on the tune part of the
+# twin-free synthetic set; `contrast` lowered the clean picks there, docs/selection-method.md)
+VEIL_SCALES = {"detail": 1.0, "contrast": 0.0, "dark": 0.08, "colour": 1.0, "blue": 0.3}
+
+
+def veil_evidence(terms: VeilTerms, scales: dict[str, float] = VEIL_SCALES) -> np.ndarray:
+    """One veil score per timestep in [0, 1], [K]: the mean of the terms each over its scale,
+    clipped to [0, 1] (a single term moved by a ground change counts for a fraction only)."""
+    parts = [np.minimum(getattr(terms, name) / scale, 1.0) for name, scale in scales.items() if scale > 0]
+    return np.mean(parts, axis=0) if parts else np.zeros(len(terms.detail))
+
+
 def aerosol_index(b01: np.ndarray, frames: np.ndarray) -> np.ndarray:
     """Mean B01 (443 nm, 60 m) reflectance minus mean blue TCI reflectance, [K]: aerosol path
     radiance grows steeply towards short wavelengths, so haze raises B01 more than blue. Its
@@ -203,16 +274,18 @@ def cloud_shadow_fractions(frames: np.ndarray, reference: np.ndarray, swir: np.n
     return cloud.mean(axis=(-2, -1)), shadow.mean(axis=(-2, -1))
 
 
-def _exposure(frames: np.ndarray) -> np.ndarray:
-    """Mean R, G, B of each timestep over the median of those means, [K]."""
+def _exposure(frames: np.ndarray, quantile: float = 0.5) -> np.ndarray:
+    """Mean R, G, B of each timestep over the `quantile` of those means (the median), [K]."""
     level = frames[:, :3].mean(axis=(1, 2, 3), dtype=np.float64)
-    return level / max(float(np.median(level)), 1e-6)
+    return level / max(float(np.quantile(level, quantile)), 1e-6)
 
 
 def darkening(frames: np.ndarray) -> np.ndarray:
-    """1 - mean brightness / the median of the timesteps' mean brightness, >= 0, [K]: an
-    underexposed (or fully shadowed) timestep scores near 1 - its exposure factor."""
-    return np.maximum(1.0 - _exposure(frames), 0.0)
+    """1 - mean brightness / the lower quartile of the timesteps' mean brightness, >= 0, [K]: an
+    underexposed (or fully shadowed) timestep scores near 1 - its exposure factor. The lower
+    quartile, not the median: in real series half overcast, the median is a grey overcast frame
+    and every clear frame would look dark against it."""
+    return np.maximum(1.0 - _exposure(frames, 0.25), 0.0)
 
 
 def brightening(frames: np.ndarray) -> np.ndarray:

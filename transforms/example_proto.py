@@ -134,7 +134,7 @@ def tf_parse_spec(tf) -> dict:
     dtypes = {"bytes": tf.string, "int64": tf.int64, "float": tf.float32}
     # scalar columns that may be null (absent from the Example) parse to a default instead of failing
     defaults = {"bytes": b"", "int64": -1, "float": float("nan")}
-    optional = set(records.EVIDENCE_COLUMNS)
+    optional = set(records.LATER_COLUMNS)
 
     def scalar(name, kind):
         if name in optional:

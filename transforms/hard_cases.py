@@ -14,7 +14,10 @@ Per tile (a Web-Mercator zoom-17 tile inside every capture):
   Sentinel-2 domain gap; the same for every tile of a capture), each capture once or twice (a
   revisit: slightly different gain/offset and noise).
 * Planted timesteps, each derived from one clean capture (a uniformly drawn one, never the HR's
-  date), so each has a clean twin in the series, as a Sentinel-2 series has revisits days apart.
+  date). By default ("twin" tiles) that capture's clean frame stays in the series, so each planted
+  timestep has a clean twin, as a Sentinel-2 series has revisits days apart; `twin_free=True`
+  removes it (and its revisit): every planted timestep replaces its date, as a real hazy or veiled
+  acquisition has no clean copy (the evaluation's main synthetic set, `pipelines.bench_selection`).
   Hard kinds (HARD_PLANT per tile), subtle on purpose:
     haze           aerosol optical depth 0.35-1.0 (+-25 % across the tile): transmission
                    exp(-0.25 * ext_b * depth) and path radiance (blue +12-34 DN, red +5-14 DN)
@@ -69,6 +72,8 @@ KINDS = HARD_KINDS + EASY_KINDS
 HARD_PLANT = {HAZE: 1, THIN_CLOUD: 2, CUMULUS: 1, SHADOW: 1, SNOW: 1, MISREGISTERED: 2,
               CLOUDY: 1, DARK: 1, BLACK_BORDER: 1}
 EASY_PLANT = {CLOUDY: 2, DARK: 1, BLACK_BORDER: 2}
+
+MIN_CLEAN_DATES = 4  # twin-free tiles: dates left clean (of 9 besides the HR's own): ~half the frames clean, as in real series
 
 EXTRA_BANDS = ("b01", "b10", "b11", "b12")
 # Band planes of the reflectance stacks: R, G, B, NIR (B08), B01, B10, B11, B12.
@@ -343,6 +348,23 @@ def to_bands(stack: np.ndarray, rng) -> tuple[np.ndarray, dict[str, np.ndarray]]
     return lr, extra
 
 
+def _twin_free_slots(plant: Mapping[str, int], sources: Sequence[str], min_clean_dates: int,
+                     rng) -> tuple[list[str], list[str | None]]:
+    """(slots, source date per slot) of a twin-free tile: every slot but black_border gets a date of
+    its own among `sources`, leaving `min_clean_dates` of them clean; slots beyond that are left out,
+    hard kinds kept before obvious ones (each group in a random order). black_border slots get None
+    (the caller draws a clean date)."""
+    slots = [kind for kind in KINDS for _ in range(int(plant.get(kind, 0)))]
+    order = rng.permutation(len(slots))
+    hard = [slots[i] for i in order if slots[i] in HARD_KINDS]
+    obvious = [slots[i] for i in order if slots[i] not in HARD_KINDS and slots[i] != BLACK_BORDER]
+    room = max(len(sources) - min_clean_dates, 0)
+    kept = (hard + obvious)[:room]
+    dates = [sources[i] for i in rng.permutation(len(sources))[:len(kept)]]
+    borders = [BLACK_BORDER] * sum(s == BLACK_BORDER for s in slots)
+    return kept + borders, dates + [None] * len(borders)
+
+
 def build_dev_tiles(
     mosaic: CaptureMosaic,
     xys: Sequence[tuple[int, int]],
@@ -352,11 +374,23 @@ def build_dev_tiles(
     include_hr_date: bool = False,
     hr_date: str | None = None,
     revisit_probability: float = 0.5,
+    twin_free: bool = False,
+    min_clean_dates: int = MIN_CLEAN_DATES,
 ) -> list[DevTile]:
     """One DevTile per (x, y). The HR date is `hr_date`, or drawn per tile among the captures (a
-    different HR date gives a different pair even on the same ground). Deterministic in `seed`."""
+    different HR date gives a different pair even on the same ground). Deterministic in `seed`.
+
+    `twin_free`: each planted timestep (but black_border, which every mode filters out before
+    scoring) *replaces* its date: it is drawn from a date of its own, and no other timestep of that
+    date (neither its clean frame nor a revisit) stays in the series, as in a real series where a
+    hazy or veiled acquisition has no clean copy. At least `min_clean_dates` dates stay clean, so a
+    tile holds at most len(dates) - 1 - min_clean_dates such plants: the slots of `plant` are
+    taken in a per-tile random order, hard kinds before obvious ones, and the rest are left out
+    (`DevTile.kinds` says what was planted)."""
     if unknown := set(plant) - set(KINDS):
         raise ValueError(f"unknown kinds {sorted(unknown)}; expected {KINDS}")
+    if twin_free and include_hr_date:
+        raise ValueError("twin_free leaves the HR's own date out of its series; include_hr_date must be False")
     dates = mosaic.dates
     gaps = {d: _gap(np.random.default_rng([seed, int(d)])) for d in dates}
     out = []
@@ -377,19 +411,31 @@ def build_dev_tiles(
                 o2 = o + rng.uniform(-3.0, 3.0, 4)
                 items.append((CLEAN, d, surface_stack(base, (g2, o2, b), rng), (0.0, 0.0)))
         sources = [d for d in lr_dates if d != hd] or lr_dates
-        for kind in KINDS:
-            for _ in range(int(plant.get(kind, 0))):
+        if twin_free:
+            slots, sources_of = _twin_free_slots(plant, sources, min_clean_dates, rng)
+            replaced = {d for d in sources_of if d is not None}
+            items = [it for it in items if it[1] not in replaced]  # no frame of a perturbed date stays
+        else:
+            slots = [kind for kind in KINDS for _ in range(int(plant.get(kind, 0)))]
+            sources_of = None
+        clean_dates = sorted({it[1] for it in items})
+        for n, kind in enumerate(slots):
+            if twin_free and kind == BLACK_BORDER:  # filtered before scoring: any clean date
+                d = clean_dates[int(rng.integers(len(clean_dates)))]
+            elif twin_free:
+                d = sources_of[n]
+            else:
                 d = sources[int(rng.integers(len(sources)))]
-                if kind == MISREGISTERED:
-                    mag = rng.uniform(1.0, 2.0)
-                    theta = rng.uniform(0.0, 2 * np.pi)
-                    q = np.rint(SCALE * mag * np.array([np.sin(theta), np.cos(theta)])).astype(int)
-                    stack = surface_stack(mosaic.lr(d, x, y, (-q[0], -q[1])), gaps[d], rng)
-                    items.append((kind, d, stack, tuple(q / SCALE)))
-                elif kind == BLACK_BORDER:
-                    items.append((kind, d, surfaces[d], (0.0, 0.0)))
-                else:
-                    items.append((kind, d, _PLANTERS[kind](surfaces[d], rng), (0.0, 0.0)))
+            if kind == MISREGISTERED:
+                mag = rng.uniform(1.0, 2.0)
+                theta = rng.uniform(0.0, 2 * np.pi)
+                q = np.rint(SCALE * mag * np.array([np.sin(theta), np.cos(theta)])).astype(int)
+                stack = surface_stack(mosaic.lr(d, x, y, (-q[0], -q[1])), gaps[d], rng)
+                items.append((kind, d, stack, tuple(q / SCALE)))
+            elif kind == BLACK_BORDER:
+                items.append((kind, d, surfaces[d], (0.0, 0.0)))
+            else:
+                items.append((kind, d, _PLANTERS[kind](surfaces[d], rng), (0.0, 0.0)))
         perm = rng.permutation(len(items))
         lrs, extras = [], {b: [] for b in EXTRA_BANDS}
         for i in perm:

@@ -71,8 +71,13 @@ def tile_paths(tile: TileId, config: PairConfig) -> list[str]:
     if config.bands == "rgbn":
         paths += [tiles.s2_band_path(config.input_root, tile, "b08"), tiles.hr_nir_path(config.nir_input, tile)]
     if config.selection.mode == "robust":
-        paths += [tiles.s2_band_path(config.input_root, tile, band) for band in EXTRA_BANDS]
+        paths += [tiles.s2_band_path(config.input_root, tile, band) for band in extra_bands(config)]
     return paths
+
+
+def extra_bands(config: PairConfig) -> tuple[str, ...]:
+    """The optional bands the robust mode reads: EXTRA_BANDS but b08 when the series has it (rgbn)."""
+    return tuple(b for b in EXTRA_BANDS if not (b == "b08" and config.bands == "rgbn"))
 
 
 def _read(path: str, what: str, missing_reason: str, read: Reader = storage.read_bytes) -> bytes:
@@ -131,7 +136,8 @@ def load_tile(tile: TileId, config: PairConfig, read: Reader = storage.read_byte
 
 def _with_extra_bands(inputs: TileInputs, tile: TileId, config: PairConfig,
                       read: Reader = storage.read_bytes) -> TileInputs:
-    """The robust mode's optional Sentinel-2 bands (EXTRA_BANDS: b01, b10, b11, b12), those the
+    """The robust mode's optional Sentinel-2 bands (`extra_bands`: b01, b05, b08 unless rgbn, b09,
+    b10, b11, b12), those the
     tile has: each is read directly (a missing file is one failed read, cheaper than listing the
     folder on an object store). A missing band is simply absent; one that cannot be used (read
     error, corrupt PNG, other width or timestep count) is left out too and named in `extra_note`:
@@ -139,7 +145,7 @@ def _with_extra_bands(inputs: TileInputs, tile: TileId, config: PairConfig,
     if config.selection.mode != "robust":
         return inputs
     notes = []
-    for band in EXTRA_BANDS:
+    for band in extra_bands(config):
         try:
             data = _read(tiles.s2_band_path(config.input_root, tile, band), f"{band}.png", "missing_band", read)
             series = _decode(imagery.decode_series, data, f"{band}.png", 1)[..., 0]

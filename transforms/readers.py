@@ -96,7 +96,10 @@ def read_parquet_pairs(path_or_glob: str, batch_size: int = 64) -> Iterator[dict
     for path in match_files(path_or_glob, (".parquet",)):
         with _open(path) as f:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size):
-                yield from batch.to_pylist()
+                for row in batch.to_pylist():
+                    # columns newer than the file (records.LATER_COLUMNS) read as null
+                    yield {name: row.get(name) for name in records.PAIR_SCHEMA.names} | {
+                        k: v for k, v in row.items() if k not in records.PAIR_SCHEMA.names}
 
 
 def as_stored(record: dict, schema: pa.Schema = records.PAIR_SCHEMA) -> dict:

@@ -50,6 +50,8 @@ EVIDENCE_LISTS = {
     "candidate_shift_px": "shift_px",
     "candidate_shift_peak": "shift_peak",
     "candidate_misregistration_px": "misregistration_px",
+    "candidate_veil": "veil",
+    "candidate_cloud_prob": "cloud_prob",
 }
 EVIDENCE_SCALARS = {
     "lr_haze": "haze",
@@ -62,8 +64,13 @@ EVIDENCE_SCALARS = {
     "lr_shift_px": "shift_px",
     "lr_shift_peak": "shift_peak",
     "lr_misregistration_px": "misregistration_px",
+    "lr_veil": "veil",
+    "lr_cloud_prob": "cloud_prob",
 }
 EVIDENCE_COLUMNS = (*EVIDENCE_LISTS, *EVIDENCE_SCALARS, "evidence_bands", "evidence_note")
+# Columns added after the first release: null in a record that lacks them (older outputs); the
+# readers fill them in, so every reader returns every column of PAIR_SCHEMA.
+LATER_COLUMNS = ("confidence", *EVIDENCE_COLUMNS)
 
 PAIR_SCHEMA = pa.schema(
     [
@@ -91,6 +98,7 @@ PAIR_SCHEMA = pa.schema(
         ("selection", pa.string()),
         ("alpha", pa.float32()),
         ("pipeline_version", pa.string()),
+        ("confidence", pa.float32()),  # selection.pair_confidence; null for manual choices
     ]
     # Evidence of the robust selection, null in the other modes (docs/selection-modes.md).
     + [(name, pa.list_(pa.float32())) for name in EVIDENCE_LISTS]
@@ -142,6 +150,7 @@ def pair_record(
         "selection": mode,
         "alpha": alpha,
         "pipeline_version": PIPELINE_VERSION,
+        "confidence": selection.confidence,
         **evidence_columns(selection, evidence_note),
     }
 

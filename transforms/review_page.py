@@ -36,8 +36,11 @@ from transforms.corrections import timestep_metrics
 from transforms.evidence import Evidence
 from transforms.selection import DATA_RANGE, ROBUST_WEIGHTS, SelectionConfig, downsample, ssim, to_uint8
 
-METRICS = ("psnr_rgb", "psnr_rgbn", "ssim_rgb", "ssim_rgbn")
-METRIC_LABELS = {"psnr_rgb": "PSNR RGB", "psnr_rgbn": "PSNR RGBN", "ssim_rgb": "SSIM RGB", "ssim_rgbn": "SSIM RGBN"}
+METRICS = ("psnr_rgb", "psnr_rgbn", "ssim_rgb", "ssim_rgbn", "confidence")
+METRIC_LABELS = {"psnr_rgb": "PSNR RGB", "psnr_rgbn": "PSNR RGBN", "ssim_rgb": "SSIM RGB", "ssim_rgbn": "SSIM RGBN",
+                 "confidence": "selection confidence"}
+# metrics stored in the pair rows themselves (not computed from images)
+STORED_METRICS = ("confidence",)
 ASSETS = ("index.html", "review.js", "review.css")
 # Columns of a pair row the review keeps for a selected tile (no images).
 REVIEW_COLUMNS = ("tile_id", "lr_index", "n_timesteps", "valid_indices", "candidate_indices", "candidate_psnr",
@@ -217,9 +220,28 @@ def _neg_key(tile_id: str) -> tuple:
 
 def rank_pairs(run: str, metric: str, ranking: Ranking, predictions: str | None = None,
                downsample_method: str = "bicubic_aa") -> dict:
-    """Streams the build's pairs into `ranking`; returns counts (pairs, with/without prediction)."""
+    """Streams the build's pairs into `ranking`; returns counts (pairs, with/without prediction,
+    without a stored metric). A stored metric (`confidence`, the selection's own certainty) is
+    read from its column, no image decoded; pairs where it is null (manual choices) are counted in
+    `no_metric` and not ranked."""
+    counts = {"pairs": 0, "missing_predictions": 0, "no_metric": 0}
+    if metric in STORED_METRICS:
+        if predictions:
+            raise ValueError(f"{metric} is the selection's, not a prediction's: rank predictions by an image metric")
+        for path in pair_files(run):
+            with open_file(path) as f:
+                if metric not in pq.ParquetFile(f).schema_arrow.names:
+                    raise ValueError(f"{path} has no {metric} column (built before it existed): rebuild, "
+                                     "or rank by an image metric")
+        for _, _, table in iter_row_groups(run, [*REVIEW_COLUMNS, metric]):
+            for row in table.to_pylist():
+                counts["pairs"] += 1
+                if row[metric] is None:
+                    counts["no_metric"] += 1
+                    continue
+                ranking.add(float(row[metric]), row["tile_id"], {k: row[k] for k in REVIEW_COLUMNS})
+        return counts
     columns = list(dict.fromkeys([*REVIEW_COLUMNS, "hr"] + ([] if predictions else ["lr"])))
-    counts = {"pairs": 0, "missing_predictions": 0}
     for _, _, table in iter_row_groups(run, columns):
         rows = table.to_pylist()
         if not rows:  # an empty shard

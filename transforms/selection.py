@@ -33,12 +33,14 @@ import math
 
 import numpy as np
 
+from transforms import cloud_prob as CP
 from transforms import evidence as E
 from transforms.imagery import has_black_border
 
 SELECTION_MODES = ("paper", "companion", "robust")
-# the default: at least as good as `paper` on easy tiles, better on hard ones (README, "Selection modes")
-DEFAULT_SELECTION = "robust"
+# the default, decided on real Sentinel-2 (docs/selection-method.md): `robust` does not beat `paper`
+# there (semi-real veiled series), so the paper's formula is the default again
+DEFAULT_SELECTION = "paper"
 DOWNSAMPLE_METHODS = ("bicubic_aa", "bicubic_torch")
 DEFAULT_DOWNSAMPLE = {"paper": "bicubic_aa", "companion": "bicubic_torch", "robust": "bicubic_aa",
                       "manual": "bicubic_aa"}
@@ -89,6 +91,7 @@ class Selection:
     hr_matched: np.ndarray  # uint8 [H, W, C], the HR histogram-matched to the chosen timestep
     lr: np.ndarray  # uint8 [32, 32, C], the chosen timestep
     evidence: E.Evidence | None = None  # robust mode: per-candidate evidence; None otherwise
+    confidence: float | None = None  # `pair_confidence` of the choice, in [0, 1]; None for manual choices
     # robust mode, a manual choice outside the candidates: its own evidence ([1]), measured among
     # every valid timestep (`corrections.manual_selection`); None otherwise
     lr_evidence: E.Evidence | None = None
@@ -396,11 +399,18 @@ class RobustWeights:
     cirrus: float = 0.5  # per unit of mean cirrus probability above the tile's lowest
     cloud: float = 2.0  # per unit of cloud fraction (or global brightening beyond `exposure_tolerance`)
     shadow: float = 2.0  # per unit of shadow fraction (or global darkening beyond `exposure_tolerance`)
-    exposure_tolerance: float = 0.35  # global darkening / brightening against the other candidates
+    # global darkening / brightening against the other candidates counted as shadow / cloud beyond
+    # this; None: not counted
+    exposure_tolerance: float | None = 0.35
     snow: float = 2.0  # per unit of snow fraction
     shift: float = 0.5  # per pixel of misregistration beyond `shift_tolerance`
     shift_tolerance: float = 0.5
     hr_shift_peak: float = 0.3  # the HR phase-correlation shift counts when its peak reaches this
+    veil: float = 0.5  # per unit of twin-free veil evidence (`evidence.veil_evidence`) beyond `veil_tolerance`
+    veil_tolerance: float = 0.1  # ground changes between dates move one or two veil terms
+    cloud_prob: float = 1.0  # per unit of s2cloudless probability above the lowest evaluated candidate
+    cloud_prob_tolerance: float = 0.05
+    cloud_prob_candidates: int = 4  # s2cloudless runs on this many best-scoring candidates
 
 
 ROBUST_WEIGHTS = RobustWeights()
@@ -437,7 +447,11 @@ def robust_scores(hr_down_u8: np.ndarray, hr_down: np.ndarray, candidates: np.nd
     ur, urr = _smooth_f32(np.stack([r, r * r]))
     uy, uyy, ury, um, umm, umy = _smooth_f32(np.stack([y, y * y, r * y, matched, matched * matched, matched * y]))
     vy = uyy - uy * uy
-    lc_raw = _local_correlation(urr - ur * ur, vy, ury - ur * uy)
+    vr = urr - ur * ur
+    # window contrast of each timestep relative to the HR's (R, G, B), ln units
+    sd_ratio = np.log((np.sqrt(np.maximum(vy[:, :3], 0.0)).mean(axis=(-2, -1), dtype=np.float64) + 0.5)
+                      / (np.sqrt(np.maximum(vr[:3], 0.0)).mean(axis=(-2, -1), dtype=np.float64) + 0.5)).mean(axis=-1)
+    lc_raw = _local_correlation(vr, vy, ury - ur * uy)
     lc_matched = _local_correlation(umm - um * um, vy, umy - um * uy)
     distance = alpha * (1.0 - lc_raw) + (1.0 - alpha) * (1.0 - lc_matched)
 
@@ -445,8 +459,10 @@ def robust_scores(hr_down_u8: np.ndarray, hr_down: np.ndarray, candidates: np.nd
     cloud, shadow = E.cloud_shadow_fractions(frames, matched_u8, swir)
     # a timestep mostly under cloud (or shadow) fools the histogram-matched reference: its global
     # brightness against the other candidates' tells instead
-    cloud = np.maximum(cloud, (E.brightening(frames) - w.exposure_tolerance) / (1.0 - w.exposure_tolerance))
-    shadow = np.maximum(shadow, (E.darkening(frames) - w.exposure_tolerance) / (1.0 - w.exposure_tolerance))
+    if w.exposure_tolerance is not None:
+        t = w.exposure_tolerance
+        cloud = np.maximum(cloud, (E.brightening(frames) - t) / (1.0 - t))
+        shadow = np.maximum(shadow, (E.darkening(frames) - t) / (1.0 - t))
     reg = E.registration(frames, np.moveaxis(hr_down, -1, 0), smoothed=uy)
     confident = reg.hr_peak >= w.hr_shift_peak
     hr_px = np.hypot(reg.hr_shift[:, 0], reg.hr_shift[:, 1])
@@ -464,8 +480,18 @@ def robust_scores(hr_down_u8: np.ndarray, hr_down: np.ndarray, candidates: np.nd
         aerosol=E.aerosol_index(extra["b01"], frames) if "b01" in extra else None,
         cirrus=E.cirrus_index(extra["b10"]) if "b10" in extra else None,
         snow=E.snow_fraction(frames, swir) if swir is not None else None,
+        veil=E.veil_evidence(E.veil_terms(frames, sd_ratio)),
     )
     evidence.penalty = robust_penalty(evidence, w)
+    if CP.available(extra, has_nir=c > 3) and w.cloud_prob_candidates > 0:
+        # s2cloudless on the best few candidates only (its cost is per pixel), at 160 m like the
+        # provider's CLP; it re-ranks them
+        best = np.argsort(distance + evidence.penalty, kind="stable")[: w.cloud_prob_candidates]
+        prob = np.full(k, np.nan)
+        prob[best] = CP.cloud_probability(frames[best], {b: extra[b][best] for b in CP.CLOUD_BANDS if b in extra},
+                                          block=max(h // 2, 1))
+        evidence.cloud_prob = prob
+        evidence.penalty = robust_penalty(evidence, w)
     return distance + evidence.penalty, evidence
 
 
@@ -483,7 +509,42 @@ def robust_penalty(evidence: E.Evidence, weights: RobustWeights = ROBUST_WEIGHTS
         penalty = penalty + w.cirrus * (e.cirrus - e.cirrus.min())
     if e.snow is not None:
         penalty = penalty + w.snow * e.snow
+    if e.veil is not None and w.veil:
+        penalty = penalty + w.veil * np.maximum(e.veil - w.veil_tolerance, 0.0)
+    if e.cloud_prob is not None:
+        seen = np.isfinite(e.cloud_prob)
+        if seen.any():
+            excess = np.maximum(e.cloud_prob - np.nanmin(e.cloud_prob) - w.cloud_prob_tolerance, 0.0)
+            penalty = penalty + w.cloud_prob * np.where(seen, excess, 0.0)
     return penalty
+
+
+MARGIN_SCALE = 0.05  # a score margin this large (or larger) to the best rival is full confidence
+NEAR_COPY = 0.97  # candidates correlating this much with the chosen one are the same scene, not rivals
+
+
+def pair_confidence(scores: np.ndarray, best: int, candidates: np.ndarray,
+                    evidence: E.Evidence | None = None) -> float:
+    """How sure the choice is, in [0, 1]: min(margin / MARGIN_SCALE, 1) * (1 - worst evidence).
+
+    The margin is the score gap to the best rival, the best other candidate that is not a near copy
+    of the chosen one (gap-free correlation < NEAR_COPY: a revisit of the same clear scene is an
+    equally good pick, not a rival); with no rival it is full. The worst evidence (robust mode) is
+    the largest of the chosen timestep's cloud, shadow, snow fractions, haze, veil and
+    cloud probability, each in [0, 1]. Low values are the picks worth a reviewer's eye."""
+    scores = np.asarray(scores, dtype=np.float64)
+    corr = gap_free_correlation(candidates, candidates[best].astype(np.float32))
+    rival = np.ones(len(scores), dtype=bool)
+    rival[best] = False
+    rival &= corr < NEAR_COPY
+    margin = float(scores[rival].min() - scores[best]) if rival.any() else MARGIN_SCALE
+    confidence = min(max(margin, 0.0) / MARGIN_SCALE, 1.0)
+    if evidence is not None:
+        e = evidence.take([best])
+        worst = [e.cloud, e.shadow, e.haze, e.snow, e.veil, e.cloud_prob]
+        values = [float(v[0]) for v in worst if v is not None and np.isfinite(v[0])]
+        confidence *= 1.0 - min(max(values, default=0.0), 1.0)
+    return float(confidence)
 
 
 def gap_free_correlation(images: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -551,6 +612,7 @@ def select_pair(hr: np.ndarray, series: np.ndarray, config: SelectionConfig = Se
         scores = companion_scores(hr_down, valid_series[top], config.alpha)
     best = int(np.argmin(scores))  # first minimum, like torch.argmax on the similarity
     lr_index = int(valid[top[best]])
+    confidence = pair_confidence(scores, best, valid_series[top], evidence)
     lr = series[lr_index]
     hr_matched = match_histograms(hr, lr[None])[0]
     return Selection(
@@ -564,4 +626,5 @@ def select_pair(hr: np.ndarray, series: np.ndarray, config: SelectionConfig = Se
         hr_matched=hr_matched,
         lr=lr,
         evidence=evidence,
+        confidence=confidence,
     )
