@@ -16,7 +16,7 @@ setup(
     description="Rebuild S2-NAIP into clean NAIP/Sentinel-2 RGBN super-resolution pairs with Apache Beam",
     python_requires=">=3.11",
     packages=["pipelines", "transforms"],
-    package_data={"transforms": ["review_assets/*.html", "review_assets/*.js", "review_assets/*.css"]},
+    package_data={"transforms": ["review_assets/*.html", "review_assets/*.js", "review_assets/*.css", "data/*.json"]},
     install_requires=[
         "apache-beam[gcp]>=2.77,<2.78",
         "numpy>=2.0",

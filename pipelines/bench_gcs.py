@@ -5,7 +5,7 @@ Servers (tests/gcs_emulator.py, so run it from a checkout with the [test] extra)
 on 127.0.0.1, behind a proxy that delays every request by `--latency-ms` (each request on its own
 thread, so concurrent requests overlap their delays as on GCS, where a small object's first byte
 takes tens of milliseconds). The input is a generated sample with the extra bands (`--tiles`), the
-build the default one (robust, every format's work but Parquet only), one worker process, in this
+build the default one (`paper` selection, every format's work but Parquet only), one worker process, in this
 process (FnApiRunner). Each setting runs `--repeats` times, settings interleaved; medians reported.
 A run at 0 ms latency shows what the thread pool costs when reads are fast (local disk, page cache).
 

@@ -12,7 +12,7 @@ Evaluation sets (`build_sets`; each row of the table is a set seen through some 
   twin hard        the former hard set (extra row): each planted timestep keeps its clean twin
   real S2          real Sentinel-2 L1C (`transforms.real_s2`, --real-s2): 32x32 chips, a clear date
                    as HR (upsampled 4x, NAIP-like radiometry), its own date left out, the other real
-                   dates as the series; every timestep labelled by eye (tests/data/real_s2)
+                   dates as the series; every timestep labelled by eye (transforms/data/eolearn_labels.json)
   real S2+hr       the same with the HR's own date in the series: same-date on real imagery
   semi-real S2     real clear frames veiled with the real s2cloudless cloud shapes of 68 dates
                    (haze, thin cloud, cloud with its shadow, shadow alone), twin-free

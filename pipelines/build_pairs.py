@@ -78,16 +78,11 @@ def build(p: beam.Pipeline, config: PairConfig, spec: OutputSpec, info: dict, ma
 
 
 # Runners whose workers run on this machine: they can count into a folder the launcher reads.
-LOCAL_RUNNERS = ("FnApiRunner", "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner")
-
-
 def runs_on_this_machine(options: PipelineOptions) -> bool:
     """True when every worker of the job is a process of this machine (local runners, or any
     portable runner with LOOPBACK workers)."""
-    runner = options.view_as(StandardOptions).runner
-    name = runner if isinstance(runner, str) else type(runner).__name__
     environment = options.view_as(PortableOptions).environment_type
-    return name.rsplit(".", 1)[-1] in LOCAL_RUNNERS or str(environment).upper() == "LOOPBACK"
+    return runs_here(options) or str(environment).upper() == "LOOPBACK"
 
 
 @contextlib.contextmanager

@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not [a for a in argv if a not in DEBUG_FLAGS] or argv[0] in ("-h", "--help"):
         print(usage())
-        return 0 if argv else EXIT_USAGE
+        return 0 if argv and argv[0] in ("-h", "--help") else EXIT_USAGE
     debug = [a for a in argv if a in DEBUG_FLAGS]
     argv = [a for a in argv if a not in DEBUG_FLAGS]
     name, rest = argv[0], argv[1:]

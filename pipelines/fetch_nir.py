@@ -353,6 +353,10 @@ def publish_nir_run(_, output: str, run_info: dict, counts: dict, http_stats: di
     return publish.publish(output, nir_summary(run_info, counts, http_stats, files), files)
 
 
+def reject_count(reject: dict) -> tuple[str, int]:
+    return f"reject:{reject['reason']}", 1
+
+
 class FetchNirPipeline(beam.PTransform):
     """From the pipeline's root: ids -> nir.png files, rejects/, run.json, _SUCCESS."""
 
@@ -384,7 +388,7 @@ class FetchNirPipeline(beam.PTransform):
         outcome_counts = (
             resolved.outcomes,
             fetched.outcomes,
-            rejects | "RejectKey" >> beam.Map(lambda r: (f"reject:{r['reason']}", 1)),
+            rejects | "RejectKey" >> beam.Map(reject_count),
         ) | "AllOutcomes" >> beam.Flatten()
         counts = (
             outcome_counts

@@ -22,7 +22,7 @@ from apache_beam.options.pipeline_options import (
     _BeamArgumentParser,
 )
 
-from pipelines.cli import CommandError, HelpFormatter, description, unknown_arguments_message
+from pipelines.cli import CommandError, HelpFormatter, unknown_arguments_message
 from transforms import storage, tiles
 from transforms.pairs import BAND_SETS, PairConfig
 from transforms.publish import OutputSpec
@@ -278,7 +278,7 @@ def runs_here(options: PipelineOptions) -> bool:
         return False
     runner = options.view_as(StandardOptions).runner
     name = runner if isinstance(runner, str) else type(runner).__name__ if runner else "FnApiRunner"
-    return name.lower() in LOCAL_RUNNERS
+    return name.rsplit(".", 1)[-1].lower() in LOCAL_RUNNERS  # a qualified name too
 
 
 def expected_layout(leaf: str = "rgb.png") -> str:

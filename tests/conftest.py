@@ -147,7 +147,8 @@ def real_s2_dir() -> Path:
     else:
         path = DEFAULT_REAL_S2_DIR
         if not path.is_dir():
-            pytest.skip(f"no real Sentinel-2 data: set ${REAL_S2_ENV} or provide {path}")
+            skip_unless_required(f"no real Sentinel-2 data: set ${REAL_S2_ENV} or provide {path}",
+                                 "S2NAIP_REQUIRE_REAL_DATA")
     if not (path / "eolearn" / "REFERENCE_SCENES.npy").is_file():
         raise FileNotFoundError(f"real Sentinel-2 folder {path} holds no eolearn/REFERENCE_SCENES.npy")
     return path

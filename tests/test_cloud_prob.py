@@ -1,7 +1,6 @@
 """s2cloudless cloud probability (transforms/cloud_prob.py): the numpy forest against LightGBM, the
 provider's CLP on real Sentinel-2 scenes in S2-NAIP's 8-bit scaling, and its use in the robust
 selection and the records."""
-import os
 from pathlib import Path
 
 import numpy as np
@@ -14,24 +13,16 @@ from transforms import selection as S
 from transforms.readers import as_stored
 from transforms.tiles import TileId
 
-REAL_S2_ENV = "S2NAIP_REAL_S2"
-DEFAULT_REAL_S2 = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "real_s2"
 # REFERENCE_SCENES.npy holds no dates; its scenes are these dates of CLP.npy (real_s2/README.md)
 SCENE_TO_CLP = (2, 1, 4, 3, 0)
 
 
 @pytest.fixture(scope="module")
-def eolearn() -> Path:
-    """The real_s2/eolearn folder: $S2NAIP_REAL_S2 (mandatory then; the real_s2 folder or its
-    eolearn/), else <repo>/../shared/data/real_s2 if present, else skip."""
-    env = os.environ.get(REAL_S2_ENV)
-    path = Path(env) if env else DEFAULT_REAL_S2
-    if not env and not path.is_dir():
-        pytest.skip(f"no real Sentinel-2 data: set ${REAL_S2_ENV} or provide {path}")
-    if (path / "eolearn").is_dir():
-        path = path / "eolearn"
+def eolearn(real_s2_dir) -> Path:
+    """The real_s2/eolearn folder (the `real_s2_dir` fixture: mandatory with $S2NAIP_REAL_S2)."""
+    path = real_s2_dir / "eolearn" if (real_s2_dir / "eolearn").is_dir() else real_s2_dir
     if not (path / "REFERENCE_SCENES.npy").is_file() or not (path / "CLP.npy").is_file():
-        raise FileNotFoundError(f"${REAL_S2_ENV}: {path} holds no REFERENCE_SCENES.npy / CLP.npy")
+        raise FileNotFoundError(f"{path} holds no REFERENCE_SCENES.npy / CLP.npy")
     return path
 
 

@@ -15,7 +15,6 @@
   does not once that term's weight is 0), and a case whose pick depends on which side of the mix
   alpha weighs; the structural distance against an independent contrast-weighted local correlation.
 """
-import dataclasses
 
 import numpy as np
 import pytest
@@ -23,7 +22,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from skimage.exposure import match_histograms as sk_match
 from skimage.metrics import structural_similarity
 
-from tests.tile_factory import area_down, cloud, scene, series_from
+from tests.tile_factory import cloud, scene, series_from
 from transforms import selection as S
 
 ALPHA = 0.7

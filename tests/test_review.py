@@ -159,7 +159,7 @@ def test_prediction_decoding():
 
 
 def test_review_page_data_and_images(built, tmp_path):
-    """The default (robust) build: every valid timestep scored as the robust mode scores a manual
+    """A robust build: every valid timestep scored as the robust mode scores a manual
     pick, among every valid timestep and with the tile's extra bands, and flagged by its evidence."""
     root, out = built
     page = tmp_path / "page"

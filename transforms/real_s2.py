@@ -17,7 +17,7 @@ probabilities and masks of 68 dates). Nothing built here (arrays, images) may be
   a brighter, more contrasted stretch than TCI); it carries no detail beyond 10 m. Its own
   date is always left out of the series.
 * `real_tiles`: per chip and clear HR date, the other four real dates as the series, each
-  timestep's kind its label by eye (tests/data/real_s2/eolearn_labels.json); with
+  timestep's kind its label by eye (transforms/data/eolearn_labels.json); with
   `include_hr_date` the HR's own date too (the "same-date" answer).
 * `semi_real_tiles` (semi-real): real clear frames veiled with the real s2cloudless cloud shapes
   (CLP/CLM windows of the 68 dates) as physical veils, twin-free (a veiled frame replaces its date):
@@ -68,7 +68,7 @@ HAZE, THIN_CLOUD, CLOUD, SHADOW = "haze", "thin_cloud", "cloud", "shadow"
 VEILS = (HAZE, THIN_CLOUD, CLOUD, SHADOW)
 CLEAN = H.CLEAN
 
-DEFAULT_LABELS = Path(__file__).resolve().parent.parent / "tests" / "data" / "real_s2" / "eolearn_labels.json"
+DEFAULT_LABELS = Path(__file__).resolve().parent / "data" / "eolearn_labels.json"
 
 
 @dataclasses.dataclass
@@ -82,7 +82,7 @@ class EoLearnPatch:
 
 
 def load_labels(path=DEFAULT_LABELS) -> dict[str, dict[str, str]]:
-    """chip -> date -> label of the eo-learn scenes (tests/data/real_s2/eolearn_labels.json)."""
+    """chip -> date -> label of the eo-learn scenes (transforms/data/eolearn_labels.json)."""
     with open(path) as f:
         doc = json.load(f)
     labels = doc["labels"]
