@@ -51,6 +51,8 @@ def run_info(config: PairConfig, spec: OutputSpec, opts: BuildOptions, options: 
             "selection": config.selection.mode,
             "alpha": config.selection.alpha,
             "top_k": config.selection.top_k,
+            "lr_timesteps": config.selection.lr_timesteps,
+            "allow_fewer": config.selection.allow_fewer,
             "downsample": config.selection.downsample_method,
             "bands": config.bands,
             "split": config.split,

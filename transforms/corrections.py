@@ -192,7 +192,7 @@ def timestep_metrics(hr: np.ndarray, timesteps: np.ndarray, config: SelectionCon
     timesteps) by its own selection with all N timesteps as candidates (with the tile's extra bands
     `extra` [N, 32, 32] when it has them)."""
     if config.mode not in INDEPENDENT_MODES:
-        selection = select_pair(hr, timesteps, dataclasses.replace(config, top_k=len(timesteps)), extra)
+        selection = select_pair(hr, timesteps, dataclasses.replace(config, top_k=len(timesteps), lr_timesteps=1), extra)
         order = np.argsort(selection.candidate_indices)  # candidates (best first) -> timestep order
         evidence = None if selection.evidence is None else selection.evidence.take(order)
         return TimestepMetrics(selection.candidate_psnr[order].astype(np.float64),

@@ -12,7 +12,7 @@ import numpy as np
 
 from transforms import corrections, imagery, records, storage, tiles
 from transforms.imagery import ImageRejected
-from transforms.selection import EXTRA_BANDS, NoValidTimesteps, SelectionConfig, select_pair
+from transforms.selection import EXTRA_BANDS, NoValidTimesteps, SelectionConfig, TooFewTimesteps, select_pair, with_timesteps
 from transforms.tiles import InvalidTileId, TileId
 
 BAND_SETS = ("rgbn", "rgb")
@@ -185,6 +185,9 @@ def build_tile(tile_id: str, config: PairConfig, correction: corrections.Correct
             selection = corrections.manual_selection(inputs.hr, inputs.series, selection, lr_index, config.selection,
                                                       inputs.extra)
             mode = corrections.MANUAL
+        selection = with_timesteps(selection, inputs.series, config.selection)
+    except TooFewTimesteps as e:
+        return Outcome("reject", records.reject_record(tile_id, "select", "too_few_timesteps", str(e)))
     except corrections.BadCorrection as e:
         return Outcome("reject", records.reject_record(tile_id, "select", "bad_correction", str(e)))
     except TileRejected as e:

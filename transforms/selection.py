@@ -55,6 +55,15 @@ class NoValidTimesteps(Exception):
     """Every timestep of the series has a black border."""
 
 
+class TooFewTimesteps(Exception):
+    """--lr-timesteps N asks for more acceptable timesteps than the tile has (`multi_timesteps`)."""
+
+
+# robust mode, --lr-timesteps N > 1: a timestep after the first is acceptable when its evidence
+# penalty (`robust_penalty`) is at most this, e.g. under 5 % cloud or shadow (2.0 per unit)
+MULTI_MAX_PENALTY = 0.1
+
+
 @dataclasses.dataclass(frozen=True)
 class SelectionConfig:
     mode: str = DEFAULT_SELECTION
@@ -63,6 +72,8 @@ class SelectionConfig:
     downsample: str | None = None  # None: the mode's default (DEFAULT_DOWNSAMPLE)
     border_px: int = 2
     max_border_black: int = 1
+    lr_timesteps: int = 1  # timesteps written per pair, best first (`multi_timesteps`)
+    allow_fewer: bool = False  # with fewer acceptable timesteps than lr_timesteps: write those (else reject)
 
     def __post_init__(self):
         if self.mode not in SELECTION_MODES:
@@ -73,6 +84,8 @@ class SelectionConfig:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if self.downsample is not None and self.downsample not in DOWNSAMPLE_METHODS:
             raise ValueError(f"downsample must be one of {DOWNSAMPLE_METHODS}, got {self.downsample!r}")
+        if not 1 <= self.lr_timesteps <= self.top_k:
+            raise ValueError(f"lr_timesteps must be within [1, top_k = {self.top_k}], got {self.lr_timesteps}")
 
     @property
     def downsample_method(self) -> str:
@@ -95,6 +108,9 @@ class Selection:
     # robust mode, a manual choice outside the candidates: its own evidence ([1]), measured among
     # every valid timestep (`corrections.manual_selection`); None otherwise
     lr_evidence: E.Evidence | None = None
+    # the written timesteps, best first (lr_indices[0] == lr_index); lr is series[lr_indices]
+    # [N, 32, 32, C] when the build asks for lr_timesteps > 1 (`with_timesteps`); None: [lr_index]
+    lr_indices: np.ndarray | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -628,3 +644,32 @@ def select_pair(hr: np.ndarray, series: np.ndarray, config: SelectionConfig = Se
         evidence=evidence,
         confidence=confidence,
     )
+
+
+def multi_timesteps(selection: Selection, config: SelectionConfig) -> np.ndarray:
+    """The timesteps to write, best first: the selection's choice (`lr_index`, automatic or a
+    reviewer's), then the other candidates in the mode's own ranking (score ascending, ties in
+    top-k order), those acceptable only: in `robust`, a candidate whose evidence penalty exceeds
+    MULTI_MAX_PENALTY is not (clean ones first by the score already); in `paper` and `companion`
+    every top-k candidate is. Returns int32 [n], n <= config.lr_timesteps; raises TooFewTimesteps
+    when fewer than lr_timesteps are acceptable, unless config.allow_fewer."""
+    want = config.lr_timesteps
+    candidates = np.asarray(selection.candidate_indices)
+    order = np.argsort(np.asarray(selection.candidate_scores, dtype=np.float64), kind="stable")
+    ok = candidates[order] != selection.lr_index
+    if selection.evidence is not None:
+        ok &= np.asarray(selection.evidence.penalty)[order] <= MULTI_MAX_PENALTY
+    chosen = np.concatenate([[selection.lr_index], candidates[order][ok]])[:want].astype(np.int32)
+    if chosen.size < want and not config.allow_fewer:
+        raise TooFewTimesteps(f"{chosen.size} acceptable timesteps ({config.mode} ranking), {want} requested")
+    return chosen
+
+
+def with_timesteps(selection: Selection, series: np.ndarray, config: SelectionConfig) -> Selection:
+    """`selection` with its written timesteps: unchanged for lr_timesteps 1 (lr [32, 32, C]), else
+    lr_indices from `multi_timesteps` and lr = series[lr_indices] [n, 32, 32, C]. The HR stays
+    histogram-matched to the first (best) timestep."""
+    if config.lr_timesteps == 1:
+        return selection
+    indices = multi_timesteps(selection, config)
+    return dataclasses.replace(selection, lr_indices=indices, lr=series[indices])
