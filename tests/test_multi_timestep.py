@@ -14,7 +14,7 @@ from tests.tile_factory import NAIP_ID, cloud, good_tile, scene, series_from, wr
 from transforms import corrections, dataset_manifest, records
 from transforms.pairs import PairConfig, build_tile
 from transforms.readers import read_parquet_pairs, read_tfrecord_pairs
-from transforms.selection import (MULTI_MAX_PENALTY, SelectionConfig, TooFewTimesteps, multi_timesteps,
+from transforms.selection import (SelectionConfig, acceptable, TooFewTimesteps, multi_timesteps,
                                   select_pair, with_timesteps)
 
 RUNNER = "FnApiRunner"
@@ -77,8 +77,8 @@ def test_robust_acceptable_means_evidence_passes_so_too_few_clean_is_a_reject():
     hr, series = planted_series(3, clean=10, clouded=clouded)
     config = SelectionConfig(mode="robust", lr_timesteps=12)
     selection = select_pair(hr, series, config)
-    penalty = dict(zip(selection.candidate_indices.tolist(), selection.evidence.penalty))
-    assert all(penalty[t] > MULTI_MAX_PENALTY for t in clouded)
+    passes = dict(zip(selection.candidate_indices.tolist(), acceptable(selection.evidence)))
+    assert not any(passes[t] for t in clouded) and sum(passes.values()) == 10
     with pytest.raises(TooFewTimesteps, match="10 acceptable timesteps .robust ranking., 12 requested"):
         multi_timesteps(selection, config)
     fewer = multi_timesteps(selection, dataclasses.replace(config, allow_fewer=True))
@@ -234,3 +234,16 @@ def test_the_options_hash_includes_lr_timesteps_and_allow_fewer():
     assert len(hashes) == 4
     options = dataset_manifest.output_options(dataclasses.replace(base, selection=SelectionConfig(lr_timesteps=8)))
     assert options["lr_timesteps"] == 8 and options["allow_fewer"] is False
+
+
+def test_acceptable_checks_each_evidence_term():
+    hr, series = planted_series(5, clean=6, clouded=())
+    evidence = select_pair(hr, series, SelectionConfig(mode="robust")).evidence
+    evidence.cloud, evidence.shadow = np.zeros(6), np.zeros(6)
+    evidence.veil, evidence.snow = np.zeros(6), np.zeros(6)
+    evidence.cirrus = np.array([0.3, 0.1, 0.35, 0.1, 0.1, 0.1])  # relative to the lowest
+    evidence.cloud_prob = np.array([np.nan, 0.0, np.nan, 0.5, np.nan, 0.05])  # NaN: not evaluated
+    evidence.shadow[4] = 0.06
+    assert acceptable(evidence).tolist() == [True, True, False, False, False, True]
+    evidence.veil[0] = 0.25
+    assert not acceptable(evidence)[0]

@@ -28,7 +28,7 @@ REJECT_REASONS = {
     "naip_black_border": "the NAIP RGB has more than 1 black pixel in its 2-px border",
     "no_valid_timesteps": "every Sentinel-2 timestep has a black border",
     "too_few_timesteps": "--lr-timesteps N: fewer than N acceptable timesteps (the mode's top-k; robust: "
-                         "evidence penalty <= selection.MULTI_MAX_PENALTY); --allow-fewer writes them instead",
+                         "those whose evidence passes, selection.acceptable); --allow-fewer writes them instead",
     "internal_error": "an unexpected error in the per-tile core (a bug: please report)",
     "removed_by_correction": "a --corrections file maps the tile to null: removed by a reviewer",
     "bad_correction": "a --corrections entry is not a timestep index, is out of range, or names a "

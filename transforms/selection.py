@@ -59,9 +59,20 @@ class TooFewTimesteps(Exception):
     """--lr-timesteps N asks for more acceptable timesteps than the tile has (`multi_timesteps`)."""
 
 
-# robust mode, --lr-timesteps N > 1: a timestep after the first is acceptable when its evidence
-# penalty (`robust_penalty`) is at most this, e.g. under 5 % cloud or shadow (2.0 per unit)
-MULTI_MAX_PENALTY = 0.1
+@dataclasses.dataclass(frozen=True)
+class Acceptance:
+    """Robust mode, --lr-timesteps N > 1: the evidence a timestep after the first must pass to be
+    written (`acceptable`). Per term, not the summed penalty: the haze term (contrast loss against a
+    twin) also counts seasonal change, so clear timesteps months from the NAIP date carry penalties
+    of 0.2-0.9 (embedded sample); the veil term is twin-free. Measured: docs/outputs.md."""
+
+    fraction: float = 0.05  # cloud, shadow and snow fractions at most this
+    veil: float = 0.2  # twin-free veil evidence at most this
+    cirrus: float = 0.2  # B10 cirrus index above the tile's lowest candidate at most this
+    cloud_prob: float = 0.1  # s2cloudless probability above the lowest evaluated candidate at most this
+
+
+ACCEPTANCE = Acceptance()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -649,20 +660,37 @@ def select_pair(hr: np.ndarray, series: np.ndarray, config: SelectionConfig = Se
 def multi_timesteps(selection: Selection, config: SelectionConfig) -> np.ndarray:
     """The timesteps to write, best first: the selection's choice (`lr_index`, automatic or a
     reviewer's), then the other candidates in the mode's own ranking (score ascending, ties in
-    top-k order), those acceptable only: in `robust`, a candidate whose evidence penalty exceeds
-    MULTI_MAX_PENALTY is not (clean ones first by the score already); in `paper` and `companion`
-    every top-k candidate is. Returns int32 [n], n <= config.lr_timesteps; raises TooFewTimesteps
+    top-k order), those acceptable only: in `robust`, those whose evidence passes (`acceptable`;
+    the score already ranks clean ones first); in `paper` and `companion` every top-k candidate. Returns int32 [n], n <= config.lr_timesteps; raises TooFewTimesteps
     when fewer than lr_timesteps are acceptable, unless config.allow_fewer."""
     want = config.lr_timesteps
     candidates = np.asarray(selection.candidate_indices)
     order = np.argsort(np.asarray(selection.candidate_scores, dtype=np.float64), kind="stable")
     ok = candidates[order] != selection.lr_index
     if selection.evidence is not None:
-        ok &= np.asarray(selection.evidence.penalty)[order] <= MULTI_MAX_PENALTY
+        ok &= acceptable(selection.evidence)[order]
     chosen = np.concatenate([[selection.lr_index], candidates[order][ok]])[:want].astype(np.int32)
     if chosen.size < want and not config.allow_fewer:
         raise TooFewTimesteps(f"{chosen.size} acceptable timesteps ({config.mode} ranking), {want} requested")
     return chosen
+
+
+def acceptable(evidence: E.Evidence, limits: Acceptance = ACCEPTANCE) -> np.ndarray:
+    """bool [K]: the candidates whose evidence passes `limits` (terms the tile lacks, e.g. cirrus
+    without B10, do not count)."""
+    ok = (np.asarray(evidence.cloud) <= limits.fraction) & (np.asarray(evidence.shadow) <= limits.fraction)
+    if evidence.snow is not None:
+        ok &= np.asarray(evidence.snow) <= limits.fraction
+    if evidence.veil is not None:
+        ok &= np.asarray(evidence.veil) <= limits.veil
+    if evidence.cirrus is not None:
+        cirrus = np.asarray(evidence.cirrus, dtype=np.float64)
+        ok &= cirrus - cirrus.min() <= limits.cirrus
+    if evidence.cloud_prob is not None:
+        prob = np.asarray(evidence.cloud_prob, dtype=np.float64)
+        if np.isfinite(prob).any():
+            ok &= ~(prob - np.nanmin(prob) > limits.cloud_prob)  # NaN (not evaluated) passes
+    return ok
 
 
 def with_timesteps(selection: Selection, series: np.ndarray, config: SelectionConfig) -> Selection:
