@@ -181,6 +181,9 @@ def test_a_build_with_8_timesteps_in_every_sink(multi_run):
     rejects = [r for r in pq.read_table(os.path.join(out, "rejects")).to_pylist()]
     assert [(r["tile_id"], r["reason"]) for r in rejects] == [(tid(4), "too_few_timesteps")]
     assert summary["options"]["lr_timesteps"] == 8 and summary["options"]["allow_fewer"] is False
+    assert summary["counts"]["lr_timesteps"] == {"requested": 8, "pairs_with_all": 4, "pairs_by_count": {"8": 4},
+                                                 "rejected_too_few": 1}
+    assert "lr timesteps: 4 pairs with 8, 0 with fewer (--allow-fewer), 1 tiles rejected" in build_pairs.summary_text(summary)
     parquet = {r["tile_id"]: r for r in read_parquet_pairs(os.path.join(out, "pairs"))}
     tfrecord = {r["tile_id"]: r for r in read_tfrecord_pairs(os.path.join(out, "tfrecord"))}
     assert parquet == tfrecord and len(parquet) == 4
@@ -205,7 +208,8 @@ def test_the_single_timestep_layout_reads_with_one_image(tmp_path):
     root, out = str(tmp_path / "in"), str(tmp_path / "out")
     for i in range(2):
         good_tile(root, tid(i), seed=i, t=6)
-    build_pairs.run(["--input", root, "--output", out, "--runner", RUNNER, "--format", "parquet,png"])
+    summary = build_pairs.run(["--input", root, "--output", out, "--runner", RUNNER, "--format", "parquet,png"])
+    assert "lr_timesteps" not in summary["counts"]
     rows = {r["tile_id"]: r for r in read_parquet_pairs(os.path.join(out, "pairs"))}
     items = satlas_items(os.path.join(out, "png"), n_s2_images=1)
     assert len(items) == 2 and not satlas_items(os.path.join(out, "png"), n_s2_images=2)
@@ -247,3 +251,16 @@ def test_acceptable_checks_each_evidence_term():
     assert acceptable(evidence).tolist() == [True, True, False, False, False, True]
     evidence.veil[0] = 0.25
     assert not acceptable(evidence)[0]
+
+
+def test_allow_fewer_counts_pairs_by_timesteps(tmp_path):
+    root, out = str(tmp_path / "in"), str(tmp_path / "out")
+    good_tile(root, tid(0), seed=0, t=12)
+    good_tile(root, tid(1), seed=1, t=5)
+    summary = build_pairs.run(["--input", root, "--output", out, "--runner", RUNNER, "--lr-timesteps", "8",
+                               "--allow-fewer"])
+    assert summary["counts"]["pairs"] == 2 and summary["options"]["allow_fewer"] is True
+    assert summary["counts"]["lr_timesteps"] == {"requested": 8, "pairs_with_all": 1,
+                                                 "pairs_by_count": {"5": 1, "8": 1}, "rejected_too_few": 0}
+    shapes = {r["tile_id"]: r["lr_shape"] for r in read_parquet_pairs(os.path.join(out, "pairs"))}
+    assert shapes == {tid(0): [8, 32, 32, 4], tid(1): [5, 32, 32, 4]}
