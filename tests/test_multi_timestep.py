@@ -264,3 +264,51 @@ def test_allow_fewer_counts_pairs_by_timesteps(tmp_path):
                                                  "pairs_by_count": {"5": 1, "8": 1}, "rejected_too_few": 0}
     shapes = {r["tile_id"]: r["lr_shape"] for r in read_parquet_pairs(os.path.join(out, "pairs"))}
     assert shapes == {tid(0): [8, 32, 32, 4], tid(1): [5, 32, 32, 4]}
+
+
+def test_a_reviewer_drops_timesteps_and_the_next_acceptable_take_their_places(tmp_path):
+    root = str(tmp_path)
+    good_tile(root, tid(0), seed=6, t=10)
+    config = PairConfig(root, selection=SelectionConfig(lr_timesteps=4))
+    auto = build_tile(tid(0), config).record
+    ranked = [auto["candidate_indices"][i] for i in np.argsort(auto["candidate_scores"], kind="stable")]
+    assert auto["lr_indices"] == ranked[:4]
+    # dropping a later one: the choice stays automatic, the fifth moves up
+    later = build_tile(tid(0), config, corrections.Correction({"drop": [ranked[2]]}, "c.json")).record
+    assert later["selection"] == "paper" and later["lr_index"] == auto["lr_index"]
+    assert later["lr_indices"] == [ranked[0], ranked[1], ranked[3], ranked[4]]
+    assert later["hr"] == auto["hr"]
+    # dropping the first: the next one is the (manual) choice, the HR matched to it
+    first = build_tile(tid(0), config, corrections.Correction({"drop": [ranked[0]]}, "c.json")).record
+    assert first["selection"] == "manual" and first["lr_indices"] == ranked[1:5] and first["lr_index"] == ranked[1]
+    assert first["hr"] != auto["hr"]
+    # too many dropped: too few left
+    many = build_tile(tid(0), config, corrections.Correction({"drop": ranked[:7]}, "c.json")).record
+    assert many["reason"] == "too_few_timesteps"
+    for bad in ({"drop": []}, {"drop": [99]}, {"drop": ["1"]}, {"keep": [1]}, {"drop": [True]}):
+        rejected = build_tile(tid(0), config, corrections.Correction(bad, "c.json")).record
+        assert rejected["reason"] == "bad_correction", bad
+        assert "c.json" in rejected["detail"]
+
+
+def test_the_review_page_of_a_multi_timestep_build(tmp_path):
+    from pipelines import review
+    from transforms import review_page
+
+    root, out, page = str(tmp_path / "in"), str(tmp_path / "out"), tmp_path / "page"
+    good_tile(root, tid(0), seed=0, t=10)
+    good_tile(root, tid(1), seed=1, t=3)
+    build_pairs.run(["--input", root, "--output", out, "--runner", RUNNER, "--lr-timesteps", "4", "--allow-fewer"])
+    summary = review.run(["--run", out, "--output", str(page), "--worst", "2"])
+    assert summary["on_page"] == 2
+    text = (page / "data.js").read_text()
+    data = json.loads(text[len("window.S2NAIP_REVIEW = "):].rstrip().rstrip(";"))
+    rows = {r["tile_id"]: r for r in read_parquet_pairs(os.path.join(out, "pairs"))}
+    for tile in data["tiles"]:
+        row = rows[tile["tile_id"]]
+        assert tile["lr_indices"] == row["lr_indices"] and len(row["lr_indices"]) == (4 if tile["tile_id"] == tid(0) else 3)
+        written = {s["t"]: s["written"] for s in tile["steps"] if "written" in s}
+        assert written == {t: k for k, t in enumerate(row["lr_indices"])}
+        hr, lr = records.decode_pair_arrays(row)
+        value = review_page.pair_metrics(hr[None], lr[:1], "psnr_rgb")[0]  # the first timestep's
+        assert tile["value"] == pytest.approx(value, abs=1e-3)

@@ -657,16 +657,17 @@ def select_pair(hr: np.ndarray, series: np.ndarray, config: SelectionConfig = Se
     )
 
 
-def multi_timesteps(selection: Selection, config: SelectionConfig) -> np.ndarray:
+def multi_timesteps(selection: Selection, config: SelectionConfig, exclude: frozenset[int] = frozenset()) -> np.ndarray:
     """The timesteps to write, best first: the selection's choice (`lr_index`, automatic or a
     reviewer's), then the other candidates in the mode's own ranking (score ascending, ties in
     top-k order), those acceptable only: in `robust`, those whose evidence passes (`acceptable`;
     the score already ranks clean ones first); in `paper` and `companion` every top-k candidate. Returns int32 [n], n <= config.lr_timesteps; raises TooFewTimesteps
-    when fewer than lr_timesteps are acceptable, unless config.allow_fewer."""
+    when fewer than lr_timesteps are acceptable, unless config.allow_fewer. Timesteps in `exclude`
+    (a reviewer's drops, `corrections.drop_timesteps`) are skipped too."""
     want = config.lr_timesteps
     candidates = np.asarray(selection.candidate_indices)
     order = np.argsort(np.asarray(selection.candidate_scores, dtype=np.float64), kind="stable")
-    ok = candidates[order] != selection.lr_index
+    ok = (candidates[order] != selection.lr_index) & ~np.isin(candidates[order], list(exclude))
     if selection.evidence is not None:
         ok &= acceptable(selection.evidence)[order]
     chosen = np.concatenate([[selection.lr_index], candidates[order][ok]])[:want].astype(np.int32)
@@ -693,11 +694,12 @@ def acceptable(evidence: E.Evidence, limits: Acceptance = ACCEPTANCE) -> np.ndar
     return ok
 
 
-def with_timesteps(selection: Selection, series: np.ndarray, config: SelectionConfig) -> Selection:
+def with_timesteps(selection: Selection, series: np.ndarray, config: SelectionConfig,
+                   exclude: frozenset[int] = frozenset()) -> Selection:
     """`selection` with its written timesteps: unchanged for lr_timesteps 1 (lr [32, 32, C]), else
     lr_indices from `multi_timesteps` and lr = series[lr_indices] [n, 32, 32, C]. The HR stays
     histogram-matched to the first (best) timestep."""
     if config.lr_timesteps == 1:
         return selection
-    indices = multi_timesteps(selection, config)
+    indices = multi_timesteps(selection, config, exclude)
     return dataclasses.replace(selection, lr_indices=indices, lr=series[indices])
