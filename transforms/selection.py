@@ -64,10 +64,13 @@ class Acceptance:
     """Robust mode, --lr-timesteps N > 1: the evidence a timestep after the first must pass to be
     written (`acceptable`). Per term, not the summed penalty: the haze term (contrast loss against a
     twin) also counts seasonal change, so clear timesteps months from the NAIP date carry penalties
-    of 0.2-0.9 (embedded sample); the veil term is twin-free. Measured: docs/outputs.md."""
+    of 0.2-0.9 (embedded sample). The limits are set on two sets with known planted timesteps
+    (docs/outputs.md): clean timesteps of real NAIP captures years apart reach veil 0.30 (90th
+    percentile) and cloud or shadow fractions up to 0.2, planted cloudy and dark ones exceed 0.15
+    cloud or 0.6 shadow; the sample's hazy and thin-cloud timesteps have veil 0.45 and more (median)."""
 
-    fraction: float = 0.05  # cloud, shadow and snow fractions at most this
-    veil: float = 0.2  # twin-free veil evidence at most this
+    fraction: float = 0.1  # cloud, shadow and snow fractions at most this
+    veil: float = 0.35  # twin-free veil evidence at most this
     cirrus: float = 0.2  # B10 cirrus index above the tile's lowest candidate at most this
     cloud_prob: float = 0.1  # s2cloudless probability above the lowest evaluated candidate at most this
 
