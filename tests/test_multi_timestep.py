@@ -333,3 +333,16 @@ def test_real_naip_tiles_8_written_timesteps_hold_no_planted_bad_one(real_tile_s
         assert row["lr_shape"][0] == 8 and not set(row["lr_indices"]) & set(planted), (row["lr_indices"], planted)
     assert len(satlas_items(os.path.join(out, "png"), n_s2_images=8)) == len(
         {(r["tile_x"], r["tile_y"]) for r in rows})
+
+
+def test_the_report_shows_how_many_pairs_had_n_timesteps(tmp_path):
+    from pipelines import report
+
+    root, out = str(tmp_path / "in"), str(tmp_path / "out")
+    good_tile(root, tid(0), seed=0, t=12)
+    good_tile(root, tid(1), seed=1, t=5)
+    good_tile(root, tid(2), seed=2, t=12)
+    build_pairs.run(["--input", root, "--output", out, "--runner", RUNNER, "--lr-timesteps", "8", "--allow-fewer"])
+    report.run(["--run", out, "--output", str(tmp_path / "report"), "--samples", "1"])
+    html = (tmp_path / "report" / "index.html").read_text()
+    assert "timesteps per pair (--lr-timesteps 8)" in html and "2 pairs with all 8, 1 with 5; 0 tiles rejected" in html
