@@ -51,6 +51,8 @@ def run_info(config: PairConfig, spec: OutputSpec, opts: BuildOptions, options: 
             "selection": config.selection.mode,
             "alpha": config.selection.alpha,
             "top_k": config.selection.top_k,
+            "lr_timesteps": config.selection.lr_timesteps,
+            "allow_fewer": config.selection.allow_fewer,
             "downsample": config.selection.downsample_method,
             "bands": config.bands,
             "split": config.split,
@@ -116,6 +118,12 @@ def summary_text(summary: dict) -> str:
         f"tiles {counts['tiles']}: {counts['pairs']} pairs, {counts['rejects']} rejects",
         *(f"  rejected {n:>7}  {reason}" for reason, n in counts["rejects_by_reason"].items()),
     ]
+    multi = counts.get("lr_timesteps")
+    if multi:
+        n = multi["requested"]
+        fewer = sum(v for k, v in multi["pairs_by_count"].items() if int(k) < n)
+        lines.append(f"lr timesteps: {multi['pairs_with_all']} pairs with {n}, {fewer} with fewer (--allow-fewer), "
+                     f"{multi['rejected_too_few']} tiles rejected with fewer than {n} acceptable")
     png = counts.get("png")
     if png:
         lines.append(f"png layout: {png['pairs']} pairs in png/, {png['black_pixel_tiles']} of them with a pure-black "

@@ -86,6 +86,14 @@ class BuildOptions(PipelineOptions):
         sel.add_argument("--top-k", "--top_k", dest="top_k", type=int, default=16,
                          help="Candidate timesteps scored per tile: the k closest to the downsampled NAIP, "
                               "by PSNR (paper, companion) or by gap-free correlation (robust).")
+        sel.add_argument("--lr-timesteps", "--lr_timesteps", dest="lr_timesteps", type=int, default=1,
+                         help="Sentinel-2 timesteps written per pair, best first by the mode's own ranking "
+                              "(1, the paper's single pair; up to --top-k): lr is [N, 32, 32, C] and the PNG "
+                              "layout stacks them for n_s2_images: N. A tile with fewer acceptable timesteps "
+                              "is a too_few_timesteps reject (docs/outputs.md).")
+        _flag(sel, "--allow-fewer", "--allow_fewer",
+              help="With --lr-timesteps N: write a tile with fewer than N acceptable timesteps with those "
+                   "it has, instead of rejecting it.")
         sel.add_argument("--downsample", default=None, choices=DOWNSAMPLE_METHODS,
                          help="NAIP -> 32x32 resampling. Default: the mode's, bicubic_aa (antialiased) for "
                               "robust and paper, bicubic_torch (PyTorch's, not antialiased) for companion.")
@@ -134,6 +142,8 @@ def pair_config(opts: BuildOptions, input_root: str | None = None) -> PairConfig
         raise ValueError(f"--alpha must be within [0, 1], got {opts.alpha}")
     if opts.top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {opts.top_k}")
+    if opts.lr_timesteps is None or not 1 <= opts.lr_timesteps <= opts.top_k:
+        raise ValueError(f"--lr-timesteps must be within [1, --top-k = {opts.top_k}], got {opts.lr_timesteps}")
     if opts.read_threads is not None and opts.read_threads < 0:
         raise ValueError(f"--read-threads must be >= 0, got {opts.read_threads}")
     return PairConfig(
@@ -142,7 +152,8 @@ def pair_config(opts: BuildOptions, input_root: str | None = None) -> PairConfig
         bands=opts.bands,
         split=opts.split if opts.split is not None else default_split(input_root),
         selection=SelectionConfig(mode=opts.selection, alpha=opts.alpha, top_k=opts.top_k,
-                                  downsample=opts.downsample),
+                                  downsample=opts.downsample, lr_timesteps=opts.lr_timesteps,
+                                  allow_fewer=bool(opts.allow_fewer)),
         corrections=tuple(p.strip() for arg in (opts.corrections or ()) for p in arg.split(",") if p.strip()),
         read_threads=opts.read_threads if opts.read_threads is not None else default_read_threads(opts, input_root),
     )

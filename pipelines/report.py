@@ -107,7 +107,13 @@ def report_html(info: dict, counts: dict, summary: dict, sample_ids: list[str], 
     selection_rows = "".join(f"<tr><td><code>{e(k)}</code></td><td class=n>{v:,}</td></tr>"
                              for k, v in summary["selection"].items())
     option_text = ", ".join(f"{k}={v}" for k, v in sorted(options.items()) if k in
-                            ("selection", "alpha", "top_k", "downsample", "bands", "split"))
+                            ("selection", "alpha", "top_k", "lr_timesteps", "downsample", "bands", "split"))
+    multi = counts.get("lr_timesteps")  # run.json of a --lr-timesteps N > 1 build
+    multi_row = "" if not multi else (
+        f"<tr><td>timesteps per pair (--lr-timesteps {multi['requested']})</td><td class=n>"
+        f"{multi['pairs_with_all']:,} pairs with all {multi['requested']}, "
+        f"{e(', '.join(f'{v:,} with {k}' for k, v in multi['pairs_by_count'].items() if int(k) != multi['requested']) or 'none with fewer')}; "
+        f"{multi['rejected_too_few']:,} tiles rejected with fewer acceptable</td></tr>")
     figure_html = "".join(
         f'<figure><img src="{e(name)}" alt="{e(FIGURES[name])}"><figcaption>{e(figure_caption(name, summary))} '
         f'(<a href="{e(name)}">{e(name)}</a>)</figcaption></figure>' for name in figures if name != "overview.png")
@@ -154,7 +160,7 @@ pipeline {e(str(info.get("pipeline_version", "")))} · {e(option_text)} · built
 5% {_fmt(psnr["p05"])}, median {_fmt(psnr["median"])}, 95% {_fmt(psnr["p95"])}, max {_fmt(psnr["max"], 2)}</td></tr>
 <tr><td>valid timesteps per tile</td><td class=n>mean {_fmt(valid["mean"])}, min {valid["min"]}, max {valid["max"]}</td></tr>
 <tr><td>score (lower is better)</td><td>{score_text}</td></tr>
-</table>
+{multi_row}</table>
 <table><tr><th>selection</th><th>pairs</th></tr>{selection_rows}</table>
 <h2>Figures</h2>
 {figure_html}

@@ -503,7 +503,7 @@ def test_flex_template_metadata_matches_the_build_options():
     json_format.ParseDict(metadata, TemplateMetadata.pb()())  # the API's schema, unknown fields rejected
     params = {p["name"]: p for p in metadata["parameters"]}
     assert set(params) == build_option_dests() - {"sample_tiles"}
-    assert len(params) == 18
+    assert len(params) == 20
     for p in params.values():
         assert p["label"] and p["helpText"] and p["regexes"], p["name"]
         assert p["isOptional"] == (p["name"] not in ("input", "output")), p["name"]
@@ -516,7 +516,7 @@ def test_flex_template_metadata_matches_the_build_options():
     good = {
         "input": [INPUT, "gs://b_1.x/a"], "output": [OUTPUT], "manifest": [TEXT_MANIFEST, PARQUET_MANIFEST],
         "nir_input": [INPUT], "selection": list(SELECTION_MODES), "alpha": ["0", "0.7", "1", "1.0", ".25"],
-        "top_k": ["1", "16"], "bands": list(BAND_SETS), "split": ["train_urban_set", "val-2"],
+        "top_k": ["1", "16"], "lr_timesteps": ["1", "8"], "allow_fewer": ["true", "false"], "bands": list(BAND_SETS), "split": ["train_urban_set", "val-2"],
         "num_shards": ["0", "512"], "downsample": list(DOWNSAMPLE_METHODS), "read_threads": ["0", "16", "128"],
         "corrections": [f"gs://{BUCKET}/review/corrections.json",
                         f"gs://{BUCKET}/review/round1.json,gs://{BUCKET}/review/round2.json"],
@@ -526,6 +526,7 @@ def test_flex_template_metadata_matches_the_build_options():
     bad = {
         "input": ["/local/dir", "gs://", "s3://b/x"], "output": ["out/run"], "manifest": ["gs://bucket"],
         "selection": ["manual"], "alpha": ["1.5", "-0.1", "a"], "top_k": ["0", "-1", "1.5"],
+        "lr_timesteps": ["0", "-2", "a"], "allow_fewer": ["yes"],
         "bands": ["rgbnir"], "split": ["a,b", ""], "num_shards": ["-1", "01"], "downsample": ["bilinear"],
         "read_threads": ["-1", "016", "1000", "a"],
         "corrections": ["corrections.json", "gs://bucket", f"gs://{BUCKET}/a.json,", f"gs://{BUCKET}/a.json,b.json"],

@@ -250,6 +250,11 @@ def png_black_pixel_key(_) -> str:
     return "png_black_pixel_tile"
 
 
+def lr_timesteps_key(record: dict) -> str:
+    """How many timesteps a pair holds (--lr-timesteps; fewer only with --allow-fewer)."""
+    return f"lr_timesteps:{len(records.lr_indices(record))}"
+
+
 
 INCREMENTAL_COUNTS = ("new", "changed", "unchanged", "processed", "carried", "carry_missing", "superseded", "removed")
 
@@ -258,7 +263,8 @@ def run_summary(run_info: dict, counts: dict[str, int], files: list[str]) -> dic
     """run.json's content: the launcher's `run_info` plus counts per outcome and reason.
 
     Keys counted: 'pair', 'reject:<reason>' (every input id has exactly one of these), with the
-    png format 'png_reject:<reason>' and 'png_black_pixel_tile' (about pairs, not extra tiles), and
+    png format 'png_reject:<reason>' and 'png_black_pixel_tile' (about pairs, not extra tiles),
+    'lr_timesteps:<n>' per pair (in run.json when the build asked for --lr-timesteps N > 1), and
     'incremental:<name>' (`transforms.incremental`: INCREMENTAL_COUNTS, all of them in run.json's
     `incremental` when any is counted)."""
 
@@ -279,6 +285,15 @@ def run_summary(run_info: dict, counts: dict[str, int], files: list[str]) -> dic
             "pairs": pairs - sum(png_rejects.values()),
             "rejects_by_reason": png_rejects,
             "black_pixel_tiles": counts.get("png_black_pixel_tile", 0),
+        }
+    requested = int(run_info.get("options", {}).get("lr_timesteps", 1))
+    if requested > 1:
+        by_count = {int(n): v for n, v in by_prefix("lr_timesteps:").items()}
+        summary_counts["lr_timesteps"] = {
+            "requested": requested,
+            "pairs_with_all": by_count.get(requested, 0),
+            "pairs_by_count": {str(n): by_count[n] for n in sorted(by_count)},
+            "rejected_too_few": rejects.get("too_few_timesteps", 0),
         }
     increment = by_prefix("incremental:")
     if increment:
@@ -348,7 +363,7 @@ class WritePairs(beam.PTransform):
 
     def expand(self, pairs):
         spec = self.spec
-        files, keys = [], []
+        files, keys = [], [pairs | "LrTimestepsKey" >> beam.Map(lr_timesteps_key)]
         if "parquet" in spec.formats:
             files.append(pairs | "Parquet" >> WriteParquet(spec.path, "pairs", records.PAIR_SCHEMA, spec.num_shards))
         if "tfrecord" in spec.formats:

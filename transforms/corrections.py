@@ -12,6 +12,13 @@ stays constant whatever the number of entries (a million-entry file is ~60 MB of
 it is pickled into the job graph, and no worker holds the whole dict (an `AsDict` side input would
 be materialised in full in every worker process).
 
+With --lr-timesteps N > 1 a reviewer can also drop timesteps: `{tile_id: {"drop": [t, ...]}}` skips
+those timesteps; the next acceptable ones in the mode's ranking take their places (`drop_timesteps`).
+When the first (the selection's choice) is dropped, the next acceptable one becomes the choice,
+selection `manual`, the HR histogram-matched to it; with fewer than N left the tile is a
+`too_few_timesteps` reject (or written with fewer, --allow-fewer). A drop entry that is not a list
+of in-range indices is a `bad_correction`.
+
 The automatic selection still runs for a corrected tile, so its record keeps the candidates' PSNR
 and scores; `manual_selection` then overrides the choice.
 """
@@ -31,9 +38,11 @@ from transforms.imagery import black_border_count
 from transforms.selection import (
     Selection,
     SelectionConfig,
+    TooFewTimesteps,
     companion_scores,
     downsample,
     match_histograms,
+    multi_timesteps,
     paper_scores,
     psnr,
     select_pair,
@@ -175,6 +184,43 @@ def check_correction(correction: Correction, series: np.ndarray, config: Selecti
     return value
 
 
+def is_drop(correction: Correction) -> bool:
+    """Whether the correction is a `{"drop": [...]}` entry (module doc)."""
+    return isinstance(correction.value, dict)
+
+
+def check_drop(correction: Correction, series: np.ndarray) -> frozenset[int]:
+    """The timesteps a `{"drop": [t, ...]}` correction drops; BadCorrection when it is not that shape
+    or names an index outside the series [T, 32, 32, C]."""
+    value = correction.value
+    where = f" ({correction.source})" if correction.source else ""
+    drop = value.get("drop") if isinstance(value, dict) and set(value) == {"drop"} else None
+    if not isinstance(drop, list) or not drop or any(isinstance(t, bool) or not isinstance(t, int) for t in drop):
+        raise BadCorrection(f"correction {json.dumps(value)[:100]}{where} is not {{\"drop\": [timestep index, ...]}}")
+    t = int(series.shape[0])
+    outside = [v for v in drop if not 0 <= v < t]
+    if outside:
+        raise BadCorrection(f"correction drop {outside[:5]}{where} is out of range: the series has {t} timesteps "
+                            f"(0..{t - 1})")
+    return frozenset(drop)
+
+
+def drop_timesteps(hr: np.ndarray, series: np.ndarray, automatic: Selection, drop: frozenset[int],
+                   config: SelectionConfig = SelectionConfig(),
+                   extra: dict[str, np.ndarray] | None = None) -> tuple[Selection, bool]:
+    """`automatic` with the reviewer's dropped timesteps skipped: unchanged when its choice is kept
+    (the later timesteps skip them in `selection.with_timesteps`), else the next acceptable one in
+    the mode's ranking becomes the choice (`manual_selection`). Returns (selection, whether the
+    choice changed); raises TooFewTimesteps when no acceptable timestep is left."""
+    if automatic.lr_index not in drop:
+        return automatic, False
+    rest = multi_timesteps(automatic, dataclasses.replace(config, lr_timesteps=2, allow_fewer=True), drop)[1:]
+    if rest.size == 0:
+        raise TooFewTimesteps(f"no acceptable timestep left after dropping {sorted(drop)[:10]} "
+                              f"({config.mode} ranking), {config.lr_timesteps} requested")
+    return manual_selection(hr, series, automatic, int(rest[0]), config, extra), True
+
+
 INDEPENDENT_MODES = ("paper", "companion")  # modes whose score of a timestep ignores the other timesteps
 
 
@@ -192,7 +238,7 @@ def timestep_metrics(hr: np.ndarray, timesteps: np.ndarray, config: SelectionCon
     timesteps) by its own selection with all N timesteps as candidates (with the tile's extra bands
     `extra` [N, 32, 32] when it has them)."""
     if config.mode not in INDEPENDENT_MODES:
-        selection = select_pair(hr, timesteps, dataclasses.replace(config, top_k=len(timesteps)), extra)
+        selection = select_pair(hr, timesteps, dataclasses.replace(config, top_k=len(timesteps), lr_timesteps=1), extra)
         order = np.argsort(selection.candidate_indices)  # candidates (best first) -> timestep order
         evidence = None if selection.evidence is None else selection.evidence.take(order)
         return TimestepMetrics(selection.candidate_psnr[order].astype(np.float64),

@@ -78,6 +78,7 @@ def record_schema_id() -> str:
 
 def output_options(config) -> dict:
     """The options of a `pairs.PairConfig` that change a tile's record (every SelectionConfig field,
+    lr_timesteps and allow_fewer included,
     the downsampling resolved; bands; split), the pipeline version and the record schema."""
     from transforms.version import PIPELINE_VERSION
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from transforms import corrections, imagery, records, storage, tiles
 from transforms.imagery import ImageRejected
-from transforms.selection import EXTRA_BANDS, NoValidTimesteps, SelectionConfig, select_pair
+from transforms.selection import EXTRA_BANDS, NoValidTimesteps, SelectionConfig, TooFewTimesteps, select_pair, with_timesteps
 from transforms.tiles import InvalidTileId, TileId
 
 BAND_SETS = ("rgbn", "rgb")
@@ -178,13 +178,24 @@ def build_tile(tile_id: str, config: PairConfig, correction: corrections.Correct
     mode = config.selection.mode
     try:
         inputs = load_tile(tile, config, read)
+        drop = frozenset()
         if correction is not None:
-            lr_index = corrections.check_correction(correction, inputs.series, config.selection)
+            if corrections.is_drop(correction):
+                drop = corrections.check_drop(correction, inputs.series)
+            else:
+                lr_index = corrections.check_correction(correction, inputs.series, config.selection)
         selection = select_pair(inputs.hr, inputs.series, config.selection, inputs.extra)
-        if correction is not None:
+        if drop:
+            selection, changed = corrections.drop_timesteps(inputs.hr, inputs.series, selection, drop,
+                                                            config.selection, inputs.extra)
+            mode = corrections.MANUAL if changed else mode
+        elif correction is not None:
             selection = corrections.manual_selection(inputs.hr, inputs.series, selection, lr_index, config.selection,
                                                       inputs.extra)
             mode = corrections.MANUAL
+        selection = with_timesteps(selection, inputs.series, config.selection, drop)
+    except TooFewTimesteps as e:
+        return Outcome("reject", records.reject_record(tile_id, "select", "too_few_timesteps", str(e)))
     except corrections.BadCorrection as e:
         return Outcome("reject", records.reject_record(tile_id, "select", "bad_correction", str(e)))
     except TileRejected as e:

@@ -3,7 +3,9 @@
 `read_parquet_pairs` and `read_tfrecord_pairs` yield the same dicts for the same pair: the Parquet
 row as `pyarrow` returns it (`records.PAIR_SCHEMA` order, str/int/float/bytes/lists). Both stream
 (a row group, a record at a time), so a shard of any size reads in bounded memory. The columns'
-meanings: docs/outputs.md (`candidate_indices` is best first by the build's mode's ranking: PSNR,
+meanings: docs/outputs.md; `lr` is [32, 32, C] or, from a build with --lr-timesteps N > 1,
+[N, 32, 32, C] (`records.lr_timesteps` gives both as [N, 32, 32, C]; `lr_indices` of older files
+reads as [lr_index]) (`candidate_indices` is best first by the build's mode's ranking: PSNR,
 or gap-free correlation in robust).
 """
 from __future__ import annotations
@@ -86,7 +88,7 @@ def read_tfrecord_pairs(path_or_glob: str) -> Iterator[dict]:
             stream = gzip.GzipFile(fileobj=raw, mode="rb") if path.endswith(".gz") else raw
             try:
                 for data in iter_tfrecords(stream, path):
-                    yield example_proto.decode_example(data, classes)
+                    yield _filled(example_proto.decode_example(data, classes))
             except (EOFError, gzip.BadGzipFile, zlib.error) as e:
                 raise CorruptRecordError(f"{path}: bad gzip stream: {e}") from e
 
@@ -98,8 +100,15 @@ def read_parquet_pairs(path_or_glob: str, batch_size: int = 64) -> Iterator[dict
             for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size):
                 for row in batch.to_pylist():
                     # columns newer than the file (records.LATER_COLUMNS) read as null
-                    yield {name: row.get(name) for name in records.PAIR_SCHEMA.names} | {
-                        k: v for k, v in row.items() if k not in records.PAIR_SCHEMA.names}
+                    yield _filled({name: row.get(name) for name in records.PAIR_SCHEMA.names} | {
+                        k: v for k, v in row.items() if k not in records.PAIR_SCHEMA.names})
+
+
+def _filled(row: dict) -> dict:
+    """Rows older than the lr_indices column wrote one timestep: lr_indices reads as [lr_index]."""
+    if row.get("lr_indices") is None and row.get("lr_index") is not None:
+        row["lr_indices"] = [row["lr_index"]]
+    return row
 
 
 def as_stored(record: dict, schema: pa.Schema = records.PAIR_SCHEMA) -> dict:

@@ -27,6 +27,8 @@ REJECT_REASONS = {
     "read_error": "the storage layer failed to read a file after retries",
     "naip_black_border": "the NAIP RGB has more than 1 black pixel in its 2-px border",
     "no_valid_timesteps": "every Sentinel-2 timestep has a black border",
+    "too_few_timesteps": "--lr-timesteps N: fewer than N acceptable timesteps (the mode's top-k; robust: "
+                         "those whose evidence passes, selection.acceptable); --allow-fewer writes them instead",
     "internal_error": "an unexpected error in the per-tile core (a bug: please report)",
     "removed_by_correction": "a --corrections file maps the tile to null: removed by a reviewer",
     "bad_correction": "a --corrections entry is not a timestep index, is out of range, or names a "
@@ -70,7 +72,7 @@ EVIDENCE_SCALARS = {
 EVIDENCE_COLUMNS = (*EVIDENCE_LISTS, *EVIDENCE_SCALARS, "evidence_bands", "evidence_note")
 # Columns added after the first release: null in a record that lacks them (older outputs); the
 # readers fill them in, so every reader returns every column of PAIR_SCHEMA.
-LATER_COLUMNS = ("confidence", *EVIDENCE_COLUMNS)
+LATER_COLUMNS = ("confidence", "lr_indices", *EVIDENCE_COLUMNS)
 
 PAIR_SCHEMA = pa.schema(
     [
@@ -85,6 +87,10 @@ PAIR_SCHEMA = pa.schema(
         ("hr_shape", pa.list_(pa.int32())),
         ("lr_shape", pa.list_(pa.int32())),
         ("lr_index", pa.int32()),
+        # the written timesteps, best first (lr_indices[0] == lr_index); lr is [N, 32, 32, C] when
+        # the build asked for --lr-timesteps N > 1, else [32, 32, C]; the HR is histogram-matched to
+        # the first. Older outputs lack it: readers fill in [lr_index]
+        ("lr_indices", pa.list_(pa.int32())),
         ("n_timesteps", pa.int32()),
         ("valid_indices", pa.list_(pa.int32())),
         # the top-k timesteps the mode scored, best first by its ranking: PSNR against the
@@ -140,6 +146,7 @@ def pair_record(
         "hr_shape": list(hr.shape),
         "lr_shape": list(lr.shape),
         "lr_index": selection.lr_index,
+        "lr_indices": [selection.lr_index] if selection.lr_indices is None else np.asarray(selection.lr_indices).tolist(),
         "n_timesteps": n_timesteps,
         "valid_indices": selection.valid_indices.tolist(),
         "candidate_indices": selection.candidate_indices.tolist(),
@@ -186,7 +193,20 @@ def reject_record(tile_id: str, stage: str, reason: str, detail: str = "") -> di
 
 
 def decode_pair_arrays(row: dict) -> tuple[np.ndarray, np.ndarray]:
-    """A pair row (dict from Parquet or TFRecord) -> (hr, lr) uint8 arrays."""
+    """A pair row (dict from Parquet or TFRecord) -> (hr, lr) uint8 arrays; lr as stored, [32, 32, C]
+    or [N, 32, 32, C] (`lr_timesteps` gives it one shape)."""
     hr = np.frombuffer(row["hr"], dtype=np.uint8).reshape(row["hr_shape"])
     lr = np.frombuffer(row["lr"], dtype=np.uint8).reshape(row["lr_shape"])
     return hr, lr
+
+
+def lr_timesteps(row: dict) -> np.ndarray:
+    """A pair row's LR as [N, 32, 32, C] whatever its stored shape (N = 1 for single-timestep rows)."""
+    lr = decode_pair_arrays(row)[1]
+    return lr[None] if lr.ndim == 3 else lr
+
+
+def lr_indices(row: dict) -> list[int]:
+    """A pair row's written timesteps, best first; [lr_index] for rows older than the column."""
+    indices = row.get("lr_indices")
+    return [row["lr_index"]] if indices is None else list(indices)

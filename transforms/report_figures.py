@@ -471,7 +471,9 @@ class SampleTile:
 
     @property
     def lr(self) -> np.ndarray:
-        return np.frombuffer(self.row["lr"], np.uint8).reshape(self.row["lr_shape"])
+        """The chosen timestep [32, 32, C] (the first of a --lr-timesteps N pair's, the HR's match)."""
+        lr = np.frombuffer(self.row["lr"], np.uint8).reshape(self.row["lr_shape"])
+        return lr[0] if lr.ndim == 4 else lr
 
 
 def sample_grid(samples: list[SampleTile]) -> bytes:

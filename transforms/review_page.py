@@ -31,7 +31,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from PIL import Image
 
-from transforms import readers, storage, tiles
+from transforms import readers, records, storage, tiles
 from transforms.corrections import timestep_metrics
 from transforms.evidence import Evidence
 from transforms.selection import DATA_RANGE, ROBUST_WEIGHTS, SelectionConfig, downsample, ssim, to_uint8
@@ -43,7 +43,7 @@ METRIC_LABELS = {"psnr_rgb": "PSNR RGB", "psnr_rgbn": "PSNR RGBN", "ssim_rgb": "
 STORED_METRICS = ("confidence",)
 ASSETS = ("index.html", "review.js", "review.css")
 # Columns of a pair row the review keeps for a selected tile (no images).
-REVIEW_COLUMNS = ("tile_id", "lr_index", "n_timesteps", "valid_indices", "candidate_indices", "candidate_psnr",
+REVIEW_COLUMNS = ("tile_id", "lr_index", "lr_indices", "n_timesteps", "valid_indices", "candidate_indices", "candidate_psnr",
                   "candidate_scores", "psnr", "score", "selection", "hr_shape", "lr_shape")
 PREDICTION_SUFFIXES = (".png", ".npy")
 MAX_PREDICTION_BYTES = 16 * 1024 * 1024
@@ -263,7 +263,8 @@ def rank_pairs(run: str, metric: str, ranking: Ranking, predictions: str | None 
             values = metric_values(np.stack(preds), hr[keep], metric)
             rows = [rows[i] for i in keep]
         else:
-            lr = np.stack([np.frombuffer(r["lr"], np.uint8).reshape(r["lr_shape"]) for r in rows])
+            # the first (best) timestep, the one the HR is matched to (--lr-timesteps N writes N)
+            lr = np.stack([records.lr_timesteps(r)[0] for r in rows])
             values = pair_metrics(hr, lr, metric, downsample_method)
         for row, value in zip(rows, values):
             ranking.add(float(value), row["tile_id"], {k: row[k] for k in REVIEW_COLUMNS})
@@ -330,8 +331,10 @@ def review_tile(rank: int, ranked: Ranked, hr: np.ndarray, series: np.ndarray, c
     order = np.argsort(-psnrs, kind="stable")
     candidates = set(row["candidate_indices"])
     folder = f"tiles/{rank:05d}"
+    written = {int(t): k for k, t in enumerate(row.get("lr_indices") or [row["lr_index"]])}
     steps = [{"t": int(valid[i]), "psnr": _finite(psnrs[i]), "score": round(float(scores[i]), 5),
-              "candidate": int(valid[i]) in candidates, **({"flags": flags[i]} if flags[i] else {})}
+              "candidate": int(valid[i]) in candidates, **({"flags": flags[i]} if flags[i] else {}),
+              **({"written": written[int(valid[i])]} if len(written) > 1 and int(valid[i]) in written else {})}
              for i in order]
     stacked = series[valid[order]].reshape(-1, series.shape[2], series.shape[3])
     files = {f"{folder}/hr_rgb.png": png_bytes(hr[..., :3]), f"{folder}/series_rgb.png": png_bytes(stacked[..., :3])}
@@ -346,6 +349,7 @@ def review_tile(rank: int, ranked: Ranked, hr: np.ndarray, series: np.ndarray, c
         "value": _finite(ranked.value),
         "dir": folder,
         "lr_index": int(row["lr_index"]),
+        "lr_indices": [int(t) for t in (row.get("lr_indices") or [row["lr_index"]])],
         "selection": row["selection"],
         "n_timesteps": int(row["n_timesteps"]),
         "n_valid": int(valid.size),

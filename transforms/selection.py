@@ -55,6 +55,29 @@ class NoValidTimesteps(Exception):
     """Every timestep of the series has a black border."""
 
 
+class TooFewTimesteps(Exception):
+    """--lr-timesteps N asks for more acceptable timesteps than the tile has (`multi_timesteps`)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Acceptance:
+    """Robust mode, --lr-timesteps N > 1: the evidence a timestep after the first must pass to be
+    written (`acceptable`). Per term, not the summed penalty: the haze term (contrast loss against a
+    twin) also counts seasonal change, so clear timesteps months from the NAIP date carry penalties
+    of 0.2-0.9 (embedded sample). The limits are set on two sets with known planted timesteps
+    (docs/outputs.md): clean timesteps of real NAIP captures years apart reach veil 0.30 (90th
+    percentile) and cloud or shadow fractions up to 0.2, planted cloudy and dark ones exceed 0.15
+    cloud or 0.6 shadow; the sample's hazy and thin-cloud timesteps have veil 0.45 and more (median)."""
+
+    fraction: float = 0.1  # cloud, shadow and snow fractions at most this
+    veil: float = 0.35  # twin-free veil evidence at most this
+    cirrus: float = 0.2  # B10 cirrus index above the tile's lowest candidate at most this
+    cloud_prob: float = 0.1  # s2cloudless probability above the lowest evaluated candidate at most this
+
+
+ACCEPTANCE = Acceptance()
+
+
 @dataclasses.dataclass(frozen=True)
 class SelectionConfig:
     mode: str = DEFAULT_SELECTION
@@ -63,6 +86,8 @@ class SelectionConfig:
     downsample: str | None = None  # None: the mode's default (DEFAULT_DOWNSAMPLE)
     border_px: int = 2
     max_border_black: int = 1
+    lr_timesteps: int = 1  # timesteps written per pair, best first (`multi_timesteps`)
+    allow_fewer: bool = False  # with fewer acceptable timesteps than lr_timesteps: write those (else reject)
 
     def __post_init__(self):
         if self.mode not in SELECTION_MODES:
@@ -73,6 +98,8 @@ class SelectionConfig:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if self.downsample is not None and self.downsample not in DOWNSAMPLE_METHODS:
             raise ValueError(f"downsample must be one of {DOWNSAMPLE_METHODS}, got {self.downsample!r}")
+        if not 1 <= self.lr_timesteps <= self.top_k:
+            raise ValueError(f"lr_timesteps must be within [1, top_k = {self.top_k}], got {self.lr_timesteps}")
 
     @property
     def downsample_method(self) -> str:
@@ -95,6 +122,9 @@ class Selection:
     # robust mode, a manual choice outside the candidates: its own evidence ([1]), measured among
     # every valid timestep (`corrections.manual_selection`); None otherwise
     lr_evidence: E.Evidence | None = None
+    # the written timesteps, best first (lr_indices[0] == lr_index); lr is series[lr_indices]
+    # [N, 32, 32, C] when the build asks for lr_timesteps > 1 (`with_timesteps`); None: [lr_index]
+    lr_indices: np.ndarray | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -628,3 +658,51 @@ def select_pair(hr: np.ndarray, series: np.ndarray, config: SelectionConfig = Se
         evidence=evidence,
         confidence=confidence,
     )
+
+
+def multi_timesteps(selection: Selection, config: SelectionConfig, exclude: frozenset[int] = frozenset()) -> np.ndarray:
+    """The timesteps to write, best first: the selection's choice (`lr_index`, automatic or a
+    reviewer's), then the other candidates in the mode's own ranking (score ascending, ties in
+    top-k order), those acceptable only: in `robust`, those whose evidence passes (`acceptable`;
+    the score already ranks clean ones first); in `paper` and `companion` every top-k candidate. Returns int32 [n], n <= config.lr_timesteps; raises TooFewTimesteps
+    when fewer than lr_timesteps are acceptable, unless config.allow_fewer. Timesteps in `exclude`
+    (a reviewer's drops, `corrections.drop_timesteps`) are skipped too."""
+    want = config.lr_timesteps
+    candidates = np.asarray(selection.candidate_indices)
+    order = np.argsort(np.asarray(selection.candidate_scores, dtype=np.float64), kind="stable")
+    ok = (candidates[order] != selection.lr_index) & ~np.isin(candidates[order], list(exclude))
+    if selection.evidence is not None:
+        ok &= acceptable(selection.evidence)[order]
+    chosen = np.concatenate([[selection.lr_index], candidates[order][ok]])[:want].astype(np.int32)
+    if chosen.size < want and not config.allow_fewer:
+        raise TooFewTimesteps(f"{chosen.size} acceptable timesteps ({config.mode} ranking), {want} requested")
+    return chosen
+
+
+def acceptable(evidence: E.Evidence, limits: Acceptance = ACCEPTANCE) -> np.ndarray:
+    """bool [K]: the candidates whose evidence passes `limits` (terms the tile lacks, e.g. cirrus
+    without B10, do not count)."""
+    ok = (np.asarray(evidence.cloud) <= limits.fraction) & (np.asarray(evidence.shadow) <= limits.fraction)
+    if evidence.snow is not None:
+        ok &= np.asarray(evidence.snow) <= limits.fraction
+    if evidence.veil is not None:
+        ok &= np.asarray(evidence.veil) <= limits.veil
+    if evidence.cirrus is not None:
+        cirrus = np.asarray(evidence.cirrus, dtype=np.float64)
+        ok &= cirrus - cirrus.min() <= limits.cirrus
+    if evidence.cloud_prob is not None:
+        prob = np.asarray(evidence.cloud_prob, dtype=np.float64)
+        if np.isfinite(prob).any():
+            ok &= ~(prob - np.nanmin(prob) > limits.cloud_prob)  # NaN (not evaluated) passes
+    return ok
+
+
+def with_timesteps(selection: Selection, series: np.ndarray, config: SelectionConfig,
+                   exclude: frozenset[int] = frozenset()) -> Selection:
+    """`selection` with its written timesteps: unchanged for lr_timesteps 1 (lr [32, 32, C]), else
+    lr_indices from `multi_timesteps` and lr = series[lr_indices] [n, 32, 32, C]. The HR stays
+    histogram-matched to the first (best) timestep."""
+    if config.lr_timesteps == 1:
+        return selection
+    indices = multi_timesteps(selection, config, exclude)
+    return dataclasses.replace(selection, lr_indices=indices, lr=series[indices])

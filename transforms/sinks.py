@@ -1,14 +1,17 @@
 """Sinks of pair records besides Parquet: TFRecord of tf.train.Example, and the PNG folder layout that
 the satlas-super-resolution S2-NAIP training code reads as it is.
 
-PNG layout under `<output>/png/` (one chosen timestep per tile, so train with `n_s2_images: 1`):
+PNG layout under `<output>/png/` (the chosen timestep per tile, so train with `n_s2_images: 1`; a
+build with --lr-timesteps N stacks the N timesteps vertically, best first, as S2-NAIP stores its
+series, for `n_s2_images: N`):
 
     naip/<naip_id>/<x>_<y>/rgb.png         HR RGB, histogram-matched (the only PNGs under naip/:
                                            the dataset class makes a sample of every PNG there)
     nir/naip/<naip_id>/<x>_<y>/nir.png     HR NIR, mode L                      (rgbn only)
-    sentinel2/<x>_<y>/tci.png              the chosen 32x32 timestep, RGB
+    sentinel2/<x>_<y>/tci.png              the chosen 32x32 timestep, RGB (N timesteps: 32 x 32N, best on top)
     sentinel2/<x>_<y>/b08.png              its B08, mode L                      (rgbn only)
-    tracker.json                           {tile_id: lr_index}, written after every PNG
+    tracker.json                           {tile_id: lr_index} (N timesteps: {tile_id: lr_indices}),
+                                           written after every PNG
 
 sentinel2/ is keyed by <x>_<y> alone, so of the pairs sharing an <x>_<y> (different NAIP captures)
 only the one whose tile id sorts first is written; each other one becomes a `png_xy_collision`
@@ -82,12 +85,20 @@ def has_black_pixel(hr: np.ndarray) -> bool:
 
 
 def png_files(record: dict) -> dict[str, bytes]:
-    """One pair's PNGs by name: rgb, tci, and with 4 bands nir, b08."""
+    """One pair's PNGs by name: rgb, tci, and with 4 bands nir, b08. An LR of N timesteps
+    [N, 32, 32, C] is stacked vertically ([32N, 32, C], best first), as S2-NAIP stores a series."""
     hr, lr = records.decode_pair_arrays(record)
+    if lr.ndim == 4:
+        lr = lr.reshape(-1, *lr.shape[2:])
     files = {"rgb.png": encode_png(hr[..., :3]), "tci.png": encode_png(lr[..., :3])}
     if hr.shape[-1] == 4:
         files.update({"nir.png": encode_png(hr[..., 3]), "b08.png": encode_png(lr[..., 3])})
     return files
+
+
+def tracker_value(record: dict):
+    """A pair's tracker.json entry: lr_index, or the list lr_indices when lr holds N timesteps."""
+    return records.lr_indices(record) if len(record["lr_shape"]) == 4 else record["lr_index"]
 
 
 def staged_path(output: str, tile_id: str, name: str) -> str:
@@ -156,7 +167,7 @@ class StagePngsDoFn(beam.DoFn):
             storage.write_bytes_atomic(staged_path(self.output, record["tile_id"], name), data)
             names.append(name)
         hr, _ = records.decode_pair_arrays(record)
-        yield tile_xy(record), (record["tile_id"], record["lr_index"], has_black_pixel(hr), names)
+        yield tile_xy(record), (record["tile_id"], tracker_value(record), has_black_pixel(hr), names)
 
 
 class PlaceChipDoFn(beam.DoFn):

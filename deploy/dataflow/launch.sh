@@ -49,6 +49,8 @@ NIR_INPUT="${NIR_INPUT:-}"
 SELECTION="${SELECTION:-}"           # paper (default) | robust | companion
 ALPHA="${ALPHA:-}"
 TOP_K="${TOP_K:-}"
+LR_TIMESTEPS="${LR_TIMESTEPS:-}"        # Sentinel-2 timesteps per pair (default 1)
+ALLOW_FEWER="${ALLOW_FEWER:-}"          # true | false
 BANDS="${BANDS:-}"                   # rgbn | rgb
 SPLIT="${SPLIT:-}"
 NUM_SHARDS="${NUM_SHARDS:-}"
@@ -85,7 +87,7 @@ run() {
 build_params() {
   local pairs=(
     input "$INPUT" output "$OUTPUT" manifest "$MANIFEST" corrections "$CORRECTIONS" nir_input "$NIR_INPUT"
-    selection "$SELECTION" alpha "$ALPHA" top_k "$TOP_K" bands "$BANDS" split "$SPLIT"
+    selection "$SELECTION" alpha "$ALPHA" top_k "$TOP_K" lr_timesteps "$LR_TIMESTEPS" allow_fewer "$ALLOW_FEWER" bands "$BANDS" split "$SPLIT"
     num_shards "$NUM_SHARDS" downsample "$DOWNSAMPLE" format "$FORMAT" tfrecord_gzip "$TFRECORD_GZIP"
     read_threads "$READ_THREADS"
     overwrite "$OVERWRITE" since "$SINCE" latest "$LATEST"

@@ -241,6 +241,7 @@
       badges.appendChild(el("span", null, "score " + fmt(s.score, 3) + " "));
       if (s.candidate) badges.appendChild(el("span", "badge-cand", "\u2605 "));
       if (s.t === tile.lr_index) badges.appendChild(el("span", "badge-built", "built"));
+      else if (s.written !== undefined) badges.appendChild(el("span", "badge-cand", " written #" + (s.written + 1)));
       if (s.flags && s.flags.length) {
         var flags = el("div", "badge-flags", s.flags.join(", "));
         flags.title = "robust selection evidence beyond its tolerances";
