@@ -15,7 +15,7 @@ import time
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, PortableOptions, StandardOptions
 
-from pipelines.cli import CommandError, command_main
+from pipelines.cli import CommandError, command_main, without_step
 from pipelines.options import (
     BuildOptions,
     check_build_inputs,
@@ -79,7 +79,6 @@ def build(p: beam.Pipeline, config: PairConfig, spec: OutputSpec, info: dict, ma
                                          progress=progress_dir)
 
 
-# Runners whose workers run on this machine: they can count into a folder the launcher reads.
 def runs_on_this_machine(options: PipelineOptions) -> bool:
     """True when every worker of the job is a process of this machine (local runners, or any
     portable runner with LOOPBACK workers)."""
@@ -186,7 +185,7 @@ def run(argv: list[str] | None = None) -> dict | None:
             if not output_existed:
                 storage.remove_empty_tree(spec.path)
         if isinstance(e, NoTiles):
-            raise CommandError(str(e).split(" [while running", 1)[0]) from None
+            raise CommandError(without_step(e)) from None
         raise
     if not getattr(p.result, "has_job", True) or options.view_as(StandardOptions).no_wait_until_finish:
         return None  # a template was staged or the job runs on: its run.json does not exist yet

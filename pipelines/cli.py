@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import textwrap
+import threading
 from typing import Callable, Iterable
 
 SUBCOMMANDS = {
@@ -91,6 +92,11 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def without_step(exc: BaseException) -> str:
+    """An exception's message without the runner's ' [while running <step>]' suffix."""
+    return str(exc).split(" [while running", 1)[0]
+
+
 def _was_interrupted(exc: BaseException) -> bool:
     """Ctrl-C, also when a runner re-raised it wrapped (FnApiRunner: RuntimeError('KeyboardInterrupt ...'))."""
     seen = set()
@@ -125,8 +131,6 @@ def guarded(prog: str, run: Callable[[list[str]], object], argv: list[str]) -> i
 
 
 def _in_main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 

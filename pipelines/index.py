@@ -10,7 +10,7 @@ import sys
 
 import apache_beam as beam
 
-from pipelines.cli import ArgumentParser, CommandError, command_main, description
+from pipelines.cli import ArgumentParser, CommandError, command_main, description, without_step
 from pipelines.options import (
     check_output_writable,
     check_set_folder,
@@ -59,13 +59,11 @@ def run(argv: list[str]) -> int:
     try:
         with beam.Pipeline(options=options) as p:
             build(p, args.input, args.manifest)
-    except NoTiles as e:
+    except BaseException as e:  # failed or interrupted: no manifest of this run stays
         if here and not existed:
             storage.delete([args.manifest])
-        raise CommandError(str(e).split(" [while running", 1)[0]) from None
-    except BaseException:
-        if here and not existed:
-            storage.delete([args.manifest])
+        if isinstance(e, NoTiles):
+            raise CommandError(without_step(e)) from None
         raise
     print(f"manifest: {args.manifest}")
     return 0

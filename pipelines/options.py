@@ -172,6 +172,13 @@ def use_in_process_runner_by_default(options: PipelineOptions) -> None:
         standard.runner = "FnApiRunner"
 
 
+def runner_name(options: PipelineOptions, default: str = "") -> str:
+    """--runner as a lower-case class name (a qualified name or a runner instance too)."""
+    runner = options.view_as(StandardOptions).runner
+    name = runner if isinstance(runner, str) else type(runner).__name__ if runner else default
+    return name.rsplit(".", 1)[-1].lower()
+
+
 def use_own_image_on_dataflow_by_default(options: PipelineOptions) -> None:
     """On Dataflow without --sdk_container_image, run the workers on the image this process runs in.
 
@@ -181,9 +188,7 @@ def use_own_image_on_dataflow_by_default(options: PipelineOptions) -> None:
     transforms). Outside the image nothing changes.
     """
     image = os.environ.get(IMAGE_ENV, "").strip()
-    runner = options.view_as(StandardOptions).runner
-    name = runner if isinstance(runner, str) else type(runner).__name__ if runner else ""
-    if not image or name.rsplit(".", 1)[-1].lower() not in ("dataflow", "dataflowrunner"):
+    if not image or runner_name(options) not in ("dataflow", "dataflowrunner"):
         return
     worker = options.view_as(WorkerOptions)
     if worker.sdk_container_image or worker.worker_harness_container_image:
@@ -287,9 +292,7 @@ def runs_here(options: PipelineOptions) -> bool:
     job itself fails on a missing manifest or on zero tiles."""
     if options.view_as(GoogleCloudOptions).template_location:
         return False
-    runner = options.view_as(StandardOptions).runner
-    name = runner if isinstance(runner, str) else type(runner).__name__ if runner else "FnApiRunner"
-    return name.rsplit(".", 1)[-1].lower() in LOCAL_RUNNERS  # a qualified name too
+    return runner_name(options, default="FnApiRunner") in LOCAL_RUNNERS
 
 
 def expected_layout(leaf: str = "rgb.png") -> str:

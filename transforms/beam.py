@@ -255,7 +255,6 @@ def lr_timesteps_key(record: dict) -> str:
     return f"lr_timesteps:{len(records.lr_indices(record))}"
 
 
-
 INCREMENTAL_COUNTS = ("new", "changed", "unchanged", "processed", "carried", "carry_missing", "superseded", "removed")
 
 
