@@ -11,6 +11,13 @@ A run at 0 ms latency shows what the thread pool costs when reads are fast (loca
 
 Measured per setting: tiles/s of the whole build (listing, fingerprints, reads, selection, Parquet,
 run.json), requests through the proxy per tile, and whether the outputs equal the first setting's.
+
+Then the storage operations per tile, counted at the proxy (the HTTP layer in front of the emulator,
+not in our code) by kind as GCS bills them (`tests.gcs_emulator.request_kinds`: media GETs, metadata
+GETs, listings pages, inserts, composes, copies, deletes; a JSON batch's parts one by one), for a
+full build and for an incremental `--since` rebuild of the unchanged input into a new folder (the
+last `--read-threads` setting, no added latency). The proxy pages listings as GCS does (1,000
+entries a page), which the emulator alone does not.
 """
 from __future__ import annotations
 
@@ -55,7 +62,7 @@ def _pairs_digest(server, out: str) -> list[tuple[str, int, bytes]]:
     return sorted(rows)
 
 
-def run_build(server, proxy, base: str, out: str, read_threads: int) -> dict:
+def run_build(server, proxy, base: str, out: str, read_threads: int, extra: tuple[str, ...] = ()) -> dict:
     from pipelines import build_pairs
     from transforms import storage
 
@@ -64,15 +71,40 @@ def run_build(server, proxy, base: str, out: str, read_threads: int) -> dict:
     started = time.perf_counter()
     with server.environment(proxy.endpoint):
         summary = build_pairs.run(["--input", base, "--output", out, "--runner", "FnApiRunner",
-                                   "--read-threads", str(read_threads), "--overwrite"])
+                                   "--read-threads", str(read_threads), "--overwrite", *extra])
     seconds = time.perf_counter() - started
     storage.reset_client()
     tiles = summary["counts"]["tiles"]
     return {"seconds": seconds, "tiles": tiles, "tiles_per_s": tiles / seconds,
-            "requests_per_tile": proxy.counts["requests"] / max(tiles, 1)}
+            "requests_per_tile": proxy.counts["requests"] / max(tiles, 1),
+            "kinds": dict(proxy.kinds), "incremental": summary.get("incremental", {})}
 
 
-def bench(tiles: int, latencies_ms: list[float], thread_settings: list[int], repeats: int, workdir: str) -> dict:
+def operations(kinds: dict[str, int], tiles: int, kind_class: dict[str, str]) -> dict:
+    """Counted operations -> per tile, by kind and by GCS operation class."""
+    per_tile = {k: n / max(tiles, 1) for k, n in sorted(kinds.items())}
+    by_class: dict[str, float] = {}
+    for kind, n in per_tile.items():
+        by_class[kind_class.get(kind, "?")] = by_class.get(kind_class.get(kind, "?"), 0.0) + n
+    return {"counts": dict(sorted(kinds.items())), "per_tile": per_tile, "per_tile_by_class": by_class}
+
+
+def count_operations(server, base: str, read_threads: int, extra: tuple[str, ...], kind_class) -> dict:
+    """A full build, then an incremental rebuild of the unchanged input (--since the full one),
+    each through a fresh counting proxy; operations per tile of each."""
+    out = {}
+    with server.proxy() as proxy:
+        full = run_build(server, proxy, base, f"gs://{BUCKET}/ops-full", read_threads, extra)
+        since = run_build(server, proxy, base, f"gs://{BUCKET}/ops-since", read_threads,
+                          (*extra, "--since", f"gs://{BUCKET}/ops-full"))
+    for name, run in (("full", full), ("since_unchanged", since)):
+        out[name] = {"tiles": run["tiles"], "incremental": run["incremental"],
+                     **operations(run["kinds"], run["tiles"], kind_class)}
+    return out
+
+
+def bench(tiles: int, latencies_ms: list[float], thread_settings: list[int], repeats: int, workdir: str,
+          extra: tuple[str, ...] = ()) -> dict:
     from transforms.sample import generate_sample
 
     emu = _emulator()
@@ -92,7 +124,7 @@ def bench(tiles: int, latencies_ms: list[float], thread_settings: list[int], rep
                 for r in range(repeats):
                     for threads in thread_settings:  # interleaved: the machine's noise hits all alike
                         out = f"gs://{BUCKET}/out-{latency:g}ms-{threads}t"
-                        runs[threads].append(run_build(server, proxy, base, out, threads))
+                        runs[threads].append(run_build(server, proxy, base, out, threads, extra))
                         if r == 0:
                             digests[threads] = _pairs_digest(server, out)
                 first = digests[thread_settings[0]]
@@ -104,6 +136,7 @@ def bench(tiles: int, latencies_ms: list[float], thread_settings: list[int], rep
                         "requests_per_tile": runs[threads][0]["requests_per_tile"],
                         "same_pairs_as_first_setting": digests[threads] == first,
                     })
+        operations_per_tile = count_operations(server, base, thread_settings[-1], extra, emu.KIND_CLASS)
     finally:
         server.stop()
     for latency in latencies_ms:
@@ -111,8 +144,8 @@ def bench(tiles: int, latencies_ms: list[float], thread_settings: list[int], rep
         base_rate = next(r["tiles_per_s"] for r in rows if r["read_threads"] == thread_settings[0])
         for r in rows:
             r["speedup_vs_first_setting"] = r["tiles_per_s"] / base_rate
-    return {"tiles": tiles, "repeats": repeats, "results": results,
-            "machine": machine()}
+    return {"tiles": tiles, "repeats": repeats, "results": results, "options": list(extra),
+            "operations": operations_per_tile, "machine": machine()}
 
 
 def report_text(report: dict) -> str:
@@ -123,6 +156,12 @@ def report_text(report: dict) -> str:
         lines.append(f"  {r['latency_ms']:>6g}ms {r['read_threads']:>12} {r['tiles_per_s']:>9.1f} "
                      f"{r['speedup_vs_first_setting']:>8.2f}x {r['requests_per_tile']:>14.1f}  "
                      f"{'yes' if r['same_pairs_as_first_setting'] else 'NO'}")
+    lines.append("  storage operations per tile (counted at the HTTP layer; class A / B as GCS bills them):")
+    for name, ops in report["operations"].items():
+        kinds = ", ".join(f"{k} {v:.3f}" for k, v in ops["per_tile"].items())
+        classes = ", ".join(f"{c} {v:.3f}" for c, v in sorted(ops["per_tile_by_class"].items()))
+        lines.append(f"    {name:>15} ({ops['tiles']} tiles): {kinds}")
+        lines.append(f"    {'':>15} by class: {classes}")
     return "\n".join(lines)
 
 
@@ -133,21 +172,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--read-threads", default="0,16", help="comma-separated settings; the first is the baseline")
     p.add_argument("--repeats", type=int, default=3,
                    help="runs of each setting (settings interleaved); the median is reported")
+    p.add_argument("--selection", default=None,
+                   help="the build's --selection (default: the build's default)")
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temp folder, removed)")
     p.add_argument("--report", default=None, help="write the figures as JSON here")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     latencies = [float(x) for x in args.latency_ms.split(",") if x.strip()]
     threads = [int(x) for x in args.read_threads.split(",") if x.strip()]
+    if not threads:
+        p.error("--read-threads needs at least one setting")
+    extra = ("--selection", args.selection) if args.selection else ()
     if args.workdir:
         os.makedirs(args.workdir, exist_ok=True)
-        report = bench(args.tiles, latencies, threads, args.repeats, args.workdir)
+        report = bench(args.tiles, latencies, threads, args.repeats, args.workdir, extra)
     else:
         with tempfile.TemporaryDirectory(prefix="s2naip-bench-gcs-") as tmp:
-            report = bench(args.tiles, latencies, threads, args.repeats, tmp)
+            report = bench(args.tiles, latencies, threads, args.repeats, tmp, extra)
     print(report_text(report))
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=2, sort_keys=True))
-    return 0 if all(r["same_pairs_as_first_setting"] for r in report["results"]) else 1
+    unchanged = report["operations"]["since_unchanged"]["incremental"]
+    carried_all = unchanged.get("processed", 0) == 0 and unchanged.get("unchanged", 0) == args.tiles
+    return 0 if carried_all and all(r["same_pairs_as_first_setting"] for r in report["results"]) else 1
 
 
 if __name__ == "__main__":
