@@ -16,7 +16,8 @@ Then the storage operations per tile, counted at the proxy (the HTTP layer in fr
 not in our code) by kind as GCS bills them (`tests.gcs_emulator.request_kinds`: media GETs, metadata
 GETs, listings pages, inserts, composes, copies, deletes; a JSON batch's parts one by one), for a
 full build and for an incremental `--since` rebuild of the unchanged input into a new folder (the
-last `--read-threads` setting, no added latency). The proxy pages listings as GCS does (1,000
+last `--read-threads` setting, no added latency), in all and on the input's objects alone (those grow
+with the tiles; the rest is per run and per output shard). The proxy pages listings as GCS does (1,000
 entries a page), which the emulator alone does not.
 """
 from __future__ import annotations
@@ -75,9 +76,15 @@ def run_build(server, proxy, base: str, out: str, read_threads: int, extra: tupl
     seconds = time.perf_counter() - started
     storage.reset_client()
     tiles = summary["counts"]["tiles"]
+    emu = _emulator()
+    input_kinds: dict[str, int] = {}
+    input_key = base.split("/", 3)[3] + "/"  # the input's object prefix in the bucket
+    for kind, path in proxy.operations:
+        if emu.operation_object(path).startswith(input_key):
+            input_kinds[kind] = input_kinds.get(kind, 0) + 1
     return {"seconds": seconds, "tiles": tiles, "tiles_per_s": tiles / seconds,
             "requests_per_tile": proxy.counts["requests"] / max(tiles, 1),
-            "kinds": dict(proxy.kinds), "incremental": summary.get("incremental", {})}
+            "kinds": dict(proxy.kinds), "input_kinds": input_kinds, "incremental": summary.get("incremental", {})}
 
 
 def operations(kinds: dict[str, int], tiles: int, kind_class: dict[str, str]) -> dict:
@@ -99,7 +106,8 @@ def count_operations(server, base: str, read_threads: int, extra: tuple[str, ...
                           (*extra, "--since", f"gs://{BUCKET}/ops-full"))
     for name, run in (("full", full), ("since_unchanged", since)):
         out[name] = {"tiles": run["tiles"], "incremental": run["incremental"],
-                     **operations(run["kinds"], run["tiles"], kind_class)}
+                     **operations(run["kinds"], run["tiles"], kind_class),
+                     "input": operations(run["input_kinds"], run["tiles"], kind_class)}
     return out
 
 
@@ -162,6 +170,8 @@ def report_text(report: dict) -> str:
         classes = ", ".join(f"{c} {v:.3f}" for c, v in sorted(ops["per_tile_by_class"].items()))
         lines.append(f"    {name:>15} ({ops['tiles']} tiles): {kinds}")
         lines.append(f"    {'':>15} by class: {classes}")
+        kinds = ", ".join(f"{k} {v:.3f}" for k, v in ops["input"]["per_tile"].items())
+        lines.append(f"    {'':>15} of which on the input (grows with the tiles): {kinds}")
     return "\n".join(lines)
 
 

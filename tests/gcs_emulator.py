@@ -449,11 +449,27 @@ def request_kind(method: str, path: str) -> str:
 _BATCH_PART = re.compile(rb"^(GET|POST|PUT|PATCH|DELETE) (\S+) HTTP/1\.1\r?$", re.MULTILINE)
 
 
-def request_kinds(method: str, path: str, body: bytes | None) -> list[str]:
-    """The billed operations of one HTTP request: itself, or each part of a JSON batch."""
+def request_operations(method: str, path: str, body: bytes | None) -> list[tuple[str, str]]:
+    """(kind, path) of each billed operation of one HTTP request: itself, or each part of a JSON
+    batch (with the part's own path)."""
     if method == "POST" and urllib.parse.urlsplit(path).path.startswith("/batch/"):
-        return [request_kind(m.decode(), u.decode()) for m, u in _BATCH_PART.findall(body or b"")]
-    return [request_kind(method, path)]
+        parts = [(m.decode(), u.decode()) for m, u in _BATCH_PART.findall(body or b"")]
+        return [(request_kind(m, u), u) for m, u in parts]
+    return [(request_kind(method, path), path)]
+
+
+def request_kinds(method: str, path: str, body: bytes | None) -> list[str]:
+    """The billed operations of one HTTP request by kind: itself, or each part of a JSON batch."""
+    return [kind for kind, _ in request_operations(method, path, body)]
+
+
+def operation_object(path: str) -> str:
+    """The object name (or listing prefix / start) an operation's path names, decoded."""
+    url = urllib.parse.urlsplit(path)
+    if "/o/" in url.path:
+        return urllib.parse.unquote(url.path.split("/o/", 1)[1])
+    query = urllib.parse.parse_qs(url.query)
+    return (query.get("startOffset") or query.get("prefix") or [""])[0]
 
 
 class GcsListPaging:
@@ -597,6 +613,7 @@ class FaultyProxy:
         self.upstream_port = upstream_port
         self.list_paging = list_paging  # page object listings as GCS does (GcsListPaging)
         self.kinds: dict[str, int] = {}  # billed operations by kind (request_kinds), batch parts included
+        self.operations: list[tuple[str, str]] = []  # (kind, path) of each, batch parts one by one
         self.plan = plan or FaultPlan()
         self.latency_s = latency_s
         self._lock = threading.Lock()
@@ -632,10 +649,11 @@ class FaultyProxy:
         return "gcsfs" if "gcsfs" in user_agent else "storage"
 
     def _next_action(self, method: str, path: str, user_agent: str = "", body: bytes | None = None):
-        kinds = request_kinds(method, path, body)
+        operations = request_operations(method, path, body)
         with self._lock:
             self.counts["requests"] += 1
-            for kind in kinds:
+            self.operations += operations
+            for kind, _ in operations:
                 self.kinds[kind] = self.kinds.get(kind, 0) + 1
             self.log.append((method, path))
             if not self.plan.applies(method, path):
@@ -659,6 +677,7 @@ class FaultyProxy:
             for k in self.counts:
                 self.counts[k] = 0
             self.kinds.clear()
+            self.operations.clear()
             self.by_status.clear()
             self.log.clear()
             self.fault_log.clear()

@@ -705,7 +705,7 @@ def test_incremental_dataflow_job_offline(tmp_path_factory, monkeypatch):
     assert not p.run().has_job
     job = harness.collect(job_file, 0)
     names = job.transforms()
-    for step in ("BuildPairs/FingerprintTiles/GroupByCapture", "BuildPairs/FingerprintTiles/FingerprintCaptures",
+    for step in ("BuildPairs/FingerprintTiles/GroupByColumnBlock", "BuildPairs/FingerprintTiles/FingerprintGroups",
                  "BuildPairs/PlanIncrement/JoinByTileId",
                  "BuildPairs/PlanIncrement/ReadPreviousManifest/ReadManifest", "BuildPairs/PlanIncrement/JoinByChip",
                  "BuildPairs/CarryForward/JoinLocations", "BuildPairs/CarryForward/GroupByRowGroup",
