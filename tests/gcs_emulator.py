@@ -216,6 +216,9 @@ class _MetadataHandler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):
         path = self.path.split("?", 1)[0]
+        # google-auth asks by the account's email once it knows it (a second refresh of the same
+        # credentials, e.g. two threads at once): the same account as `default`
+        path = path.replace(f"/service-accounts/{FAKE_ACCOUNT}", "/service-accounts/default")
         if path in self.ROUTES:
             body, ctype = self.ROUTES[path].encode(), "text/plain"
         elif path.rstrip("/") == "/computeMetadata/v1/instance/service-accounts/default":

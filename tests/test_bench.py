@@ -43,4 +43,11 @@ def test_bench_gcs_command_compares_read_settings_on_the_emulator(tmp_path, caps
         assert r["same_pairs_as_first_setting"] and r["tiles"] == 12 and r["tiles_per_s"] > 0
         assert 4 <= r["requests_per_tile"] <= 20  # fingerprints, reads, writes: no request storm
     assert rows[(5.0, 0)]["speedup_vs_first_setting"] == 1.0
+    # storage operations per tile, counted at the proxy: the fingerprints' range listings cost far
+    # less than one listing per tile; an unchanged rebuild reads no input object
+    ops = figures["operations"]
+    assert ops["full"]["input"]["per_tile"]["list"] < 0.5, ops["full"]["input"]
+    assert ops["full"]["input"]["per_tile"]["get_media"] >= 3  # rgb, tci (+ b08, nir) of most tiles
+    assert ops["since_unchanged"]["incremental"]["unchanged"] == 12
+    assert "get_media" not in ops["since_unchanged"]["input"]["per_tile"], ops["since_unchanged"]["input"]
     assert "read threads" in capsys.readouterr().out

@@ -1,6 +1,5 @@
 """Object metadata (size, CRC32C, generation) of a folder's direct children, without reading them
-(and, on gs://, of its sub-folders' children in one recursive listing: `list_subfolder_meta`; of
-many folders at once in a few range listings: `list_folders_meta`).
+(and, on gs://, of many folders at once in a few range listings: `list_folders_meta`).
 
 On `gs://` this is one one-level listing (delimiter '/') of the folder through `transforms.storage`'s
 per-process client and retries (`storage._gcs_client`, `storage._gcs_call`), asking only for the
@@ -108,38 +107,10 @@ def _gcs_list_meta(folder: str) -> dict[str, ObjectMeta]:
                 rest = blob.name[len(prefix):]
                 if not rest or "/" in rest:  # the folder's own placeholder object
                     continue
-                generation = int(blob.generation) if blob.generation is not None else None
-                out[rest] = ObjectMeta(int(blob.size or 0), gcs_crc32c_to_hex(blob.crc32c), generation)
+                out[rest] = _blob_meta(blob)
         return out
 
     return storage._gcs_call(folder, "list", list_one_level)
-
-
-def list_subfolder_meta(folder: str) -> dict[str, dict[str, ObjectMeta]]:
-    """{sub-folder name: {file name: ObjectMeta}} of the files exactly one folder below the gs://
-    `folder` (`folder/<sub>/<file>`), from one recursive listing, paged (1,000 objects a page):
-    e.g. every tile of a NAIP capture, `naip/<naip_id>/<x>_<y>/rgb.png`, at once. Storage errors
-    surface as storage's OSErrors after its retries."""
-    if not storage.is_gcs(folder):
-        raise ValueError(f"a recursive listing needs a gs:// folder, got {folder!r}")
-    bucket, key = storage._split_gcs(folder)
-    prefix = storage._folder_prefix(key)
-
-    def list_recursively() -> dict[str, dict[str, ObjectMeta]]:
-        out: dict[str, dict[str, ObjectMeta]] = {}
-        blobs = storage._gcs_client().list_blobs(bucket, prefix=prefix, fields=_LIST_FIELDS, retry=None,
-                                                 timeout=storage._TIMEOUT_S)
-        for page in blobs.pages:  # a failed page restarts the whole listing (storage's retries)
-            for blob in page:
-                parts = blob.name[len(prefix):].split("/")
-                if len(parts) != 2 or not all(parts):  # deeper objects and folder placeholders
-                    continue
-                generation = int(blob.generation) if blob.generation is not None else None
-                out.setdefault(parts[0], {})[parts[1]] = ObjectMeta(
-                    int(blob.size or 0), gcs_crc32c_to_hex(blob.crc32c), generation)
-        return out
-
-    return storage._gcs_call(folder, "list", list_recursively)
 
 
 def _blob_meta(blob) -> ObjectMeta:
