@@ -218,7 +218,10 @@ class PlanTileDoFn(beam.DoFn):
         # keyed as its record will be (reject records truncate ids), for AssembleManifest's join
         yield beam.pvalue.TaggedOutput("planned", (tile_id[:MAX_ID_CHARS], (fps, corr, computed_in)))
         # a tile to build takes its fingerprints along: BuildPairs requests no file they show absent
-        yield beam.pvalue.TaggedOutput("carry", tile_id) if carry else beam.pvalue.TaggedOutput("process", (tile_id, fps))
+        if carry:
+            yield beam.pvalue.TaggedOutput("carry", tile_id)
+        else:
+            yield beam.pvalue.TaggedOutput("process", (tile_id, fps))
 
 
 def retire_chip(keyed) -> Iterator[dict]:
@@ -241,11 +244,11 @@ class PlanIncrement(beam.PTransform):
     previous run's manifest (read on the workers) and the corrections entries (read on the workers,
     a later file wins, as `corrections.JoinCorrections`).
 
-    Returns a dict of PCollections: 'process' ((tile_id, fingerprints) of the tiles to build), 'carry' (tile ids whose previous
-    record is reused), 'retired' (superseded / removed manifest rows, dicts), 'plan' (each tile's
-    plan as a run.json count key) and 'planned' (tile_id, (fingerprints, correction, computed_in))
-    for `AssembleManifest`. With
-    `previous_run=None` every tile is 'new'."""
+    Returns a dict of PCollections: 'process' ((tile_id, fingerprints) of the tiles to build),
+    'carry' (tile ids whose previous record is reused), 'retired' (superseded / removed manifest
+    rows, dicts), 'plan' (each tile's plan as a run.json count key) and 'planned' (tile_id,
+    (fingerprints, correction, computed_in)) for `AssembleManifest`. With `previous_run=None`
+    every tile is 'new'."""
 
     def __init__(self, previous_run: str | None, options_hash: str, corrections_files: Iterable[str] = ()):
         super().__init__()
