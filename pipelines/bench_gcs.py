@@ -111,8 +111,63 @@ def count_operations(server, base: str, read_threads: int, extra: tuple[str, ...
     return out
 
 
+S2NAIP_S2_FILES = ("tci", "b01", "b05", "b06", "b07", "b08", "b09", "b10", "b11", "b12")
+LAYOUT_CAPTURE = (11, 10)  # columns x rows of tiles per capture: ~110 tiles share a NAIP item in S2-NAIP
+
+
+def layout_tile_ids(n_tiles: int) -> list[str]:
+    """Tile ids laid out as S2-NAIP's: captures of 11 x 10 neighbouring zoom-17 tiles, side by side
+    one quarter quad (~23 columns) apart, rows of 8 captures."""
+    cols, rows = LAYOUT_CAPTURE
+    ids = []
+    for k in range((n_tiles + cols * rows - 1) // (cols * rows)):
+        naip_id = f"m_{4000000 + k:07d}_nw_14_060_20190601"
+        x0, y0 = 20000 + (k % 8) * 23, 50000 + (k // 8) * 18
+        ids += [f"{naip_id}/{x0 + i % cols}_{y0 + i // cols}" for i in range(cols * rows)]
+    return ids[:n_tiles]
+
+
+def listing_operations(server, n_tiles: int) -> dict:
+    """The fingerprints' listings per tile on an S2-NAIP-shaped input of `n_tiles` tiles (small
+    placeholder objects: rgb and nir per tile, the 10 Sentinel-2 files per chip), grouped and
+    chunked as the build does (`FingerprintTiles` on gs://), counted at the proxy."""
+    import concurrent.futures
+
+    from transforms import fingerprints as fpr
+    from transforms import incremental, storage
+
+    ids = layout_tile_ids(n_tiles)
+    bucket = server.emulator.client.bucket(BUCKET)
+    names = []
+    for tile_id in ids:
+        naip_id, xy = tile_id.split("/")
+        names += [f"layout/naip/{naip_id}/{xy}/{f}.png" for f in ("rgb", "nir")]
+        names += [f"layout/sentinel2/{xy}/{b}.png" for b in S2NAIP_S2_FILES]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # the emulator is one Python process
+        list(pool.map(lambda name: bucket.blob(name).upload_from_string(name.encode()), names))
+    spec = fpr.FingerprintSpec(f"gs://{BUCKET}/layout", extra_bands=("b01", "b05", "b09", "b10", "b11", "b12"))
+    groups: dict[str, list[str]] = {}
+    for tile_id in ids:
+        groups.setdefault(fpr.column_block(tile_id), []).append(tile_id)
+    with server.proxy() as proxy, server.environment(proxy.endpoint):
+        storage.reset_client()
+        fingerprints = {}
+        for group in groups.values():
+            group = sorted(group, key=incremental.tile_order)
+            for i in range(0, len(group), incremental.GROUP_CHUNK_TILES):
+                chunk = group[i:i + incremental.GROUP_CHUNK_TILES]
+                fingerprints.update(zip(chunk, fpr.group_fingerprints(chunk, spec)))
+        lists = proxy.kinds.get("list", 0)
+        storage.reset_client()
+    complete = all(fps[0] and fps[1] and fps[2] and fps[3] and fps[4].count("=") == 6
+                   for fps in fingerprints.values())
+    return {"tiles": len(ids), "objects": len(names), "captures": len({t.split("/")[0] for t in ids}),
+            "column_blocks": len(groups), "list_requests": lists, "lists_per_tile": lists / len(ids),
+            "every_file_found": complete and len(fingerprints) == len(ids)}
+
+
 def bench(tiles: int, latencies_ms: list[float], thread_settings: list[int], repeats: int, workdir: str,
-          extra: tuple[str, ...] = ()) -> dict:
+          extra: tuple[str, ...] = (), layout_tiles: int = 0) -> dict:
     from transforms.sample import generate_sample
 
     emu = _emulator()
@@ -145,6 +200,7 @@ def bench(tiles: int, latencies_ms: list[float], thread_settings: list[int], rep
                         "same_pairs_as_first_setting": digests[threads] == first,
                     })
         operations_per_tile = count_operations(server, base, thread_settings[-1], extra, emu.KIND_CLASS)
+        layout = listing_operations(server, layout_tiles) if layout_tiles else None
     finally:
         server.stop()
     for latency in latencies_ms:
@@ -153,7 +209,7 @@ def bench(tiles: int, latencies_ms: list[float], thread_settings: list[int], rep
         for r in rows:
             r["speedup_vs_first_setting"] = r["tiles_per_s"] / base_rate
     return {"tiles": tiles, "repeats": repeats, "results": results, "options": list(extra),
-            "operations": operations_per_tile, "machine": machine()}
+            "operations": operations_per_tile, "layout_listings": layout, "machine": machine()}
 
 
 def report_text(report: dict) -> str:
@@ -172,6 +228,12 @@ def report_text(report: dict) -> str:
         lines.append(f"    {'':>15} by class: {classes}")
         kinds = ", ".join(f"{k} {v:.3f}" for k, v in ops["input"]["per_tile"].items())
         lines.append(f"    {'':>15} of which on the input (grows with the tiles): {kinds}")
+    layout = report.get("layout_listings")
+    if layout:
+        lines.append(f"  fingerprint listings on an S2-NAIP-shaped input: {layout['tiles']} tiles, {layout['objects']} "
+                     f"objects, {layout['captures']} captures, {layout['column_blocks']} column blocks: "
+                     f"{layout['list_requests']} list requests, {layout['lists_per_tile']:.4f} per tile"
+                     f"{'' if layout['every_file_found'] else ' (FILES MISSED)'}")
     return "\n".join(lines)
 
 
@@ -184,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="runs of each setting (settings interleaved); the median is reported")
     p.add_argument("--selection", default=None,
                    help="the build's --selection (default: the build's default)")
+    p.add_argument("--layout-tiles", type=int, default=0,
+                   help="also count the fingerprints' listings on an S2-NAIP-shaped input of this many tiles "
+                        "(placeholder objects: 110 tiles per capture, 10 Sentinel-2 files per chip)")
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temp folder, removed)")
     p.add_argument("--report", default=None, help="write the figures as JSON here")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
@@ -194,16 +259,17 @@ def main(argv: list[str] | None = None) -> int:
     extra = ("--selection", args.selection) if args.selection else ()
     if args.workdir:
         os.makedirs(args.workdir, exist_ok=True)
-        report = bench(args.tiles, latencies, threads, args.repeats, args.workdir, extra)
+        report = bench(args.tiles, latencies, threads, args.repeats, args.workdir, extra, args.layout_tiles)
     else:
         with tempfile.TemporaryDirectory(prefix="s2naip-bench-gcs-") as tmp:
-            report = bench(args.tiles, latencies, threads, args.repeats, tmp, extra)
+            report = bench(args.tiles, latencies, threads, args.repeats, tmp, extra, args.layout_tiles)
     print(report_text(report))
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=2, sort_keys=True))
     unchanged = report["operations"]["since_unchanged"]["incremental"]
     carried_all = unchanged.get("processed", 0) == 0 and unchanged.get("unchanged", 0) == args.tiles
-    return 0 if carried_all and all(r["same_pairs_as_first_setting"] for r in report["results"]) else 1
+    layout_ok = not report["layout_listings"] or report["layout_listings"]["every_file_found"]
+    return 0 if layout_ok and carried_all and all(r["same_pairs_as_first_setting"] for r in report["results"]) else 1
 
 
 if __name__ == "__main__":
