@@ -27,10 +27,12 @@ from pipelines.options import (
     use_in_process_runner_by_default,
     use_own_image_on_dataflow_by_default,
 )
-from transforms import dataset_manifest, incremental, latest, progress, publish, storage, tiles
-from transforms.beam import NoTiles
+from transforms import progress, tiles
+from transforms.build import dataset_manifest, increments as incremental
+from transforms.io import latest, publish, storage
+from transforms.build.stages import NoTiles
 from transforms.pairs import PairConfig
-from transforms.publish import OutputSpec
+from transforms.io.publish import OutputSpec
 from transforms.version import PIPELINE_VERSION
 
 _LOG = logging.getLogger(__name__)
@@ -101,7 +103,7 @@ def progress_reporting(options: PipelineOptions):
         shutil.rmtree(folder, ignore_errors=True)
 
 
-# The folders a build writes, per output format, beside rejects/ and manifest/ (transforms.publish).
+# The folders a build writes, per output format, beside rejects/ and manifest/ (transforms.io.publish).
 FORMAT_FOLDERS = {"parquet": ("pairs",), "tfrecord": ("tfrecord",), "png": ("png", "png_rejects")}
 INCREMENTAL_SHOWN = ("new", "changed", "carried", "superseded", "removed")
 
@@ -156,7 +158,7 @@ def run(argv: list[str] | None = None) -> dict | None:
     if here:
         check_output_writable(opts.output)
     if not opts.input:
-        from transforms.sample import generate_sample
+        from transforms.devdata.sample import generate_sample
 
         sample_dir = sample_input_dir(opts.output)
         print(f"no --input: generating the embedded sample ({opts.sample_tiles} tiles) in "

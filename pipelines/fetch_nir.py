@@ -34,9 +34,11 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from pipelines.cli import ArgumentParser, command_main, description
 from pipelines.options import parse_beam_options, use_in_process_runner_by_default, use_own_image_on_dataflow_by_default
-from transforms import geo, nir_fetch, publish, records, runtime, signing, stac, storage, tiles
-from transforms.beam import ReadTileIds, WriteParquet, counter_values
-from transforms.nir_fetch import ItemRef, nir_reject
+from transforms import records, runtime, tiles
+from transforms.io import publish, storage
+from transforms.nir import geo, nir_fetch, signing, stac
+from transforms.build.stages import ReadTileIds, WriteParquet, counter_values
+from transforms.nir.nir_fetch import ItemRef, nir_reject
 from transforms.version import PIPELINE_VERSION
 
 _LOG = logging.getLogger(__name__)

@@ -23,9 +23,10 @@ from apache_beam.options.pipeline_options import (
 )
 
 from pipelines.cli import CommandError, HelpFormatter, unknown_arguments_message
-from transforms import storage, tiles
+from transforms import tiles
+from transforms.io import storage
 from transforms.pairs import BAND_SETS, PairConfig
-from transforms.publish import OutputSpec
+from transforms.io.publish import OutputSpec
 from transforms.selection import DEFAULT_SELECTION, DOWNSAMPLE_METHODS, SELECTION_MODES, SelectionConfig
 
 DEFAULT_SAMPLE_TILES = 200

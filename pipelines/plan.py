@@ -37,9 +37,11 @@ import time
 from collections import defaultdict
 
 from pipelines.cli import ArgumentParser, configure_logging, description
-from transforms import dataset_manifest as dm
-from transforms import nir_fetch, stac, storage, tiles
-from transforms.latest import resolve_since
+from transforms.build import dataset_manifest as dm
+from transforms import tiles
+from transforms.io import storage
+from transforms.nir import nir_fetch, stac
+from transforms.io.latest import resolve_since
 from transforms.version import PIPELINE_VERSION
 
 _LOG = logging.getLogger(__name__)

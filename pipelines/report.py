@@ -17,10 +17,12 @@ import time
 
 from pipelines.cli import ArgumentParser, command_main, description
 from pipelines.options import check_output_writable, check_run_folder
-from transforms import pairs, publish, records, report_figures, storage, tiles
+from transforms import pairs, records, tiles
+from transforms.io import publish, storage
+from transforms.quality import report_figures
 from transforms.pairs import PairConfig
-from transforms.report_figures import REVIEW_DB, SampleTile
-from transforms.review_page import read_run_json
+from transforms.quality.report_figures import REVIEW_DB, SampleTile
+from transforms.quality.review_page import read_run_json
 from transforms.tiles import TileId
 
 _LOG = logging.getLogger(__name__)

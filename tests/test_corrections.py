@@ -279,7 +279,7 @@ def test_corrections_stay_out_of_the_job_graph(tmp_path):
         config = pair_config(opts)
         assert config.corrections == (str(path),)
         p = beam.Pipeline(runner=RUNNER)
-        from transforms.beam import BuildPairs
+        from transforms.build.stages import BuildPairs
 
         _ = p | beam.Create([tid(0)]) | BuildPairs(config)
         return p.to_runner_api().SerializeToString()

@@ -14,7 +14,7 @@ Nothing leaves the machine. Only the network-facing calls are replaced (see `off
   * uploads to the staging bucket (`DataflowApplicationClient.stage_file` for gs:// targets) go to
     an in-memory "bucket"; local targets (the job file) keep Beam's own code;
   * `submit_job_description` fails the test if reached;
-  * Beam's GCS filesystem, and the gs:// side of the project's `transforms.storage`, are a fake
+  * Beam's GCS filesystem, and the gs:// side of the project's `transforms.io.storage`, are a fake
     backed by a local folder that records every call (`FakeGcs`); Beam's GCS client (`GcsIO`)
     cannot be created, and sockets refuse any non-loopback address (DNS included), so anything
     that would still reach Google Cloud fails the test instead.
@@ -51,7 +51,7 @@ from apache_beam.portability.api import beam_runner_api_pb2
 from apache_beam.runners.dataflow.internal import apiclient
 from pipelines.build_pairs import build, run_info
 from pipelines.options import BuildOptions, output_spec, pair_config
-from transforms import storage as project_storage
+from transforms.io import storage as project_storage
 from transforms.pairs import BAND_SETS
 from transforms.selection import DOWNSAMPLE_METHODS, SELECTION_MODES
 
@@ -214,7 +214,7 @@ class OfflineDataflow:
                      "last_updated", "metadata"):
             mp.setattr(GCSFileSystem, name, lambda fs, path, *a, _f=gcs.forbidden(name), **k: _f(path))
 
-        # The project's own storage layer (transforms.storage) may reach gs:// without Beam's
+        # The project's own storage layer (transforms.io.storage) may reach gs:// without Beam's
         # filesystem: its public functions are routed to the same fake for gs:// paths.
         gcs_routes = {
             "exists": gcs.exists,

@@ -1,4 +1,4 @@
-"""Incremental builds (`transforms.incremental`): fingerprints, the manifest and its pure rules, the
+"""Incremental builds (`transforms.build.increments`): fingerprints, the manifest and its pure rules, the
 `latest` pointer, and the whole build against a simulated NAIP release.
 
 * Pure: fingerprints of local files (and the GCS CRC32C conversion), options hash, plan_increment,
@@ -27,11 +27,13 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
 
 from tests.tile_factory import NAIP_ID, good_tile, scene, series_from, write_png, write_tile
-from transforms import corrections, dataset_manifest as dm, fingerprints as fpr, incremental, latest, publish
-from transforms.object_meta import crc32c_hex, gcs_crc32c_to_hex, list_object_meta
+from transforms import corrections
+from transforms.build import dataset_manifest as dm, fingerprints as fpr, increments as incremental
+from transforms.io import latest, publish
+from transforms.build.object_meta import crc32c_hex, gcs_crc32c_to_hex, list_object_meta
 from transforms.pairs import PairConfig
-from transforms.publish import OutputSpec
-from transforms.readers import read_parquet_pairs, read_tfrecord_pairs
+from transforms.io.publish import OutputSpec
+from transforms.io.readers import read_parquet_pairs, read_tfrecord_pairs
 from transforms.selection import SelectionConfig
 from transforms.version import PIPELINE_VERSION
 
@@ -409,7 +411,7 @@ def test_killed_run_leaves_latest_and_reruns_to_completion(release_runs, monkeyp
     assert since in (runs["run2"], runs["run3"])
     good_tile(root, tid(5), seed=55, t=6)  # chip 5 changes
     victim = tid(5)
-    from transforms import beam as beam_transforms
+    from transforms.build import stages as beam_transforms
 
     real_build_tile = beam_transforms.build_tile
 

@@ -15,7 +15,7 @@ from pipelines import build_pairs
 from pipelines.options import BuildOptions, output_spec, pair_config
 from tests.imagery_fixtures import forged_header_png, png_bytes_noise
 from tests.tile_factory import NAIP_ID, black_edge, good_tile, scene, series_from, write_png, write_tile
-from transforms.beam import BuildPairs, DeduplicateAndReshuffle, ReadTileIds
+from transforms.build.stages import BuildPairs, DeduplicateAndReshuffle, ReadTileIds
 from transforms.pairs import PairConfig
 
 RUNNER = "FnApiRunner"  # in-process; the DirectRunner would first try to download Prism
@@ -119,7 +119,7 @@ def _read_outputs(out):
     return pairs, rejects
 
 
-@pytest.mark.parametrize("read_threads", ["0", "4"])  # reads direct, or started ahead (transforms.prefetch)
+@pytest.mark.parametrize("read_threads", ["0", "4"])  # reads direct, or started ahead (transforms.io.prefetch)
 def test_every_input_id_ends_in_exactly_one_output(tmp_path, read_threads):
     root = str(tmp_path / "in")
     expected = _bad_inputs(root)

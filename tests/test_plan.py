@@ -12,12 +12,12 @@ import pytest
 import rasterio
 
 from pipelines import fetch_nir, plan
-from tests.real_tiles import usable_tiles
+from transforms.devdata.real_tiles import usable_tiles
 from tests.test_incremental import build
 from tests.tile_factory import NAIP_ID as FLORIDA_ID
 from tests.tile_factory import good_tile
-from transforms import dataset_manifest as dm
-from transforms import latest
+from transforms.build import dataset_manifest as dm
+from transforms.io import latest
 from transforms.tiles import TileId
 
 CAPTURE_2012 = "m_4709963_se_14_1_20120731"
@@ -146,7 +146,7 @@ def test_release_workflow_plan_fetch_build(naip_servers, dataset_2012, capsys):
 
 
 def test_plan_reports_stac_failures(tmp_path):
-    from tests.gcs_emulator import free_port
+    from pipelines.dev.gcs_emulator import free_port
 
     root, pointer = str(tmp_path / "in"), str(tmp_path / "latest.json")
     good_tile(root, f"{CAPTURE_2012}/30000_40000", seed=1, t=4)

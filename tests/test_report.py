@@ -18,7 +18,7 @@ from PIL import Image
 
 from pipelines import build_pairs, report
 from tests.tile_factory import NAIP_ID, scene, series_from, write_tile
-from transforms import report_figures
+from transforms.quality import report_figures
 from transforms.records import PAIR_SCHEMA
 
 RUNNER = "FnApiRunner"

@@ -23,8 +23,8 @@ from skimage.metrics import structural_similarity
 
 from pipelines import build_pairs, review
 from tests.tile_factory import NAIP_ID, cloud, scene, series_from, write_tile
-from transforms import review_page
-from transforms.review_page import Ranking
+from transforms.quality import review_page
+from transforms.quality.review_page import Ranking
 from transforms.corrections import timestep_metrics
 from transforms.evidence import Evidence
 from transforms.selection import SelectionConfig, downsample, psnr, to_uint8

@@ -1,7 +1,7 @@
-"""`s2naip bench-gcs` / `python -m pipelines.bench_gcs`: the build reading gs:// with an object store's
+"""`s2naip bench-gcs` / `python -m pipelines.dev.bench_gcs`: the build reading gs:// with an object store's
 round-trip latency, with reads started ahead on N threads (`--read-threads`) or not at all (0).
 
-Servers (tests/gcs_emulator.py, so run it from a checkout with the [test] extra): gcp-storage-emulator
+Servers (pipelines/dev/gcs_emulator.py, so run it from a checkout with the [test] extra): gcp-storage-emulator
 on 127.0.0.1, behind a proxy that delays every request by `--latency-ms` (each request on its own
 thread, so concurrent requests overlap their delays as on GCS, where a small object's first byte
 takes tens of milliseconds). The input is a generated sample with the extra bands (`--tiles`), the
@@ -22,23 +22,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipelines.bench import machine
+from pipelines.dev.bench import machine
 from pipelines.cli import ArgumentParser, description
 
-REPO = Path(__file__).resolve().parent.parent
 BUCKET = "s2naip-bench"
 
 
 def _emulator():
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
     try:
-        from tests import gcs_emulator
-
         import gcp_storage_emulator  # noqa: F401
+
+        from pipelines.dev import gcs_emulator
     except ImportError as e:
-        raise SystemExit(f"s2naip bench-gcs needs a checkout (tests/gcs_emulator.py) with the [test] extra "
-                         f"installed: {e}") from None
+        raise SystemExit(f"s2naip bench-gcs needs the [test] extra (pip install 's2naip-pairs[test]'): {e}") from None
     return gcs_emulator
 
 
@@ -57,7 +53,7 @@ def _pairs_digest(server, out: str) -> list[tuple[str, int, bytes]]:
 
 def run_build(server, proxy, base: str, out: str, read_threads: int) -> dict:
     from pipelines import build_pairs
-    from transforms import storage
+    from transforms.io import storage
 
     proxy.reset()
     storage.reset_client()
@@ -73,7 +69,7 @@ def run_build(server, proxy, base: str, out: str, read_threads: int) -> dict:
 
 
 def bench(tiles: int, latencies_ms: list[float], thread_settings: list[int], repeats: int, workdir: str) -> dict:
-    from transforms.sample import generate_sample
+    from transforms.devdata.sample import generate_sample
 
     emu = _emulator()
     sample = os.path.join(workdir, f"sample-{tiles}")

@@ -105,7 +105,7 @@ _unreported_retries = 0  # retries made on threads without a Beam metrics contex
 
 def _count_retry() -> None:
     """Counts one retry: in the Beam counter when this thread runs a DoFn; otherwise (a reader
-    thread of `transforms.prefetch`, where Beam would drop the increment) for `report_retries`."""
+    thread of `transforms.io.prefetch`, where Beam would drop the increment) for `report_retries`."""
     global _retry_count, _unreported_retries
     from apache_beam.metrics.execution import MetricsEnvironment
 
@@ -251,7 +251,7 @@ def _new_gcs_client():
     # storage.buckets.get permission) this job does not need.
     if getattr(client, "_bucket_metadata_cache", None) is not None:
         client._bucket_metadata_cache = None
-    # One client serves every thread of the process (`transforms.prefetch`'s readers too): keep a
+    # One client serves every thread of the process (`transforms.io.prefetch`'s readers too): keep a
     # connection per thread instead of requests' default 10, which would open (and TLS-handshake) a
     # new connection for every request beyond them.
     import requests

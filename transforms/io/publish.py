@@ -14,7 +14,8 @@ import time
 
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import storage, tiles
+from transforms import tiles
+from transforms.io import storage
 
 FORMATS = ("parquet", "tfrecord", "png")
 # Folders a run writes: each format its own, so a reader pointed at one finds one format only.

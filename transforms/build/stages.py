@@ -2,7 +2,7 @@
 
 tile ids (manifest shards or a parallel listing) -> deduplicate (a keyed shuffle) -> build pairs
 (read, pre-filter, select) -> pairs in each format + rejects -> run.json, then _SUCCESS.
-`transforms.incremental.IncrementalBuildPipeline` composes them into the whole build.
+`transforms.build.increments.IncrementalBuildPipeline` composes them into the whole build.
 """
 from __future__ import annotations
 
@@ -13,16 +13,17 @@ from typing import Iterable
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms import corrections, imagery, publish, records, runtime, sinks, storage, tiles
+from transforms import corrections, imagery, records, runtime, tiles
+from transforms.io import publish, sinks, storage
 from transforms.pairs import PairConfig, build_tile, tile_paths
-from transforms.prefetch import ReadAhead, TileReads, shared_read_ahead
-from transforms.publish import OutputSpec
+from transforms.io.prefetch import ReadAhead, TileReads, shared_read_ahead
+from transforms.io.publish import OutputSpec
 from transforms.tiles import InvalidTileId, TileId
 
 _LOG = logging.getLogger(__name__)
 PARQUET_ROW_GROUP_BYTES = 32 * 1024 * 1024  # ~450 pairs per row group: bounded reader memory
 PARQUET_RECORD_BATCH = 64
-READ_BATCH = 32  # tiles whose reads are started together (transforms.prefetch)
+READ_BATCH = 32  # tiles whose reads are started together (transforms.io.prefetch)
 
 
 def _counter(transform: type, name: str):
@@ -161,7 +162,7 @@ def start_reads(read_ahead: ReadAhead, tile_id: str, correction, config: PairCon
 class BuildPairDoFn(beam.DoFn):
     """build_tile for each id of a batch (from BatchElements): the pair to the main output, a reject
     to 'rejects'. The batch's reads are started ahead on `config.read_threads` threads while the
-    tiles are built in order (`transforms.prefetch`). Progress: the `BuildPairs` counters, and on a
+    tiles are built in order (`transforms.io.prefetch`). Progress: the `BuildPairs` counters, and on a
     local runner the launcher's progress lines (`transforms.progress`)."""
 
     def __init__(self, config: PairConfig):
@@ -264,7 +265,7 @@ def run_summary(run_info: dict, counts: dict[str, int], files: list[str]) -> dic
     Keys counted: 'pair', 'reject:<reason>' (every input id has exactly one of these), with the
     png format 'png_reject:<reason>' and 'png_black_pixel_tile' (about pairs, not extra tiles),
     'lr_timesteps:<n>' per pair (in run.json when the build asked for --lr-timesteps N > 1), and
-    'incremental:<name>' (`transforms.incremental`: INCREMENTAL_COUNTS, all of them in run.json's
+    'incremental:<name>' (`transforms.build.increments`: INCREMENTAL_COUNTS, all of them in run.json's
     `incremental` when any is counted)."""
 
     def by_prefix(prefix):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 
-from transforms import publish, storage
+from transforms.io import publish, storage
 
 MAX_POINTER_BYTES = 64 * 1024
 

@@ -1,7 +1,7 @@
 """Object metadata (size, CRC32C, generation) of a folder's direct children, without reading them
 (and, on gs://, of its sub-folders' children in one recursive listing: `list_subfolder_meta`).
 
-On `gs://` this is one one-level listing (delimiter '/') of the folder through `transforms.storage`'s
+On `gs://` this is one one-level listing (delimiter '/') of the folder through `transforms.io.storage`'s
 per-process client and retries (`storage._gcs_client`, `storage._gcs_call`), asking only for the
 fields it needs: the objects deeper down are never enumerated and no object is downloaded. GCS
 reports an object's CRC32C as base64 of its 4 big-endian bytes; it is converted here to the same
@@ -20,7 +20,7 @@ import os
 
 import google_crc32c
 
-from transforms import storage
+from transforms.io import storage
 
 _CHUNK = 1024 * 1024
 _LIST_FIELDS = "items(name,size,crc32c,generation),prefixes,nextPageToken"

@@ -32,7 +32,7 @@ import time
 import urllib.parse
 from collections.abc import Iterable
 
-from transforms.storage import RetryPolicy
+from transforms.io.storage import RetryPolicy
 from transforms.version import PIPELINE_VERSION
 
 _LOG = logging.getLogger(__name__)

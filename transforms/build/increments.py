@@ -31,10 +31,11 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from transforms import corrections, progress, publish, records, storage, tiles
-from transforms import dataset_manifest as dm
-from transforms import fingerprints as fpr
-from transforms.beam import (
+from transforms import corrections, progress, records, tiles
+from transforms.io import publish, storage
+from transforms.build import dataset_manifest as dm
+from transforms.build import fingerprints as fpr
+from transforms.build.stages import (
     READ_BATCH,
     BuildPairs,
     DeduplicateAndReshuffle,
@@ -44,11 +45,11 @@ from transforms.beam import (
     WriteParquet,
     outcome_key,
 )
-from transforms.beam import counter_values as beam_counter_values
-from transforms.latest import publish_latest
+from transforms.build.stages import counter_values as beam_counter_values
+from transforms.io.latest import publish_latest
 from transforms.pairs import PairConfig
-from transforms.prefetch import shared_read_ahead
-from transforms.publish import OutputSpec
+from transforms.io.prefetch import shared_read_ahead
+from transforms.io.publish import OutputSpec
 
 _LOG = logging.getLogger(__name__)
 NAMESPACE = "incremental"
@@ -286,7 +287,7 @@ class PlanIncrement(beam.PTransform):
 def _open_parquet(path: str):
     import pyarrow.parquet as pq
 
-    from transforms.readers import _open
+    from transforms.io.readers import _open
 
     f = _open(path)
     return f, pq.ParquetFile(f)
@@ -516,7 +517,7 @@ def processed_key(_) -> str:
 
 def increment_key(element) -> str:
     """What an element of the increment counts as in run.json's `incremental`
-    (transforms.beam.run_summary): a retired manifest row (superseded, removed), a carried record
+    (transforms.build.stages.run_summary): a retired manifest row (superseded, removed), a carried record
     (a pair or reject dict), a carried id without a record (str, rebuilt)."""
     if isinstance(element, str):
         return "incremental:carry_missing"
@@ -526,7 +527,7 @@ def increment_key(element) -> str:
 
 
 class IncrementalBuildPipeline(beam.PTransform):
-    """The whole build: the transforms of `transforms.beam` (ids -> pairs in every format and
+    """The whole build: the transforms of `transforms.build.stages` (ids -> pairs in every format and
     rejects -> run.json, _SUCCESS), made incremental against `previous_run` (None: everything is
     built), plus `manifest/`, and the `latest` pointer moved after `_SUCCESS` when given.
 

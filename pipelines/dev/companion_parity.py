@@ -1,4 +1,4 @@
-"""`python -m pipelines.companion_parity`: compare `select_pair(mode='companion')` with the paper's code.
+"""`python -m pipelines.dev.companion_parity`: compare `select_pair(mode='companion')` with the paper's code.
 
 Runs, on every tile of an S2-NAIP-layout folder, our companion-mode selection and the published
 code's own `step_1_cloud_removal` + `step_2_metric` (ozendelait/better_s2_naip,
@@ -28,7 +28,7 @@ import warnings
 import numpy as np
 
 from pipelines.cli import ArgumentParser, description
-from transforms.beam import list_naip_ids, list_tile_ids, manifest_lines_to_ids
+from transforms.build.stages import list_naip_ids, list_tile_ids, manifest_lines_to_ids
 from transforms.pairs import PairConfig, TileRejected, load_tile
 from transforms.selection import NoValidTimesteps, SelectionConfig, select_pair
 from transforms.tiles import InvalidTileId, TileId
@@ -95,7 +95,7 @@ def tile_ids(input_root: str, manifest: str | None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m pipelines.companion_parity",
+    parser = ArgumentParser(prog="python -m pipelines.dev.companion_parity",
                                      description=description(__doc__))
     parser.add_argument("--companion-repo", required=True, help="checkout of ozendelait/better_s2_naip")
     parser.add_argument("--input", required=True, help="local S2-NAIP-layout folder")

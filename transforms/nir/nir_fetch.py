@@ -25,7 +25,9 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from transforms import geo, imagery, storage, tiles
+from transforms import imagery, tiles
+from transforms.io import storage
+from transforms.nir import geo
 
 NIR_BAND = 4  # NAIP: 1 red, 2 green, 3 blue, 4 near-infrared
 TILE_SIZE = 128

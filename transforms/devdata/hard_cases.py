@@ -1,7 +1,7 @@
 """Development data for the `robust` selection: real NAIP captures -> Sentinel-2-like series with
 planted hard cases and synthetic extra bands.
 
-Used by `pipelines.bench_selection` and the tests; nothing is read at import. The caller passes a
+Used by `pipelines.dev.bench_selection` and the tests; nothing is read at import. The caller passes a
 folder of NAIP GeoTIFFs of one quarter quad (several capture dates, R, G, B, NIR uint8), e.g. the
 project's `../shared/data/naip_real`. Nothing built here may be committed to the project.
 
@@ -17,7 +17,7 @@ Per tile (a Web-Mercator zoom-17 tile inside every capture):
   date). By default ("twin" tiles) that capture's clean frame stays in the series, so each planted
   timestep has a clean twin, as a Sentinel-2 series has revisits days apart; `twin_free=True`
   removes it (and its revisit): every planted timestep replaces its date, as a real hazy or veiled
-  acquisition has no clean copy (the evaluation's main synthetic set, `pipelines.bench_selection`).
+  acquisition has no clean copy (the evaluation's main synthetic set, `pipelines.dev.bench_selection`).
   Hard kinds (HARD_PLANT per tile), subtle on purpose:
     haze           aerosol optical depth 0.35-1.0 (+-25 % across the tile): transmission
                    exp(-0.25 * ext_b * depth) and path radiance (blue +12-34 DN, red +5-14 DN)
@@ -137,7 +137,7 @@ class CaptureMosaic:
         import rasterio.transform
         import rasterio.warp
 
-        from transforms import geo
+        from transforms.nir import geo
 
         self.captures = list_captures(naip_dir)
         self.zoom = zoom

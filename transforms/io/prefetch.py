@@ -18,7 +18,7 @@ import os
 import threading
 from typing import Iterable
 
-from transforms import storage
+from transforms.io import storage
 
 
 class TileReads:

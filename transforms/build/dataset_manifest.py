@@ -6,7 +6,7 @@ Every build writes `<output>/manifest/manifest-SSSSS-of-NNNNN.parquet` (listed i
 | column | meaning |
 | --- | --- |
 | `tile_id`, `naip_id`, `tile_xy` | the id and its parts (`naip_id`, `tile_xy` null for an invalid id) |
-| `fp_rgb`, `fp_nir`, `fp_tci`, `fp_b08`, `fp_extra` | input fingerprints (`transforms.fingerprints`) |
+| `fp_rgb`, `fp_nir`, `fp_tci`, `fp_b08`, `fp_extra` | input fingerprints (`transforms.build.fingerprints`) |
 | `options_hash` | sha256 of the output-relevant options (`output_options`) |
 | `correction` | the corrections entry applied to the tile (`correction_text`), null if none |
 | `outcome` | `pair`, `reject`, `superseded` or `removed` |
@@ -37,8 +37,9 @@ import json
 
 import pyarrow as pa
 
-from transforms import fingerprints as fp
-from transforms import publish, storage, tiles
+from transforms.build import fingerprints as fp
+from transforms import tiles
+from transforms.io import publish, storage
 from transforms.tiles import InvalidTileId, TileId
 
 MANIFEST_FOLDER = "manifest"
@@ -262,7 +263,7 @@ def read_manifest(run_dir: str, columns: list[str] | None = None) -> pa.Table:
     reads it in shards on the workers)."""
     import pyarrow.parquet as pq
 
-    from transforms.readers import _open
+    from transforms.io.readers import _open
 
     tables = []
     for path in manifest_files(run_dir):

@@ -29,7 +29,8 @@ import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.metrics import Metrics
 
-from transforms import example_proto, records, storage, tiles
+from transforms import records, tiles
+from transforms.io import example_proto, storage
 from transforms.imagery import encode_png
 
 # ---------------------------------------------------------------------------------------------

@@ -29,9 +29,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from transforms import readers, tiles
+from transforms import tiles
+from transforms.io import readers
 from transforms.imagery import MAX_TIMESTEPS
-from transforms.review_page import iter_row_groups, open_file
+from transforms.quality.review_page import iter_row_groups, open_file
 
 PSNR_BIN_DB = 0.1
 PSNR_MAX_DB = 100.0

@@ -2,7 +2,7 @@
 
 Evaluation sets (`build_sets`; each row of the table is a set seen through some bands):
 
-  twin-free hard   synthetic (`transforms.hard_cases`, from the real NAIP captures of --real-data):
+  twin-free hard   synthetic (`transforms.devdata.hard_cases`, from the real NAIP captures of --real-data):
                    HR date left out; each planted subtle timestep (haze, thin cloud, cumulus with
                    shadows, large shadow, partial snow, 1-2 px misregistration) *replaces* the clean
                    frame of its date, so no clean twin stays (the main synthetic set)
@@ -10,9 +10,9 @@ Evaluation sets (`build_sets`; each row of the table is a set seen through some 
                    black swath edge), with their clean twins
   easy+hr          the same with the HR's own date in the series: same-date = how often it is chosen
   twin hard        the former hard set (extra row): each planted timestep keeps its clean twin
-  real S2          real Sentinel-2 L1C (`transforms.real_s2`, --real-s2): 32x32 chips, a clear date
+  real S2          real Sentinel-2 L1C (`transforms.devdata.real_s2`, --real-s2): 32x32 chips, a clear date
                    as HR (upsampled 4x, NAIP-like radiometry), its own date left out, the other real
-                   dates as the series; every timestep labelled by eye (transforms/data/eolearn_labels.json)
+                   dates as the series; every timestep labelled by eye (transforms/devdata/data/eolearn_labels.json)
   real S2+hr       the same with the HR's own date in the series: same-date on real imagery
   semi-real S2     real clear frames veiled with the real s2cloudless cloud shapes of 68 dates
                    (haze, thin cloud, cloud with its shadow, shadow alone), twin-free
@@ -43,9 +43,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from pipelines.bench import machine
+from pipelines.dev.bench import machine
 from pipelines.cli import ArgumentParser, description
-from transforms import hard_cases as H
+from transforms.devdata import hard_cases as H
 from transforms import runtime
 from transforms import selection as S
 
@@ -155,7 +155,7 @@ def synthetic_sets(real_data: str, *, seed: int = 100, names: Sequence[str] = SY
 
 def real_sets(real_s2: str, *, seed: int = 100, names: Sequence[str] = REAL_SETS) -> list[EvalSet]:
     """The real and semi-real Sentinel-2 sets from `real_s2` (the folder holding eolearn/)."""
-    from transforms import real_s2 as R
+    from transforms.devdata import real_s2 as R
 
     data = R.load_eolearn(os.path.join(real_s2, "eolearn") if os.path.isdir(os.path.join(real_s2, "eolearn"))
                           else real_s2)

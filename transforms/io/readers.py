@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import example_proto, records, storage, tiles
+from transforms import records, tiles
+from transforms.io import example_proto, storage
 
 _GLOB_CHARS = "*?["
 

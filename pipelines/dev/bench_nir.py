@@ -1,7 +1,7 @@
-"""`python -m pipelines.bench_nir`: requests per tile and tiles/s of fetch-nir's grouped fetch, next to
+"""`python -m pipelines.dev.bench_nir`: requests per tile and tiles/s of fetch-nir's grouped fetch, next to
 a one-tile-at-a-time baseline, on the same loopback servers in the same run.
 
-Servers (tests/stac_servers.py, so run it from a checkout): the real NAIP GeoTIFFs
+Servers (pipelines/dev/stac_servers.py, so run it from a checkout): the real NAIP GeoTIFFs
 (`--naip-dir`, default ../shared/data/naip_real) as COGs behind nginx, their items in
 stac-fastapi-pgstac on PostgreSQL + PostGIS, all on 127.0.0.1. Needs nginx and PostgreSQL with
 PostGIS (Debian packages) and the [test] extra.
@@ -34,19 +34,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipelines.bench import machine
+from pipelines.dev.bench import machine
 from pipelines.cli import ArgumentParser, description
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # the checkout, when run from one
 DEFAULT_NAIP_DIR = REPO.parent / "shared" / "data" / "naip_real"
 DATASET_TILES = 1_100_000
 COMPANION_S_PER_TILE = 1.1
 
 
 def _servers():
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    from tests import stac_servers
+    try:
+        from pipelines.dev import stac_servers
+    except ImportError as e:
+        raise SystemExit(f"s2naip bench-nir needs the [test] extra (pip install 's2naip-pairs[test]'): {e}") from None
 
     return stac_servers
 
@@ -54,7 +55,7 @@ def _servers():
 def all_tiles(cogs) -> dict[str, list[tuple[int, int]]]:
     import rasterio
 
-    from tests.real_tiles import usable_tiles
+    from transforms.devdata.real_tiles import usable_tiles
 
     out = {}
     for cog in cogs:
@@ -65,7 +66,8 @@ def all_tiles(cogs) -> dict[str, list[tuple[int, int]]]:
 
 def run_baseline(tiles: dict, stac_url: str, out: str) -> dict:
     from pipelines.fetch_nir import NirConfig, fetch_group, resolve_naip_id
-    from transforms import nir_fetch, signing, stac, storage
+    from transforms.io import storage
+    from transforms.nir import nir_fetch, signing, stac
 
     http = stac.PoliteHttp(stac.HttpPolicy(max_requests_per_s=0))
     config = NirConfig(output=out, stac_url=stac_url)
@@ -89,7 +91,8 @@ def run_baseline(tiles: dict, stac_url: str, out: str) -> dict:
 
 def run_grouped(tiles: dict, stac_url: str, out: str, group_side: int) -> dict:
     from pipelines.fetch_nir import NirConfig, fetch_group, resolve_naip_id
-    from transforms import nir_fetch, signing, stac, storage
+    from transforms.io import storage
+    from transforms.nir import nir_fetch, signing, stac
 
     http = stac.PoliteHttp(stac.HttpPolicy(max_requests_per_s=0))
     config = NirConfig(output=out, stac_url=stac_url, group_side=group_side)
@@ -120,7 +123,7 @@ def run_pipeline(manifest: str, stac_url: str, out: str, workers: int) -> dict:
         cmd += ["--direct_num_workers", str(workers), "--direct_running_mode", "multi_processing"]
     env = {**os.environ, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"fetch-nir failed ({proc.returncode}): {proc.stderr[-3000:]}")
@@ -259,7 +262,7 @@ def bench(naip_dir: str, workdir: str, baseline_every: int, workers: list[int], 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = ArgumentParser(prog="python -m pipelines.bench_nir", description=description(__doc__))
+    p = ArgumentParser(prog="python -m pipelines.dev.bench_nir", description=description(__doc__))
     p.add_argument("--naip-dir", default=os.environ.get("S2NAIP_REAL_DATA", str(DEFAULT_NAIP_DIR)),
                    help="folder of real NAIP GeoTIFFs (m_*.tif)")
     p.add_argument("--baseline-every", type=int, default=9,

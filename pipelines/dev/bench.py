@@ -1,4 +1,4 @@
-"""`s2naip bench` / `python -m pipelines.bench`: throughput and memory of the build, measured in one run.
+"""`s2naip bench` / `python -m pipelines.dev.bench`: throughput and memory of the build, measured in one run.
 
 Measures, on a generated sample (default 2,000 tiles, ~30 timesteps each, with the extra bands b01,
 b10, b11, b12 as S2-NAIP ships them), for one --selection mode (default: the build's), medians over
@@ -26,7 +26,7 @@ import time
 from pipelines.cli import ArgumentParser, description
 from transforms import runtime, tiles
 from transforms.pairs import PairConfig, TileRejected, build_tile, load_tile
-from transforms.sample import generate_sample
+from transforms.devdata.sample import generate_sample
 from transforms.selection import DEFAULT_SELECTION, EXTRA_BANDS, SELECTION_MODES, SelectionConfig, select_pair
 from transforms.tiles import TileId
 

@@ -16,7 +16,7 @@ the stack Planetary Computer runs) whose items mirror Planetary Computer's NAIP 
   `<state>_<folder id>_<publication date>`, `image` asset (4-band COG), `proj:epsg`, lon/lat bbox
   and footprint, `naip:state`, `naip:year`, `gsd`.
 * `LoopbackNaip`: all of the above for one session (`start()`/`stop()`), used by the
-  `naip_servers` fixture (tests/conftest.py) and by `pipelines/bench_nir.py`.
+  `naip_servers` fixture (tests/conftest.py) and by `pipelines/dev/bench_nir.py`.
 
 Every server is started on 127.0.0.1 and waited for with a readiness probe (no fixed sleeps).
 Nothing here connects anywhere but loopback. The COGs are made in temp folders at test time and
@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.gcs_emulator import LOOPBACK, FaultPlan, FaultyProxy, free_port, wait_http_ok  # noqa: F401
+from pipelines.dev.gcs_emulator import LOOPBACK, FaultPlan, FaultyProxy, free_port, wait_http_ok  # noqa: F401
 
 REQUIRE_ENV = "S2NAIP_REQUIRE_SERVERS"
 STATE = "nd"  # the real data's quarter quad m_4709963_se_14 lies in North Dakota

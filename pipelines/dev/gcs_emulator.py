@@ -6,7 +6,7 @@
   `google.auth.default()` (which Beam's GcsIO calls in every process) answers at once instead of
   probing 169.254.169.254 and then retrying for ~20 s before falling back to anonymous access.
 * `emulator_environment()`: the environment variables that send Beam's gs:// filesystem (GcsIO on
-  google-cloud-storage), google-cloud-storage clients, gcsfs and `transforms.storage` to the
+  google-cloud-storage), google-cloud-storage clients, gcsfs and `transforms.io.storage` to the
   emulator, with no real credentials and no metadata-server traffic off loopback. Worker processes
   (`--direct_running_mode=multi_processing`) inherit it.
 * `FaultyProxy`: an HTTP proxy on loopback that forwards to the emulator and injects transient
@@ -329,7 +329,7 @@ def applied_environment(env: dict[str, str | None]):
         patch(beam_auth._Credentials, "_credentials", None)
     except ImportError:
         pass
-    from transforms import storage
+    from transforms.io import storage
 
     storage.reset_client()
     try:
@@ -488,7 +488,7 @@ class FaultyProxy:
         self.by_status: dict[int, int] = {}
         self.log: list[tuple[str, str]] = []  # (method, path) of every request, no headers
         # (fault, method, path, client) of each injected fault; client: "beam" (Beam's gcsio, which
-        # retries on its own), "gcsfs", or "storage" (google-cloud-storage as transforms.storage uses it)
+        # retries on its own), "gcsfs", or "storage" (google-cloud-storage as transforms.io.storage uses it)
         self.fault_log: list[tuple[str, str, str, str]] = []
         # (method, path, upstream status) of each answer cut by a reset (the status line gets through)
         self.cut_answers: list[tuple[str, str, int]] = []

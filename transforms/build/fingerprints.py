@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 
 from transforms import tiles
-from transforms.object_meta import ObjectMeta, list_object_meta, list_subfolder_meta
+from transforms.build.object_meta import ObjectMeta, list_object_meta, list_subfolder_meta
 from transforms.tiles import InvalidTileId, TileId
 
 FILES = ("rgb", "nir", "tci", "b08")
@@ -49,7 +49,7 @@ def fingerprint(meta: ObjectMeta | None) -> str | None:
 
 def fingerprint_bytes(data: bytes) -> str:
     """The fingerprint of these bytes (what a file holding them gets)."""
-    from transforms.object_meta import crc32c_hex
+    from transforms.build.object_meta import crc32c_hex
 
     return f"{len(data)}:{crc32c_hex(data)}"
 

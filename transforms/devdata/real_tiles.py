@@ -34,7 +34,8 @@ import rasterio.warp
 from PIL import Image
 from scipy import ndimage
 
-from transforms import geo, tiles
+from transforms import tiles
+from transforms.nir import geo
 
 BLACK_BORDER = "black_border"
 CLOUDY = "cloudy"

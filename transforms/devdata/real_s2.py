@@ -1,6 +1,6 @@
 """Evaluation data from real Sentinel-2: real L1C dates, and real cloud shapes on real clear frames.
 
-Used by `pipelines.bench_selection` and the tests; nothing is read at import. The caller passes the
+Used by `pipelines.dev.bench_selection` and the tests; nothing is read at import. The caller passes the
 folder of the eo-learn example patch (`../shared/data/real_s2/eolearn`, its README: 5 real 13-band
 L1C scenes of one 1 km box in Slovenia, 2 of them overcast, and the provider's s2cloudless
 probabilities and masks of 68 dates). Nothing built here (arrays, images) may be committed.
@@ -17,7 +17,7 @@ probabilities and masks of 68 dates). Nothing built here (arrays, images) may be
   a brighter, more contrasted stretch than TCI); it carries no detail beyond 10 m. Its own
   date is always left out of the series.
 * `real_tiles`: per chip and clear HR date, the other four real dates as the series, each
-  timestep's kind its label by eye (transforms/data/eolearn_labels.json); with
+  timestep's kind its label by eye (transforms/devdata/data/eolearn_labels.json); with
   `include_hr_date` the HR's own date too (the "same-date" answer).
 * `semi_real_tiles` (semi-real): real clear frames veiled with the real s2cloudless cloud shapes
   (CLP/CLM windows of the 68 dates) as physical veils, twin-free (a veiled frame replaces its date):
@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from transforms import hard_cases as H
+from transforms.devdata import hard_cases as H
 
 BANDS_13 = ("b01", "b02", "b03", "b04", "b05", "b06", "b07", "b08", "b8a", "b09", "b10", "b11", "b12")
 WAVELENGTH_NM = (443, 490, 560, 665, 705, 740, 783, 842, 865, 945, 1375, 1610, 2190)
@@ -82,7 +82,7 @@ class EoLearnPatch:
 
 
 def load_labels(path=DEFAULT_LABELS) -> dict[str, dict[str, str]]:
-    """chip -> date -> label of the eo-learn scenes (transforms/data/eolearn_labels.json)."""
+    """chip -> date -> label of the eo-learn scenes (transforms/devdata/data/eolearn_labels.json)."""
     with open(path) as f:
         doc = json.load(f)
     labels = doc["labels"]

@@ -31,7 +31,8 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from PIL import Image
 
-from transforms import readers, records, storage, tiles
+from transforms import records, tiles
+from transforms.io import readers, storage
 from transforms.corrections import timestep_metrics
 from transforms.evidence import Evidence
 from transforms.selection import DATA_RANGE, ROBUST_WEIGHTS, SelectionConfig, downsample, ssim, to_uint8
@@ -362,7 +363,7 @@ def review_tile(rank: int, ranked: Ranked, hr: np.ndarray, series: np.ndarray, c
 
 
 def asset(name: str) -> bytes:
-    return importlib.resources.files("transforms").joinpath("review_assets", name).read_bytes()
+    return importlib.resources.files("transforms.quality").joinpath("review_assets", name).read_bytes()
 
 
 def review_id(run: str, metric: str, tile_ids: list[str]) -> str:
