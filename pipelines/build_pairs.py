@@ -20,15 +20,19 @@ from pipelines.options import (
     BuildOptions,
     check_build_inputs,
     check_output_writable,
+    check_since,
+    discard_unpublished_run,
     output_spec,
     pair_config,
     parse_build_options,
+    prepare_output,
     runs_here,
     use_in_process_runner_by_default,
     use_own_image_on_dataflow_by_default,
 )
 from transforms import progress, tiles
-from transforms.build import dataset_manifest, increments as incremental
+from transforms.build import dataset_manifest
+from transforms.build.pipeline import build
 from transforms.io import latest, publish, storage
 from transforms.build.stages import NoTiles
 from transforms.pairs import PairConfig
@@ -73,12 +77,6 @@ def sample_input_dir(output: str) -> str:
     if storage.is_local(output):
         return output.rstrip("/") + "-sample-input"
     return tempfile.mkdtemp(prefix="s2naip-sample-")
-
-
-def build(p: beam.Pipeline, config: PairConfig, spec: OutputSpec, info: dict, manifest: str | None = None,
-          since: str | None = None, latest_pointer: str | None = None, progress_dir: str | None = None):
-    return incremental.build_incremental(p, config, spec, info, since, manifest, latest=latest_pointer,
-                                         progress=progress_dir)
 
 
 def runs_on_this_machine(options: PipelineOptions) -> bool:
@@ -168,10 +166,10 @@ def run(argv: list[str] | None = None) -> dict | None:
     try:
         config = pair_config(opts)
         spec = output_spec(opts)
-        since = incremental.check_since(latest.resolve_since(opts.since), spec.path)
+        since = check_since(latest.resolve_since(opts.since), spec.path)
         if since:
             dataset_manifest.manifest_files(since)  # fail fast: a published run with a manifest
-        incremental.prepare_output(spec.path, opts.overwrite)
+        prepare_output(spec.path, opts.overwrite)
     except (ValueError, FileNotFoundError, publish.OutputNotEmpty) as e:
         raise CommandError(str(e)) from None
     use_in_process_runner_by_default(options)
@@ -183,7 +181,7 @@ def run(argv: list[str] | None = None) -> dict | None:
                   progress_dir=progress_dir)
     except BaseException as e:  # failed or interrupted (Ctrl-C): nothing of this run stays published
         if here:
-            incremental.discard_unpublished_run(spec.path)
+            discard_unpublished_run(spec.path)
             if not output_existed:
                 storage.remove_empty_tree(spec.path)
         if isinstance(e, NoTiles):

@@ -22,9 +22,12 @@ from apache_beam.options.pipeline_options import (
     _BeamArgumentParser,
 )
 
+from apache_beam.io.filesystems import FileSystems
+
 from pipelines.cli import CommandError, HelpFormatter, unknown_arguments_message
 from transforms import tiles
-from transforms.io import storage
+from transforms.build import dataset_manifest as dm
+from transforms.io import publish, storage
 from transforms.pairs import BAND_SETS, PairConfig
 from transforms.io.publish import OutputSpec
 from transforms.selection import DEFAULT_SELECTION, DOWNSAMPLE_METHODS, SELECTION_MODES, SelectionConfig
@@ -385,3 +388,52 @@ def check_run_folder(run: str) -> None:
                 storage.dir_has_files(tiles.join(run, "pairs")))):
         raise CommandError(f"--run {run} holds no build (no run.json, _SUCCESS or pairs/); expected a build's "
                            "--output folder")
+
+
+# ---------------------------------------------------------------------------------------------
+# The build's output folder and --since, checked on the launcher before the job starts
+
+
+def prepare_output(output: str, overwrite: bool) -> int:
+    """`publish.prepare_output` (refuse, or clear with `_SUCCESS` first), plus the `manifest/` folder,
+    which `publish` does not know about. Returns the number of files deleted."""
+    pattern = tiles.join(output, dm.MANIFEST_FOLDER, "**")
+    manifest = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+    if manifest and not overwrite:
+        raise publish.OutputNotEmpty(
+            f"{output} already holds a run or part of one ({publish.count_text(len(manifest), 'manifest file')}, "
+            f"e.g. {manifest[0]}); "
+            "choose a new --output or pass --overwrite to replace it")
+    deleted = publish.prepare_output(output, overwrite)  # _SUCCESS first, then the data folders
+    if manifest:
+        storage.delete(manifest)
+    return deleted + len(manifest)
+
+
+def discard_unpublished_run(output: str) -> None:
+    """After a failed or interrupted run: deletes what it wrote (data shards, manifest, the runner's
+    beam-temp-* files, empty folders) unless it was published (_SUCCESS), so that nothing of it
+    looks like a dataset and a partial Parquet file does not break a reader of the table folder.
+    The output held no run when it started (`prepare_output`)."""
+    if publish.read_success(output) is not None:
+        return
+    prepare_output(output, overwrite=True)
+    if storage.is_local(output):
+        for folder in (*publish.run_folders(), dm.MANIFEST_FOLDER):
+            storage.remove_empty_tree(tiles.join(output, folder))
+
+
+
+
+def check_since(previous_run: str | None, output: str) -> str | None:
+    """The previous run folder, normalised; ValueError when it is the output folder itself (the
+    build clears its output first: it would delete what it is about to read)."""
+    if not previous_run:
+        return None
+    previous = previous_run.rstrip("/")
+    same = previous == output.rstrip("/")
+    if not same and storage.is_local(previous) and storage.is_local(output):
+        same = os.path.realpath(previous) == os.path.realpath(output)
+    if same:
+        raise ValueError(f"--since {previous_run} is the output folder itself: build into a new --output")
+    return previous

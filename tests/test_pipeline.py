@@ -12,6 +12,7 @@ from apache_beam.testing.util import assert_that, equal_to
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 from pipelines import build_pairs
+from transforms.build import pipeline as build_pipeline
 from pipelines.options import BuildOptions, output_spec, pair_config
 from tests.imagery_fixtures import forged_header_png, png_bytes_noise
 from tests.tile_factory import NAIP_ID, black_edge, good_tile, scene, series_from, write_png, write_tile
@@ -245,4 +246,4 @@ def test_missing_manifest_fails_the_job_instead_of_building_nothing(tmp_path):
     config, spec = pair_config(opts), output_spec(opts)
     with pytest.raises(Exception, match="manifest not found"):
         with beam.Pipeline(options=options) as p:
-            build_pairs.build(p, config, spec, build_pairs.run_info(config, spec, opts, options), opts.manifest)
+            build_pipeline.build(p, config, spec, build_pairs.run_info(config, spec, opts, options), opts.manifest)

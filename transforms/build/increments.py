@@ -19,8 +19,8 @@ Beam counters (namespace `incremental`): `new`, `changed`, `unchanged` (the plan
 copy them), `carry_missing` (planned carries whose record was not found: rebuilt), `superseded`,
 `removed`, `fingerprint_errors`.
 
-`build_incremental(p, config, spec, info, previous_run, manifest, latest=...)` is the whole build;
-with `previous_run=None` it is a full build that also writes the manifest.
+`transforms.build.pipeline.BuildDataset` composes these stages with those of `transforms.build.stages`
+into the whole build; with no previous run it is a full build that also writes the manifest.
 """
 from __future__ import annotations
 
@@ -28,28 +28,17 @@ import logging
 from typing import Iterable, Iterator
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from transforms import corrections, progress, records, tiles
-from transforms.io import publish, storage
+from transforms import corrections, records, tiles
+from transforms.io import storage
 from transforms.build import dataset_manifest as dm
 from transforms.build import fingerprints as fpr
 from transforms.build.stages import (
     READ_BATCH,
-    BuildPairs,
-    DeduplicateAndReshuffle,
-    PublishRun,
-    ReadTileIds,
-    WritePairs,
     WriteParquet,
-    outcome_key,
 )
-from transforms.build.stages import counter_values as beam_counter_values
-from transforms.io.latest import publish_latest
-from transforms.pairs import PairConfig
 from transforms.io.prefetch import shared_read_ahead
-from transforms.io.publish import OutputSpec
 
 _LOG = logging.getLogger(__name__)
 NAMESPACE = "incremental"
@@ -445,175 +434,3 @@ class WriteManifest(beam.PTransform):
 
     def expand(self, rows):
         return rows | "Parquet" >> WriteParquet(self.output, dm.MANIFEST_FOLDER, dm.MANIFEST_SCHEMA, self.num_shards)
-
-
-# ---------------------------------------------------------------------------------------------
-# The latest pointer and the output folder
-
-
-def move_latest(success_path: str, pointer: str, run_dir: str) -> str:
-    """After `_SUCCESS` (its path is the input): points `pointer` at `run_dir`."""
-    publish_latest(pointer, run_dir)
-    return pointer
-
-
-def prepare_output(output: str, overwrite: bool) -> int:
-    """`publish.prepare_output` (refuse, or clear with `_SUCCESS` first), plus the `manifest/` folder,
-    which `publish` does not know about. Returns the number of files deleted."""
-    pattern = tiles.join(output, dm.MANIFEST_FOLDER, "**")
-    manifest = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
-    if manifest and not overwrite:
-        raise publish.OutputNotEmpty(
-            f"{output} already holds a run or part of one ({publish.count_text(len(manifest), 'manifest file')}, "
-            f"e.g. {manifest[0]}); "
-            "choose a new --output or pass --overwrite to replace it")
-    deleted = publish.prepare_output(output, overwrite)  # _SUCCESS first, then the data folders
-    if manifest:
-        storage.delete(manifest)
-    return deleted + len(manifest)
-
-
-def discard_unpublished_run(output: str) -> None:
-    """After a failed or interrupted run: deletes what it wrote (data shards, manifest, the runner's
-    beam-temp-* files, empty folders) unless it was published (_SUCCESS), so that nothing of it
-    looks like a dataset and a partial Parquet file does not break a reader of the table folder.
-    The output held no run when it started (`prepare_output`)."""
-    if publish.read_success(output) is not None:
-        return
-    prepare_output(output, overwrite=True)
-    if storage.is_local(output):
-        for folder in (*publish.run_folders(), dm.MANIFEST_FOLDER):
-            storage.remove_empty_tree(tiles.join(output, folder))
-
-
-# ---------------------------------------------------------------------------------------------
-# The whole build
-
-
-def check_since(previous_run: str | None, output: str) -> str | None:
-    """The previous run folder, normalised; ValueError when it is the output folder itself (the
-    build clears its output first: it would delete what it is about to read)."""
-    if not previous_run:
-        return None
-    previous = previous_run.rstrip("/")
-    same = previous == output.rstrip("/")
-    if not same and storage.is_local(previous) and storage.is_local(output):
-        import os
-
-        same = os.path.realpath(previous) == os.path.realpath(output)
-    if same:
-        raise ValueError(f"--since {previous_run} is the output folder itself: build into a new --output")
-    return previous
-
-
-def count_processed(tile_id: str) -> str:
-    _counter("processed").inc()
-    return tile_id
-
-
-def processed_key(_) -> str:
-    return "incremental:processed"
-
-
-def increment_key(element) -> str:
-    """What an element of the increment counts as in run.json's `incremental`
-    (transforms.build.stages.run_summary): a retired manifest row (superseded, removed), a carried record
-    (a pair or reject dict), a carried id without a record (str, rebuilt)."""
-    if isinstance(element, str):
-        return "incremental:carry_missing"
-    if "outcome" in element:
-        return f"incremental:{element['outcome']}"
-    return "incremental:carried"
-
-
-class IncrementalBuildPipeline(beam.PTransform):
-    """The whole build: the transforms of `transforms.build.stages` (ids -> pairs in every format and
-    rejects -> run.json, _SUCCESS), made incremental against `previous_run` (None: everything is
-    built), plus `manifest/`, and the `latest` pointer moved after `_SUCCESS` when given.
-
-    run.json's `incremental` counts the plan (new, changed, unchanged), the tiles built
-    (processed), the records carried, carried ids rebuilt (carry_missing) and the previous
-    version's tiles retired (superseded, removed). With `progress` (a folder on the launcher's
-    machine, local runners only), listed ids and records made are counted into it
-    (`transforms.progress`)."""
-
-    def __init__(self, config: PairConfig, spec: OutputSpec, run_info: dict, previous_run: str | None = None,
-                 manifest: str | None = None, latest: str | None = None, progress: str | None = None):
-        super().__init__()
-        self.config, self.spec, self.manifest = config, spec, manifest
-        self.previous_run = check_since(previous_run, spec.path)
-        self.latest = latest
-        self.progress = progress
-        self.run_info = {**run_info, "since": storage.absolute(self.previous_run), "latest": storage.absolute(latest)}
-        self.options_hash = dm.config_options_hash(config)
-        self.run_info.setdefault("options_hash", self.options_hash)
-
-    def expand(self, pbegin):
-        config, spec = self.config, self.spec
-        ids = pbegin | "ReadTileIds" >> ReadTileIds(config.input_root, self.manifest)
-        if self.progress:
-            ids = ids | "CountListed" >> progress.count(self.progress, "listed")
-        unique = ids | "Deduplicate" >> DeduplicateAndReshuffle()
-        fps = unique.ids | "FingerprintTiles" >> FingerprintTiles(fpr.FingerprintSpec.for_config(config),
-                                                                   config.read_threads)
-        plan = fps | "PlanIncrement" >> PlanIncrement(self.previous_run, self.options_hash, config.corrections)
-
-        to_build = [plan["process"]]
-        carried_pairs, carried_rejects = [], []
-        counted = [plan["retired"]]  # the increment's elements run.json counts (increment_key)
-        if self.previous_run:
-            carried = plan["carry"] | "CarryForward" >> CarryForward(self.previous_run)
-            to_build.append(carried["missing"])
-            carried_pairs.append(carried["pairs"])
-            carried_rejects.append(carried["rejects"])
-            counted += [carried["missing"], carried["pairs"], carried["rejects"]]
-        process = (
-            to_build
-            | "AllToBuild" >> beam.Flatten()
-            | "CountProcessed" >> beam.Map(count_processed)
-        )
-        increment_keys = [plan["plan"], process | "ProcessedKey" >> beam.Map(processed_key),
-                          counted | "AllCounted" >> beam.Flatten() | "IncrementKey" >> beam.Map(increment_key)]
-        built = process | "BuildPairs" >> BuildPairs(config)
-
-        pairs = [built.pairs, *carried_pairs] | "AllPairs" >> beam.Flatten()
-        rejects = [unique.rejects, built.rejects, *carried_rejects] | "AllRejects" >> beam.Flatten()
-        pair_files, format_keys = pairs | "WritePairs" >> WritePairs(spec)
-        reject_files = rejects | "WriteRejects" >> WriteParquet(spec.path, "rejects", records.REJECT_SCHEMA,
-                                                               spec.num_shards)
-
-        outcomes = [built.pairs | "BuiltPairOutcome" >> beam.Map(outcome_of, source="built"),
-                    built.rejects | "BuiltRejectOutcome" >> beam.Map(outcome_of, source="built")]
-        outcomes += [pc | f"CarriedOutcome{i}" >> beam.Map(outcome_of, source="carried")
-                     for i, pc in enumerate([*carried_pairs, *carried_rejects])]
-        rows = ((plan["planned"], outcomes | "AllOutcomes" >> beam.Flatten())
-                | "AssembleManifest" >> AssembleManifest(spec.path, self.options_hash))
-        manifest_files = ((rows, plan["retired"]) | "AllManifestRows" >> beam.Flatten()
-                          | "WriteManifest" >> WriteManifest(spec.path, spec.num_shards))
-
-        outcome_keys = [
-            pairs | "PairKey" >> progress.count(self.progress, "done", outcome_key),
-            rejects | "RejectKey" >> progress.count(self.progress, "done", outcome_key),
-            *format_keys,
-            *increment_keys,
-        ] | "AllOutcomeKeys" >> beam.Flatten()
-        files = [*pair_files, reject_files, manifest_files] | "AllFiles" >> beam.Flatten()
-        success = (outcome_keys, files) | "PublishRun" >> PublishRun(spec.path, self.run_info)
-        if self.latest:
-            success = success | "MoveLatest" >> beam.Map(move_latest, pointer=self.latest, run_dir=spec.path)
-        return success
-
-
-def counter_values(result) -> dict[str, int]:
-    """The job's `incremental` counters (committed values, summed over steps)."""
-    return beam_counter_values(result, NAMESPACE)
-
-
-def build_incremental(p: beam.Pipeline, config: PairConfig, spec: OutputSpec, info: dict,
-                      previous_run: str | None = None, manifest: str | None = None, *, latest: str | None = None,
-                      progress: str | None = None):
-    """The whole build on pipeline `p`: incremental against `previous_run` (a published run folder
-    with a manifest), or full when it is None; writes `manifest/` and, with `latest`, moves that
-    pointer after `_SUCCESS`; with `progress`, counts into that folder (`transforms.progress`)."""
-    return p | "BuildPairs" >> IncrementalBuildPipeline(config, spec, info, previous_run, manifest, latest,
-                                                        progress)

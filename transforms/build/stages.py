@@ -2,7 +2,7 @@
 
 tile ids (manifest shards or a parallel listing) -> deduplicate (a keyed shuffle) -> build pairs
 (read, pre-filter, select) -> pairs in each format + rejects -> run.json, then _SUCCESS.
-`transforms.build.increments.IncrementalBuildPipeline` composes them into the whole build.
+`transforms.build.pipeline.BuildDataset` composes them into the whole build.
 """
 from __future__ import annotations
 
