@@ -30,7 +30,7 @@ from pipelines.options import (
     use_in_process_runner_by_default,
     use_own_image_on_dataflow_by_default,
 )
-from transforms import progress, tiles
+from transforms import progress
 from transforms.build import dataset_manifest
 from transforms.build.pipeline import build
 from transforms.io import latest, publish, storage
@@ -131,8 +131,8 @@ def summary_text(summary: dict) -> str:
     if inc and summary.get("since"):
         lines.append("incremental: " + ", ".join(f"{k} {inc.get(k, 0)}" for k in INCREMENTAL_SHOWN)
                      + f" (since {summary['since']})")
-    lines += [f"{folder + ':':<{width}} {tiles.join(output, folder)}/" for folder in folders]
-    lines.append(f"{'summary:':<{width}} {tiles.join(output, 'run.json')}")
+    lines += [f"{folder + ':':<{width}} {storage.join(output, folder)}/" for folder in folders]
+    lines.append(f"{'summary:':<{width}} {storage.join(output, 'run.json')}")
     return "\n".join(lines)
 
 
@@ -189,7 +189,7 @@ def run(argv: list[str] | None = None) -> dict | None:
         raise
     if not getattr(p.result, "has_job", True) or options.view_as(StandardOptions).no_wait_until_finish:
         return None  # a template was staged or the job runs on: its run.json does not exist yet
-    run_json = tiles.join(opts.output, "run.json")
+    run_json = storage.join(opts.output, "run.json")
     if storage.exists(run_json):
         summary = json.loads(storage.read_bytes(run_json, 64 * 1024 * 1024))
         print(summary_text(summary))

@@ -109,7 +109,7 @@ def existing_nir(output: str, naip_id: str, xys) -> set[tuple[int, int]]:
     elsewhere (gs://): one listing of `naip/<naip_id>/*/nir.png`, not one request per tile."""
     if storage.is_local(output):
         return {(x, y) for x, y in xys if os.path.isfile(nir_fetch.nir_path(output, naip_id, x, y))}
-    folder = tiles.join(output, "naip", naip_id)
+    folder = storage.join(output, "naip", naip_id)
     found = set()
     for meta in FileSystems.match([folder + "/*/nir.png"])[0].metadata_list:
         rest = meta.path[len(folder) + 1:]
@@ -425,11 +425,11 @@ def prepare_output(output: str) -> int:
     (that is what a rerun resumes from). Returns the number of files deleted."""
     deleted = 0
     for name in (publish.SUCCESS, publish.RUN_JSON):
-        path = tiles.join(output, name)
+        path = storage.join(output, name)
         if storage.exists(path):
             FileSystems.delete([path])
             deleted += 1
-    old = [m.path for m in FileSystems.match([tiles.join(output, "rejects", "**")])[0].metadata_list]
+    old = [m.path for m in FileSystems.match([storage.join(output, "rejects", "**")])[0].metadata_list]
     if old:
         FileSystems.delete(old)
     return deleted + len(old)
@@ -531,9 +531,9 @@ def summary_text(summary: dict) -> str:
         *(f"  rejected {n:>7}  {reason}" for reason, n in c["rejects_by_reason"].items()),
         f"http: {h['requests']} requests ({h['stac_requests']} STAC, {h['cog_requests']} COG), "
         f"{h['bytes_read'] / 1e6:.1f} MB, {h['retries']} retries",
-        f"nir:     {tiles.join(summary['output'], 'naip')}/<naip_id>/<x>_<y>/nir.png",
-        f"rejects: {tiles.join(summary['output'], 'rejects')}/",
-        f"summary: {tiles.join(summary['output'], 'run.json')}",
+        f"nir:     {storage.join(summary['output'], 'naip')}/<naip_id>/<x>_<y>/nir.png",
+        f"rejects: {storage.join(summary['output'], 'rejects')}/",
+        f"summary: {storage.join(summary['output'], 'run.json')}",
     ]
     return "\n".join(lines)
 
@@ -561,7 +561,7 @@ def run(argv: list[str] | None = None) -> dict | None:
         p | "FetchNir" >> FetchNirPipeline(config, info, args.input, args.manifest, args.num_shards)
     if not getattr(p.result, "has_job", True) or options.view_as(StandardOptions).no_wait_until_finish:
         return None
-    run_json = tiles.join(config.output, publish.RUN_JSON)
+    run_json = storage.join(config.output, publish.RUN_JSON)
     if storage.exists(run_json):
         summary = json.loads(storage.read_bytes(run_json, 64 * 1024 * 1024))
         print(summary_text(summary))

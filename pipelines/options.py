@@ -309,7 +309,7 @@ def check_set_folder(root: str, option: str = "--input", leaf: str = "rgb.png") 
     names the mistake: a missing path, a file, an empty folder, the naip/ folder itself."""
     expected = expected_layout(leaf)
     try:
-        if storage.dir_has_files(tiles.join(root, "naip")):
+        if storage.dir_has_files(storage.join(root, "naip")):
             return
         children = storage.list_children(root)
     except FileNotFoundError:  # no such bucket
@@ -375,7 +375,7 @@ def check_build_inputs(opts: BuildOptions) -> None:
     if not opts.manifest or storage.is_local(opts.input):  # with a manifest, an object store is never listed
         check_set_folder(opts.input)
     if opts.nir_input and opts.nir_input.rstrip("/") != opts.input.rstrip("/"):
-        if not opts.manifest and not storage.dir_has_files(tiles.join(opts.nir_input, "naip")):
+        if not opts.manifest and not storage.dir_has_files(storage.join(opts.nir_input, "naip")):
             raise CommandError(f"--nir-input {opts.nir_input} has no naip/ folder, or an empty one; expected the "
                                "folder holding naip/<naip_id>/<x>_<y>/nir.png")
 
@@ -384,8 +384,8 @@ def check_run_folder(run: str) -> None:
     """CommandError unless `run` holds a build's output (run.json, _SUCCESS or pairs/)."""
     if storage.is_local(run) and not os.path.exists(run):
         raise CommandError(f"--run {run} does not exist; expected a build's --output folder")
-    if not any((storage.exists(tiles.join(run, "run.json")), storage.exists(tiles.join(run, "_SUCCESS")),
-                storage.dir_has_files(tiles.join(run, "pairs")))):
+    if not any((storage.exists(storage.join(run, "run.json")), storage.exists(storage.join(run, "_SUCCESS")),
+                storage.dir_has_files(storage.join(run, "pairs")))):
         raise CommandError(f"--run {run} holds no build (no run.json, _SUCCESS or pairs/); expected a build's "
                            "--output folder")
 
@@ -397,7 +397,7 @@ def check_run_folder(run: str) -> None:
 def prepare_output(output: str, overwrite: bool) -> int:
     """`publish.prepare_output` (refuse, or clear with `_SUCCESS` first), plus the `manifest/` folder,
     which `publish` does not know about. Returns the number of files deleted."""
-    pattern = tiles.join(output, dm.MANIFEST_FOLDER, "**")
+    pattern = storage.join(output, dm.MANIFEST_FOLDER, "**")
     manifest = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
     if manifest and not overwrite:
         raise publish.OutputNotEmpty(
@@ -420,7 +420,7 @@ def discard_unpublished_run(output: str) -> None:
     prepare_output(output, overwrite=True)
     if storage.is_local(output):
         for folder in (*publish.run_folders(), dm.MANIFEST_FOLDER):
-            storage.remove_empty_tree(tiles.join(output, folder))
+            storage.remove_empty_tree(storage.join(output, folder))
 
 
 

@@ -38,7 +38,6 @@ from collections import defaultdict
 
 from pipelines.cli import ArgumentParser, configure_logging, description
 from transforms.build import dataset_manifest as dm
-from transforms import tiles
 from transforms.io import storage
 from transforms.nir import nir_fetch, stac
 from transforms.io.latest import resolve_since
@@ -227,7 +226,7 @@ def run(argv: list[str] | None = None) -> dict:
         "affected_tiles.txt": _text(affected),
     }
     for name in FILES:
-        storage.write_bytes_atomic(tiles.join(args.output, name), contents[name])
+        storage.write_bytes_atomic(storage.join(args.output, name), contents[name])
     summary = {
         "command": "plan",
         "pipeline_version": PIPELINE_VERSION,
@@ -240,11 +239,11 @@ def run(argv: list[str] | None = None) -> dict:
         "complete": not errors,
         "fetch_nir_tiles": len(fetch_ids),
         "affected_tiles": len(affected),
-        "files": [tiles.join(args.output, name) for name in FILES],
+        "files": [storage.join(args.output, name) for name in FILES],
         "seconds": round(time.monotonic() - started, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    storage.write_bytes_atomic(tiles.join(args.output, PLAN_JSON), json.dumps(summary, indent=2).encode())
+    storage.write_bytes_atomic(storage.join(args.output, PLAN_JSON), json.dumps(summary, indent=2).encode())
     print(f"quarter quads {len(lines)}: {len(newer)} with a newer capture, {len(errors)} errors; "
           f"{len(fetch_ids)} tiles to fetch NIR for, {len(affected)} tiles affected")
     for line in newer:
@@ -252,7 +251,7 @@ def run(argv: list[str] | None = None) -> dict:
               f"({line['affected_chips']} chips)")
     for line in errors:
         print(f"  {line['quarter_quad']}: error: {line['error']}", file=sys.stderr)
-    print(f"work list: {tiles.join(args.output, PLAN_JSON)}")
+    print(f"work list: {storage.join(args.output, PLAN_JSON)}")
     return summary
 
 

@@ -17,7 +17,7 @@ import time
 
 from pipelines.cli import ArgumentParser, command_main, description
 from pipelines.options import check_output_writable, check_run_folder
-from transforms import pairs, records, tiles
+from transforms import pairs, records
 from transforms.io import publish, storage
 from transforms.quality import report_figures
 from transforms.pairs import PairConfig
@@ -214,12 +214,12 @@ def run(argv: list[str]) -> dict:
         figures["sample_timesteps.png"] = report_figures.timestep_grid(samples[: args.timestep_samples],
                                                                        int(info.get("options", {}).get("top_k", 16)))
     for name, data in figures.items():
-        storage.write_bytes_atomic(tiles.join(args.output, name), data)
+        storage.write_bytes_atomic(storage.join(args.output, name), data)
     stats_json = {"counts": counts, "pairs": summary, "samples": [r.tile_id for r in refs],
                   "run": args.run, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    storage.write_bytes_atomic(tiles.join(args.output, "stats.json"), json.dumps(stats_json, indent=2).encode())
+    storage.write_bytes_atomic(storage.join(args.output, "stats.json"), json.dumps(stats_json, indent=2).encode())
     page = report_html(info, counts, summary, [r.tile_id for r in refs], list(figures))
-    index = tiles.join(args.output, "index.html")
+    index = storage.join(args.output, "index.html")
     storage.write_bytes_atomic(index, page.encode())
     print(f"report of {stats.pairs:,} pairs ({counts.get('rejects', 0):,} rejects): {index}")
     return {**stats_json, "index": index, "figures": sorted(figures), "seconds": round(time.monotonic() - started, 1)}

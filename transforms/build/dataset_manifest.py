@@ -38,7 +38,6 @@ import json
 import pyarrow as pa
 
 from transforms.build import fingerprints as fp
-from transforms import tiles
 from transforms.io import publish, storage
 from transforms.tiles import InvalidTileId, TileId
 
@@ -239,7 +238,7 @@ def _files_in(run_dir: str, folder: str) -> list[str]:
     for f in success_files(run_dir):
         parts = f.rstrip("/").rsplit("/", 2)
         if len(parts) == 3 and parts[1] == folder and parts[2].endswith(".parquet"):
-            out.append(tiles.join(run_dir, folder, parts[2]))
+            out.append(storage.join(run_dir, folder, parts[2]))
     return sorted(out)
 
 
@@ -263,15 +262,13 @@ def read_manifest(run_dir: str, columns: list[str] | None = None) -> pa.Table:
     reads it in shards on the workers)."""
     import pyarrow.parquet as pq
 
-    from transforms.io.readers import _open
-
     tables = []
     for path in manifest_files(run_dir):
-        with _open(path) as f:
+        with storage.open_file(path) as f:
             tables.append(pq.read_table(f, columns=columns))
     schema = MANIFEST_SCHEMA if columns is None else pa.schema([MANIFEST_SCHEMA.field(c) for c in columns])
     return pa.concat_tables([t.cast(schema) for t in tables]) if tables else schema.empty_table()
 
 
 def is_complete(run_dir: str) -> bool:
-    return storage.exists(tiles.join(run_dir, publish.SUCCESS))
+    return storage.exists(storage.join(run_dir, publish.SUCCESS))

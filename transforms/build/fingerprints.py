@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 
 from transforms import tiles
+from transforms.io import storage
 from transforms.build.object_meta import ObjectMeta, list_object_meta, list_subfolder_meta
 from transforms.tiles import InvalidTileId, TileId
 
@@ -112,7 +113,7 @@ def _naip_names(spec: FingerprintSpec) -> tuple[str, ...]:
 
 
 def _same_nir_root(spec: FingerprintSpec) -> bool:
-    return tiles.join(spec.nir_input, "naip") == tiles.join(spec.input_root, "naip")
+    return storage.join(spec.nir_input, "naip") == storage.join(spec.input_root, "naip")
 
 
 NaipFiles = dict  # {file name: fingerprint or None} of one tile's NAIP folder
@@ -123,7 +124,7 @@ def capture_naip_fingerprints(spec: FingerprintSpec, naip_id: str) -> dict[str, 
     from one recursive listing; the error string of every file when the listing fails."""
     names = _naip_names(spec)
     try:
-        metas = list_subfolder_meta(tiles.join(spec.input_root, "naip", naip_id))
+        metas = list_subfolder_meta(storage.join(spec.input_root, "naip", naip_id))
     except OSError as e:
         return f"{ERROR_PREFIX}{type(e).__name__}"
     return {xy: {name: fingerprint(files.get(name)) for name in names} for xy, files in metas.items()}
@@ -146,8 +147,8 @@ def tile_fingerprints(tile_id: str, spec: FingerprintSpec, naip_files: NaipFiles
         tile = TileId.parse(tile_id)
     except InvalidTileId:
         return NONE
-    naip_dir = tiles.join(spec.input_root, "naip", tile.naip_id, tile.xy)
-    nir_dir = tiles.join(spec.nir_input, "naip", tile.naip_id, tile.xy)
+    naip_dir = storage.join(spec.input_root, "naip", tile.naip_id, tile.xy)
+    nir_dir = storage.join(spec.nir_input, "naip", tile.naip_id, tile.xy)
     s2_dir = tiles.s2_dir(spec.input_root, tile)
     same_nir = _same_nir_root(spec)
     naip_names = _naip_names(spec)

@@ -276,9 +276,7 @@ class PlanIncrement(beam.PTransform):
 def _open_parquet(path: str):
     import pyarrow.parquet as pq
 
-    from transforms.io.readers import _open
-
-    f = _open(path)
+    f = storage.open_file(path)
     return f, pq.ParquetFile(f)
 
 

@@ -2,7 +2,7 @@
 (and, on gs://, of its sub-folders' children in one recursive listing: `list_subfolder_meta`).
 
 On `gs://` this is one one-level listing (delimiter '/') of the folder through `transforms.io.storage`'s
-per-process client and retries (`storage._gcs_client`, `storage._gcs_call`), asking only for the
+per-process client and retries (`storage.gcs_client`, `storage.gcs_call`), asking only for the
 fields it needs: the objects deeper down are never enumerated and no object is downloaded. GCS
 reports an object's CRC32C as base64 of its 4 big-endian bytes; it is converted here to the same
 8-digit lower-case hex that `crc32c_hex` computes from local bytes, so that the metadata of the
@@ -93,12 +93,12 @@ def list_object_meta(folder: str, names: tuple[str, ...] | None = None) -> dict[
 
 
 def _gcs_list_meta(folder: str) -> dict[str, ObjectMeta]:
-    bucket, key = storage._split_gcs(folder)
-    prefix = storage._folder_prefix(key)
+    bucket, key = storage.split_gcs(folder)
+    prefix = storage.folder_prefix(key)
 
     def list_one_level() -> dict[str, ObjectMeta]:
         out = {}
-        blobs = storage._gcs_client().list_blobs(bucket, prefix=prefix, delimiter="/", fields=_LIST_FIELDS,
+        blobs = storage.gcs_client().list_blobs(bucket, prefix=prefix, delimiter="/", fields=_LIST_FIELDS,
                                                  retry=None, timeout=storage._TIMEOUT_S)
         for page in blobs.pages:  # a failed page restarts the whole listing (storage's retries)
             for blob in page:
@@ -109,7 +109,7 @@ def _gcs_list_meta(folder: str) -> dict[str, ObjectMeta]:
                 out[rest] = ObjectMeta(int(blob.size or 0), gcs_crc32c_to_hex(blob.crc32c), generation)
         return out
 
-    return storage._gcs_call(folder, "list", list_one_level)
+    return storage.gcs_call(folder, "list", list_one_level)
 
 
 def list_subfolder_meta(folder: str) -> dict[str, dict[str, ObjectMeta]]:
@@ -119,12 +119,12 @@ def list_subfolder_meta(folder: str) -> dict[str, dict[str, ObjectMeta]]:
     surface as storage's OSErrors after its retries."""
     if not storage.is_gcs(folder):
         raise ValueError(f"a recursive listing needs a gs:// folder, got {folder!r}")
-    bucket, key = storage._split_gcs(folder)
-    prefix = storage._folder_prefix(key)
+    bucket, key = storage.split_gcs(folder)
+    prefix = storage.folder_prefix(key)
 
     def list_recursively() -> dict[str, dict[str, ObjectMeta]]:
         out: dict[str, dict[str, ObjectMeta]] = {}
-        blobs = storage._gcs_client().list_blobs(bucket, prefix=prefix, fields=_LIST_FIELDS, retry=None,
+        blobs = storage.gcs_client().list_blobs(bucket, prefix=prefix, fields=_LIST_FIELDS, retry=None,
                                                  timeout=storage._TIMEOUT_S)
         for page in blobs.pages:  # a failed page restarts the whole listing (storage's retries)
             for blob in page:
@@ -136,4 +136,4 @@ def list_subfolder_meta(folder: str) -> dict[str, dict[str, ObjectMeta]]:
                     int(blob.size or 0), gcs_crc32c_to_hex(blob.crc32c), generation)
         return out
 
-    return storage._gcs_call(folder, "list", list_recursively)
+    return storage.gcs_call(folder, "list", list_recursively)

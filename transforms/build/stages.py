@@ -65,7 +65,7 @@ def require_manifest(path: str) -> str:
 
 
 def list_naip_ids(input_root: str) -> list[str]:
-    return storage.list_children(tiles.join(input_root, "naip"))
+    return storage.list_children(storage.join(input_root, "naip"))
 
 
 def list_tile_ids(input_root: str, naip_id: str) -> list[str]:
@@ -73,7 +73,7 @@ def list_tile_ids(input_root: str, naip_id: str) -> list[str]:
     it is returned as it is, so that it becomes an `invalid_tile_id` reject instead of vanishing."""
     if not tiles.NAIP_ID_PATTERN.fullmatch(naip_id):
         return [naip_id]
-    return [f"{naip_id}/{xy}" for xy in storage.list_children(tiles.join(input_root, "naip", naip_id))]
+    return [f"{naip_id}/{xy}" for xy in storage.list_children(storage.join(input_root, "naip", naip_id))]
 
 
 def list_capture_tile_ids(naip_id: str, input_root: str) -> list[str]:
@@ -228,7 +228,7 @@ class WriteParquet(beam.PTransform):
 
     def expand(self, rows):
         return rows | beam.io.WriteToParquet(
-            tiles.join(self.output, self.name, self.name),
+            storage.join(self.output, self.name, self.name),
             schema=self.schema,
             codec="zstd",
             file_name_suffix=".parquet",
@@ -313,7 +313,7 @@ class NoTiles(ValueError):
 
 def no_tiles_message(run_info: dict) -> str:
     root = run_info.get("input") or "the input"
-    source = f"the manifest {run_info['manifest']}" if run_info.get("manifest") else f"{tiles.join(root, 'naip')}/"
+    source = f"the manifest {run_info['manifest']}" if run_info.get("manifest") else f"{storage.join(root, 'naip')}/"
     return (f"no tile id read from {source}: expected naip/<naip_id>/<x>_<y>/rgb.png under {root}; "
             "nothing was published")
 

@@ -14,7 +14,6 @@ import time
 
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import tiles
 from transforms.io import storage
 
 FORMATS = ("parquet", "tfrecord", "png")
@@ -64,10 +63,10 @@ def run_folders() -> tuple[str, ...]:
 def _existing_run_files(output: str) -> list[str]:
     found = []
     for name in (SUCCESS, RUN_JSON):
-        if storage.exists(tiles.join(output, name)):
-            found.append(tiles.join(output, name))
+        if storage.exists(storage.join(output, name)):
+            found.append(storage.join(output, name))
     for folder in run_folders():
-        pattern = tiles.join(output, folder, "**")
+        pattern = storage.join(output, folder, "**")
         found += [m.path for m in FileSystems.match([pattern])[0].metadata_list]
     return found
 
@@ -82,7 +81,7 @@ def prepare_output(output: str, overwrite: bool) -> int:
             f"{output} already holds a run ({count_text(len(existing), 'file')}, e.g. {existing[0]}); "
             "choose a new --output or pass --overwrite to replace it"
         )
-    success = tiles.join(output, SUCCESS)
+    success = storage.join(output, SUCCESS)
     if success in existing:
         FileSystems.delete([success])
         existing.remove(success)
@@ -102,8 +101,8 @@ def success_manifest(run_info: dict, files: list[str]) -> dict:
 
 def publish(output: str, summary: dict, files: list[str]) -> str:
     """Writes run.json, then _SUCCESS (the manifest of files) last."""
-    storage.write_bytes_atomic(tiles.join(output, RUN_JSON), json.dumps(summary, indent=2, sort_keys=True).encode())
-    path = tiles.join(output, SUCCESS)
+    storage.write_bytes_atomic(storage.join(output, RUN_JSON), json.dumps(summary, indent=2, sort_keys=True).encode())
+    path = storage.join(output, SUCCESS)
     storage.write_bytes_atomic(path, json.dumps(success_manifest(summary, files), indent=2).encode())
     return path
 
@@ -111,6 +110,6 @@ def publish(output: str, summary: dict, files: list[str]) -> str:
 def read_success(output: str) -> dict | None:
     """The `_SUCCESS` manifest of a published run, or None when the folder holds no complete run."""
     try:
-        return json.loads(storage.read_bytes(tiles.join(output, SUCCESS), 256 * 1024 * 1024))
+        return json.loads(storage.read_bytes(storage.join(output, SUCCESS), 256 * 1024 * 1024))
     except FileNotFoundError:
         return None

@@ -19,10 +19,9 @@ from typing import BinaryIO, Iterator
 import google_crc32c
 import pyarrow as pa
 import pyarrow.parquet as pq
-from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import records, tiles
+from transforms import records
 from transforms.io import example_proto, storage
 
 _GLOB_CHARS = "*?["
@@ -68,16 +67,11 @@ def match_files(path_or_glob: str, suffixes: tuple[str, ...]) -> list[str]:
     elif storage.exists(path_or_glob) and not os.path.isdir(path_or_glob):
         return [path_or_glob]
     else:
-        patterns = [tiles.join(path_or_glob, f"*{suffix}") for suffix in suffixes]
+        patterns = [storage.join(path_or_glob, f"*{suffix}") for suffix in suffixes]
     files = sorted({m.path for result in FileSystems.match(patterns) for m in result.metadata_list})
     if not files:
         raise FileNotFoundError(f"no file matches {' or '.join(patterns)}")
     return files
-
-
-def _open(path: str) -> BinaryIO:
-    return open(path, "rb") if storage.is_local(path) else FileSystems.open(
-        path, compression_type=CompressionTypes.UNCOMPRESSED)
 
 
 def read_tfrecord_pairs(path_or_glob: str) -> Iterator[dict]:
@@ -85,7 +79,7 @@ def read_tfrecord_pairs(path_or_glob: str) -> Iterator[dict]:
     back to the Parquet row of each pair. Gzip is recognised by the `.gz` suffix, as Beam does."""
     classes = example_proto.message_classes()
     for path in match_files(path_or_glob, (".tfrecord", ".tfrecord.gz")):
-        with _open(path) as raw:
+        with storage.open_file(path) as raw:
             stream = gzip.GzipFile(fileobj=raw, mode="rb") if path.endswith(".gz") else raw
             try:
                 for data in iter_tfrecords(stream, path):
@@ -97,7 +91,7 @@ def read_tfrecord_pairs(path_or_glob: str) -> Iterator[dict]:
 def read_parquet_pairs(path_or_glob: str, batch_size: int = 64) -> Iterator[dict]:
     """Pair rows from `.parquet` files (a folder, a glob or a file), `batch_size` rows at a time."""
     for path in match_files(path_or_glob, (".parquet",)):
-        with _open(path) as f:
+        with storage.open_file(path) as f:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size):
                 for row in batch.to_pylist():
                     # columns newer than the file (records.LATER_COLUMNS) read as null

@@ -29,7 +29,7 @@ import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.metrics import Metrics
 
-from transforms import records, tiles
+from transforms import records
 from transforms.io import example_proto, storage
 from transforms.imagery import encode_png
 
@@ -60,7 +60,7 @@ class WriteTFRecords(beam.PTransform):
             pairs
             | "ToExample" >> beam.ParDo(EncodeExampleDoFn())
             | "WriteTFRecord" >> beam.io.WriteToTFRecord(
-                tiles.join(self.output, "tfrecord", "pairs"),
+                storage.join(self.output, "tfrecord", "pairs"),
                 file_name_suffix=".tfrecord.gz" if self.compress else ".tfrecord",
                 num_shards=self.num_shards,
                 shard_name_template="-SSSSS-of-NNNNN",
@@ -104,17 +104,17 @@ def tracker_value(record: dict):
 
 def staged_path(output: str, tile_id: str, name: str) -> str:
     naip_id, xy = tile_id.split("/")
-    return tiles.join(output, STAGING_FOLDER, naip_id, xy, name)
+    return storage.join(output, STAGING_FOLDER, naip_id, xy, name)
 
 
 def final_path(png_root: str, tile_id: str, name: str) -> str:
     """Where a staged PNG of `tile_id` goes in the layout (module doc)."""
     naip_id, xy = tile_id.split("/")
     return {
-        "rgb.png": tiles.join(png_root, "naip", naip_id, xy, "rgb.png"),
-        "nir.png": tiles.join(png_root, "nir", "naip", naip_id, xy, "nir.png"),
-        "tci.png": tiles.join(png_root, "sentinel2", xy, "tci.png"),
-        "b08.png": tiles.join(png_root, "sentinel2", xy, "b08.png"),
+        "rgb.png": storage.join(png_root, "naip", naip_id, xy, "rgb.png"),
+        "nir.png": storage.join(png_root, "nir", "naip", naip_id, xy, "nir.png"),
+        "tci.png": storage.join(png_root, "sentinel2", xy, "tci.png"),
+        "b08.png": storage.join(png_root, "sentinel2", xy, "b08.png"),
     }[name]
 
 
@@ -146,7 +146,7 @@ class MergeDicts(beam.CombineFn):
 
 
 def write_tracker(tracker: dict, png_root: str) -> str:
-    path = tiles.join(png_root, "tracker.json")
+    path = storage.join(png_root, "tracker.json")
     storage.write_bytes_atomic(path, json.dumps(tracker, sort_keys=True, separators=(",", ":")).encode())
     return path
 
@@ -177,7 +177,7 @@ class PlaceChipDoFn(beam.DoFn):
 
     def __init__(self, output: str):
         self.output = output
-        self.png_root = tiles.join(output, "png")
+        self.png_root = storage.join(output, "png")
         self._written = Metrics.counter(WritePngLayout.__name__, "png_pairs")
         self._black = Metrics.counter(WritePngLayout.__name__, "png_black_pixel_tiles")
 
@@ -202,8 +202,8 @@ class PlaceChipDoFn(beam.DoFn):
 
 def finish_layout(tracker: dict, output: str) -> str:
     """Writes tracker.json once every chip is placed, and removes the emptied staging folder."""
-    path = write_tracker(tracker, tiles.join(output, "png"))
-    storage.remove_empty_tree(tiles.join(output, STAGING_FOLDER))
+    path = write_tracker(tracker, storage.join(output, "png"))
+    storage.remove_empty_tree(storage.join(output, STAGING_FOLDER))
     return path
 
 

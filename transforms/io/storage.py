@@ -28,8 +28,9 @@ import random
 import threading
 import time
 import uuid
-from typing import Callable, TypeVar
+from typing import BinaryIO, Callable, TypeVar
 
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
@@ -38,6 +39,18 @@ T = TypeVar("T")
 
 GCS_SCHEME = "gs://"
 _TIMEOUT_S = (10.0, 60.0)  # (connect, read) per request
+
+
+def join(root: str, *parts: str) -> str:
+    """Joins path parts with '/', for local paths and gs:// URLs alike."""
+    return "/".join([root.rstrip("/"), *parts])
+
+
+def open_file(path: str) -> BinaryIO:
+    """A run's file opened for reading, as bytes: a local file, or a stream through Beam's
+    filesystems (gs://), never decompressed (`.gz` files are read as they are stored)."""
+    return open(path, "rb") if is_local(path) else FileSystems.open(
+        path, compression_type=CompressionTypes.UNCOMPRESSED)
 
 
 def is_local(path: str) -> bool:
@@ -217,7 +230,7 @@ _client = None
 _client_pid: int | None = None
 
 
-def _gcs_client():
+def gcs_client():
     """The process's google-cloud-storage client (re-created after a fork)."""
     global _client, _client_pid
     client, pid = _client, os.getpid()
@@ -269,7 +282,7 @@ def reset_client() -> None:
         _client, _client_pid = None, None
 
 
-def _split_gcs(path: str) -> tuple[str, str]:
+def split_gcs(path: str) -> tuple[str, str]:
     rest = path[len(GCS_SCHEME):]
     bucket, _, key = rest.partition("/")
     if not bucket:
@@ -277,7 +290,7 @@ def _split_gcs(path: str) -> tuple[str, str]:
     return bucket, key
 
 
-def _folder_prefix(key: str) -> str:
+def folder_prefix(key: str) -> str:
     key = key.strip("/")
     return key + "/" if key else ""
 
@@ -290,7 +303,7 @@ def _gcs_permanent_error(path: str, exc: Exception) -> OSError:
     return OSError(f"{path}: {_describe(exc)}")
 
 
-def _gcs_call(path: str, what: str, op: Callable[[], T]) -> T:
+def gcs_call(path: str, what: str, op: Callable[[], T]) -> T:
     """op() with retries; 404 -> FileNotFoundError, other API errors -> OSError (PermissionError
     for 401/403 and credential failures)."""
     from google.api_core.exceptions import GoogleAPICallError, NotFound
@@ -322,19 +335,19 @@ def read_bytes(path: str, limit: int) -> bytes:
         except IsADirectoryError:
             raise FileNotFoundError(path) from None
     elif is_gcs(path):
-        bucket, key = _split_gcs(path)
+        bucket, key = split_gcs(path)
         if not key or key.endswith("/"):
             raise FileNotFoundError(path)
 
         def download() -> bytes:
-            blob = _gcs_client().bucket(bucket).blob(key)
+            blob = gcs_client().bucket(bucket).blob(key)
             # One ranged GET of at most limit+1 bytes: no existence check first, and a huge
             # object is never downloaded whole. urllib3 enforces Content-Length, so a response
             # cut short raises (and is retried) instead of returning a truncated file.
             return blob.download_as_bytes(start=0, end=limit, raw_download=True, retry=None,
                                           timeout=_TIMEOUT_S)
 
-        data = _gcs_call(path, "read", download)
+        data = gcs_call(path, "read", download)
     else:
         try:
             f = FileSystems.open(path)
@@ -354,16 +367,16 @@ def dir_has_files(path: str) -> bool:
     if is_local(path):
         return os.path.isdir(path) and any(os.scandir(path))
     if is_gcs(path):
-        bucket, key = _split_gcs(path)
-        prefix = _folder_prefix(key)
+        bucket, key = split_gcs(path)
+        prefix = folder_prefix(key)
 
         def any_object() -> bool:
-            blobs = _gcs_client().list_blobs(bucket, prefix=prefix, max_results=1, fields="items(name),nextPageToken",
+            blobs = gcs_client().list_blobs(bucket, prefix=prefix, max_results=1, fields="items(name),nextPageToken",
                                              retry=None, timeout=_TIMEOUT_S)
             return any(True for _ in blobs)
 
         try:
-            return _gcs_call(path, "list", any_object)
+            return gcs_call(path, "list", any_object)
         except FileNotFoundError:  # no such bucket
             return False
     result = FileSystems.match([path.rstrip("/") + "/*"], limits=[1])[0]
@@ -380,12 +393,12 @@ def list_children(path: str) -> list[str]:
             return []
         return sorted(entry.name for entry in os.scandir(path))
     if is_gcs(path):
-        bucket, key = _split_gcs(path)
-        prefix = _folder_prefix(key)
+        bucket, key = split_gcs(path)
+        prefix = folder_prefix(key)
 
         def list_one_level() -> list[str]:
             names = set()
-            blobs = _gcs_client().list_blobs(bucket, prefix=prefix, delimiter="/",
+            blobs = gcs_client().list_blobs(bucket, prefix=prefix, delimiter="/",
                                              fields="items(name),prefixes,nextPageToken",
                                              retry=None, timeout=_TIMEOUT_S)
             for page in blobs.pages:  # a failed page restarts the whole listing
@@ -399,7 +412,7 @@ def list_children(path: str) -> list[str]:
                         names.add(rest)
             return sorted(names)
 
-        return _gcs_call(path, "list", list_one_level)
+        return gcs_call(path, "list", list_one_level)
     prefix = path.rstrip("/") + "/"
     names = set()
     for meta in FileSystems.match([prefix + "**"])[0].metadata_list:
@@ -419,16 +432,16 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
         os.replace(tmp, path)
         return
     if is_gcs(path):
-        bucket, key = _split_gcs(path)
+        bucket, key = split_gcs(path)
         content_type = mimetypes.guess_type(key)[0] or "application/octet-stream"
 
         def upload() -> None:
             # An object is published only when its upload completes, so a reader never sees a
             # part; writing the same bytes again after a lost response is harmless.
-            _gcs_client().bucket(bucket).blob(key).upload_from_string(
+            gcs_client().bucket(bucket).blob(key).upload_from_string(
                 data, content_type=content_type, retry=None, timeout=_TIMEOUT_S)
 
-        _gcs_call(path, "write", upload)
+        gcs_call(path, "write", upload)
         return
     # Object stores publish an object only when its upload completes.
     with FileSystems.create(path) as f:
@@ -439,11 +452,11 @@ def exists(path: str) -> bool:
     if is_local(path):
         return os.path.exists(path)
     if is_gcs(path):
-        bucket, key = _split_gcs(path)
+        bucket, key = split_gcs(path)
         if not key:
-            return _gcs_call(path, "exists", lambda: _gcs_client().bucket(bucket).exists(retry=None,
+            return gcs_call(path, "exists", lambda: gcs_client().bucket(bucket).exists(retry=None,
                                                                                           timeout=_TIMEOUT_S))
-        return _gcs_call(path, "exists", lambda: _gcs_client().bucket(bucket).blob(key).exists(
+        return gcs_call(path, "exists", lambda: gcs_client().bucket(bucket).blob(key).exists(
             retry=None, timeout=_TIMEOUT_S))
     return FileSystems.exists(path)
 

@@ -29,10 +29,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from transforms import tiles
-from transforms.io import readers
+from transforms.io import readers, storage
 from transforms.imagery import MAX_TIMESTEPS
-from transforms.quality.review_page import iter_row_groups, open_file
+from transforms.quality.review_page import iter_row_groups
 
 PSNR_BIN_DB = 0.1
 PSNR_MAX_DB = 100.0
@@ -222,13 +221,13 @@ def count_rejects(run: str) -> Counter:
     """Rejects per reason from `rejects/` (only the `reason` column), when run.json has no counts."""
     counts = Counter()
     try:
-        files = readers.match_files(tiles.join(run, "rejects"), (".parquet",))
+        files = readers.match_files(storage.join(run, "rejects"), (".parquet",))
     except FileNotFoundError:
         return counts
     import pyarrow.parquet as pq
 
     for path in files:
-        with open_file(path) as f:
+        with storage.open_file(path) as f:
             parquet = pq.ParquetFile(f)
             for group in range(parquet.num_row_groups):
                 counts.update(parquet.read_row_group(group, columns=["reason"]).column("reason").to_pylist())
@@ -244,7 +243,7 @@ def read_sample_rows(refs: Iterable[SampleRef]) -> dict[str, dict]:
         by_group.setdefault((ref.path, ref.row_group), []).append(ref)
     rows = {}
     for (path, group), group_refs in by_group.items():
-        with open_file(path) as f:
+        with storage.open_file(path) as f:
             table = pq.ParquetFile(f).read_row_group(group, columns=list(SAMPLE_COLUMNS))
         for ref in group_refs:
             row = table.slice(ref.row, 1).to_pylist()[0]

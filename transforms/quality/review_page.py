@@ -27,13 +27,12 @@ from typing import Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
 from PIL import Image
 
 from transforms import records, tiles
 from transforms.io import readers, storage
 from transforms.corrections import timestep_metrics
+from transforms.imagery import encode_png
 from transforms.evidence import Evidence
 from transforms.selection import DATA_RANGE, ROBUST_WEIGHTS, SelectionConfig, downsample, ssim, to_uint8
 
@@ -57,12 +56,7 @@ PREDICTION_READERS = 8  # threads reading a row group's predictions (one small f
 
 def pair_files(run: str) -> list[str]:
     """The Parquet files of a build's `pairs/` folder (`run` is the build's --output)."""
-    return readers.match_files(tiles.join(run, "pairs"), (".parquet",))
-
-
-def open_file(path: str):
-    return open(path, "rb") if storage.is_local(path) else FileSystems.open(
-        path, compression_type=CompressionTypes.UNCOMPRESSED)
+    return readers.match_files(storage.join(run, "pairs"), (".parquet",))
 
 
 def iter_row_groups(run: str, columns: Iterable[str]) -> Iterator[tuple[str, int, pa.Table]]:
@@ -70,7 +64,7 @@ def iter_row_groups(run: str, columns: Iterable[str]) -> Iterator[tuple[str, int
     named columns are read, one row group (~450 pairs) at a time."""
     columns = list(columns)
     for path in pair_files(run):
-        with open_file(path) as f:
+        with storage.open_file(path) as f:
             parquet = pq.ParquetFile(f)
             for group in range(parquet.num_row_groups):
                 yield path, group, parquet.read_row_group(group, columns=columns)
@@ -79,7 +73,7 @@ def iter_row_groups(run: str, columns: Iterable[str]) -> Iterator[tuple[str, int
 def read_run_json(run: str) -> dict:
     """The build's run.json ({} when absent, e.g. a run that did not finish)."""
     try:
-        return json.loads(storage.read_bytes(tiles.join(run, "run.json"), 64 * 1024 * 1024))
+        return json.loads(storage.read_bytes(storage.join(run, "run.json"), 64 * 1024 * 1024))
     except FileNotFoundError:
         return {}
 
@@ -157,7 +151,7 @@ def decode_prediction(data: bytes, name: str) -> np.ndarray:
 def prediction_path(predictions: str, tile_id: str, suffix: str) -> str:
     """`<predictions>/<naip_id>/<x>_<y><suffix>`."""
     tile = tiles.TileId.parse(tile_id)
-    return tiles.join(predictions, tile.naip_id, tile.xy + suffix)
+    return storage.join(predictions, tile.naip_id, tile.xy + suffix)
 
 
 def read_prediction(predictions: str, tile_id: str) -> np.ndarray | None:
@@ -230,7 +224,7 @@ def rank_pairs(run: str, metric: str, ranking: Ranking, predictions: str | None 
         if predictions:
             raise ValueError(f"{metric} is the selection's, not a prediction's: rank predictions by an image metric")
         for path in pair_files(run):
-            with open_file(path) as f:
+            with storage.open_file(path) as f:
                 if metric not in pq.ParquetFile(f).schema_arrow.names:
                     raise ValueError(f"{path} has no {metric} column (built before it existed): rebuild, "
                                      "or rank by an image metric")
@@ -274,14 +268,6 @@ def rank_pairs(run: str, metric: str, ranking: Ranking, predictions: str | None 
 
 # ---------------------------------------------------------------------------------------------
 # The page
-
-
-def png_bytes(array: np.ndarray) -> bytes:
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG", compress_level=6)
-    return buf.getvalue()
 
 
 @dataclasses.dataclass
@@ -338,12 +324,12 @@ def review_tile(rank: int, ranked: Ranked, hr: np.ndarray, series: np.ndarray, c
               **({"written": written[int(valid[i])]} if len(written) > 1 and int(valid[i]) in written else {})}
              for i in order]
     stacked = series[valid[order]].reshape(-1, series.shape[2], series.shape[3])
-    files = {f"{folder}/hr_rgb.png": png_bytes(hr[..., :3]), f"{folder}/series_rgb.png": png_bytes(stacked[..., :3])}
+    files = {f"{folder}/hr_rgb.png": encode_png(hr[..., :3]), f"{folder}/series_rgb.png": encode_png(stacked[..., :3])}
     if hr.shape[-1] >= 4:
-        files[f"{folder}/hr_nir.png"] = png_bytes(hr[..., 3])
-        files[f"{folder}/series_nir.png"] = png_bytes(stacked[..., 3])
+        files[f"{folder}/hr_nir.png"] = encode_png(hr[..., 3])
+        files[f"{folder}/series_nir.png"] = encode_png(stacked[..., 3])
     if prediction is not None:
-        files[f"{folder}/prediction.png"] = png_bytes(prediction[..., :3])
+        files[f"{folder}/prediction.png"] = encode_png(prediction[..., :3])
     entry = {
         "rank": rank,
         "tile_id": ranked.tile_id,
@@ -384,10 +370,10 @@ def write_page(out_dir: str, meta: dict, review_tiles: Iterable[ReviewTile]) -> 
     entries = []
     for tile in review_tiles:
         for name, data in tile.files.items():
-            storage.write_bytes_atomic(tiles.join(out_dir, name), data)
+            storage.write_bytes_atomic(storage.join(out_dir, name), data)
         entries.append(tile.entry)
     meta = {**meta, "id": review_id(meta.get("run", ""), meta.get("metric", ""), [e["tile_id"] for e in entries])}
-    storage.write_bytes_atomic(tiles.join(out_dir, "data.js"), data_js(meta, entries))
+    storage.write_bytes_atomic(storage.join(out_dir, "data.js"), data_js(meta, entries))
     for name in ASSETS:
-        storage.write_bytes_atomic(tiles.join(out_dir, name), asset(name))
-    return tiles.join(out_dir, "index.html")
+        storage.write_bytes_atomic(storage.join(out_dir, name), asset(name))
+    return storage.join(out_dir, "index.html")
