@@ -65,7 +65,7 @@ def all_tiles(cogs) -> dict[str, list[tuple[int, int]]]:
 
 
 def run_baseline(tiles: dict, stac_url: str, out: str) -> dict:
-    from pipelines.fetch_nir import NirConfig, fetch_group, resolve_naip_id
+    from transforms.nir.pipeline import NirConfig, fetch_group, resolve_naip_id
     from transforms.io import storage
     from transforms.nir import nir_fetch, signing, stac
 
@@ -90,7 +90,7 @@ def run_baseline(tiles: dict, stac_url: str, out: str) -> dict:
 
 
 def run_grouped(tiles: dict, stac_url: str, out: str, group_side: int) -> dict:
-    from pipelines.fetch_nir import NirConfig, fetch_group, resolve_naip_id
+    from transforms.nir.pipeline import NirConfig, fetch_group, resolve_naip_id
     from transforms.io import storage
     from transforms.nir import nir_fetch, signing, stac
 
