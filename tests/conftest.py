@@ -7,6 +7,11 @@ REQUIRE variables turn a missing prerequisite into a failure instead of a skip:
   S2NAIP_REQUIRE_SERVERS=1  the loopback NAIP servers, and so the real data they serve
   S2NAIP_REQUIRE_BROWSER=1, S2NAIP_REQUIRE_FLINK=1, S2NAIP_REQUIRE_TENSORFLOW=1  (their tests)
 docs/testing.md lists them all.
+
+The `integration` marker (pytest.ini) is set here on every test that starts servers, a browser,
+Flink, the GCS emulator, the fake Google APIs or Airflow: `pytest -m "not integration"` is the fast
+local loop, CI runs everything. Those tests get INTEGRATION_TIMEOUT_S instead of pytest.ini's
+per-test timeout (their fixtures start processes); a test marked `timeout` keeps its own.
 """
 import os
 import re
@@ -51,6 +56,21 @@ def _skip_reason(report) -> str:
     if isinstance(longrepr, tuple) and len(longrepr) == 3:
         return str(longrepr[2])
     return str(longrepr)
+
+
+# Whole modules, and the fixtures whose tests, that are integration tests (see the docstring).
+INTEGRATION_MODULES = frozenset({"test_flink.py", "test_gcs.py", "test_dataflow_deploy.py", "test_dataflow_graph.py",
+                                 "test_scheduler.py"})
+INTEGRATION_FIXTURES = frozenset({"gcs_emulator", "gcs_env", "naip_servers", "browser", "google_apis"})
+INTEGRATION_TIMEOUT_S = 900
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in INTEGRATION_MODULES or INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+            if item.get_closest_marker("timeout") is None:
+                item.add_marker(pytest.mark.timeout(INTEGRATION_TIMEOUT_S))
 
 
 @pytest.hookimpl(hookwrapper=True)
