@@ -237,13 +237,13 @@ def test_latest_pointer_moves_only_to_a_published_run(tmp_path):
     os.makedirs(f"{run}/pairs")
     open(f"{run}/pairs/pairs-00000-of-00001.parquet", "wb").close()
     with pytest.raises(latest.RunNotPublished):
-        latest.publish_latest(pointer, run)
+        latest.point_latest(pointer, run)
     assert latest.read_latest(pointer) is None and not os.path.exists(pointer)
     with pytest.raises(FileNotFoundError, match="latest pointer not found"):
         latest.resolve_since(pointer)
     assert latest.resolve_since(pointer, missing_pointer_ok=True) is None
     publish.publish(run, {"output": run}, [])
-    written = latest.publish_latest(pointer, run + "/")
+    written = latest.point_latest(pointer, run + "/")
     assert latest.read_latest(pointer) == written and written["run"] == run
     assert latest.resolve_since(pointer) == run and latest.resolve_since(run + "/") == run
     assert [p for p in os.listdir(tmp_path) if p.startswith("latest")] == ["latest.json"]  # no temp file left

@@ -39,14 +39,14 @@ from transforms.build.stages import (
 )
 from transforms.build.stages import counter_values as stage_counter_values
 from transforms.io import storage
-from transforms.io.latest import publish_latest
+from transforms.io.latest import point_latest
 from transforms.io.publish import OutputSpec
 from transforms.pairs import PairConfig
 
 
 def move_latest(success_path: str, pointer: str, run_dir: str) -> str:
     """After `_SUCCESS` (its path is the input): points `pointer` at `run_dir`."""
-    publish_latest(pointer, run_dir)
+    point_latest(pointer, run_dir)
     return pointer
 
 

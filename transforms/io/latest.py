@@ -3,7 +3,7 @@
     {"run": "gs://bucket/pairs/v20260301", "published": "2026-03-01T06:12:00Z"}
 
 It is written atomically (readers see the old pointer or the new one, never a part), and only
-ever to a run whose `_SUCCESS` exists: `publish_latest` checks it first, so a run that failed or
+ever to a run whose `_SUCCESS` exists: `point_latest` checks it first, so a run that failed or
 was killed in the middle leaves the pointer on the previous version. The build moves it as its
 very last step, after `_SUCCESS` (so it also moves on Dataflow, where the launcher does not wait).
 """
@@ -21,7 +21,7 @@ class RunNotPublished(RuntimeError):
     """The pointer was asked to move to a run without `_SUCCESS`."""
 
 
-def publish_latest(pointer_path: str, run_dir: str) -> dict:
+def point_latest(pointer_path: str, run_dir: str) -> dict:
     """Points `pointer_path` at `run_dir` after checking that the run is complete; returns the
     pointer's content. Raises RunNotPublished (the pointer untouched) without `_SUCCESS`."""
     success = publish.read_success(run_dir)

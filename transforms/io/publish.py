@@ -90,7 +90,8 @@ def prepare_output(output: str, overwrite: bool) -> int:
     return len(existing) + 1
 
 
-def success_manifest(run_info: dict, files: list[str]) -> dict:
+def success_content(run_info: dict, files: list[str]) -> dict:
+    """What `_SUCCESS` holds: the run's file list, its version and output, when it was published."""
     return {
         "pipeline_version": run_info.get("pipeline_version"),
         "output": run_info.get("output"),
@@ -103,7 +104,7 @@ def publish(output: str, summary: dict, files: list[str]) -> str:
     """Writes run.json, then _SUCCESS (the manifest of files) last."""
     storage.write_bytes_atomic(storage.join(output, RUN_JSON), json.dumps(summary, indent=2, sort_keys=True).encode())
     path = storage.join(output, SUCCESS)
-    storage.write_bytes_atomic(path, json.dumps(success_manifest(summary, files), indent=2).encode())
+    storage.write_bytes_atomic(path, json.dumps(success_content(summary, files), indent=2).encode())
     return path
 
 
