@@ -1,20 +1,8 @@
 """The `s2naip fetch-nir` job: `FetchNir`, NAIP band 4 (near-infrared) for every S2-NAIP tile,
-grouped per NAIP item, and its DoFns (the command, pipelines/fetch_nir.py, parses and launches it).
+grouped per NAIP item, its DoFns, and `resolve_naip_id` / `fetch_group` (also used by bench-nir).
 
-    s2naip fetch-nir --input DIR | --manifest FILE  --output DIR  --stac-url URL [options] [beam options]
-
-tile ids (manifest shards or a listing) -> parse (invalid ids are rejects)
-  -> GroupByKey on the folder naip_id: drop duplicate ids, skip tiles whose nir.png exists (resume),
-     resolve the naip_id to its STAC item once (search, or --naip-id-map + one item request),
-     split its tiles deterministically into groups of at most --group-side**2 tiles (block by block)
-  -> GroupByKey on (item id, folder, group): per group, sign the COG href once, open the COG once,
-     fetch the byte ranges of the blocks under all the group's tiles in a few coalesced range
-     requests, and reproject each tile's band 4 onto its EPSG:3857 zoom-17 tile at 128x128
-  -> naip/<naip_id>/<x>_<y>/nir.png (atomic writes), rejects/ (Parquet), run.json, then _SUCCESS.
-
-Every input id ends in exactly one of: written, skipped (its nir.png was already there), rejected.
-A rerun into the same --output resumes: it fetches only what is missing (a complete output costs no
-request at all), and replaces the previous run's rejects/, run.json and _SUCCESS.
+The data flow, the outcomes of an id (written, skipped, rejected) and how a rerun resumes are in the
+command's docstring (pipelines/fetch_nir.py, its --help); the command parses, launches and prints.
 """
 from __future__ import annotations
 
