@@ -33,10 +33,10 @@ from pipelines.options import (
 from transforms import progress
 from transforms.build import dataset_manifest
 from transforms.build.pipeline import build
-from transforms.io import latest, publish, storage
 from transforms.build.stages import NoTiles
-from transforms.pairs import PairConfig
+from transforms.io import latest, publish, storage
 from transforms.io.publish import OutputSpec
+from transforms.pairs import PairConfig
 from transforms.version import PIPELINE_VERSION
 
 _LOG = logging.getLogger(__name__)

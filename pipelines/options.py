@@ -12,6 +12,7 @@ import copy
 import os
 import tempfile
 
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import (
     DebugOptions,
     DirectOptions,
@@ -22,14 +23,12 @@ from apache_beam.options.pipeline_options import (
     _BeamArgumentParser,
 )
 
-from apache_beam.io.filesystems import FileSystems
-
 from pipelines.cli import CommandError, HelpFormatter, unknown_arguments_message
 from transforms import tiles
 from transforms.build import dataset_manifest as dm
 from transforms.io import publish, storage
-from transforms.pairs import BAND_SETS, PairConfig
 from transforms.io.publish import OutputSpec
+from transforms.pairs import BAND_SETS, PairConfig
 from transforms.selection import DEFAULT_SELECTION, DOWNSAMPLE_METHODS, SELECTION_MODES, SelectionConfig
 
 DEFAULT_SAMPLE_TILES = 200

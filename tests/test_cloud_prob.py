@@ -9,8 +9,8 @@ import pytest
 from tests.tile_factory import NAIP_ID, area_down, scene
 from transforms import cloud_prob as CP
 from transforms import records
-from transforms.io import example_proto
 from transforms import selection as S
+from transforms.io import example_proto
 from transforms.io.readers import as_stored
 from transforms.tiles import TileId
 

@@ -28,11 +28,11 @@ import rasterio.warp
 from PIL import Image
 
 from pipelines import cli, fetch_nir
-from transforms.nir import pipeline as nir_pipeline
-from transforms.devdata.real_tiles import usable_tiles
 from pipelines.dev.stac_servers import FaultPlan, FaultyProxy, naip_collection
+from transforms.devdata.real_tiles import usable_tiles
 from transforms.io import storage
 from transforms.nir import geo, nir_fetch, signing, stac
+from transforms.nir import pipeline as nir_pipeline
 
 FAST_HTTP = ["--http-backoff", "0.01", "--max-requests-per-second", "200"]
 UNCAPTURED = "m_4709963_se_14_1_20110101"  # the quad, a date without a capture

@@ -12,13 +12,13 @@ import pytest
 import rasterio
 
 from pipelines import fetch_nir, plan
-from transforms.nir import plan as nir_plan
-from transforms.devdata.real_tiles import usable_tiles
 from tests.test_incremental import build
 from tests.tile_factory import NAIP_ID as FLORIDA_ID
 from tests.tile_factory import good_tile
 from transforms.build import dataset_manifest as dm
+from transforms.devdata.real_tiles import usable_tiles
 from transforms.io import latest
+from transforms.nir import plan as nir_plan
 from transforms.tiles import TileId
 
 CAPTURE_2012 = "m_4709963_se_14_1_20120731"

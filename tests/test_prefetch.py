@@ -10,8 +10,8 @@ import pytest
 from tests.tile_factory import NAIP_ID, black_edge, good_tile, scene, series_from, write_tile
 from transforms import imagery
 from transforms.io import storage
-from transforms.pairs import PairConfig, build_tile, load_tile, tile_paths
 from transforms.io.prefetch import ReadAhead
+from transforms.pairs import PairConfig, build_tile, load_tile, tile_paths
 from transforms.selection import EXTRA_BANDS, SelectionConfig
 from transforms.tiles import TileId
 

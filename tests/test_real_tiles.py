@@ -10,8 +10,8 @@ import pytest
 import rasterio
 from PIL import Image
 
-from transforms.devdata import real_tiles as R
 from transforms import tiles
+from transforms.devdata import real_tiles as R
 from transforms.nir import geo
 
 

@@ -12,11 +12,11 @@ import pytest
 
 from tests.tile_factory import NAIP_ID, area_down, scene
 from transforms import records
+from transforms import selection as S
 from transforms.devdata import hard_cases
 from transforms.io import example_proto
-from transforms import selection as S
-from transforms.pairs import PairConfig, build_tile
 from transforms.io.readers import as_stored, read_parquet_pairs, read_tfrecord_pairs
+from transforms.pairs import PairConfig, build_tile
 from transforms.tiles import TileId
 
 ROBUST = S.SelectionConfig(mode="robust")

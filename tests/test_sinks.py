@@ -12,11 +12,11 @@ from PIL import Image
 
 from tests.tile_factory import NAIP_ID, scene, series_from
 from transforms import records
-from transforms.io import example_proto
 from transforms.build.stages import WriteParquet
+from transforms.io import example_proto
 from transforms.io.readers import CorruptRecordError, as_stored, read_parquet_pairs, read_tfrecord_pairs
-from transforms.selection import SelectionConfig, select_pair
 from transforms.io.sinks import WritePngLayout, WriteTFRecords, has_black_pixel
+from transforms.selection import SelectionConfig, select_pair
 from transforms.tiles import TileId
 
 RUNNER = "FnApiRunner"

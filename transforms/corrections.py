@@ -33,9 +33,9 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from transforms import tiles
-from transforms.io import storage
 from transforms.evidence import Evidence
 from transforms.imagery import black_border_count
+from transforms.io import storage
 from transforms.selection import (
     Selection,
     SelectionConfig,

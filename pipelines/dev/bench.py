@@ -25,8 +25,8 @@ import time
 
 from pipelines.cli import ArgumentParser, description
 from transforms import runtime, tiles
-from transforms.pairs import PairConfig, TileRejected, build_tile, load_tile
 from transforms.devdata.sample import generate_sample
+from transforms.pairs import PairConfig, TileRejected, build_tile, load_tile
 from transforms.selection import DEFAULT_SELECTION, EXTRA_BANDS, SELECTION_MODES, SelectionConfig, select_pair
 from transforms.tiles import TileId
 

@@ -34,8 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipelines.dev.bench import machine
 from pipelines.cli import ArgumentParser, description
+from pipelines.dev.bench import machine
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout, when run from one
 DEFAULT_NAIP_DIR = REPO.parent / "shared" / "data" / "naip_real"
@@ -65,9 +65,9 @@ def all_tiles(cogs) -> dict[str, list[tuple[int, int]]]:
 
 
 def run_baseline(tiles: dict, stac_url: str, out: str) -> dict:
-    from transforms.nir.pipeline import NirConfig, fetch_group, resolve_naip_id
     from transforms.io import storage
     from transforms.nir import nir_fetch, signing, stac
+    from transforms.nir.pipeline import NirConfig, fetch_group, resolve_naip_id
 
     http = stac.PoliteHttp(stac.HttpPolicy(max_requests_per_s=0))
     config = NirConfig(output=out, stac_url=stac_url)
@@ -90,9 +90,9 @@ def run_baseline(tiles: dict, stac_url: str, out: str) -> dict:
 
 
 def run_grouped(tiles: dict, stac_url: str, out: str, group_side: int) -> dict:
-    from transforms.nir.pipeline import NirConfig, fetch_group, resolve_naip_id
     from transforms.io import storage
     from transforms.nir import nir_fetch, signing, stac
+    from transforms.nir.pipeline import NirConfig, fetch_group, resolve_naip_id
 
     http = stac.PoliteHttp(stac.HttpPolicy(max_requests_per_s=0))
     config = NirConfig(output=out, stac_url=stac_url, group_side=group_side)

@@ -43,11 +43,11 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from pipelines.dev.bench import machine
 from pipelines.cli import ArgumentParser, description
-from transforms.devdata import hard_cases as H
+from pipelines.dev.bench import machine
 from transforms import runtime
 from transforms import selection as S
+from transforms.devdata import hard_cases as H
 
 TUNE, HELD_OUT = "tune", "held-out"
 PARTS = (TUNE, HELD_OUT)

@@ -26,8 +26,8 @@ from __future__ import annotations
 import dataclasses
 
 from transforms import tiles
-from transforms.io import storage
 from transforms.build.object_meta import ObjectMeta, list_object_meta, list_subfolder_meta
+from transforms.io import storage
 from transforms.tiles import InvalidTileId, TileId
 
 FILES = ("rgb", "nir", "tci", "b08")

@@ -31,13 +31,13 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from transforms import corrections, records, tiles
-from transforms.io import storage
 from transforms.build import dataset_manifest as dm
 from transforms.build import fingerprints as fpr
 from transforms.build.stages import (
     READ_BATCH,
     WriteParquet,
 )
+from transforms.io import storage
 from transforms.io.prefetch import shared_read_ahead
 
 _LOG = logging.getLogger(__name__)

@@ -15,9 +15,9 @@ from apache_beam.metrics import Metrics
 
 from transforms import corrections, imagery, records, runtime, tiles
 from transforms.io import publish, sinks, storage
-from transforms.pairs import PairConfig, build_tile, tile_paths
 from transforms.io.prefetch import ReadAhead, TileReads, shared_read_ahead
 from transforms.io.publish import OutputSpec
+from transforms.pairs import PairConfig, build_tile, tile_paths
 from transforms.tiles import InvalidTileId, TileId
 
 _LOG = logging.getLogger(__name__)

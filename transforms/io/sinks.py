@@ -30,8 +30,8 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.metrics import Metrics
 
 from transforms import records
-from transforms.io import example_proto, storage
 from transforms.imagery import encode_png
+from transforms.io import example_proto, storage
 
 # ---------------------------------------------------------------------------------------------
 # TFRecord

@@ -19,9 +19,9 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from transforms import records, runtime, tiles
+from transforms.build.stages import ReadTileIds, WriteParquet
 from transforms.io import publish, storage
 from transforms.nir import geo, nir_fetch, signing, stac
-from transforms.build.stages import ReadTileIds, WriteParquet
 from transforms.nir.nir_fetch import ItemRef, nir_reject
 
 _LOG = logging.getLogger(__name__)

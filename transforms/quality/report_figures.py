@@ -29,8 +29,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from transforms.io import readers, storage
 from transforms.imagery import MAX_TIMESTEPS
+from transforms.io import readers, storage
 from transforms.quality.review_page import iter_row_groups
 
 PSNR_BIN_DB = 0.1

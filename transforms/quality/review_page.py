@@ -30,10 +30,10 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from transforms import records, tiles
-from transforms.io import readers, storage
 from transforms.corrections import timestep_metrics
-from transforms.imagery import encode_png
 from transforms.evidence import Evidence
+from transforms.imagery import encode_png
+from transforms.io import readers, storage
 from transforms.selection import DATA_RANGE, ROBUST_WEIGHTS, SelectionConfig, downsample, ssim, to_uint8
 
 METRICS = ("psnr_rgb", "psnr_rgbn", "ssim_rgb", "ssim_rgbn", "confidence")
