@@ -11,7 +11,8 @@ docs/testing.md lists them all.
 The `integration` marker (pytest.ini) is set here on every test that starts servers, a browser,
 Flink, the GCS emulator, the fake Google APIs or Airflow: `pytest -m "not integration"` is the fast
 local loop, CI runs everything. Those tests get INTEGRATION_TIMEOUT_S instead of pytest.ini's
-per-test timeout (their fixtures start processes); a test marked `timeout` keeps its own.
+per-test timeout (their fixtures start processes); a test marked `timeout` keeps its own. A test
+that starts such a server itself (not through a fixture) carries `@pytest.mark.integration` directly.
 """
 import os
 import re

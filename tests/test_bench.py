@@ -25,6 +25,7 @@ def test_bench_command_reports_every_figure(tmp_path, capsys):
     assert run["options"]["selection"] == "paper"
 
 
+@pytest.mark.integration  # starts the GCS emulator (through bench-gcs)
 def test_bench_gcs_command_compares_read_settings_on_the_emulator(tmp_path, capsys, loopback_only):
     """`s2naip bench-gcs` end to end on a tiny sample: every setting builds the same pairs."""
     if os.environ.get("CI"):
