@@ -1,4 +1,5 @@
 """--lr-timesteps N: the N best timesteps per pair, in every sink, readable by the training code."""
+import collections
 import dataclasses
 import json
 import os
@@ -12,10 +13,11 @@ from pipelines import build_pairs
 from pipelines.options import BuildOptions, pair_config, parse_build_options
 from tests.tile_factory import NAIP_ID, cloud, good_tile, scene, series_from, write_tile
 from transforms import corrections, dataset_manifest, records
-from transforms.pairs import PairConfig, build_tile
+from transforms.pairs import PairConfig, build_tile, load_tile
 from transforms.readers import read_parquet_pairs, read_tfrecord_pairs
-from transforms.selection import (SelectionConfig, acceptable, TooFewTimesteps, multi_timesteps,
-                                  select_pair, with_timesteps)
+from transforms.selection import (SelectionConfig, TooFewTimesteps, acceptable, clean_gates, downsample,
+                                  multi_timesteps, select_pair, to_uint8, with_timesteps)
+from transforms.tiles import TileId
 
 RUNNER = "FnApiRunner"
 
@@ -83,9 +85,38 @@ def test_robust_acceptable_means_evidence_passes_so_too_few_clean_is_a_reject():
         multi_timesteps(selection, config)
     fewer = multi_timesteps(selection, dataclasses.replace(config, allow_fewer=True))
     assert len(fewer) == 10 and not set(fewer.tolist()) & set(clouded)
-    # paper accepts every top-k candidate: 12 of 14 can be written
-    paper = SelectionConfig(mode="paper", lr_timesteps=12)
-    assert len(multi_timesteps(select_pair(hr, series, paper), paper)) == 12
+    # paper and companion: their clean gates turn the planted clouds away too
+    for mode in ("paper", "companion"):
+        gated = SelectionConfig(mode=mode, lr_timesteps=12)
+        with pytest.raises(TooFewTimesteps, match=f"10 acceptable timesteps .{mode} ranking., 12 requested"):
+            multi_timesteps(select_pair(hr, series, gated), gated)
+
+
+def test_a_first_choice_that_fails_a_gate_gives_way_to_the_best_that_passes(monkeypatch):
+    """paper, N > 1: when its single choice fails a clean gate, the best-scoring candidate that
+    passes is the first (the HR matched to it); N = 1 keeps the paper's choice, and computes no gate."""
+    from transforms import selection as S
+
+    hr, series = planted_series(7, clean=8, clouded=(3,))
+    real_scores = S.paper_scores
+
+    def cloud_scores_best(hr_down_u8, candidates, alpha):  # the paper's score, but the cloudy one wins
+        scores = real_scores(hr_down_u8, candidates, alpha)
+        cloudy = [i for i, c in enumerate(candidates) if (c == series[3]).all()]
+        scores[cloudy] = -1.0
+        return scores
+
+    monkeypatch.setattr(S, "paper_scores", cloud_scores_best)
+    single = select_pair(hr, series, SelectionConfig())
+    assert single.lr_index == 3 and single.clean is None
+    config = SelectionConfig(lr_timesteps=4)
+    multi = with_timesteps(select_pair(hr, series, config), series, config)
+    assert 3 not in multi.lr_indices.tolist() and multi.lr_index == multi.lr_indices[0]
+    position = {int(t): i for i, t in enumerate(multi.candidate_indices)}
+    passing = [t for t in multi.candidate_indices.tolist() if multi.clean[position[t]]]
+    assert multi.lr_index == min(passing, key=lambda t: multi.candidate_scores[position[t]])
+    np.testing.assert_array_equal(multi.hr_matched, S.match_histograms(hr, series[multi.lr_index][None])[0])
+    assert multi.clean.tolist() == [t != 3 for t in multi.candidate_indices.tolist()]
 
 
 def test_lr_timesteps_is_validated():
@@ -314,25 +345,53 @@ def test_the_review_page_of_a_multi_timestep_build(tmp_path):
         assert tile["value"] == pytest.approx(value, abs=1e-3)
 
 
-def test_real_naip_tiles_8_written_timesteps_hold_no_planted_bad_one(real_tile_set, tmp_path):
+@pytest.mark.parametrize("mode", ["paper", "companion", "robust"])
+def test_real_naip_tiles_8_written_timesteps_hold_no_planted_bad_one(mode, real_tile_set, tmp_path):
     """Real NAIP-derived tiles (tests/real_tiles.py: 10 clean timesteps, a planted black-border, cloudy
-    and dark one each), robust: none of the 8 written is a planted one; a tile whose clean timesteps
-    do not all pass the evidence is a too_few_timesteps reject (1 of 20, measured)."""
+    and dark one each; every tile has >= 8 clean): none of the 8 written is a planted one, in every
+    mode. paper and companion write 8 for all 20 (their clean gates pass every clean timestep);
+    robust rejects a tile whose clean timesteps do not all pass its evidence as too_few_timesteps
+    (1 of 20, measured). Without the gates paper wrote the planted dark one in 7 of 20 tiles."""
     root, real = real_tile_set
     out = str(tmp_path / "out")
-    summary = build_pairs.run(["--input", str(root), "--output", out, "--runner", RUNNER, "--selection", "robust",
+    summary = build_pairs.run(["--input", str(root), "--output", out, "--runner", RUNNER, "--selection", mode,
                                "--lr-timesteps", "8", "--format", "parquet,png"])
     truth = {t.tile_id: t for t in real}
     rows = list(read_parquet_pairs(os.path.join(out, "pairs")))
     assert all(len(t.clean_indices) >= 8 for t in real)
-    assert summary["counts"]["pairs"] == len(rows) >= len(real) - 2
+    if mode == "robust":
+        assert summary["counts"]["pairs"] == len(rows) >= len(real) - 2
+    else:
+        assert summary["counts"]["pairs"] == len(rows) == len(real)
     assert summary["counts"]["rejects_by_reason"] == ({"too_few_timesteps": len(real) - len(rows)}
                                                       if len(rows) < len(real) else {})
-    for row in rows:
-        planted = truth[row["tile_id"]].planted
-        assert row["lr_shape"][0] == 8 and not set(row["lr_indices"]) & set(planted), (row["lr_indices"], planted)
+    violations = [(row["tile_id"], row["lr_indices"]) for row in rows
+                  if set(row["lr_indices"]) & set(truth[row["tile_id"]].planted)]
+    assert all(row["lr_shape"][0] == 8 for row in rows) and violations == []
     assert len(satlas_items(os.path.join(out, "png"), n_s2_images=8)) == len(
         {(r["tile_x"], r["tile_y"]) for r in rows})
+    if mode != "robust":  # the first is the mode's single choice on every tile here
+        single = {r["tile_id"]: r["lr_index"] for r in (build_tile(t.tile_id, PairConfig(
+            str(root), selection=SelectionConfig(mode=mode))).record for t in real)}
+        assert {r["tile_id"]: r["lr_index"] for r in rows} == single
+
+
+def test_real_naip_tiles_clean_gates_pass_every_clean_timestep_and_no_planted_one(real_tile_set):
+    """`clean_gates` over each real-NAIP-derived tile's valid timesteps: every clean capture (years
+    apart, 2009-2019) passes, every planted cloudy and dark one fails."""
+    root, real = real_tile_set
+    config = PairConfig(str(root), selection=SelectionConfig(lr_timesteps=8))
+    passed = collections.Counter()
+    for tile in real:
+        inputs = load_tile(TileId.parse(tile.tile_id), config)
+        selection = select_pair(inputs.hr, inputs.series, config.selection, inputs.extra)
+        valid = selection.valid_indices
+        hr_down = to_uint8(downsample(inputs.hr, 32, config.selection.downsample_method))
+        ok = clean_gates(hr_down, inputs.series[valid], {b: v[valid] for b, v in inputs.extra.items()})
+        for t, passes in zip(valid.tolist(), ok.tolist()):
+            passed[(tile.planted.get(t, "clean"), passes)] += 1
+    assert set(passed) == {("clean", True), ("cloudy", False), ("dark", False)}, passed
+    assert passed[("clean", True)] == sum(len(t.clean_indices) for t in real)
 
 
 def test_the_report_shows_how_many_pairs_had_n_timesteps(tmp_path):
