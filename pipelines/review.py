@@ -3,8 +3,9 @@
     s2naip review --run OUT --output REVIEW_DIR [--input S2NAIP] [--metric psnr_rgb]
                   [--threshold 20] [--worst 200] [--predictions PRED_DIR]
 
-Open REVIEW_DIR/index.html (from disk or a bucket), decide each tile with the keyboard, export
-corrections.json and rebuild with `s2naip build ... --corrections corrections.json`.
+Open REVIEW_DIR/index.html (from disk or a bucket), decide each tile with the keyboard (pick a
+timestep, drop the tile, or, in a --lr-timesteps N build, drop some of the N written timesteps),
+export corrections.json and rebuild with `s2naip build ... --corrections corrections.json`.
 """
 from __future__ import annotations
 
@@ -147,6 +148,7 @@ def run(argv: list[str]) -> dict:
         "metric_label": METRIC_LABELS[args.metric] + (" (prediction)" if args.predictions else ""),
         "selection_rule": selection_rule(args),
         "bands": 4 if bands == "rgbn" else 3,
+        "lr_timesteps": int(info.get("options", {}).get("lr_timesteps") or 1),  # requested per pair
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     index = write_page(args.output, meta, review_tiles)

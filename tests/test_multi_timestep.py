@@ -384,10 +384,10 @@ def test_a_build_with_8_timesteps_in_every_sink(multi_run):
     items = satlas_items(png, n_s2_images=8)
     assert len(items) == 4  # every pair is a sample with 8 images
     for row in parquet.values():
-        hr, s2, goods = items[f"{row['tile_x']}_{row['tile_y']}"]
+        hr, s2, goods, bads = items[f"{row['tile_x']}_{row['tile_y']}"]
         lr = records.lr_timesteps(row)  # [8, 32, 32, 4], best first
         np.testing.assert_array_equal(s2, lr.transpose(0, 3, 1, 2))
-        assert goods == list(range(8))
+        assert goods == list(range(8)) and bads == []
 
 
 def test_the_single_timestep_layout_reads_with_one_image(tmp_path):
@@ -401,7 +401,7 @@ def test_the_single_timestep_layout_reads_with_one_image(tmp_path):
     assert len(items) == 2 and not satlas_items(os.path.join(out, "png"), n_s2_images=2)
     for row in rows.values():
         assert row["lr_shape"] == [32, 32, 4] and row["lr_indices"] == [row["lr_index"]]
-        _, s2, _ = items[f"{row['tile_x']}_{row['tile_y']}"]
+        _, s2, _, _ = items[f"{row['tile_x']}_{row['tile_y']}"]
         np.testing.assert_array_equal(s2[0], records.decode_pair_arrays(row)[1].transpose(2, 0, 1))
     assert json.load(open(os.path.join(out, "png", "tracker.json"))) == {t: r["lr_index"] for t, r in rows.items()}
 

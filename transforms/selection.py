@@ -85,25 +85,27 @@ class CleanGates:
     score ranks it), which alone write dark and cloudy timesteps (the paper has no evidence of them).
     Each gate is measured against the tile's other valid timesteps and the HR (`clean_gates`):
 
-    * dark: `evidence.darkening`, 1 - mean R, G, B brightness / the lower quartile of the tile's
-      valid timesteps' means, at most `dark`. Clean captures years apart reach 0.19 on the
-      real-NAIP-derived tiles, planted dark ones (exposure x0.12-0.3) 0.61 and more.
     * thick cloud (bright and white): the fraction of pixels whose R, G and B are all >= `cloud_dn`
       (TCI DN; 200 is ~0.28 top-of-atmosphere reflectance, thick cloud saturates the TCI at 255)
-      and whitish (min >= 0.6 max), where the HR downsampled is not itself that bright (a roof, sand),
-      above the lower quartile of that fraction over the tile's valid timesteps, at most `cloud`.
-      Clean timesteps reach 0.008, planted thick cloud 0.46 and more. Snow counts too: it hides the
-      ground the HR shows just as well.
+      and whitish (min >= 0.6 max), where the HR downsampled is not bright itself (R, G, B all >=
+      `hr_bright_dn`: a roof, sand), at most `cloud`. Clean timesteps of the real-NAIP-derived
+      tiles reach 0.008, planted thick cloud 0.46 and more. Snow counts too: it hides the ground
+      the HR shows just as well.
+    * dark: 1 - mean R, G, B brightness / the lower quartile of the means of the tile's timesteps
+      that pass the cloud gate (all of them when none does), at most `dark`. Clean captures years
+      apart reach 0.19 on the real-NAIP-derived tiles, planted dark ones (exposure x0.12-0.3)
+      0.61 and more.
     * s2cloudless (`transforms.cloud_prob`), when the tile has its bands (b01, b05, b08, b09, b10,
       b11, b12): mean cloud probability above the tile's lowest, at most `cloud_prob`.
 
     The first written timestep stays the mode's single choice (N = 1 output unchanged) unless it
     fails a gate: then the best-scoring candidate that passes is the first, the HR matched to it
-    (`gated_first`)."""
+    (`select_pair`)."""
 
     dark: float = 0.5
     cloud: float = 0.1
     cloud_dn: int = 200
+    hr_bright_dn: int = 150
     cloud_prob: float = 0.1
 
 
@@ -710,13 +712,16 @@ def clean_gates(hr_down_u8: np.ndarray, series: np.ndarray, extra: dict[str, np.
     gates (`CleanGates`), against `hr_down_u8` [32, 32, C], the HR downsampled, and each other;
     `extra` their extra bands [V, 32, 32], s2cloudless's when the tile has them."""
     frames = np.ascontiguousarray(np.moveaxis(series, -1, 1))  # uint8 [V, C, h, w]
-    ok = E.darkening(frames) <= gates.dark
     vis = frames[:, :3].astype(np.int16)
     low, high = vis.min(axis=1), vis.max(axis=1)
-    hr_vis = hr_down_u8[..., :3].astype(np.int16)
-    hr_bright = hr_vis.min(axis=-1) >= gates.cloud_dn
+    hr_bright = hr_down_u8[..., :3].min(axis=-1) >= gates.hr_bright_dn
     bright = ((low >= gates.cloud_dn) & (low * 5 >= high * 3) & ~hr_bright).mean(axis=(-2, -1))
-    ok &= bright - np.quantile(bright, 0.25) <= gates.cloud
+    ok = bright <= gates.cloud
+    # darkening against the timesteps without thick cloud (a cloudy majority would make every
+    # clear one look dark), all of them when none is
+    level = vis.mean(axis=(1, 2, 3))
+    reference = float(np.quantile(level[ok] if ok.any() else level, 0.25))
+    ok &= 1.0 - level / max(reference, 1e-6) <= gates.dark
     extra = extra or {}
     if CP.available(extra, has_nir=series.shape[-1] > 3):
         prob = CP.cloud_probability(frames, {b: extra[b] for b in CP.CLOUD_BANDS if b in extra},
