@@ -549,6 +549,26 @@ def test_real_naip_tiles_clean_gates_pass_every_clean_timestep_and_no_planted_on
     assert passed[("clean", True)] == sum(len(t.clean_indices) for t in real)
 
 
+def test_real_sentinel2_clean_dates_pass_the_clean_gates_and_overcast_ones_fail_with_s2cloudless(real_s2_dir):
+    """Real Sentinel-2 L1C (the eo-learn patch: 9 chips, each clear date as the HR, the other 4 real
+    dates as the series; labels by eye): every clear date passes the gates; with s2cloudless's bands
+    every overcast one fails, with the TCI and B08 alone the thick bright overcast date does (the
+    greyer one, cloud with shadowed texture, is left to s2cloudless)."""
+    from transforms import real_s2
+
+    data = real_s2.load_eolearn(real_s2_dir / "eolearn")
+    outcomes = {False: collections.Counter(), True: collections.Counter()}
+    for tile in real_s2.real_tiles(data):
+        hr_down = to_uint8(downsample(tile.hr, 32, "bicubic_aa"))
+        for with_bands in (False, True):
+            ok = clean_gates(hr_down, tile.series, tile.extra if with_bands else None)
+            for kind, date, passes in zip(tile.kinds, tile.capture_of_index, ok.tolist()):
+                outcomes[with_bands][(kind, date if kind != "clean" else "", passes)] += 1
+    assert outcomes[True] == {("clean", "", True): 54, ("overcast", "20150820", False): 27,
+                              ("overcast", "20150731", False): 27}, outcomes[True]
+    assert outcomes[False][("clean", "", True)] == 54 and outcomes[False][("overcast", "20150820", False)] == 27
+
+
 def test_the_report_shows_how_many_pairs_had_n_timesteps(tmp_path):
     from pipelines import report
 
