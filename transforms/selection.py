@@ -94,7 +94,7 @@ class CleanGates:
     * dark: 1 - mean R, G, B brightness / the lower quartile of the means of the tile's timesteps
       that pass the cloud gate (all of them when none does), at most `dark`. Clean captures years
       apart reach 0.19 on the real-NAIP-derived tiles, planted dark ones (exposure x0.12-0.3)
-      0.61 and more.
+      0.60 and more.
     * s2cloudless (`transforms.cloud_prob`), when the tile has its bands (b01, b05, b08, b09, b10,
       b11, b12): mean cloud probability above the tile's lowest, at most `cloud_prob`.
 
