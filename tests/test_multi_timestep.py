@@ -14,9 +14,10 @@ from PIL import Image
 from pipelines import build_pairs
 from pipelines.options import BuildOptions, pair_config, parse_build_options
 from tests.tile_factory import NAIP_ID, cloud, good_tile, scene, series_from, write_tile
-from transforms import corrections, dataset_manifest, records
+from transforms import corrections, records
+from transforms.build import dataset_manifest
+from transforms.io.readers import read_parquet_pairs, read_tfrecord_pairs
 from transforms.pairs import PairConfig, build_tile, load_tile
-from transforms.readers import read_parquet_pairs, read_tfrecord_pairs
 from transforms.selection import (SelectionConfig, TooFewTimesteps, acceptable, clean_gates, downsample,
                                   multi_timesteps, select_pair, to_uint8, with_timesteps)
 from transforms.tiles import TileId
@@ -479,7 +480,7 @@ def test_a_reviewer_drops_timesteps_and_the_next_acceptable_take_their_places(tm
 
 def test_the_review_page_of_a_multi_timestep_build(tmp_path):
     from pipelines import review
-    from transforms import review_page
+    from transforms.quality import review_page
 
     root, out, page = str(tmp_path / "in"), str(tmp_path / "out"), tmp_path / "page"
     good_tile(root, tid(0), seed=0, t=10)
@@ -502,7 +503,7 @@ def test_the_review_page_of_a_multi_timestep_build(tmp_path):
 
 @pytest.mark.parametrize("mode", ["paper", "companion", "robust"])
 def test_real_naip_tiles_8_written_timesteps_hold_no_planted_bad_one(mode, real_tile_set, tmp_path):
-    """Real NAIP-derived tiles (tests/real_tiles.py: 10 clean timesteps, a planted black-border, cloudy
+    """Real NAIP-derived tiles (transforms/devdata/real_tiles.py: 10 clean timesteps, a planted black-border, cloudy
     and dark one each; every tile has >= 8 clean): none of the 8 written is a planted one, in every
     mode. paper and companion write 8 for all 20 (their clean gates pass every clean timestep);
     robust rejects a tile whose clean timesteps do not all pass its evidence as too_few_timesteps
@@ -554,7 +555,7 @@ def test_real_sentinel2_clean_dates_pass_the_clean_gates_and_overcast_ones_fail_
     dates as the series; labels by eye): every clear date passes the gates; with s2cloudless's bands
     every overcast one fails, with the TCI and B08 alone the thick bright overcast date does (the
     greyer one, cloud with shadowed texture, is left to s2cloudless)."""
-    from transforms import real_s2
+    from transforms.devdata import real_s2
 
     data = real_s2.load_eolearn(real_s2_dir / "eolearn")
     outcomes = {False: collections.Counter(), True: collections.Counter()}
