@@ -92,11 +92,12 @@ class FingerprintSpec:
     @classmethod
     def for_config(cls, config) -> "FingerprintSpec":
         """The files a `pairs.PairConfig` build reads: rgb and tci always, nir and b08 with `rgbn`,
-        the extra bands in the robust mode (as `pairs.load_tile` does)."""
-        from transforms import selection
+        the extra bands when it reads them (`pairs.reads_extra_bands`: the robust mode, and any mode
+        with --lr-timesteps N > 1), as `pairs.load_tile` does."""
+        from transforms import pairs, selection
 
         files = ("rgb", "nir", "tci", "b08") if config.bands == "rgbn" else ("rgb", "tci")
-        extra = tuple(getattr(selection, "EXTRA_BANDS", ())) if config.selection.mode == "robust" else ()
+        extra = tuple(getattr(selection, "EXTRA_BANDS", ())) if pairs.reads_extra_bands(config) else ()
         return cls(config.input_root, config.nir_root, files, extra)
 
 
