@@ -392,13 +392,17 @@ def match_histograms(source: np.ndarray, templates: np.ndarray) -> np.ndarray:
 # Scores and the selection itself.
 
 
-def paper_scores(hr_down_u8: np.ndarray, candidates: np.ndarray, alpha: float) -> np.ndarray:
+def paper_scores(hr_down_u8: np.ndarray, candidates: np.ndarray, alpha: float,
+                 matched_u8: np.ndarray | None = None) -> np.ndarray:
     """a * d(HR, LR_j) + (1 - a) * d(HM_j(HR), LR_j) with d = 1 - SSIM; lower is better.
 
     The same as `alpha * (1 - ssim_to_reference(hr, lr)) + (1 - alpha) * (1 - ssim(hm, lr))`, with
-    the candidates' moments computed once and shared by both terms."""
+    the candidates' moments computed once and shared by both terms. `matched_u8` [K, C, h, w]: the
+    HR already histogram-matched to each candidate (`_match_uint8`), if the caller has it."""
     k, h, w, c = candidates.shape
-    matched = _match_uint8(hr_down_u8, candidates).reshape(k, c, h, w).astype(np.float64)
+    if matched_u8 is None:
+        matched_u8 = _match_uint8(hr_down_u8, candidates).reshape(k, c, h, w)
+    matched = matched_u8.astype(np.float64)
     y = _to_nchw(candidates)
     r = _to_nchw(hr_down_u8)
     ur, urr = _smooth(np.stack([r, r * r]), "valid")
@@ -420,27 +424,49 @@ def companion_scores(hr_down: np.ndarray, candidates: np.ndarray, alpha: float) 
 
 @dataclasses.dataclass(frozen=True)
 class RobustWeights:
-    """Weights and tolerances of the robust score's evidence terms (tuned on development tiles; see
-    docs/selection-modes.md). Fractions and indices are in [0, 1] unless said otherwise."""
+    """Weights and tolerances of the robust score's evidence terms (chosen on the tune part of the
+    evaluation sets; docs/selection-method.md). Fractions and indices are in [0, 1] unless said
+    otherwise. A weight of 0 leaves a term measured (it is stored and the --lr-timesteps acceptance
+    and the confidence read it) but out of the score."""
 
+    # the structural distance: "ssim", the paper's (SSIM raw and against the histogram-matched HR);
+    # "correlation", the contrast-weighted local correlation robust used before 0.3 (blind to gain
+    # and offset, which on real series half overcast also blinds it to veils)
+    distance: str = "ssim"
     haze: float = 2.0  # per unit of contrast loss against a twin beyond `haze_tolerance`
     haze_tolerance: float = 0.03  # revisits of clear ground differ by a few % in gain
     aerosol: float = 0.0  # per unit of B01-above-blue reflectance above the tile's lowest
     cirrus: float = 0.5  # per unit of mean cirrus probability above the tile's lowest
-    cloud: float = 2.0  # per unit of cloud fraction (or global brightening beyond `exposure_tolerance`)
-    shadow: float = 2.0  # per unit of shadow fraction (or global darkening beyond `exposure_tolerance`)
-    # global darkening / brightening against the other candidates counted as shadow / cloud beyond
-    # this; None: not counted
-    exposure_tolerance: float | None = 0.35
+    # per unit of cloud / shadow fraction against the HR histogram-matched to the timestep (or global
+    # brightening / darkening beyond `exposure_tolerance`): 0, measured only; they cost 18-25 points
+    # on the semi-real series (a grey overcast frame fools both references)
+    cloud: float = 0.0
+    shadow: float = 0.0
+    exposure_tolerance: float | None = 0.35  # None: global darkening / brightening not counted
     snow: float = 2.0  # per unit of snow fraction
-    shift: float = 0.5  # per pixel of misregistration beyond `shift_tolerance`
+    # per pixel of misregistration beyond `shift_tolerance`: 0, measured only (real dates are shifted
+    # against an HR of another date by as much; it cost 15 points on the semi-real set)
+    shift: float = 0.0
     shift_tolerance: float = 0.5
     hr_shift_peak: float = 0.3  # the HR phase-correlation shift counts when its peak reaches this
-    veil: float = 0.5  # per unit of twin-free veil evidence (`evidence.veil_evidence`) beyond `veil_tolerance`
-    veil_tolerance: float = 0.1  # ground changes between dates move one or two veil terms
+    veil: float = 0.0  # per unit of the veil evidence against the median candidate beyond `veil_tolerance`
+    veil_tolerance: float = 0.1
+    # per unit of the veil evidence against the clearest candidates (`evidence.veil_terms` with
+    # `clear_quantile`) beyond `clear_veil_tolerance`
+    clear_veil: float = 0.5
+    clear_veil_tolerance: float = 0.15  # ground changes between dates move one or two veil terms
+    clear_quantile: float = 0.25
+    # `evidence.hr_veil` above the lowest candidate's, counted fully at `hr_veil_scale`
+    hr_veil: float = 0.3
+    hr_veil_scale: float = 0.5
+    underexposed: float = 10.0  # the dark gate (`evidence.underexposed`): out of the running
     cloud_prob: float = 1.0  # per unit of s2cloudless probability above the lowest evaluated candidate
     cloud_prob_tolerance: float = 0.05
     cloud_prob_candidates: int = 4  # s2cloudless runs on this many best-scoring candidates
+
+    def __post_init__(self):
+        if self.distance not in ("ssim", "correlation"):
+            raise ValueError(f"distance must be 'ssim' or 'correlation', got {self.distance!r}")
 
 
 ROBUST_WEIGHTS = RobustWeights()
@@ -470,20 +496,25 @@ def robust_scores(hr_down_u8: np.ndarray, hr_down: np.ndarray, candidates: np.nd
     w = weights
     k, h, wd, c = candidates.shape
     matched_u8 = _match_uint8(hr_down_u8, candidates).reshape(k, c, h, wd)
-    matched = matched_u8.astype(np.float32)
     frames = np.ascontiguousarray(np.moveaxis(candidates, -1, 1))  # uint8 [K, C, h, w]
-    y = frames.astype(np.float32)
-    r = np.moveaxis(hr_down_u8, -1, 0).astype(np.float32)
-    ur, urr = _smooth_f32(np.stack([r, r * r]))
-    uy, uyy, ury, um, umm, umy = _smooth_f32(np.stack([y, y * y, r * y, matched, matched * matched, matched * y]))
-    vy = uyy - uy * uy
-    vr = urr - ur * ur
-    # window contrast of each timestep relative to the HR's (R, G, B), ln units
-    sd_ratio = np.log((np.sqrt(np.maximum(vy[:, :3], 0.0)).mean(axis=(-2, -1), dtype=np.float64) + 0.5)
-                      / (np.sqrt(np.maximum(vr[:3], 0.0)).mean(axis=(-2, -1), dtype=np.float64) + 0.5)).mean(axis=-1)
-    lc_raw = _local_correlation(vr, vy, ury - ur * uy)
-    lc_matched = _local_correlation(umm - um * um, vy, umy - um * uy)
-    distance = alpha * (1.0 - lc_raw) + (1.0 - alpha) * (1.0 - lc_matched)
+    if w.distance == "ssim":
+        distance = paper_scores(hr_down_u8, candidates, alpha, matched_u8)
+        uy = None
+        sd_ratio = None
+    else:
+        matched = matched_u8.astype(np.float32)
+        y = frames.astype(np.float32)
+        r = np.moveaxis(hr_down_u8, -1, 0).astype(np.float32)
+        ur, urr = _smooth_f32(np.stack([r, r * r]))
+        uy, uyy, ury, um, umm, umy = _smooth_f32(np.stack([y, y * y, r * y, matched, matched * matched, matched * y]))
+        vy = uyy - uy * uy
+        vr = urr - ur * ur
+        # window contrast of each timestep relative to the HR's (R, G, B), ln units
+        sd_ratio = np.log((np.sqrt(np.maximum(vy[:, :3], 0.0)).mean(axis=(-2, -1), dtype=np.float64) + 0.5)
+                          / (np.sqrt(np.maximum(vr[:3], 0.0)).mean(axis=(-2, -1), dtype=np.float64) + 0.5)).mean(axis=-1)
+        lc_raw = _local_correlation(vr, vy, ury - ur * uy)
+        lc_matched = _local_correlation(umm - um * um, vy, umy - um * uy)
+        distance = alpha * (1.0 - lc_raw) + (1.0 - alpha) * (1.0 - lc_matched)
 
     swir = extra.get("b11", extra.get("b12"))
     cloud, shadow = E.cloud_shadow_fractions(frames, matched_u8, swir)
@@ -493,9 +524,11 @@ def robust_scores(hr_down_u8: np.ndarray, hr_down: np.ndarray, candidates: np.nd
         t = w.exposure_tolerance
         cloud = np.maximum(cloud, (E.brightening(frames) - t) / (1.0 - t))
         shadow = np.maximum(shadow, (E.darkening(frames) - t) / (1.0 - t))
-    reg = E.registration(frames, np.moveaxis(hr_down, -1, 0), smoothed=uy)
+    hr_bands = np.moveaxis(hr_down, -1, 0)
+    reg = E.registration(frames, hr_bands, smoothed=uy)
     confident = reg.hr_peak >= w.hr_shift_peak
     hr_px = np.hypot(reg.hr_shift[:, 0], reg.hr_shift[:, 1])
+    dark = E.underexposed(frames)
     evidence = E.Evidence(
         bands=tuple(b for b in EXTRA_BANDS if b in extra),
         distance=distance,
@@ -511,6 +544,9 @@ def robust_scores(hr_down_u8: np.ndarray, hr_down: np.ndarray, candidates: np.nd
         cirrus=E.cirrus_index(extra["b10"]) if "b10" in extra else None,
         snow=E.snow_fraction(frames, swir) if swir is not None else None,
         veil=E.veil_evidence(E.veil_terms(frames, sd_ratio)),
+        clear_veil=E.veil_evidence(E.veil_terms(frames, clear_quantile=w.clear_quantile, usable=~dark)),
+        hr_veil=E.hr_veil(frames, hr_bands),
+        underexposed=dark,
     )
     evidence.penalty = robust_penalty(evidence, w)
     if CP.available(extra, has_nir=c > 3) and w.cloud_prob_candidates > 0:
@@ -541,6 +577,14 @@ def robust_penalty(evidence: E.Evidence, weights: RobustWeights = ROBUST_WEIGHTS
         penalty = penalty + w.snow * e.snow
     if e.veil is not None and w.veil:
         penalty = penalty + w.veil * np.maximum(e.veil - w.veil_tolerance, 0.0)
+    if e.clear_veil is not None and w.clear_veil:
+        penalty = penalty + w.clear_veil * np.maximum(e.clear_veil - w.clear_veil_tolerance, 0.0)
+    usable = np.ones(len(penalty), dtype=bool) if e.underexposed is None else ~np.asarray(e.underexposed, dtype=bool)
+    if e.hr_veil is not None and w.hr_veil:
+        lowest = e.hr_veil[usable].min() if usable.any() else e.hr_veil.min()
+        penalty = penalty + w.hr_veil * np.minimum(np.maximum(e.hr_veil - lowest, 0.0) / w.hr_veil_scale, 1.0)
+    if e.underexposed is not None:
+        penalty = penalty + w.underexposed * np.asarray(e.underexposed, dtype=np.float64)
     if e.cloud_prob is not None:
         seen = np.isfinite(e.cloud_prob)
         if seen.any():
