@@ -50,14 +50,16 @@ def test_robust_prefers_the_clear_timestep_where_ssim_prefers_its_hazed_copy(see
     np.testing.assert_allclose(sel.candidate_scores, (ev.distance + ev.penalty).astype(np.float32), rtol=1e-6)
 
 
-def test_robust_distance_ignores_the_radiometric_gap():
+def test_robust_correlation_distance_ignores_the_radiometric_gap():
+    """The pre-0.3 distance (`RobustWeights.distance="correlation"`); the shipped one is the paper's."""
     rng = np.random.default_rng(1)
     hr = scene(rng)
     base = area_down(hr.astype(np.float64))
     a = _u8(base + rng.normal(0, 1, base.shape))
     b = _u8(0.7 * a + 30)  # the same timestep through another gain and offset
     hr_down = S.downsample(hr, 32, "bicubic_aa")
-    _, ev = S.robust_scores(S.to_uint8(hr_down), hr_down, np.stack([a, b]), 0.7)
+    w = dataclasses.replace(S.ROBUST_WEIGHTS, distance="correlation")
+    _, ev = S.robust_scores(S.to_uint8(hr_down), hr_down, np.stack([a, b]), 0.7, weights=w)
     assert abs(ev.distance[0] - ev.distance[1]) < 0.01
     paper = S.paper_scores(S.to_uint8(hr_down), np.stack([a, b]), 0.7)
     assert abs(paper[0] - paper[1]) > 0.02  # SSIM's luminance and contrast terms do not

@@ -73,6 +73,7 @@ class Evidence:
     # veil_evidence of veil_terms against the tile's clearest candidates (clear_quantile 0.25), the
     # score's veil term (`veil` above stays against the median: the --lr-timesteps acceptance limit)
     clear_veil: np.ndarray | None = None
+    twin_misregistration_px: np.ndarray | None = None  # `registration`'s against a twin alone (px)
     hr_veil: np.ndarray | None = None  # `hr_veil`: colourless smooth brightening the HR does not explain
     underexposed: np.ndarray | None = None  # bool, the dark gate (`underexposed`): not a candidate
 

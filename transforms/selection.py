@@ -447,6 +447,10 @@ class RobustWeights:
     # per pixel of misregistration beyond `shift_tolerance`: 0, measured only (real dates are shifted
     # against an HR of another date by as much; it cost 15 points on the semi-real set)
     shift: float = 0.0
+    # per pixel of misregistration against a structural twin only (`evidence.registration`), beyond
+    # `shift_tolerance`: 0, measured only (+3 points on the twin set, -8 on the semi-real set, whose
+    # real dates pair up as "twins" shifted against each other)
+    twin_shift: float = 0.0
     shift_tolerance: float = 0.5
     hr_shift_peak: float = 0.3  # the HR phase-correlation shift counts when its peak reaches this
     veil: float = 0.0  # per unit of the veil evidence against the median candidate beyond `veil_tolerance`
@@ -544,6 +548,7 @@ def robust_scores(hr_down_u8: np.ndarray, hr_down: np.ndarray, candidates: np.nd
         cirrus=E.cirrus_index(extra["b10"]) if "b10" in extra else None,
         snow=E.snow_fraction(frames, swir) if swir is not None else None,
         veil=E.veil_evidence(E.veil_terms(frames, sd_ratio)),
+        twin_misregistration_px=reg.misregistration,
         clear_veil=E.veil_evidence(E.veil_terms(frames, clear_quantile=w.clear_quantile, usable=~dark)),
         hr_veil=E.hr_veil(frames, hr_bands),
         underexposed=dark,
@@ -577,6 +582,8 @@ def robust_penalty(evidence: E.Evidence, weights: RobustWeights = ROBUST_WEIGHTS
         penalty = penalty + w.snow * e.snow
     if e.veil is not None and w.veil:
         penalty = penalty + w.veil * np.maximum(e.veil - w.veil_tolerance, 0.0)
+    if e.twin_misregistration_px is not None and w.twin_shift:
+        penalty = penalty + w.twin_shift * np.maximum(e.twin_misregistration_px - w.shift_tolerance, 0.0)
     if e.clear_veil is not None and w.clear_veil:
         penalty = penalty + w.clear_veil * np.maximum(e.clear_veil - w.clear_veil_tolerance, 0.0)
     usable = np.ones(len(penalty), dtype=bool) if e.underexposed is None else ~np.asarray(e.underexposed, dtype=bool)
