@@ -188,7 +188,7 @@ def test_shipped_robust_distance_is_the_papers(alpha):
     hr, series = cloud_case()
     sel = S.select_pair(hr, series, dataclasses.replace(ROBUST, alpha=alpha))
     paper = S.paper_scores(S.to_uint8(S.downsample(hr, 32, "bicubic_aa")), series[sel.candidate_indices], alpha)
-    np.testing.assert_allclose(sel.evidence.distance, paper, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(sel.evidence.distance, paper, rtol=0, atol=2e-5)  # float32 moments
 
 
 def test_the_two_comparisons_differ_on_these_tiles():

@@ -34,7 +34,6 @@ import dataclasses
 import functools
 
 import numpy as np
-from scipy import ndimage
 
 TCI_REFLECTANCE = 0.3558 / 255.0
 BAND_REFLECTANCE = 32.0 / 1e4
@@ -188,8 +187,23 @@ class VeilTerms:
     blue: np.ndarray  # blue/red ratio above the median (ln units)
 
 
+@dataclasses.dataclass(frozen=True)
+class VeilMeasures:
+    """Each timestep's own haze-sensitive measures, [K] each (`veil_measures`), before any reference."""
+
+    detail: np.ndarray  # detail_level
+    dark: np.ndarray  # haze_index
+    chroma: np.ndarray  # chroma
+    blue: np.ndarray  # blue_red
+
+
+def veil_measures(frames: np.ndarray) -> VeilMeasures:
+    """The measures `veil_terms` compares, computed once (several references can share them)."""
+    return VeilMeasures(detail_level(frames), haze_index(frames), chroma(frames), blue_red(frames))
+
+
 def veil_terms(frames: np.ndarray, contrast_to_hr: np.ndarray | None = None, clear_quantile: float = 0.5,
-               usable: np.ndarray | None = None) -> VeilTerms:
+               usable: np.ndarray | None = None, measures: VeilMeasures | None = None) -> VeilTerms:
     """The twin-free haze measures of each timestep [K, C, H, W] against a reference taken among the
     tile's timesteps: no timestep needs a structurally identical twin. Haze and veils (thin cloud,
     smoke) multiply detail and contrast by the transmission, add path radiance to dark objects (most
@@ -203,20 +217,20 @@ def veil_terms(frames: np.ndarray, contrast_to_hr: np.ndarray | None = None, cle
     them). In series where half the dates are overcast or veiled, the median is a veiled date and
     a clear one then looks no better than it; the lower quartile (q = 0.25) is still a clear date.
     `contrast_to_hr` [K]: ln(sd LR / sd HR) per timestep (window contrast relative to the matched
-    HR), if computed."""
+    HR), if computed; `measures`: `veil_measures(frames)`, if computed."""
     pick = slice(None) if usable is None or not np.any(usable) else np.asarray(usable, dtype=bool)
+    m = measures or veil_measures(frames)
 
     def above_low(x):  # rises with haze: reference at the low (clear) end
         return np.maximum(x - np.quantile(x[pick], clear_quantile), 0.0)
 
-    d = detail_level(frames)
-    c = chroma(frames)
+    c = m.chroma
     return VeilTerms(
-        detail=above_low(-d),
-        contrast=np.zeros(len(d)) if contrast_to_hr is None else above_low(-contrast_to_hr),
-        dark=above_low(haze_index(frames)),
+        detail=above_low(-m.detail),
+        contrast=np.zeros(len(c)) if contrast_to_hr is None else above_low(-contrast_to_hr),
+        dark=above_low(m.dark),
         colour=np.maximum(1.0 - c / max(float(np.quantile(c[pick], 1.0 - clear_quantile)), 1e-6), 0.0),
-        blue=above_low(blue_red(frames)),
+        blue=above_low(m.blue),
     )
 
 
@@ -315,6 +329,23 @@ def brightening(frames: np.ndarray) -> np.ndarray:
     return np.maximum(1.0 - 1.0 / np.maximum(_exposure(frames), 1e-6), 0.0)
 
 
+@functools.lru_cache(maxsize=8)
+def _nearest_gaussian(size: int, sigma: float) -> np.ndarray:
+    """[size, size] matrix of scipy.ndimage.gaussian_filter1d (truncate 4, mode "nearest"): rows
+    of taps with the edge pixel repeated beyond the border."""
+    radius = int(4.0 * sigma + 0.5)
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    taps = np.exp(-0.5 * (x / sigma) ** 2)
+    taps /= taps.sum()
+    m = np.zeros((size, size))
+    for o in range(size):
+        for k, tap in enumerate(taps):
+            m[o, min(max(o + k - radius, 0), size - 1)] += tap
+    m = m.astype(np.float32)
+    m.flags.writeable = False
+    return m
+
+
 BLUE_FLOOR = 0.06  # TOA reflectance: clear-sky path radiance alone lifts a lit scene's mean blue to ~0.04-0.06
 
 
@@ -348,19 +379,19 @@ def hr_veil(frames: np.ndarray, hr: np.ndarray, sigma: float = 2.5, spread_dn: f
     mean over pixels of the residual's grey part above its median, over the residual's spread
     across R, G, B (+ `spread_dn`): ~0 for a clear timestep of changed ground, large for veils.
     Compare it between timesteps of one tile (the clearest ones are the reference)."""
-    f = np.asarray(frames[:, :3], dtype=np.float64)
+    f = np.asarray(frames[:, :3], dtype=np.float32)
     k, c, h, w = f.shape
-    ref = np.asarray(hr, dtype=np.float64)[:3].reshape(1, c, -1)
+    ref = np.asarray(hr, dtype=np.float32)[:3].reshape(1, c, -1)
     x = f.reshape(k, c, -1)
     rc = ref - ref.mean(axis=-1, keepdims=True)
     xc = x - x.mean(axis=-1, keepdims=True)
-    gain = (rc * xc).sum(axis=-1) / ((rc * rc).sum(axis=-1) + 1e-6)
+    gain = (rc * xc).sum(axis=-1) / ((rc * rc).sum(axis=-1) + np.float32(1e-6))
     residual = (xc - gain[..., None] * rc).reshape(k, c, h, w)
-    low = ndimage.gaussian_filter(residual, (0, 0, sigma, sigma), mode="nearest")
+    low = np.matmul(_nearest_gaussian(h, sigma), residual @ _nearest_gaussian(w, sigma).T)
     grey = low.mean(axis=1).reshape(k, -1)
     spread = (low.max(axis=1) - low.min(axis=1)).reshape(k, -1)
-    lift = np.maximum(grey - np.median(grey, axis=1, keepdims=True), 0.0)
-    return (lift / (spread + spread_dn)).mean(axis=1)
+    lift = np.maximum(grey - np.median(grey, axis=1, keepdims=True), np.float32(0.0))
+    return (lift / (spread + np.float32(spread_dn))).mean(axis=1, dtype=np.float64)
 
 
 # ---------------------------------------------------------------------------------------------

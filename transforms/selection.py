@@ -412,6 +412,19 @@ def paper_scores(hr_down_u8: np.ndarray, candidates: np.ndarray, alpha: float,
     return alpha * (1.0 - s_raw) + (1.0 - alpha) * (1.0 - s_matched)
 
 
+def _ssim_distance_f32(hr_down_u8: np.ndarray, frames: np.ndarray, matched_u8: np.ndarray, alpha: float) -> np.ndarray:
+    """`paper_scores` in float32 moments (the robust mode's distance; equal to ~1e-5): frames and
+    matched_u8 [K, C, h, w] uint8."""
+    y = frames.astype(np.float32)
+    m = matched_u8.astype(np.float32)
+    r = np.moveaxis(hr_down_u8, -1, 0).astype(np.float32)
+    ur, urr = _smooth_f32(np.stack([r, r * r]))
+    uy, uyy, ury, um, umm, umy = _smooth_f32(np.stack([y, y * y, r * y, m, m * m, m * y]))
+    s_raw = _ssim_from_moments(ur, uy, urr, uyy, ury, clamp_variance=False).mean(axis=(-3, -2, -1), dtype=np.float64)
+    s_matched = _ssim_from_moments(um, uy, umm, uyy, umy, clamp_variance=False).mean(axis=(-3, -2, -1), dtype=np.float64)
+    return alpha * (1.0 - s_raw) + (1.0 - alpha) * (1.0 - s_matched)
+
+
 def companion_scores(hr_down: np.ndarray, candidates: np.ndarray, alpha: float) -> np.ndarray:
     """1 - (a * SSIM(LR_j, HR) + (1 - a) * SSIM(HR, HM_j(HR))) as the companion code computes it."""
     hr32 = hr_down.astype(np.float32)
@@ -502,7 +515,7 @@ def robust_scores(hr_down_u8: np.ndarray, hr_down: np.ndarray, candidates: np.nd
     matched_u8 = _match_uint8(hr_down_u8, candidates).reshape(k, c, h, wd)
     frames = np.ascontiguousarray(np.moveaxis(candidates, -1, 1))  # uint8 [K, C, h, w]
     if w.distance == "ssim":
-        distance = paper_scores(hr_down_u8, candidates, alpha, matched_u8)
+        distance = _ssim_distance_f32(hr_down_u8, frames, matched_u8, alpha)
         uy = None
         sd_ratio = None
     else:
@@ -533,12 +546,13 @@ def robust_scores(hr_down_u8: np.ndarray, hr_down: np.ndarray, candidates: np.nd
     confident = reg.hr_peak >= w.hr_shift_peak
     hr_px = np.hypot(reg.hr_shift[:, 0], reg.hr_shift[:, 1])
     dark = E.underexposed(frames)
+    measures = E.veil_measures(frames)
     evidence = E.Evidence(
         bands=tuple(b for b in EXTRA_BANDS if b in extra),
         distance=distance,
         penalty=np.zeros(k),
         haze=E.contrast_loss(frames, distance=distance),
-        dark_channel=E.haze_index(frames),
+        dark_channel=measures.dark,
         cloud=cloud,
         shadow=shadow,
         misregistration_px=np.where(confident, np.maximum(reg.misregistration, hr_px), reg.misregistration),
@@ -547,9 +561,10 @@ def robust_scores(hr_down_u8: np.ndarray, hr_down: np.ndarray, candidates: np.nd
         aerosol=E.aerosol_index(extra["b01"], frames) if "b01" in extra else None,
         cirrus=E.cirrus_index(extra["b10"]) if "b10" in extra else None,
         snow=E.snow_fraction(frames, swir) if swir is not None else None,
-        veil=E.veil_evidence(E.veil_terms(frames, sd_ratio)),
+        veil=E.veil_evidence(E.veil_terms(frames, sd_ratio, measures=measures)),
         twin_misregistration_px=reg.misregistration,
-        clear_veil=E.veil_evidence(E.veil_terms(frames, clear_quantile=w.clear_quantile, usable=~dark)),
+        clear_veil=E.veil_evidence(E.veil_terms(frames, clear_quantile=w.clear_quantile, usable=~dark,
+                                                measures=measures)),
         hr_veil=E.hr_veil(frames, hr_bands),
         underexposed=dark,
     )
