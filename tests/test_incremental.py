@@ -185,7 +185,7 @@ def test_options_hash():
     ):
         assert dm.config_options_hash(other) != h, other
     options = dm.output_options(base)
-    assert options["pipeline_version"] == PIPELINE_VERSION and options["selection"] == "paper"
+    assert options["pipeline_version"] == PIPELINE_VERSION and options["selection"] == "robust"
     assert options["record_schema"] == dm.record_schema_id() and len(options["record_schema"]) == 16
     assert not {"formats", "format", "num_shards", "tfrecord_gzip", "corrections"} & set(options)
     assert dm.options_hash({"b": 1, "a": 2}) == dm.options_hash({"a": 2, "b": 1})

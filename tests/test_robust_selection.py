@@ -142,17 +142,17 @@ def test_robust_is_a_selection_mode_with_the_papers_downsampling():
     assert ROBUST.downsample_method == "bicubic_aa"
 
 
-def test_paper_is_the_default_of_the_library_the_cli_and_the_template():
+def test_robust_is_the_default_of_the_library_the_cli_and_the_template():
     """The default decided on real Sentinel-2 (docs/selection-method.md): one value for every entry point."""
     from pipelines.options import BuildOptions
 
-    assert S.DEFAULT_SELECTION == S.SelectionConfig().mode == "paper"
-    assert BuildOptions(["--output", "x"]).selection == "paper"
+    assert S.DEFAULT_SELECTION == S.SelectionConfig().mode == "robust"
+    assert BuildOptions(["--output", "x"]).selection == "robust"
     metadata = json.loads((Path(__file__).parent.parent / "deploy" / "dataflow" / "metadata.json").read_text())
     parameter = next(p for p in metadata["parameters"] if p["name"] == "selection")
-    assert parameter["defaultValue"] == "paper" and "Default: paper" in parameter["helpText"]
+    assert parameter["defaultValue"] == "robust" and "Default: robust" in parameter["helpText"]
     launch = (Path(__file__).parent.parent / "deploy" / "dataflow" / "launch.sh").read_text()
-    assert "# paper (default)" in launch
+    assert "# robust (default)" in launch
 
 
 # ---------------------------------------------------------------------------------------------
