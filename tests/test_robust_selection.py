@@ -304,7 +304,9 @@ def test_robust_beats_the_paper_on_hard_tiles_and_matches_it_on_easy_ones(mosaic
     hard = hard_cases.build_dev_tiles(m, xys, seed=5)
     paper_hard, _, _ = _shares(hard, "paper")
     robust_hard, _, counts = _shares(hard, "robust")
-    assert robust_hard >= 0.95, counts
+    # 0.3 dropped the misregistration terms from the score (they cost 8-15 points on real series),
+    # so a few misregistered picks remain here (bench-selection's twin hard row: 94.7 % held-out)
+    assert robust_hard >= 0.9, counts
     assert robust_hard > paper_hard
     assert _shares(hard, "robust", use_extra=False)[0] >= 0.9  # tci + b08 only
     easy = hard_cases.build_dev_tiles(m, xys, seed=6, plant=hard_cases.EASY_PLANT, include_hr_date=True)
