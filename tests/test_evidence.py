@@ -310,3 +310,12 @@ def test_hr_veil_low_pass_is_scipys_gaussian_with_nearest_edges():
     m = E._nearest_gaussian(32, 2.5).astype(np.float64)  # stored as float32
     np.testing.assert_allclose(np.matmul(m, x @ m.T), ndimage.gaussian_filter(x, (0, 0, 2.5, 2.5), mode="nearest"),
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("q", [0.0, 0.25, 0.5, 0.75, 0.9, 1.0])
+def test_quantile_is_numpys(q):
+    rng = np.random.default_rng(8)
+    for n in (1, 2, 3, 4, 7, 16):
+        x = rng.normal(0, 1, (5, n))
+        np.testing.assert_array_equal(E.quantile(x[0], q), np.quantile(x[0], q))
+        np.testing.assert_array_equal(E.quantile(x, q, axis=1), np.quantile(x, q, axis=1))
