@@ -179,7 +179,7 @@ def test_options_hash():
         PairConfig(input_root="/a", split="s", selection=SelectionConfig(top_k=8)),
         PairConfig(input_root="/a", split="s", selection=SelectionConfig(downsample="bicubic_torch")),
         PairConfig(input_root="/a", split="s", selection=SelectionConfig(mode="companion")),
-        PairConfig(input_root="/a", split="s", selection=SelectionConfig(mode="robust")),
+        PairConfig(input_root="/a", split="s", selection=SelectionConfig(mode="paper")),
         PairConfig(input_root="/a", split="s", bands="rgb"),
         PairConfig(input_root="/a", split="t"),
     ):

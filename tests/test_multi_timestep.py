@@ -106,12 +106,13 @@ def test_lr_timesteps_is_validated():
 def test_build_tile_rejects_too_few_or_writes_fewer(tmp_path):
     root = str(tmp_path)
     good_tile(root, tid(0), seed=0, t=5)
-    config = PairConfig(root, selection=SelectionConfig(lr_timesteps=8))
+    config = PairConfig(root, selection=SelectionConfig(mode="paper", lr_timesteps=8))
     outcome = build_tile(tid(0), config)
     assert outcome.kind == "reject"
     assert (outcome.record["stage"], outcome.record["reason"]) == ("select", "too_few_timesteps")
     assert "5 acceptable timesteps (paper ranking), 8 requested" in outcome.record["detail"]
-    fewer = build_tile(tid(0), dataclasses.replace(config, selection=SelectionConfig(lr_timesteps=8, allow_fewer=True)))
+    fewer = build_tile(tid(0), dataclasses.replace(
+        config, selection=SelectionConfig(mode="paper", lr_timesteps=8, allow_fewer=True)))
     assert fewer.kind == "pair"
     assert fewer.record["lr_shape"] == [5, 32, 32, 4] and len(fewer.record["lr_indices"]) == 5
     assert fewer.record["lr_indices"][0] == fewer.record["lr_index"]
