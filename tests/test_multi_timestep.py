@@ -121,7 +121,7 @@ def test_build_tile_rejects_too_few_or_writes_fewer(tmp_path):
 def test_a_correction_is_the_first_timestep_and_the_others_follow(tmp_path):
     root = str(tmp_path)
     good_tile(root, tid(0), seed=4, t=10)
-    config = PairConfig(root, selection=SelectionConfig(mode="paper", lr_timesteps=4))
+    config = PairConfig(root, selection=SelectionConfig(lr_timesteps=4))
     auto = build_tile(tid(0), config).record
     pick = next(t for t in auto["candidate_indices"] if t not in auto["lr_indices"])
     manual = build_tile(tid(0), config, corrections.Correction(pick, "c.json")).record
@@ -270,7 +270,7 @@ def test_allow_fewer_counts_pairs_by_timesteps(tmp_path):
 def test_a_reviewer_drops_timesteps_and_the_next_acceptable_take_their_places(tmp_path):
     root = str(tmp_path)
     good_tile(root, tid(0), seed=6, t=10)
-    config = PairConfig(root, selection=SelectionConfig(lr_timesteps=4))
+    config = PairConfig(root, selection=SelectionConfig(mode="paper", lr_timesteps=4))
     auto = build_tile(tid(0), config).record
     ranked = [auto["candidate_indices"][i] for i in np.argsort(auto["candidate_scores"], kind="stable")]
     assert auto["lr_indices"] == ranked[:4]
