@@ -1,0 +1,230 @@
+"""`s2naip bench` / `python -m pipelines.dev.bench`: throughput and memory of the build, measured in one run.
+
+Measures, on a generated sample (default 2,000 tiles, ~30 timesteps each, with the extra bands b01,
+b10, b11, b12 as S2-NAIP ships them), for one --selection mode (default: the build's), medians over
+repeats of:
+  decode   read + decode the PNGs the mode reads (rgb, nir, tci, b08; robust also the extra bands):
+           the floor, nothing can be faster than its input
+  core     the selection alone (select_pair on decoded arrays)
+  loop     the whole per-tile function (build_tile: read, decode, select, record) in a plain loop
+  pipe-1   the full Beam pipeline, in-process runner, one worker (wall time of the command)
+  pipe-2   the same with 2 worker processes (multi_processing)
+and the pipeline's peak RSS at two sample sizes (default 2,000 and 20,000 tiles).
+Prints a table and writes the figures to --report (JSON).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+from pipelines.cli import ArgumentParser, description
+from transforms import runtime, tiles
+from transforms.devdata.sample import generate_sample
+from transforms.pairs import PairConfig, TileRejected, build_tile, load_tile
+from transforms.selection import DEFAULT_SELECTION, EXTRA_BANDS, SELECTION_MODES, SelectionConfig, select_pair
+from transforms.tiles import TileId
+
+TIMESTEPS = (26, 34)  # ~30 timesteps per tile, as S2-NAIP's shorter series
+
+
+def sample_dir(workdir: str, tiles: int, seed: int) -> str:
+    """A generated sample (with extra bands), made once per (tiles, seed) and reused by later runs."""
+    path = os.path.join(workdir, f"sample-{tiles}-{seed}-xb")
+    done = os.path.join(path, ".complete")
+    if not os.path.exists(done):
+        generate_sample(path, tiles, seed=seed, timesteps=TIMESTEPS, extra_bands=True,
+                        workers=os.cpu_count() or 1)
+        open(done, "w").close()
+    return path
+
+
+def tile_ids(sample: str) -> list[str]:
+    with open(os.path.join(sample, "manifest.txt")) as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def time_decode_and_core(ids: list[str], config: PairConfig) -> tuple[float, float, int]:
+    """Seconds spent decoding and selecting over the tiles that reach selection, and their count."""
+    decode_s = core_s = 0.0
+    n = 0
+    for tile_id in ids:
+        tile = TileId.parse(tile_id)
+        t0 = time.perf_counter()
+        try:
+            inputs = load_tile(tile, config)
+        except TileRejected:
+            continue
+        t1 = time.perf_counter()
+        try:
+            select_pair(inputs.hr, inputs.series, config.selection, inputs.extra)
+        except Exception:
+            continue
+        t2 = time.perf_counter()
+        decode_s += t1 - t0
+        core_s += t2 - t1
+        n += 1
+    return decode_s, core_s, n
+
+
+def time_loop(ids: list[str], config: PairConfig) -> float:
+    t0 = time.perf_counter()
+    for tile_id in ids:
+        build_tile(tile_id, config)
+    return time.perf_counter() - t0
+
+
+def run_pipeline(sample: str, out: str, extra: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MiB) of one `python -m pipelines.build_pairs` run (`extra`: more
+    options, e.g. --selection)."""
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "pipelines.build_pairs", "--input", sample, "--output", out,
+           "--manifest", os.path.join(sample, "manifest.txt"), "--runner", "FnApiRunner", *extra]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    stderr = proc.stderr.read().decode(errors="replace")
+    proc.stderr.close()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"pipeline failed:\n{stderr[-4000:]}")
+    return wall, usage.ru_maxrss / 1024.0
+
+
+def input_bytes_per_tile(sample: str, ids: list[str], mode: str) -> float:
+    """Mean bytes of the files a tile reads (rgb, nir, tci, b08; robust: also the extra bands it
+    has), over tiles that have the first four."""
+    total, n = 0, 0
+    for tile_id in ids:
+        tile = TileId.parse(tile_id)
+        paths = [tiles.hr_rgb_path(sample, tile), tiles.hr_nir_path(sample, tile),
+                 tiles.s2_band_path(sample, tile, "tci"), tiles.s2_band_path(sample, tile, "b08")]
+        if all(os.path.exists(p) for p in paths):
+            if mode == "robust":
+                paths += [p for p in (tiles.s2_band_path(sample, tile, b) for b in EXTRA_BANDS) if os.path.exists(p)]
+            total += sum(os.path.getsize(p) for p in paths)
+            n += 1
+    return total / max(n, 1)
+
+
+def output_bytes_per_pair(out: str) -> float:
+    with open(os.path.join(out, "run.json")) as f:
+        pairs = json.load(f)["counts"]["pairs"]
+    folder = os.path.join(out, "pairs")
+    return sum(os.path.getsize(os.path.join(folder, n)) for n in os.listdir(folder)) / max(pairs, 1)
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import numpy
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "numpy": numpy.__version__, "platform": platform.platform()}
+
+
+def bench(tiles: int, rss_tiles: list[int], repeats: int, workdir: str, seed: int = 0,
+          selection: str = DEFAULT_SELECTION) -> dict:
+    runtime.tune_allocator()  # as BuildPairDoFn.setup does in the pipeline's workers
+    sample = sample_dir(workdir, tiles, seed)
+    ids = tile_ids(sample)
+    config = PairConfig(input_root=sample, selection=SelectionConfig(mode=selection))
+    mode_args = ["--selection", selection]
+    decode_rates, core_rates, loop_rates = [], [], []
+    for _ in range(repeats):
+        decode_s, core_s, n = time_decode_and_core(ids, config)
+        decode_rates.append(n / decode_s)
+        core_rates.append(n / core_s)
+        loop_rates.append(len(ids) / time_loop(ids, config))
+    pipe = {}
+    for name, extra in [("pipe_1", []), ("pipe_2", ["--direct_running_mode=multi_processing",
+                                                     "--direct_num_workers=2"])]:
+        rates = []
+        for r in range(repeats):
+            wall, _ = run_pipeline(sample, os.path.join(workdir, f"out-{name}-{r}"), extra + mode_args)
+            rates.append(len(ids) / wall)
+        pipe[name] = statistics.median(rates)
+    rss = {}
+    for n in rss_tiles:
+        s = sample_dir(workdir, n, seed)
+        rss[n] = run_pipeline(s, os.path.join(workdir, f"out-rss-{n}"), mode_args)[1]
+    med = statistics.median
+    result = {
+        "tiles": tiles,
+        "repeats": repeats,
+        "selection": selection,
+        "tiles_per_s": {"decode": med(decode_rates), "core": med(core_rates), "loop": med(loop_rates),
+                        "pipeline_in_process": pipe["pipe_1"], "pipeline_2_workers": pipe["pipe_2"]},
+        "ratios": {
+            "core_cost_vs_decode": med(decode_rates) / med(core_rates),
+            "pipeline_vs_loop": pipe["pipe_1"] / med(loop_rates),
+            "pipeline_2_workers_vs_1": pipe["pipe_2"] / pipe["pipe_1"],
+        },
+        "peak_rss_mib": {str(n): v for n, v in rss.items()},
+        "bytes": {"input_per_tile": input_bytes_per_tile(sample, ids, selection),
+                  "parquet_per_pair": output_bytes_per_pair(os.path.join(workdir, "out-pipe_1-0"))},
+        "machine": machine(),
+    }
+    if len(rss_tiles) >= 2:
+        small, large = min(rss_tiles), max(rss_tiles)
+        result["ratios"][f"rss_{large}_vs_{small}"] = rss[large] / rss[small]
+    return result
+
+
+def report_text(r: dict) -> str:
+    t, q = r["tiles_per_s"], r["ratios"]
+    lines = [
+        f"s2naip bench: --selection {r.get('selection', '?')}, {r['tiles']} tiles, medians of {r['repeats']} runs, "
+        f"{r['machine']['cpu']} ({r['machine']['cores']} cores)",
+        f"  decode only (floor)         {t['decode']:8.1f} tiles/s",
+        f"  core (selection) only       {t['core']:8.1f} tiles/s   cost {q['core_cost_vs_decode']:.2f}x decode",
+        f"  per-tile loop (all steps)   {t['loop']:8.1f} tiles/s",
+        f"  pipeline, in-process        {t['pipeline_in_process']:8.1f} tiles/s   "
+        f"{100 * q['pipeline_vs_loop']:.0f}% of the loop",
+        f"  pipeline, 2 workers         {t['pipeline_2_workers']:8.1f} tiles/s   "
+        f"{q['pipeline_2_workers_vs_1']:.2f}x in-process",
+    ]
+    lines.append(f"  bytes read per tile         {r['bytes']['input_per_tile'] / 1024:8.1f} KiB   "
+                 f"Parquet per pair {r['bytes']['parquet_per_pair'] / 1024:.1f} KiB")
+    for n, v in r["peak_rss_mib"].items():
+        lines.append(f"  peak RSS at {int(n):>6} tiles   {v:8.0f} MiB")
+    for k, v in q.items():
+        if k.startswith("rss_"):
+            lines.append(f"  RSS ratio {k[4:]:<18} {v:8.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(prog="s2naip bench", description=description(__doc__))
+    parser.add_argument("--tiles", type=int, default=2000,
+                        help="tiles of the generated sample the speed figures are measured on")
+    parser.add_argument("--rss-tiles", default="2000,20000", help="comma-separated sample sizes for peak RSS")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of each measurement; the median is reported")
+    parser.add_argument("--selection", default=DEFAULT_SELECTION, choices=SELECTION_MODES,
+                        help=f"the selection mode to measure (default {DEFAULT_SELECTION}, the build's)")
+    parser.add_argument("--workdir", default="bench-out", help="samples are generated here once and reused")
+    parser.add_argument("--report", default=None, help="JSON file for the figures (default: WORKDIR/bench.json)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    os.makedirs(args.workdir, exist_ok=True)
+    rss_tiles = [int(x) for x in args.rss_tiles.split(",") if x.strip()]
+    result = bench(args.tiles, rss_tiles, args.repeats, args.workdir, selection=args.selection)
+    report = args.report or os.path.join(args.workdir, "bench.json")
+    with open(report, "w") as f:
+        json.dump(result, f, indent=2)
+    print(report_text(result))
+    print(f"figures: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
