@@ -298,7 +298,7 @@ def test_score_histogram_label_and_range_follow_the_selection_mode(robust_build,
     report.run(["--run", out, "--output", str(dest), "--samples", "2", "--timestep-samples", "1"])
     page = (dest / "index.html").read_text()
     caption = re.search(r'<img src="score_distribution.png"[^>]*><figcaption>([^<]*)', page).group(1)
-    assert "LC(HR, LR)" in caption and "evidence penalty" in caption and "range 0 to 16" in caption
+    assert "SSIM(HR, LR)" in caption and "evidence penalty" in caption and "range 0 to 16" in caption
     assert "1-SSIM" not in page  # the paper's formula labels no chart of a robust build
     stats = json.loads((dest / "stats.json").read_text())["pairs"]["scores"]
     assert stats["mode"] == "robust" and stats["range"] == [0.0, 16.0] and stats["above_range"] == 0

@@ -13,12 +13,11 @@ For one tile: an HR NAIP image `hr` [128, 128, C] and its Sentinel-2 series `ser
                   better in both modes; torchmetrics SSIM (reflect padding, full map, clamped
                   variances), float HR_down from PyTorch's non-antialiased bicubic, HM_j stored into
                   uint8 by truncation;
-   - `robust`:    the paper's two comparisons, raw and after histogram matching, with a gap-free
-                  similarity (contrast-weighted local correlation, blind to each timestep's gain and
-                  offset) instead of SSIM, plus a penalty from per-timestep evidence of haze, thin
-                  cloud and cirrus, cumulus, shadow, snow and misregistration (`transforms.evidence`;
-                  the extra bands B01, B10, B11/B12 sharpen it when the tile has them); its top-k
-                  are ranked by gap-free correlation instead of PSNR (`robust_scores`);
+   - `robust`:    (the default) the paper's distance plus a penalty from per-timestep evidence
+                  that needs no clean twin: veils against the tile's clearest candidates and against
+                  the HR, a dark gate, twin haze, snow, cirrus and s2cloudless when the tile has the
+                  bands (`transforms.evidence`); its top-k are ranked by gap-free correlation
+                  instead of PSNR (`robust_scores`);
    `HM_j` is histogram matching to timestep j (scikit-image `match_histograms` semantics);
 4. histogram-match the full HR to the chosen timestep and return the pair.
 
@@ -502,13 +501,14 @@ def robust_scores(hr_down_u8: np.ndarray, hr_down: np.ndarray, candidates: np.nd
                   weights: RobustWeights = ROBUST_WEIGHTS) -> tuple[np.ndarray, E.Evidence]:
     """The robust score of each candidate [K, h, w, C] (lower is better) and its evidence.
 
-    distance = a * (1 - LC(HR, LR_j)) + (1 - a) * (1 - LC(HM_j(HR), LR_j)), LC the contrast-weighted
-    local correlation over the SSIM windows: the paper's two comparisons, raw and after histogram
-    matching, but without SSIM's luminance and contrast terms, whose stabilising constants reward
-    hazy, low-contrast timesteps. score = distance + `robust_penalty` of the evidence: loss of
-    detail against structural twins (haze, thin cloud), cloud / shadow / snow fractions against
-    the HR histogram-matched to the timestep (or global over/underexposure against the other
-    candidates), B10 cirrus, and misregistration against a twin or the HR (`transforms.evidence`).
+    distance (weights.distance "ssim", since 0.3) = the paper's a * (1 - SSIM(HR, LR_j)) + (1 - a) *
+    (1 - SSIM(HM_j(HR), LR_j)) in float32 moments; "correlation" (0.2) uses LC, the contrast-
+    weighted local correlation over the same windows, blind to gain and offset. score = distance +
+    `robust_penalty` of the evidence (`transforms.evidence`): veils against the tile's clearest
+    candidates (`veil_terms` with `clear_quantile`) and against the HR (`hr_veil`), the dark gate
+    (`underexposed`), loss of detail against structural twins, snow, B10 cirrus and s2cloudless;
+    cloud / shadow fractions, exposure and misregistration are measured for the record and the
+    acceptance, and count only with non-zero weights (docs/selection-method.md).
     `extra` holds the candidates' extra bands ([K, h, w] each, names from EXTRA_BANDS), if any."""
     extra = extra or {}
     w = weights
