@@ -79,6 +79,40 @@ ACCEPTANCE = Acceptance()
 
 
 @dataclasses.dataclass(frozen=True)
+class CleanGates:
+    """`paper` and `companion`, --lr-timesteps N > 1: the cheap clean gates a timestep must pass to
+    be written besides the paper's own criteria (a black border drops it, the top-k by PSNR, the
+    score ranks it), which alone write dark and cloudy timesteps (the paper has no evidence of them).
+    Each gate is measured against the tile's other valid timesteps and the HR (`clean_gates`):
+
+    * thick cloud (bright and white): the fraction of pixels whose R, G and B are all >= `cloud_dn`
+      (TCI DN; 200 is ~0.28 top-of-atmosphere reflectance, thick cloud saturates the TCI at 255)
+      and whitish (min >= 0.6 max), where the HR downsampled is not bright itself (R, G, B all >=
+      `hr_bright_dn`: a roof, sand), at most `cloud`. Clean timesteps of the real-NAIP-derived
+      tiles reach 0.008, planted thick cloud 0.46 and more. Snow counts too: it hides the ground
+      the HR shows just as well.
+    * dark: 1 - mean R, G, B brightness / the lower quartile of the means of the tile's timesteps
+      that pass the cloud gate (all of them when none does), at most `dark`. Clean captures years
+      apart reach 0.19 on the real-NAIP-derived tiles, planted dark ones (exposure x0.12-0.3)
+      0.60 and more.
+    * s2cloudless (`transforms.cloud_prob`), when the tile has its bands (b01, b05, b08, b09, b10,
+      b11, b12): mean cloud probability above the tile's lowest, at most `cloud_prob`.
+
+    The first written timestep stays the mode's single choice (N = 1 output unchanged) unless it
+    fails a gate: then the best-scoring candidate that passes is the first, the HR matched to it
+    (`select_pair`)."""
+
+    dark: float = 0.5
+    cloud: float = 0.1
+    cloud_dn: int = 200
+    hr_bright_dn: int = 150
+    cloud_prob: float = 0.1
+
+
+CLEAN_GATES = CleanGates()
+
+
+@dataclasses.dataclass(frozen=True)
 class SelectionConfig:
     mode: str = DEFAULT_SELECTION
     alpha: float = 0.7
@@ -125,6 +159,9 @@ class Selection:
     # the written timesteps, best first (lr_indices[0] == lr_index); lr is series[lr_indices]
     # [N, 32, 32, C] when the build asks for lr_timesteps > 1 (`with_timesteps`); None: [lr_index]
     lr_indices: np.ndarray | None = None
+    # paper / companion with lr_timesteps > 1: bool [K], the candidates that pass `clean_gates`
+    # (aligned with candidate_indices); None otherwise (robust's `acceptable` reads its evidence)
+    clean: np.ndarray | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -682,7 +719,7 @@ def select_pair(hr: np.ndarray, series: np.ndarray, config: SelectionConfig = Se
         raise TypeError("hr and series must be uint8")
     if hr.shape[-1] != series.shape[-1]:
         raise ValueError(f"band mismatch: hr has {hr.shape[-1]}, series has {series.shape[-1]}")
-    extra = _check_extra(extra, series) if config.mode == "robust" else {}
+    extra = _check_extra(extra, series) if config.mode == "robust" or config.lr_timesteps > 1 else {}
     valid = np.flatnonzero(~has_black_border(series, config.max_border_black, config.border_px))
     if valid.size == 0:
         raise NoValidTimesteps(f"all {series.shape[0]} timesteps have a black border")
@@ -710,6 +747,14 @@ def select_pair(hr: np.ndarray, series: np.ndarray, config: SelectionConfig = Se
     best = int(np.argmin(scores))  # first minimum, like torch.argmax on the similarity
     lr_index = int(valid[top[best]])
     confidence = pair_confidence(scores, best, valid_series[top], evidence)
+    clean = None
+    if config.mode != "robust" and config.lr_timesteps > 1:
+        passes = clean_gates(to_uint8(hr_down), valid_series, {name: band[valid] for name, band in extra.items()})
+        clean = passes[top]
+        if not clean[best] and clean.any():  # the mode's choice fails a gate: the best that passes
+            best = int(np.flatnonzero(clean)[np.argmin(scores[clean])])
+            lr_index = int(valid[top[best]])
+            confidence = pair_confidence(scores, best, valid_series[top], evidence)
     lr = series[lr_index]
     hr_matched = match_histograms(hr, lr[None])[0]
     return Selection(
@@ -724,14 +769,40 @@ def select_pair(hr: np.ndarray, series: np.ndarray, config: SelectionConfig = Se
         lr=lr,
         evidence=evidence,
         confidence=confidence,
+        clean=clean,
     )
+
+
+def clean_gates(hr_down_u8: np.ndarray, series: np.ndarray, extra: dict[str, np.ndarray] | None = None,
+                gates: CleanGates = CLEAN_GATES) -> np.ndarray:
+    """bool [V]: the timesteps of `series` [V, 32, 32, C] (a tile's valid ones) that pass the clean
+    gates (`CleanGates`), against `hr_down_u8` [32, 32, C], the HR downsampled, and each other;
+    `extra` their extra bands [V, 32, 32], s2cloudless's when the tile has them."""
+    frames = np.ascontiguousarray(np.moveaxis(series, -1, 1))  # uint8 [V, C, h, w]
+    vis = frames[:, :3].astype(np.int16)
+    low, high = vis.min(axis=1), vis.max(axis=1)
+    hr_bright = hr_down_u8[..., :3].min(axis=-1) >= gates.hr_bright_dn
+    bright = ((low >= gates.cloud_dn) & (low * 5 >= high * 3) & ~hr_bright).mean(axis=(-2, -1))
+    ok = bright <= gates.cloud
+    # darkening against the timesteps without thick cloud (a cloudy majority would make every
+    # clear one look dark), all of them when none is
+    level = vis.mean(axis=(1, 2, 3))
+    reference = float(np.quantile(level[ok] if ok.any() else level, 0.25))
+    ok &= 1.0 - level / max(reference, 1e-6) <= gates.dark
+    extra = extra or {}
+    if CP.available(extra, has_nir=series.shape[-1] > 3):
+        prob = CP.cloud_probability(frames, {b: extra[b] for b in CP.CLOUD_BANDS if b in extra},
+                                    block=max(series.shape[1] // 2, 1))
+        ok &= prob - prob.min() <= gates.cloud_prob
+    return ok
 
 
 def multi_timesteps(selection: Selection, config: SelectionConfig, exclude: frozenset[int] = frozenset()) -> np.ndarray:
     """The timesteps to write, best first: the selection's choice (`lr_index`, automatic or a
     reviewer's), then the other candidates in the mode's own ranking (score ascending, ties in
     top-k order), those acceptable only: in `robust`, those whose evidence passes (`acceptable`;
-    the score already ranks clean ones first); in `paper` and `companion` every top-k candidate. Returns int32 [n], n <= config.lr_timesteps; raises TooFewTimesteps
+    the score already ranks clean ones first); in `paper` and `companion` those that pass the clean
+    gates (`clean_gates`, `Selection.clean`). Returns int32 [n], n <= config.lr_timesteps; raises TooFewTimesteps
     when fewer than lr_timesteps are acceptable, unless config.allow_fewer. Timesteps in `exclude`
     (a reviewer's drops, `corrections.drop_timesteps`) are skipped too."""
     want = config.lr_timesteps
@@ -740,6 +811,8 @@ def multi_timesteps(selection: Selection, config: SelectionConfig, exclude: froz
     ok = (candidates[order] != selection.lr_index) & ~np.isin(candidates[order], list(exclude))
     if selection.evidence is not None:
         ok &= acceptable(selection.evidence)[order]
+    if selection.clean is not None:
+        ok &= np.asarray(selection.clean)[order]
     chosen = np.concatenate([[selection.lr_index], candidates[order][ok]])[:want].astype(np.int32)
     if chosen.size < want and not config.allow_fewer:
         raise TooFewTimesteps(f"{chosen.size} acceptable timesteps ({config.mode} ranking), {want} requested")
