@@ -110,9 +110,9 @@ def test_a_first_choice_that_fails_a_gate_gives_way_to_the_best_that_passes(monk
         return scores
 
     monkeypatch.setattr(S, "paper_scores", cloud_scores_best)
-    single = select_pair(hr, series, SelectionConfig())
+    single = select_pair(hr, series, SelectionConfig(mode="paper"))
     assert single.lr_index == 3 and single.clean is None
-    config = SelectionConfig(lr_timesteps=4)
+    config = SelectionConfig(mode="paper", lr_timesteps=4)
     multi = with_timesteps(select_pair(hr, series, config), series, config)
     assert 3 not in multi.lr_indices.tolist() and multi.lr_index == multi.lr_indices[0]
     position = {int(t): i for i, t in enumerate(multi.candidate_indices)}
