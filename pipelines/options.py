@@ -79,9 +79,9 @@ class BuildOptions(PipelineOptions):
 
         sel = parser.add_argument_group("selection")
         sel.add_argument("--selection", default=DEFAULT_SELECTION, choices=SELECTION_MODES,
-                         help="paper (default): the paper's score as written; robust: the paper's closeness "
-                              "without SSIM's haze bias, plus evidence of haze, veils, cloud (s2cloudless), "
-                              "shadow, snow and misregistration (docs/selection-method.md); companion: the "
+                         help="robust (default): the paper's score plus evidence of veils against the clearest "
+                              "timesteps and the HR, a dark gate, cirrus, snow and cloud (s2cloudless) "
+                              "(docs/selection-method.md); paper: the paper's score as written; companion: the "
                               "published code's rule.")
         sel.add_argument("--alpha", type=float, default=0.7,
                          help="Weight, in [0, 1], of the raw comparison against the one after histogram "

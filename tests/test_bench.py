@@ -20,9 +20,9 @@ def test_bench_command_reports_every_figure(tmp_path, capsys):
     assert figures["bytes"]["input_per_tile"] > 10_000
     assert "pipeline, 2 workers" in capsys.readouterr().out
     # the default mode, measured in every step (the pipeline runs record it)
-    assert figures["selection"] == DEFAULT_SELECTION == "paper"
+    assert figures["selection"] == DEFAULT_SELECTION == "robust"
     run = json.loads((tmp_path / "w" / "out-pipe_2-0" / "run.json").read_text())
-    assert run["options"]["selection"] == "paper"
+    assert run["options"]["selection"] == "robust"
 
 
 @pytest.mark.integration  # starts the GCS emulator (through bench-gcs)

@@ -187,13 +187,13 @@ def test_options_hash():
         PairConfig(input_root="/a", split="s", selection=SelectionConfig(top_k=8)),
         PairConfig(input_root="/a", split="s", selection=SelectionConfig(downsample="bicubic_torch")),
         PairConfig(input_root="/a", split="s", selection=SelectionConfig(mode="companion")),
-        PairConfig(input_root="/a", split="s", selection=SelectionConfig(mode="robust")),
+        PairConfig(input_root="/a", split="s", selection=SelectionConfig(mode="paper")),
         PairConfig(input_root="/a", split="s", bands="rgb"),
         PairConfig(input_root="/a", split="t"),
     ):
         assert dm.config_options_hash(other) != h, other
     options = dm.output_options(base)
-    assert options["pipeline_version"] == PIPELINE_VERSION and options["selection"] == "paper"
+    assert options["pipeline_version"] == PIPELINE_VERSION and options["selection"] == "robust"
     assert options["record_schema"] == dm.record_schema_id() and len(options["record_schema"]) == 16
     assert not {"formats", "format", "num_shards", "tfrecord_gzip", "corrections"} & set(options)
     assert dm.options_hash({"b": 1, "a": 2}) == dm.options_hash({"a": 2, "b": 1})

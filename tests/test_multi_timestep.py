@@ -110,9 +110,9 @@ def test_a_first_choice_that_fails_a_gate_gives_way_to_the_best_that_passes(monk
         return scores
 
     monkeypatch.setattr(S, "paper_scores", cloud_scores_best)
-    single = select_pair(hr, series, SelectionConfig())
+    single = select_pair(hr, series, SelectionConfig(mode="paper"))
     assert single.lr_index == 3 and single.clean is None
-    config = SelectionConfig(lr_timesteps=4)
+    config = SelectionConfig(mode="paper", lr_timesteps=4)
     multi = with_timesteps(select_pair(hr, series, config), series, config)
     assert 3 not in multi.lr_indices.tolist() and multi.lr_index == multi.lr_indices[0]
     position = {int(t): i for i, t in enumerate(multi.candidate_indices)}
@@ -140,12 +140,13 @@ def test_lr_timesteps_is_validated():
 def test_build_tile_rejects_too_few_or_writes_fewer(tmp_path):
     root = str(tmp_path)
     good_tile(root, tid(0), seed=0, t=5)
-    config = PairConfig(root, selection=SelectionConfig(lr_timesteps=8))
+    config = PairConfig(root, selection=SelectionConfig(mode="paper", lr_timesteps=8))
     outcome = build_tile(tid(0), config)
     assert outcome.kind == "reject"
     assert (outcome.record["stage"], outcome.record["reason"]) == ("select", "too_few_timesteps")
     assert "5 acceptable timesteps (paper ranking), 8 requested" in outcome.record["detail"]
-    fewer = build_tile(tid(0), dataclasses.replace(config, selection=SelectionConfig(lr_timesteps=8, allow_fewer=True)))
+    fewer = build_tile(tid(0), dataclasses.replace(
+        config, selection=SelectionConfig(mode="paper", lr_timesteps=8, allow_fewer=True)))
     assert fewer.kind == "pair"
     assert fewer.record["lr_shape"] == [5, 32, 32, 4] and len(fewer.record["lr_indices"]) == 5
     assert fewer.record["lr_indices"][0] == fewer.record["lr_index"]
@@ -456,7 +457,7 @@ def test_allow_fewer_counts_pairs_by_timesteps(tmp_path):
 def test_a_reviewer_drops_timesteps_and_the_next_acceptable_take_their_places(tmp_path):
     root = str(tmp_path)
     good_tile(root, tid(0), seed=6, t=10)
-    config = PairConfig(root, selection=SelectionConfig(lr_timesteps=4))
+    config = PairConfig(root, selection=SelectionConfig(mode="paper", lr_timesteps=4))
     auto = build_tile(tid(0), config).record
     ranked = [auto["candidate_indices"][i] for i in np.argsort(auto["candidate_scores"], kind="stable")]
     assert auto["lr_indices"] == ranked[:4]

@@ -458,7 +458,7 @@ def built_multi(review_root, tmp_path_factory):
     fewer than 4 acceptable timesteps and are written with those."""
     out = str(tmp_path_factory.mktemp("review-multi") / "out")
     summary = build_pairs.run(["--input", review_root, "--output", out, "--runner", RUNNER, "--top-k", "8",
-                               "--lr-timesteps", str(N_WRITTEN), "--allow-fewer"])
+                               "--selection", "paper", "--lr-timesteps", str(N_WRITTEN), "--allow-fewer"])
     assert summary["counts"]["pairs"] == N_TILES
     return review_root, out
 
@@ -468,7 +468,7 @@ def ranked_acceptable(root, tile_ids, n) -> dict[str, list[int]]:
     lr_indices with --lr-timesteps n --allow-fewer."""
     out = os.path.join(root + "-ranked", str(n))
     build_pairs.run(["--input", root, "--output", out, "--runner", RUNNER, "--top-k", "8",
-                     "--lr-timesteps", str(n), "--allow-fewer"])
+                     "--selection", "paper", "--lr-timesteps", str(n), "--allow-fewer"])
     rows = {r["tile_id"]: r for r in pq.read_table(os.path.join(out, "pairs")).to_pylist()}
     return {t: rows[t]["lr_indices"] for t in tile_ids}
 
@@ -543,7 +543,7 @@ def test_review_of_a_multi_timestep_build_drops_timesteps_in_a_browser_then_rebu
     corrections_file.write_text(json.dumps(exported))
     rebuilt = str(tmp_path / "rebuilt")
     summary = build_pairs.run(["--input", root, "--output", rebuilt, "--runner", RUNNER, "--top-k", "8",
-                               "--lr-timesteps", str(N_WRITTEN), "--allow-fewer", "--corrections", str(corrections_file)])
+                               "--selection", "paper", "--lr-timesteps", str(N_WRITTEN), "--allow-fewer", "--corrections", str(corrections_file)])
     assert summary["counts"]["rejects_by_reason"] == {"removed_by_correction": 1}
     pairs = {r["tile_id"]: r for r in pq.read_table(os.path.join(rebuilt, "pairs")).to_pylist()}
     before = {r["tile_id"]: r for r in pq.read_table(os.path.join(out, "pairs")).to_pylist()}
@@ -562,7 +562,7 @@ def test_review_of_a_multi_timestep_build_drops_timesteps_in_a_browser_then_rebu
     assert len(pairs[c["tile_id"]]["lr_indices"]) == len(c["lr_indices"]) - 1  # none left: --allow-fewer
     # without --allow-fewer the short tile is a too_few_timesteps reject, the others as above
     strict = build_pairs.run(["--input", root, "--output", str(tmp_path / "strict"), "--runner", RUNNER,
-                              "--top-k", "8", "--lr-timesteps", str(N_WRITTEN), "--corrections", str(corrections_file)])
+                              "--top-k", "8", "--selection", "paper", "--lr-timesteps", str(N_WRITTEN), "--corrections", str(corrections_file)])
     rejects = {r["tile_id"]: r["reason"] for r in pq.read_table(str(tmp_path / "strict" / "rejects")).to_pylist()}
     assert rejects[c["tile_id"]] == "too_few_timesteps" and rejects[others[0]["tile_id"]] == "removed_by_correction"
     assert strict["counts"]["pairs"] == sum(len(ranked[t]) >= N_WRITTEN + len(v["drop"]) for t, v in expected.items()
