@@ -161,9 +161,10 @@ def test_local_tile_fingerprints(tmp_path):
     robust = fpr.FingerprintSpec.for_config(PairConfig(input_root=root, selection=SelectionConfig(mode="robust")))
     assert robust.extra_bands
     # every build that reads them (--lr-timesteps N > 1 in any mode: s2cloudless's clean gate)
-    multi = PairConfig(input_root=root, selection=SelectionConfig(lr_timesteps=2))
+    multi = PairConfig(input_root=root, selection=SelectionConfig(mode="paper", lr_timesteps=2))
     assert fpr.FingerprintSpec.for_config(multi).extra_bands == robust.extra_bands
-    assert not fpr.FingerprintSpec.for_config(PairConfig(input_root=root)).extra_bands
+    paper = PairConfig(input_root=root, selection=SelectionConfig(mode="paper"))
+    assert not fpr.FingerprintSpec.for_config(paper).extra_bands
     band = robust.extra_bands[0]
     write_png(f"{root}/sentinel2/{xy(0)}/{band}.png", np.full((128, 32), 7, np.uint8))
     extra = fpr.tile_fingerprints(tid(0), robust)[4]
