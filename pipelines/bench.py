@@ -11,6 +11,10 @@ repeats of:
   pipe-2   the same with 2 worker processes (multi_processing)
 and the pipeline's peak RSS at two sample sizes (default 2,000 and 20,000 tiles).
 Prints a table and writes the figures to --report (JSON).
+
+With --companion-repo DIR it instead times the paper's published code beside the build, end to end
+on the same tiles, and prints the ratios (`pipelines.bench_companion`; --real-data for tiles derived
+from real NAIP).
 """
 from __future__ import annotations
 
@@ -23,13 +27,15 @@ import subprocess
 import sys
 import time
 
-from pipelines.cli import ArgumentParser, description
+from pipelines import bench_companion as BC
+from pipelines.cli import ArgumentParser, CommandError, description
 from transforms import runtime, tiles
 from transforms.pairs import PairConfig, TileRejected, build_tile, load_tile
 from transforms.sample import generate_sample
 from transforms.selection import DEFAULT_SELECTION, EXTRA_BANDS, SELECTION_MODES, SelectionConfig, select_pair
 from transforms.tiles import TileId
 
+MULTI_PROCESSING = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
 TIMESTEPS = (26, 34)  # ~30 timesteps per tile, as S2-NAIP's shorter series
 
 
@@ -79,12 +85,12 @@ def time_loop(ids: list[str], config: PairConfig) -> float:
     return time.perf_counter() - t0
 
 
-def run_pipeline(sample: str, out: str, extra: list[str]) -> tuple[float, float]:
+def run_pipeline(sample: str, out: str, extra: list[str], manifest: str | None = None) -> tuple[float, float]:
     """Wall seconds and peak RSS (MiB) of one `python -m pipelines.build_pairs` run (`extra`: more
-    options, e.g. --selection)."""
+    options, e.g. --selection) on the tiles of `manifest` (default: the sample's)."""
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "pipelines.build_pairs", "--input", sample, "--output", out,
-           "--manifest", os.path.join(sample, "manifest.txt"), "--runner", "FnApiRunner", *extra]
+           "--manifest", manifest or os.path.join(sample, "manifest.txt"), "--runner", "FnApiRunner", *extra]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -146,8 +152,7 @@ def bench(tiles: int, rss_tiles: list[int], repeats: int, workdir: str, seed: in
         core_rates.append(n / core_s)
         loop_rates.append(len(ids) / time_loop(ids, config))
     pipe = {}
-    for name, extra in [("pipe_1", []), ("pipe_2", ["--direct_running_mode=multi_processing",
-                                                     "--direct_num_workers=2"])]:
+    for name, extra in [("pipe_1", []), ("pipe_2", MULTI_PROCESSING)]:
         rates = []
         for r in range(repeats):
             wall, _ = run_pipeline(sample, os.path.join(workdir, f"out-{name}-{r}"), extra + mode_args)
@@ -213,15 +218,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--selection", default=DEFAULT_SELECTION, choices=SELECTION_MODES,
                         help=f"the selection mode to measure (default {DEFAULT_SELECTION}, the build's)")
     parser.add_argument("--workdir", default="bench-out", help="samples are generated here once and reused")
-    parser.add_argument("--report", default=None, help="JSON file for the figures (default: WORKDIR/bench.json)")
+    parser.add_argument("--report", default=None, help="JSON file for the figures (default: WORKDIR/bench.json, "
+                                                       "with --companion-repo WORKDIR/bench-companion.json)")
+    comp = parser.add_argument_group("against the paper's published code")
+    comp.add_argument("--companion-repo", metavar="DIR",
+                      help="checkout of ozendelait/better_s2_naip: time it beside the build on the same tiles "
+                           "(whole processes, medians of --repeats) and print the ratios, instead of the figures above")
+    comp.add_argument("--companion-python", metavar="PATH", default=sys.executable,
+                      help="python with torch, torchvision, torchmetrics, scikit-image, tqdm and matplotlib for "
+                           "the companion code (default: this one; docs/performance.md sets up a separate venv)")
+    comp.add_argument("--real-data", metavar="DIR",
+                      help="with --companion-repo: tiles derived from the real NAIP GeoTIFFs in DIR instead of "
+                           "the generated sample")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.tiles < 1 or args.repeats < 1:
+        parser.error("--tiles and --repeats must be >= 1")
+    if args.real_data and not args.companion_repo:
+        parser.error("--real-data needs --companion-repo")
     os.makedirs(args.workdir, exist_ok=True)
+    if args.companion_repo:
+        return _main_companion(args)
     rss_tiles = [int(x) for x in args.rss_tiles.split(",") if x.strip()]
     result = bench(args.tiles, rss_tiles, args.repeats, args.workdir, selection=args.selection)
     report = args.report or os.path.join(args.workdir, "bench.json")
     with open(report, "w") as f:
         json.dump(result, f, indent=2)
     print(report_text(result))
+    print(f"figures: {report}")
+    return 0
+
+
+def _main_companion(args) -> int:
+    try:
+        result = BC.bench_companion(os.path.abspath(args.companion_repo), args.companion_python, args.workdir,
+                                    args.tiles, args.repeats, args.selection, real_data=args.real_data)
+    except BC.BenchError as e:
+        raise CommandError(str(e)) from None
+    report = args.report or os.path.join(args.workdir, "bench-companion.json")
+    with open(report, "w") as f:
+        json.dump(result, f, indent=2)
+    print(BC.report_text(result))
     print(f"figures: {report}")
     return 0
 
