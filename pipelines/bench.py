@@ -18,6 +18,7 @@ from real NAIP).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -85,21 +86,40 @@ def time_loop(ids: list[str], config: PairConfig) -> float:
     return time.perf_counter() - t0
 
 
-def run_pipeline(sample: str, out: str, extra: list[str], manifest: str | None = None) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of one `python -m pipelines.build_pairs` run (`extra`: more
-    options, e.g. --selection) on the tiles of `manifest` (default: the sample's)."""
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    wall_s: float  # wall clock of the process
+    cpu_s: float  # user + system CPU of the process and the children it waited for (Beam's workers)
+    rss_mib: float  # peak RSS of the process
+
+
+def run_command(cmd: list[str], cwd: str | None = None, what: str = "command") -> Usage:
+    """Runs `cmd` to its end (stdout discarded); raises RuntimeError with its stderr's tail if it fails."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stderr = proc.stderr.read().decode(errors="replace")  # drained while it runs: no pipe stall
+    proc.stderr.close()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{stderr[-4000:]}")
+    return Usage(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024.0)
+
+
+def pipeline_usage(sample: str, out: str, extra: list[str], manifest: str | None = None) -> Usage:
+    """One `python -m pipelines.build_pairs` run (`extra`: more options, e.g. --selection) on the
+    tiles of `manifest` (default: the sample's)."""
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "pipelines.build_pairs", "--input", sample, "--output", out,
            "--manifest", manifest or os.path.join(sample, "manifest.txt"), "--runner", "FnApiRunner", *extra]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    stderr = proc.stderr.read().decode(errors="replace")
-    proc.stderr.close()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"pipeline failed:\n{stderr[-4000:]}")
-    return wall, usage.ru_maxrss / 1024.0
+    return run_command(cmd, what="pipeline")
+
+
+def run_pipeline(sample: str, out: str, extra: list[str], manifest: str | None = None) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MiB) of one `pipeline_usage` run."""
+    usage = pipeline_usage(sample, out, extra, manifest)
+    return usage.wall_s, usage.rss_mib
 
 
 def input_bytes_per_tile(sample: str, ids: list[str], mode: str) -> float:
@@ -151,13 +171,15 @@ def bench(tiles: int, rss_tiles: list[int], repeats: int, workdir: str, seed: in
         decode_rates.append(n / decode_s)
         core_rates.append(n / core_s)
         loop_rates.append(len(ids) / time_loop(ids, config))
-    pipe = {}
+    pipe, cpu = {}, {}
     for name, extra in [("pipe_1", []), ("pipe_2", MULTI_PROCESSING)]:
-        rates = []
+        rates, cpus = [], []
         for r in range(repeats):
-            wall, _ = run_pipeline(sample, os.path.join(workdir, f"out-{name}-{r}"), extra + mode_args)
-            rates.append(len(ids) / wall)
+            usage = pipeline_usage(sample, os.path.join(workdir, f"out-{name}-{r}"), extra + mode_args)
+            rates.append(len(ids) / usage.wall_s)
+            cpus.append(usage.cpu_s)
         pipe[name] = statistics.median(rates)
+        cpu[name] = statistics.median(cpus)
     rss = {}
     for n in rss_tiles:
         s = sample_dir(workdir, n, seed)
@@ -174,6 +196,10 @@ def bench(tiles: int, rss_tiles: list[int], repeats: int, workdir: str, seed: in
             "pipeline_vs_loop": pipe["pipe_1"] / med(loop_rates),
             "pipeline_2_workers_vs_1": pipe["pipe_2"] / pipe["pipe_1"],
         },
+        # CPU (user + system, the launcher and its workers) per tile of the whole build, start-up
+        # included: what a machine, or Dataflow's vCPUs, pay for it
+        "cpu_ms_per_tile": {"pipeline_in_process": 1e3 * cpu["pipe_1"] / len(ids),
+                            "pipeline_2_workers": 1e3 * cpu["pipe_2"] / len(ids)},
         "peak_rss_mib": {str(n): v for n, v in rss.items()},
         "bytes": {"input_per_tile": input_bytes_per_tile(sample, ids, selection),
                   "parquet_per_pair": output_bytes_per_pair(os.path.join(workdir, "out-pipe_1-0"))},
@@ -198,6 +224,10 @@ def report_text(r: dict) -> str:
         f"  pipeline, 2 workers         {t['pipeline_2_workers']:8.1f} tiles/s   "
         f"{q['pipeline_2_workers_vs_1']:.2f}x in-process",
     ]
+    c = r.get("cpu_ms_per_tile")
+    if c:
+        lines.append(f"  CPU per tile, whole build    {c['pipeline_in_process']:8.2f} ms in-process   "
+                     f"{c['pipeline_2_workers']:.2f} ms with 2 workers (start-up included)")
     lines.append(f"  bytes read per tile         {r['bytes']['input_per_tile'] / 1024:8.1f} KiB   "
                  f"Parquet per pair {r['bytes']['parquet_per_pair'] / 1024:.1f} KiB")
     for n, v in r["peak_rss_mib"].items():

@@ -119,20 +119,17 @@ def companion_runnable(sample: str) -> str:
     return path
 
 
-def _run(cmd: list[str], cwd: str | None = None) -> float:
-    """Wall seconds of one process; raises BenchError with its stderr's tail when it fails."""
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        tail = proc.stderr.decode(errors="replace").strip().splitlines()[-3:]
-        raise BenchError(f"{' '.join(cmd[:3])} failed (exit {proc.returncode}): {' | '.join(tail)}")
-    return wall
+def _run(cmd: list[str], cwd: str | None = None) -> bench.Usage:
+    try:
+        return bench.run_command(cmd, cwd=cwd, what=" ".join(cmd[1:3]))
+    except RuntimeError as e:
+        lines = str(e).strip().splitlines()
+        raise BenchError(" | ".join([lines[0], *lines[-3:]])) from None
 
 
 def run_companion(repo: str, python: str, sample: str, out: str) -> dict:
-    """Wall seconds of the companion's prefilter and selection + saving on `sample`, and how many
-    tiles it kept and saved."""
+    """Wall and CPU seconds of the companion's prefilter and selection + saving on `sample`, and
+    how many tiles it kept and saved."""
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
     valid = os.path.join(out, "valid.json")
@@ -152,7 +149,8 @@ def run_companion(repo: str, python: str, sample: str, out: str) -> dict:
         kept = len(json.load(f))
     with open(os.path.join(save, "tracker.json")) as f:
         saved = len(json.load(f))
-    return {"prefilter_s": prefilter, "selection_s": selection, "wall_s": prefilter + selection,
+    return {"prefilter_s": prefilter.wall_s, "selection_s": selection.wall_s,
+            "wall_s": prefilter.wall_s + selection.wall_s, "cpu_s": prefilter.cpu_s + selection.cpu_s,
             "kept": kept, "saved": saved}
 
 
@@ -168,16 +166,19 @@ def bench_companion(repo: str, python: str, workdir: str, tiles: int, repeats: i
     sample = companion_runnable(sample)
     ids = bench.tile_ids(sample)
     builds = {"build_1": [], "build_2": []}
+    cpu = {"build_1": [], "build_2": []}
     companion = []
     mode = ["--selection", selection]
     runs = {"build_1": mode, "build_2": [*bench.MULTI_PROCESSING, *mode]}
     # one untimed run of each first: page cache, compiled bytecode
     run_companion(repo, python, sample, os.path.join(workdir, "companion-out"))
-    bench.run_pipeline(sample, os.path.join(workdir, "out-build"), runs["build_2"])
+    bench.pipeline_usage(sample, os.path.join(workdir, "out-build"), runs["build_2"])
     for _ in range(repeats):
         companion.append(run_companion(repo, python, sample, os.path.join(workdir, "companion-out")))
         for name, extra in runs.items():
-            builds[name].append(bench.run_pipeline(sample, os.path.join(workdir, "out-build"), extra)[0])
+            usage = bench.pipeline_usage(sample, os.path.join(workdir, "out-build"), extra)
+            builds[name].append(usage.wall_s)
+            cpu[name].append(usage.cpu_s)
     with open(os.path.join(workdir, "out-build", "run.json")) as f:
         counts = json.load(f)["counts"]
     med = statistics.median
@@ -193,6 +194,9 @@ def bench_companion(repo: str, python: str, workdir: str, tiles: int, repeats: i
                    "companion_selection_save": med(c["selection_s"] for c in companion),
                    **build_s},
         "runs_s": {"companion": [c["wall_s"] for c in companion], **builds},
+        # CPU seconds (user + system, all processes): what a busy shared machine inflates least
+        "cpu_s": {"companion": med(c["cpu_s"] for c in companion), **{k: med(v) for k, v in cpu.items()}},
+        "cpu_ratios": ratios(med(c["cpu_s"] for c in companion), {k: med(v) for k, v in cpu.items()}),
         "tiles_per_s": {"companion": len(ids) / companion_s, **{k: len(ids) / v for k, v in build_s.items()}},
         "ratios": ratios(companion_s, build_s),
         "outputs": {"companion_kept": companion[-1]["kept"], "companion_saved": companion[-1]["saved"],
@@ -205,7 +209,7 @@ def bench_companion(repo: str, python: str, workdir: str, tiles: int, repeats: i
 
 def report_text(r: dict) -> str:
     w, q, o = r["wall_s"], r["ratios"], r["outputs"]
-    rate = r["tiles_per_s"]
+    rate, cpu, cq = r["tiles_per_s"], r["cpu_s"], r["cpu_ratios"]
     return "\n".join([
         f"s2naip bench --companion-repo: {r['tiles']} tiles ({r['input']}), --selection {r['selection']}, "
         f"medians of {r['repeats']} runs, {r['machine']['cpu']} ({r['machine']['cores']} cores), torch {r['torch']}",
@@ -216,4 +220,6 @@ def report_text(r: dict) -> str:
         f"  {q['build_1']:5.1f}x the companion",
         f"  s2naip build, 2 worker processes                    {w['build_2']:7.1f} s  {rate['build_2']:7.1f} tiles/s"
         f"  {q['build_2']:5.1f}x the companion  (pairs {o['build_pairs']}, rejects {o['build_rejects']})",
+        f"  CPU seconds (user + system): companion {cpu['companion']:.1f}, build 1 worker {cpu['build_1']:.1f} "
+        f"({cq['build_1']:.1f}x less), 2 workers {cpu['build_2']:.1f} ({cq['build_2']:.1f}x less)",
     ])
