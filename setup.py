@@ -5,7 +5,7 @@
 import pathlib
 import re
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 _VERSION_FILE = pathlib.Path(__file__).parent / "transforms" / "version.py"
 PIPELINE_VERSION = re.search(r'PIPELINE_VERSION = "([^"]+)"', _VERSION_FILE.read_text()).group(1)
@@ -15,8 +15,9 @@ setup(
     version=PIPELINE_VERSION,
     description="Rebuild S2-NAIP into clean NAIP/Sentinel-2 RGBN super-resolution pairs with Apache Beam",
     python_requires=">=3.11",
-    packages=["pipelines", "transforms"],
-    package_data={"transforms": ["review_assets/*.html", "review_assets/*.js", "review_assets/*.css", "data/*.json"]},
+    packages=find_packages(include=["pipelines", "pipelines.*", "transforms", "transforms.*"]),
+    package_data={"transforms.quality": ["review_assets/*.html", "review_assets/*.js", "review_assets/*.css"],
+                  "transforms.devdata": ["data/*.json"]},
     install_requires=[
         "apache-beam[gcp]>=2.77,<2.78",
         "numpy>=2.0",

@@ -20,17 +20,23 @@ from pipelines.options import (
     BuildOptions,
     check_build_inputs,
     check_output_writable,
+    check_since,
+    discard_unpublished_run,
     output_spec,
     pair_config,
     parse_build_options,
+    prepare_output,
     runs_here,
     use_in_process_runner_by_default,
     use_own_image_on_dataflow_by_default,
 )
-from transforms import dataset_manifest, incremental, latest, progress, publish, storage, tiles
-from transforms.beam import NoTiles
+from transforms import progress
+from transforms.build import dataset_manifest
+from transforms.build.pipeline import build
+from transforms.build.stages import NoTiles
+from transforms.io import latest, publish, storage
+from transforms.io.publish import OutputSpec
 from transforms.pairs import PairConfig
-from transforms.publish import OutputSpec
 from transforms.version import PIPELINE_VERSION
 
 _LOG = logging.getLogger(__name__)
@@ -73,12 +79,6 @@ def sample_input_dir(output: str) -> str:
     return tempfile.mkdtemp(prefix="s2naip-sample-")
 
 
-def build(p: beam.Pipeline, config: PairConfig, spec: OutputSpec, info: dict, manifest: str | None = None,
-          since: str | None = None, latest_pointer: str | None = None, progress_dir: str | None = None):
-    return incremental.build_incremental(p, config, spec, info, since, manifest, latest=latest_pointer,
-                                         progress=progress_dir)
-
-
 def runs_on_this_machine(options: PipelineOptions) -> bool:
     """True when every worker of the job is a process of this machine (local runners, or any
     portable runner with LOOPBACK workers)."""
@@ -101,7 +101,7 @@ def progress_reporting(options: PipelineOptions):
         shutil.rmtree(folder, ignore_errors=True)
 
 
-# The folders a build writes, per output format, beside rejects/ and manifest/ (transforms.publish).
+# The folders a build writes, per output format, beside rejects/ and manifest/ (transforms.io.publish).
 FORMAT_FOLDERS = {"parquet": ("pairs",), "tfrecord": ("tfrecord",), "png": ("png", "png_rejects")}
 INCREMENTAL_SHOWN = ("new", "changed", "carried", "superseded", "removed")
 
@@ -131,8 +131,8 @@ def summary_text(summary: dict) -> str:
     if inc and summary.get("since"):
         lines.append("incremental: " + ", ".join(f"{k} {inc.get(k, 0)}" for k in INCREMENTAL_SHOWN)
                      + f" (since {summary['since']})")
-    lines += [f"{folder + ':':<{width}} {tiles.join(output, folder)}/" for folder in folders]
-    lines.append(f"{'summary:':<{width}} {tiles.join(output, 'run.json')}")
+    lines += [f"{folder + ':':<{width}} {storage.join(output, folder)}/" for folder in folders]
+    lines.append(f"{'summary:':<{width}} {storage.join(output, 'run.json')}")
     return "\n".join(lines)
 
 
@@ -156,7 +156,7 @@ def run(argv: list[str] | None = None) -> dict | None:
     if here:
         check_output_writable(opts.output)
     if not opts.input:
-        from transforms.sample import generate_sample
+        from transforms.devdata.sample import generate_sample
 
         sample_dir = sample_input_dir(opts.output)
         print(f"no --input: generating the embedded sample ({opts.sample_tiles} tiles) in "
@@ -166,10 +166,10 @@ def run(argv: list[str] | None = None) -> dict | None:
     try:
         config = pair_config(opts)
         spec = output_spec(opts)
-        since = incremental.check_since(latest.resolve_since(opts.since), spec.path)
+        since = check_since(latest.resolve_since(opts.since), spec.path)
         if since:
             dataset_manifest.manifest_files(since)  # fail fast: a published run with a manifest
-        incremental.prepare_output(spec.path, opts.overwrite)
+        prepare_output(spec.path, opts.overwrite)
     except (ValueError, FileNotFoundError, publish.OutputNotEmpty) as e:
         raise CommandError(str(e)) from None
     use_in_process_runner_by_default(options)
@@ -181,7 +181,7 @@ def run(argv: list[str] | None = None) -> dict | None:
                   progress_dir=progress_dir)
     except BaseException as e:  # failed or interrupted (Ctrl-C): nothing of this run stays published
         if here:
-            incremental.discard_unpublished_run(spec.path)
+            discard_unpublished_run(spec.path)
             if not output_existed:
                 storage.remove_empty_tree(spec.path)
         if isinstance(e, NoTiles):
@@ -189,7 +189,7 @@ def run(argv: list[str] | None = None) -> dict | None:
         raise
     if not getattr(p.result, "has_job", True) or options.view_as(StandardOptions).no_wait_until_finish:
         return None  # a template was staged or the job runs on: its run.json does not exist yet
-    run_json = tiles.join(opts.output, "run.json")
+    run_json = storage.join(opts.output, "run.json")
     if storage.exists(run_json):
         summary = json.loads(storage.read_bytes(run_json, 64 * 1024 * 1024))
         print(summary_text(summary))

@@ -19,11 +19,11 @@ from typing import Callable, Iterable
 
 SUBCOMMANDS = {
     "build": ("pipelines.build_pairs", "build paired RGBN records from an S2-NAIP folder"),
-    "sample": ("transforms.sample", "generate a procedural S2-NAIP-layout sample folder"),
+    "sample": ("pipelines.sample", "generate a procedural S2-NAIP-layout sample folder"),
     "index": ("pipelines.index", "list an S2-NAIP folder into a tile-id manifest"),
-    "bench": ("pipelines.bench", "measure decode, core and pipeline throughput"),
-    "bench-gcs": ("pipelines.bench_gcs", "the build from gs:// with an object store's latency, reads ahead or not"),
-    "bench-selection": ("pipelines.bench_selection",
+    "bench": ("pipelines.dev.bench", "measure decode, core and pipeline throughput"),
+    "bench-gcs": ("pipelines.dev.bench_gcs", "the build from gs:// with an object store's latency, reads ahead or not"),
+    "bench-selection": ("pipelines.dev.bench_selection",
                         "measure each selection mode on twin-free synthetic, real Sentinel-2 and easy evaluation sets"),
     "fetch-nir": ("pipelines.fetch_nir", "fetch NAIP NIR (band 4) per tile from a STAC API, grouped per NAIP item"),
     "plan": ("pipelines.plan", "list the quarter quads with a newer NAIP capture: the work list of a release"),

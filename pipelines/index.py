@@ -19,8 +19,8 @@ from pipelines.options import (
     use_in_process_runner_by_default,
     use_own_image_on_dataflow_by_default,
 )
-from transforms import storage
-from transforms.beam import NoTiles, ReadTileIds, no_tiles_message
+from transforms.build.stages import NoTiles, ReadTileIds, no_tiles_message
+from transforms.io import storage
 
 
 def require_tile_ids(count: int, input_root: str) -> int:

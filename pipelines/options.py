@@ -12,6 +12,7 @@ import copy
 import os
 import tempfile
 
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import (
     DebugOptions,
     DirectOptions,
@@ -23,9 +24,11 @@ from apache_beam.options.pipeline_options import (
 )
 
 from pipelines.cli import CommandError, HelpFormatter, unknown_arguments_message
-from transforms import storage, tiles
+from transforms import tiles
+from transforms.build import dataset_manifest as dm
+from transforms.io import publish, storage
+from transforms.io.publish import OutputSpec
 from transforms.pairs import BAND_SETS, PairConfig
-from transforms.publish import OutputSpec
 from transforms.selection import DEFAULT_SELECTION, DOWNSAMPLE_METHODS, SELECTION_MODES, SelectionConfig
 
 DEFAULT_SAMPLE_TILES = 200
@@ -305,7 +308,7 @@ def check_set_folder(root: str, option: str = "--input", leaf: str = "rgb.png") 
     names the mistake: a missing path, a file, an empty folder, the naip/ folder itself."""
     expected = expected_layout(leaf)
     try:
-        if storage.dir_has_files(tiles.join(root, "naip")):
+        if storage.dir_has_files(storage.join(root, "naip")):
             return
         children = storage.list_children(root)
     except FileNotFoundError:  # no such bucket
@@ -371,7 +374,7 @@ def check_build_inputs(opts: BuildOptions) -> None:
     if not opts.manifest or storage.is_local(opts.input):  # with a manifest, an object store is never listed
         check_set_folder(opts.input)
     if opts.nir_input and opts.nir_input.rstrip("/") != opts.input.rstrip("/"):
-        if not opts.manifest and not storage.dir_has_files(tiles.join(opts.nir_input, "naip")):
+        if not opts.manifest and not storage.dir_has_files(storage.join(opts.nir_input, "naip")):
             raise CommandError(f"--nir-input {opts.nir_input} has no naip/ folder, or an empty one; expected the "
                                "folder holding naip/<naip_id>/<x>_<y>/nir.png")
 
@@ -380,7 +383,56 @@ def check_run_folder(run: str) -> None:
     """CommandError unless `run` holds a build's output (run.json, _SUCCESS or pairs/)."""
     if storage.is_local(run) and not os.path.exists(run):
         raise CommandError(f"--run {run} does not exist; expected a build's --output folder")
-    if not any((storage.exists(tiles.join(run, "run.json")), storage.exists(tiles.join(run, "_SUCCESS")),
-                storage.dir_has_files(tiles.join(run, "pairs")))):
+    if not any((storage.exists(storage.join(run, "run.json")), storage.exists(storage.join(run, "_SUCCESS")),
+                storage.dir_has_files(storage.join(run, "pairs")))):
         raise CommandError(f"--run {run} holds no build (no run.json, _SUCCESS or pairs/); expected a build's "
                            "--output folder")
+
+
+# ---------------------------------------------------------------------------------------------
+# The build's output folder and --since, checked on the launcher before the job starts
+
+
+def prepare_output(output: str, overwrite: bool) -> int:
+    """`publish.prepare_output` (refuse, or clear with `_SUCCESS` first), plus the `manifest/` folder,
+    which `publish` does not know about. Returns the number of files deleted."""
+    pattern = storage.join(output, dm.MANIFEST_FOLDER, "**")
+    manifest = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+    if manifest and not overwrite:
+        raise publish.OutputNotEmpty(
+            f"{output} already holds a run or part of one ({publish.count_text(len(manifest), 'manifest file')}, "
+            f"e.g. {manifest[0]}); "
+            "choose a new --output or pass --overwrite to replace it")
+    deleted = publish.prepare_output(output, overwrite)  # _SUCCESS first, then the data folders
+    if manifest:
+        storage.delete(manifest)
+    return deleted + len(manifest)
+
+
+def discard_unpublished_run(output: str) -> None:
+    """After a failed or interrupted run: deletes what it wrote (data shards, manifest, the runner's
+    beam-temp-* files, empty folders) unless it was published (_SUCCESS), so that nothing of it
+    looks like a dataset and a partial Parquet file does not break a reader of the table folder.
+    The output held no run when it started (`prepare_output`)."""
+    if publish.read_success(output) is not None:
+        return
+    prepare_output(output, overwrite=True)
+    if storage.is_local(output):
+        for folder in (*publish.run_folders(), dm.MANIFEST_FOLDER):
+            storage.remove_empty_tree(storage.join(output, folder))
+
+
+
+
+def check_since(previous_run: str | None, output: str) -> str | None:
+    """The previous run folder, normalised; ValueError when it is the output folder itself (the
+    build clears its output first: it would delete what it is about to read)."""
+    if not previous_run:
+        return None
+    previous = previous_run.rstrip("/")
+    same = previous == output.rstrip("/")
+    if not same and storage.is_local(previous) and storage.is_local(output):
+        same = os.path.realpath(previous) == os.path.realpath(output)
+    if same:
+        raise ValueError(f"--since {previous_run} is the output folder itself: build into a new --output")
+    return previous

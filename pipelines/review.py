@@ -16,9 +16,10 @@ import time
 
 from pipelines.cli import ArgumentParser, command_main, description
 from pipelines.options import check_output_writable, check_run_folder
-from transforms import pairs, publish, storage
+from transforms import pairs
+from transforms.io import publish, storage
 from transforms.pairs import PairConfig
-from transforms.review_page import (
+from transforms.quality.review_page import (
     METRIC_LABELS,
     METRICS,
     Ranked,

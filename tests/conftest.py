@@ -7,6 +7,12 @@ REQUIRE variables turn a missing prerequisite into a failure instead of a skip:
   S2NAIP_REQUIRE_SERVERS=1  the loopback NAIP servers, and so the real data they serve
   S2NAIP_REQUIRE_BROWSER=1, S2NAIP_REQUIRE_FLINK=1, S2NAIP_REQUIRE_TENSORFLOW=1  (their tests)
 docs/testing.md lists them all.
+
+The `integration` marker (pytest.ini) is set here on every test that starts servers, a browser,
+Flink, the GCS emulator, the fake Google APIs or Airflow: `pytest -m "not integration"` is the fast
+local loop, CI runs everything. Those tests get INTEGRATION_TIMEOUT_S instead of pytest.ini's
+per-test timeout (their fixtures start processes); a test marked `timeout` keeps its own. A test
+that starts such a server itself (not through a fixture) carries `@pytest.mark.integration` directly.
 """
 import os
 import re
@@ -56,6 +62,21 @@ def _skip_reason(report) -> str:
     return str(longrepr)
 
 
+# Whole modules, and the fixtures whose tests, that are integration tests (see the docstring).
+INTEGRATION_MODULES = frozenset({"test_flink.py", "test_gcs.py", "test_dataflow_deploy.py", "test_dataflow_graph.py",
+                                 "test_scheduler.py"})
+INTEGRATION_FIXTURES = frozenset({"gcs_emulator", "gcs_env", "naip_servers", "browser", "google_apis"})
+INTEGRATION_TIMEOUT_S = 900
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in INTEGRATION_MODULES or INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+            if item.get_closest_marker("timeout") is None:
+                item.add_marker(pytest.mark.timeout(INTEGRATION_TIMEOUT_S))
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Under S2NAIP_REQUIRE_ALL=1 a skipped (or xfailed) test is reported as failed, with the skip's
@@ -88,7 +109,7 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
-# --- real NAIP data (tests/real_tiles.py) -------------------------------------------------------
+# --- real NAIP data (transforms/devdata/real_tiles.py) -------------------------------------------------------
 
 REAL_DATA_ENV = "S2NAIP_REAL_DATA"
 DEFAULT_REAL_DATA_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "naip_real"
@@ -96,7 +117,7 @@ DEFAULT_REAL_DATA_DIR = Path(__file__).resolve().parent.parent.parent / "shared"
 
 @pytest.fixture(scope="session")
 def real_naip_dir() -> Path:
-    """The folder of real NAIP GeoTIFFs (m_*.tif) that tests/real_tiles.py builds tiles from.
+    """The folder of real NAIP GeoTIFFs (m_*.tif) that transforms/devdata/real_tiles.py builds tiles from.
 
     $S2NAIP_REAL_DATA if set (then it must exist and hold GeoTIFFs, or the session errors);
     else <repo>/../shared/data/naip_real if it exists; else every test using it is skipped, unless
@@ -122,13 +143,13 @@ def real_naip_dir() -> Path:
 @pytest.fixture(scope="session")
 def real_tile_set(real_naip_dir, tmp_path_factory):
     """(root, [RealTile]): 20 tiles built once per session from the real data, default settings."""
-    from tests.real_tiles import build_real_tiles
+    from transforms.devdata.real_tiles import build_real_tiles
 
     root = tmp_path_factory.mktemp("real_s2naip")
     return root, build_real_tiles(root, real_naip_dir, n_tiles=20, seed=0)
 
 
-# --- real Sentinel-2 (transforms/real_s2.py) ---------------------------------------------------
+# --- real Sentinel-2 (transforms/devdata/real_s2.py) ---------------------------------------------------
 
 REAL_S2_ENV = "S2NAIP_REAL_S2"
 DEFAULT_REAL_S2_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "real_s2"
@@ -136,7 +157,7 @@ DEFAULT_REAL_S2_DIR = Path(__file__).resolve().parent.parent.parent / "shared" /
 
 @pytest.fixture(scope="session")
 def real_s2_dir() -> Path:
-    """The folder of real Sentinel-2 data holding eolearn/ (transforms/real_s2.py).
+    """The folder of real Sentinel-2 data holding eolearn/ (transforms/devdata/real_s2.py).
 
     $S2NAIP_REAL_S2 if set (then it must exist and hold eolearn/REFERENCE_SCENES.npy, or the session
     errors); else <repo>/../shared/data/real_s2 if it exists; else every test using it is skipped.
@@ -157,24 +178,24 @@ def real_s2_dir() -> Path:
     return path
 
 
-# --- GCS emulator on loopback (tests/gcs_emulator.py) -------------------------------------------
+# --- GCS emulator on loopback (pipelines/dev/gcs_emulator.py) -------------------------------------------
 
 
 @pytest.fixture(scope="session")
 def gcs_emulator(tmp_path_factory):
     """A `gcp-storage-emulator` on 127.0.0.1 plus a fake GCE metadata server, for the session.
 
-    Yields a `tests.gcs_emulator.GcsTestServer`: `.endpoint`, `.bucket(name)`,
+    Yields a `pipelines.dev.gcs_emulator.GcsTestServer`: `.endpoint`, `.bucket(name)`,
     `.upload_tree(dir, gs_prefix)`, `.download_tree(gs_prefix, dir)`, `.list(gs_prefix)`, and
     `.environment(endpoint=None)`, a context manager that points Beam's gs:// filesystem, gcsfs and
-    `transforms.storage` at the emulator (or at a proxy in front of it). Skips when the emulator
+    `transforms.io.storage` at the emulator (or at a proxy in front of it). Skips when the emulator
     package is not installed, except on CI (CI or S2NAIP_REQUIRE_ALL set), where that is an error.
     """
     if os.environ.get("CI") or required():
         import gcp_storage_emulator  # noqa: F401  (the [test] extra installs it)
     else:
         pytest.importorskip("gcp_storage_emulator")
-    from tests.gcs_emulator import GcsTestServer
+    from pipelines.dev.gcs_emulator import GcsTestServer
 
     server = GcsTestServer(str(tmp_path_factory.mktemp("gcs-env")))
     try:
@@ -190,7 +211,7 @@ def gcs_env(gcs_emulator):
         yield gcs_emulator
 
 
-# --- NAIP COGs + STAC API on loopback (tests/stac_servers.py) -----------------------------------
+# --- NAIP COGs + STAC API on loopback (pipelines/dev/stac_servers.py) -----------------------------------
 
 
 @pytest.fixture(scope="session")
@@ -198,12 +219,12 @@ def naip_servers(real_naip_dir, tmp_path_factory):
     """The real NAIP GeoTIFFs as COGs behind nginx and their Planetary-Computer-like items in
     stac-fastapi-pgstac (PostgreSQL + PostGIS), all on 127.0.0.1, for the session.
 
-    Yields a `tests.stac_servers.LoopbackNaip`: `.stac_url`, `.data_endpoint`, `.cogs`,
+    Yields a `pipelines.dev.stac_servers.LoopbackNaip`: `.stac_url`, `.data_endpoint`, `.cogs`,
     `.cog(naip_id)`, `.nginx.access_log()`, `.add_collection(name, base_url)`. Skips when the
     servers' system packages (nginx, PostgreSQL + PostGIS) or Python packages are missing, except
     with S2NAIP_REQUIRE_SERVERS=1 (CI), where that is an error.
     """
-    from tests.stac_servers import REQUIRE_ENV, LoopbackNaip, missing_requirements, servers_required
+    from pipelines.dev.stac_servers import REQUIRE_ENV, LoopbackNaip, missing_requirements, servers_required
 
     missing = missing_requirements()
     if missing:

@@ -90,9 +90,9 @@ DELIBERATE = [
      ["tests/test_robust_behaviour.py"]),
     ("robust: shift weight 0", "transforms/selection.py", "shift: float = 0.5", "shift: float = 0.0",
      ["tests/test_robust_behaviour.py"]),
-    ("gs://: 429 not retried", "transforms/storage.py", "_TRANSIENT_STATUS = frozenset({408, 429, 500,",
+    ("gs://: 429 not retried", "transforms/io/storage.py", "_TRANSIENT_STATUS = frozenset({408, 429, 500,",
      "_TRANSIENT_STATUS = frozenset({408, 500,", ["tests/test_gcs.py", "-k", "retr"]),
-    ("STAC: 429 not retried", "transforms/stac.py", "TRANSIENT_STATUS = frozenset({408, 429, 500,",
+    ("STAC: 429 not retried", "transforms/nir/stac.py", "TRANSIENT_STATUS = frozenset({408, 429, 500,",
      "TRANSIENT_STATUS = frozenset({408, 500,", ["tests/test_stac.py", "-k", "transient or retry_after"]),
 ]
 

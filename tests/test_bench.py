@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from pipelines import bench
+from pipelines.dev import bench
 from transforms.selection import DEFAULT_SELECTION
 
 
@@ -26,13 +26,14 @@ def test_bench_command_reports_every_figure(tmp_path, capsys):
     assert run["options"]["selection"] == "paper"
 
 
+@pytest.mark.integration  # starts the GCS emulator (through bench-gcs)
 def test_bench_gcs_command_compares_read_settings_on_the_emulator(tmp_path, capsys, loopback_only):
     """`s2naip bench-gcs` end to end on a tiny sample: every setting builds the same pairs."""
     if os.environ.get("CI"):
         import gcp_storage_emulator  # noqa: F401  (the [test] extra installs it)
     else:
         pytest.importorskip("gcp_storage_emulator")
-    from pipelines import bench_gcs
+    from pipelines.dev import bench_gcs
 
     report = tmp_path / "bench_gcs.json"
     assert bench_gcs.main(["--tiles", "12", "--latency-ms", "0,5", "--read-threads", "0,4", "--repeats", "1",

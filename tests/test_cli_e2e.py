@@ -6,7 +6,7 @@ import sys
 
 import pyarrow.parquet as pq
 
-from transforms.sample import load_truth
+from transforms.devdata.sample import load_truth
 
 TILES = 60
 

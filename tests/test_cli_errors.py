@@ -18,8 +18,8 @@ import pytest
 
 from pipelines import cli
 from pipelines.options import BuildOptions, parse_build_options
-from transforms.beam import manifest_lines_to_ids
-from transforms.sample import generate_sample
+from transforms.build.stages import manifest_lines_to_ids
+from transforms.devdata.sample import generate_sample
 from transforms.tiles import manifest_line_id
 
 REPO = Path(__file__).resolve().parent.parent

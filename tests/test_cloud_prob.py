@@ -8,9 +8,10 @@ import pytest
 
 from tests.tile_factory import NAIP_ID, area_down, scene
 from transforms import cloud_prob as CP
-from transforms import example_proto, records
+from transforms import records
 from transforms import selection as S
-from transforms.readers import as_stored
+from transforms.io import example_proto
+from transforms.io.readers import as_stored
 from transforms.tiles import TileId
 
 # REFERENCE_SCENES.npy holds no dates; its scenes are these dates of CLP.npy (real_s2/README.md)

@@ -12,6 +12,7 @@ import pytest
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 from pipelines import build_pairs
+from transforms.build import pipeline as build_pipeline
 from pipelines.options import BuildOptions, output_spec, pair_config
 from tests.tile_factory import NAIP_ID, black_edge, cloud, scene, series_from, write_tile
 from transforms import corrections, records
@@ -263,7 +264,7 @@ def test_missing_corrections_file_fails_the_build(corrections_input, tmp_path):
     config, spec = pair_config(opts), output_spec(opts)
     with pytest.raises(Exception, match="corrections file not found"):
         with beam.Pipeline(options=options) as p:
-            build_pairs.build(p, config, spec, build_pairs.run_info(config, spec, opts, options))
+            build_pipeline.build(p, config, spec, build_pairs.run_info(config, spec, opts, options))
 
 
 def test_corrections_stay_out_of_the_job_graph(tmp_path):
@@ -279,7 +280,7 @@ def test_corrections_stay_out_of_the_job_graph(tmp_path):
         config = pair_config(opts)
         assert config.corrections == (str(path),)
         p = beam.Pipeline(runner=RUNNER)
-        from transforms.beam import BuildPairs
+        from transforms.build.stages import BuildPairs
 
         _ = p | beam.Create([tid(0)]) | BuildPairs(config)
         return p.to_runner_api().SerializeToString()

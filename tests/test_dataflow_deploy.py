@@ -370,7 +370,7 @@ def test_dockerignore_sends_only_what_the_image_copies():
         assert (REPO / path).exists(), path
         probe = path if (REPO / path).is_file() else f"{path}/__init__.py"
         assert not dockerignore_excludes(probe, patterns), path
-    for path in ("transforms/review_assets/page.html", "pipelines/cli.py"):
+    for path in ("transforms/quality/review_assets/page.html", "pipelines/cli.py"):
         assert not dockerignore_excludes(path, patterns), path
     for path in (".venv/bin/python", ".git/HEAD", "out/pairs/x.parquet", "sample/naip/a.png", "bench-out/r.json",
                  "tests/test_pipeline.py", "deploy/dataflow/launch.sh", "README.md",

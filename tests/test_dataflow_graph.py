@@ -1,6 +1,6 @@
 """The Dataflow job, offline: the graph the launcher submits is valid, small, and holds no tile data.
 
-The build is constructed exactly as the CLI does (`pipelines.build_pairs.build` with the
+The build is constructed exactly as the CLI does (`transforms.build.pipeline.build` with the
 `PairConfig` of `pipelines.options.pair_config`) on the DataflowRunner with gs:// paths, and the
 runner's own job-creation code (apiclient.Job, DataflowApplicationClient.create_job and the
 Environment / worker-pool construction) writes the job description. Submission is avoided the
@@ -14,7 +14,7 @@ Nothing leaves the machine. Only the network-facing calls are replaced (see `off
   * uploads to the staging bucket (`DataflowApplicationClient.stage_file` for gs:// targets) go to
     an in-memory "bucket"; local targets (the job file) keep Beam's own code;
   * `submit_job_description` fails the test if reached;
-  * Beam's GCS filesystem, and the gs:// side of the project's `transforms.storage`, are a fake
+  * Beam's GCS filesystem, and the gs:// side of the project's `transforms.io.storage`, are a fake
     backed by a local folder that records every call (`FakeGcs`); Beam's GCS client (`GcsIO`)
     cannot be created, and sockets refuse any non-loopback address (DNS included), so anything
     that would still reach Google Cloud fails the test instead.
@@ -51,7 +51,7 @@ from apache_beam.portability.api import beam_runner_api_pb2
 from apache_beam.runners.dataflow.internal import apiclient
 from pipelines.build_pairs import build, run_info
 from pipelines.options import BuildOptions, output_spec, pair_config
-from transforms import storage as project_storage
+from transforms.io import storage as project_storage
 from transforms.pairs import BAND_SETS
 from transforms.selection import DOWNSAMPLE_METHODS, SELECTION_MODES
 
@@ -214,7 +214,7 @@ class OfflineDataflow:
                      "last_updated", "metadata"):
             mp.setattr(GCSFileSystem, name, lambda fs, path, *a, _f=gcs.forbidden(name), **k: _f(path))
 
-        # The project's own storage layer (transforms.storage) may reach gs:// without Beam's
+        # The project's own storage layer (transforms.io.storage) may reach gs:// without Beam's
         # filesystem: its public functions are routed to the same fake for gs:// paths.
         gcs_routes = {
             "exists": gcs.exists,
@@ -318,37 +318,37 @@ def test_job_graph_has_the_build_steps(text_job):
     transforms = text_job.transforms()
     urn = common_urns.primitives
     expected = {
-        "BuildPairs/ReadTileIds/ReadTextManifest": None,  # composite: Impulse + SDF read
-        "BuildPairs/ReadTileIds/ParseLines": urn.PAR_DO.urn,
-        "BuildPairs/Deduplicate/GroupById": urn.GROUP_BY_KEY.urn,
-        "BuildPairs/Deduplicate/FirstCopy": None,
-        "BuildPairs/BuildPairs/BuildPair": None,
-        "BuildPairs/BuildPairs/BuildPair/ParDo(BuildPairDoFn)": urn.PAR_DO.urn,
-        "BuildPairs/WritePairs": None,
-        "BuildPairs/WriteRejects": None,
-        "BuildPairs/PublishRun/WriteRunJson": urn.PAR_DO.urn,
+        "BuildDataset/ReadTileIds/ReadTextManifest": None,  # composite: Impulse + SDF read
+        "BuildDataset/ReadTileIds/ParseLines": urn.PAR_DO.urn,
+        "BuildDataset/Deduplicate/GroupById": urn.GROUP_BY_KEY.urn,
+        "BuildDataset/Deduplicate/FirstCopy": None,
+        "BuildDataset/BuildPairs/BuildPair": None,
+        "BuildDataset/BuildPairs/BuildPair/ParDo(BuildPairDoFn)": urn.PAR_DO.urn,
+        "BuildDataset/WritePairs": None,
+        "BuildDataset/WriteRejects": None,
+        "BuildDataset/PublishRun/WriteRunJson": urn.PAR_DO.urn,
     }
     for name, expected_urn in expected.items():
         assert name in transforms, f"missing step {name}"
         if expected_urn:
             assert transforms[name].spec.urn == expected_urn, name
     for table in ("WritePairs/Parquet", "WriteRejects"):
-        assert f"BuildPairs/{table}/WriteToParquet/Write/WriteImpl/WriteBundles" in transforms
-        assert f"BuildPairs/{table}/WriteToParquet/Write/WriteImpl/FinalizeWrite" in transforms
+        assert f"BuildDataset/{table}/WriteToParquet/Write/WriteImpl/WriteBundles" in transforms
+        assert f"BuildDataset/{table}/WriteToParquet/Write/WriteImpl/FinalizeWrite" in transforms
     # The manifest is read by a composite rooted in an Impulse (ReadFromText's SDF read, or a
     # Create of the path followed by ReadAllFromText): no source data is embedded in the graph.
-    assert transforms["BuildPairs/ReadTileIds/ReadTextManifest"].subtransforms
-    assert any(name.startswith("BuildPairs/ReadTileIds/") and t.spec.urn == urn.IMPULSE.urn
+    assert transforms["BuildDataset/ReadTileIds/ReadTextManifest"].subtransforms
+    assert any(name.startswith("BuildDataset/ReadTileIds/") and t.spec.urn == urn.IMPULSE.urn
                for name, t in transforms.items())
 
     # run.json waits for the counts and the file list (side inputs).
     payload = beam_runner_api_pb2.ParDoPayload.FromString(
-        transforms["BuildPairs/PublishRun/WriteRunJson"].spec.payload)
+        transforms["BuildDataset/PublishRun/WriteRunJson"].spec.payload)
     assert len(payload.side_inputs) == 2
 
     # Dataflow needs a KV input for every GroupByKey.
     components = text_job.pipeline.components
-    gbk_input = components.pcollections[next(iter(transforms["BuildPairs/Deduplicate/GroupById"].inputs.values()))]
+    gbk_input = components.pcollections[next(iter(transforms["BuildDataset/Deduplicate/GroupById"].inputs.values()))]
     assert components.coders[gbk_input.coder_id].spec.urn == common_urns.coders.KV.urn
 
     # A batch job: no unbounded PCollection (which would switch Dataflow to streaming).
@@ -395,16 +395,16 @@ def test_job_runs_the_custom_container_on_runner_v2(text_job):
 
 
 @pytest.mark.parametrize("manifest, steps", [
-    (PARQUET_MANIFEST, ["BuildPairs/ReadTileIds/ReadParquetManifest", "BuildPairs/ReadTileIds/TileIdColumn"]),
-    (None, ["BuildPairs/ReadTileIds/Root", "BuildPairs/ReadTileIds/ListNaipIds",
-            "BuildPairs/ReadTileIds/SpreadNaipIds", "BuildPairs/ReadTileIds/ListTiles"]),
+    (PARQUET_MANIFEST, ["BuildDataset/ReadTileIds/ReadParquetManifest", "BuildDataset/ReadTileIds/TileIdColumn"]),
+    (None, ["BuildDataset/ReadTileIds/Root", "BuildDataset/ReadTileIds/ListNaipIds",
+            "BuildDataset/ReadTileIds/SpreadNaipIds", "BuildDataset/ReadTileIds/ListTiles"]),
 ])
 def test_other_id_sources_build_valid_jobs(offline_dataflow, manifest, steps):
     argv = [*DATAFLOW_ARGS, *BUILD_ARGS] + ([f"--manifest={manifest}"] if manifest else [])
     job = offline_dataflow.build_job(argv)
     transforms = job.transforms()
-    for name in [*steps, "BuildPairs/Deduplicate/GroupById", "BuildPairs/BuildPairs/BuildPair",
-                 "BuildPairs/WritePairs", "BuildPairs/WriteRejects", "BuildPairs/PublishRun/WriteRunJson"]:
+    for name in [*steps, "BuildDataset/Deduplicate/GroupById", "BuildDataset/BuildPairs/BuildPair",
+                 "BuildDataset/WritePairs", "BuildDataset/WriteRejects", "BuildDataset/PublishRun/WriteRunJson"]:
         assert name in transforms, f"missing step {name}"
     assert "use_runner_v2" in job.job["environment"]["experiments"]
     if manifest is None:  # the listing happens on the workers
@@ -465,7 +465,7 @@ def test_job_steps_are_lean(text_job):
     too_big = {name: len(t.spec.payload) for name, t in transforms.items()
                if len(t.spec.payload) > MAX_STEP_PAYLOAD_BYTES}
     assert too_big == {}
-    assert len(transforms["BuildPairs/BuildPairs/BuildPair/ParDo(BuildPairDoFn)"].spec.payload) < 2048
+    assert len(transforms["BuildDataset/BuildPairs/BuildPair/ParDo(BuildPairDoFn)"].spec.payload) < 2048
     project_dirs = [f"{REPO / package}/".encode() for package in ("transforms", "pipelines")]
     by_value = {name for name, data in pickled_payloads(text_job).items()
                 if any(d in data for d in project_dirs)}
@@ -613,7 +613,7 @@ def test_launch_script_builds_and_runs_the_flex_template(offline_dataflow):
     assert pool["workerHarnessContainerImage"] == IMAGE and pool["diskSizeGb"] == 50
     assert "use_runner_v2" in env["experiments"]
     assert env["sdkPipelineOptions"]["options"]["runner"] == "DataflowRunner"
-    assert "BuildPairs/BuildPairs/BuildPair" in job.transforms()
+    assert "BuildDataset/BuildPairs/BuildPair" in job.transforms()
     assert [c for c in job.gcs_calls if c[0] not in ("match", "exists")] == []
 
 

@@ -40,8 +40,8 @@ import yaml
 
 import apache_beam
 from pipelines import build_pairs
-from transforms import dataset_manifest
-from transforms.sample import generate_sample
+from transforms.build import dataset_manifest
+from transforms.devdata.sample import generate_sample
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy" / "flink"

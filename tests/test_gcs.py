@@ -1,6 +1,6 @@
-"""gs:// end to end, against a GCS emulator on loopback (tests/gcs_emulator.py, `gcs_emulator` fixture).
+"""gs:// end to end, against a GCS emulator on loopback (pipelines/dev/gcs_emulator.py, `gcs_emulator` fixture).
 
-(a) transforms.storage on gs://: reads, a missing object as FileNotFoundError, one-level listing,
+(a) transforms.io.storage on gs://: reads, a missing object as FileNotFoundError, one-level listing,
     atomic writes; (b) the build with --input and --output on gs:// (listing, and a gs:// manifest)
     gives the same pairs as a local run of the same input, byte for byte; (c) the same through a
     proxy injecting 503/429/500 answers and connection resets: same pairs, faults retried.
@@ -19,9 +19,9 @@ import pytest
 
 import apache_beam as beam
 from pipelines import build_pairs
-from tests.gcs_emulator import FAKE_TOKEN, FaultPlan
+from pipelines.dev.gcs_emulator import FAKE_TOKEN, FaultPlan
 from tests.tile_factory import NAIP_ID, black_edge, good_tile, scene, series_from, write_png, write_tile
-from transforms import storage
+from transforms.io import storage
 
 RUNNER = "FnApiRunner"
 IN_BUCKET, OUT_BUCKET = "s2naip-in", "s2naip-out"
@@ -250,7 +250,7 @@ def _input_listings(proxy) -> list[dict]:
 
 def _is_fingerprint_listing(q: dict) -> bool:
     """A listing for object metadata only, the fingerprints of the dataset manifest
-    (transforms/fingerprints.py): one level of one tile's own folder, or the recursive listing of
+    (transforms/build/fingerprints.py): one level of one tile's own folder, or the recursive listing of
     one NAIP capture's folder (the NAIP files of all its tiles); nothing downloaded."""
     prefix = q.get("prefix", [""])[0]
     if "crc32c" not in q.get("fields", [""])[0]:
@@ -320,7 +320,7 @@ def test_build_gcs_multi_processing_workers(gcs_env, gcs_input, local_run):
 
 
 def _only_storage_makes(method: str, path: str) -> bool:
-    """Requests that only transforms.storage makes (with its own retries, the library's off): the
+    """Requests that only transforms.io.storage makes (with its own retries, the library's off): the
     input tiles' downloads and listings, and the output's small multipart uploads (run.json,
     _SUCCESS; Beam's sinks upload resumably)."""
     return (path.startswith(f"/download/storage/v1/b/{IN_BUCKET}/o/{SET}%2F")
@@ -334,7 +334,7 @@ def _faulty_upload(method: str, path: str) -> bool:
 
 def test_build_through_faulty_proxy_gives_the_same_pairs(gcs_emulator, gcs_input, local_run, monkeypatch, caplog):
     """Faults on the input reads and listings and on every upload (Beam's sinks included): the same
-    pairs, and exactly one counted retry per fault on a request of transforms.storage (the others
+    pairs, and exactly one counted retry per fault on a request of transforms.io.storage (the others
     are retried by Beam's gcsio itself)."""
     (want, local_summary), (base, manifest) = local_run, gcs_input
     out = f"gs://{OUT_BUCKET}/faults"
@@ -368,7 +368,7 @@ def test_build_all_formats_on_gcs(gcs_env, gcs_input, local_run):
     build_pairs.run(["--input", base, "--output", out, "--manifest", manifest, "--runner", RUNNER, "--split", "s",
                      "--format", "parquet,tfrecord,png"])
     _assert_same_outputs(_read_gcs_outputs(gcs_env, out), want)
-    from transforms.readers import read_tfrecord_pairs
+    from transforms.io.readers import read_tfrecord_pairs
 
     tf_rows = sorted(read_tfrecord_pairs(f"{out}/tfrecord"), key=lambda r: r["tile_id"])
     assert [r["hr"] for r in tf_rows] == [r["hr"] for r in want[0]]

@@ -1,4 +1,4 @@
-"""Tests for transforms.geo: XYZ tile bounds, tile cover, and windowed reprojection onto tiles."""
+"""Tests for transforms.nir.geo: XYZ tile bounds, tile cover, and windowed reprojection onto tiles."""
 from __future__ import annotations
 
 import math
@@ -11,7 +11,7 @@ import rasterio.warp
 from rasterio.enums import Resampling
 from rasterio.io import MemoryFile
 
-from transforms import geo
+from transforms.nir import geo
 
 HALF = math.pi * 6378137.0  # 20037508.342789244 m
 

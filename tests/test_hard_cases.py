@@ -1,13 +1,13 @@
 """The selection evaluation harness: twin-free hard tiles really hold no clean twin of a planted
-timestep (transforms/hard_cases.py, on the real NAIP captures: skipped without them), and the
-bench's scoring (pipelines/bench_selection.py) counts what it says, per part."""
+timestep (transforms/devdata/hard_cases.py, on the real NAIP captures: skipped without them), and the
+bench's scoring (pipelines/dev/bench_selection.py) counts what it says, per part."""
 import json
 
 import numpy as np
 import pytest
 
-from pipelines import bench_selection as B
-from transforms import hard_cases as H
+from pipelines.dev import bench_selection as B
+from transforms.devdata import hard_cases as H
 
 
 def test_twin_free_slots_give_each_planted_kind_a_date_of_its_own():

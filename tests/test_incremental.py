@@ -1,4 +1,4 @@
-"""Incremental builds (`transforms.incremental`): fingerprints, the manifest and its pure rules, the
+"""Incremental builds (`transforms.build.increments`): fingerprints, the manifest and its pure rules, the
 `latest` pointer, and the whole build against a simulated NAIP release.
 
 * Pure: fingerprints of local files (and the GCS CRC32C conversion), options hash, plan_increment,
@@ -27,11 +27,15 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
 
 from tests.tile_factory import NAIP_ID, good_tile, scene, series_from, write_png, write_tile
-from transforms import corrections, dataset_manifest as dm, fingerprints as fpr, incremental, latest, publish
-from transforms.object_meta import crc32c_hex, gcs_crc32c_to_hex, list_object_meta
+from transforms import corrections
+from pipelines import options as launcher
+from transforms.build import dataset_manifest as dm, fingerprints as fpr, increments as incremental
+from transforms.build import pipeline as build_pipeline
+from transforms.io import latest, publish
+from transforms.build.object_meta import crc32c_hex, gcs_crc32c_to_hex, list_object_meta
 from transforms.pairs import PairConfig
-from transforms.publish import OutputSpec
-from transforms.readers import read_parquet_pairs, read_tfrecord_pairs
+from transforms.io.publish import OutputSpec
+from transforms.io.readers import read_parquet_pairs, read_tfrecord_pairs
 from transforms.selection import SelectionConfig
 from transforms.version import PIPELINE_VERSION
 
@@ -58,16 +62,16 @@ pytestmark = pytest.mark.usefixtures("loopback_only")  # tests/conftest.py
 def build(root: str, out: str, since: str | None = None, *, pointer: str | None = None,
           formats=("parquet",), corrections_files=(), manifest: str | None = None, alpha: float = 0.7,
           overwrite: bool = True) -> dict[str, int]:
-    """The whole build through `incremental.build_incremental` on the in-process runner; returns the
+    """The whole build through `build_pipeline.build` on the in-process runner; returns the
     `incremental` counters."""
     config = PairConfig(input_root=root, split="set", selection=SelectionConfig(alpha=alpha),
                         corrections=tuple(corrections_files))
     spec = OutputSpec(out, tuple(formats))
-    incremental.prepare_output(out, overwrite)
+    launcher.prepare_output(out, overwrite)
     info = {"pipeline_version": PIPELINE_VERSION, "input": root, "output": out, "formats": list(formats)}
     with beam.Pipeline(options=PipelineOptions(["--runner", RUNNER])) as p:
-        incremental.build_incremental(p, config, spec, info, since, manifest, latest=pointer)
-    return incremental.counter_values(p.result)
+        build_pipeline.build(p, config, spec, info, manifest, since=since, latest_pointer=pointer)
+    return build_pipeline.counter_values(p.result)
 
 
 def count(counters: dict, name: str) -> int:
@@ -233,13 +237,13 @@ def test_latest_pointer_moves_only_to_a_published_run(tmp_path):
     os.makedirs(f"{run}/pairs")
     open(f"{run}/pairs/pairs-00000-of-00001.parquet", "wb").close()
     with pytest.raises(latest.RunNotPublished):
-        latest.publish_latest(pointer, run)
+        latest.point_latest(pointer, run)
     assert latest.read_latest(pointer) is None and not os.path.exists(pointer)
     with pytest.raises(FileNotFoundError, match="latest pointer not found"):
         latest.resolve_since(pointer)
     assert latest.resolve_since(pointer, missing_pointer_ok=True) is None
     publish.publish(run, {"output": run}, [])
-    written = latest.publish_latest(pointer, run + "/")
+    written = latest.point_latest(pointer, run + "/")
     assert latest.read_latest(pointer) == written and written["run"] == run
     assert latest.resolve_since(pointer) == run and latest.resolve_since(run + "/") == run
     assert [p for p in os.listdir(tmp_path) if p.startswith("latest")] == ["latest.json"]  # no temp file left
@@ -248,13 +252,13 @@ def test_latest_pointer_moves_only_to_a_published_run(tmp_path):
 
 
 def test_since_is_never_the_output(tmp_path):
-    assert incremental.check_since(None, "out") is None
-    assert incremental.check_since(str(tmp_path / "v1") + "/", str(tmp_path / "v2")) == str(tmp_path / "v1")
+    assert launcher.check_since(None, "out") is None
+    assert launcher.check_since(str(tmp_path / "v1") + "/", str(tmp_path / "v2")) == str(tmp_path / "v1")
     for since in (str(tmp_path / "v1"), str(tmp_path / "v1") + "/", str(tmp_path / "x" / ".." / "v1")):
         with pytest.raises(ValueError, match="output folder itself"):
-            incremental.check_since(since, str(tmp_path / "v1"))
+            launcher.check_since(since, str(tmp_path / "v1"))
     with pytest.raises(ValueError, match="output folder itself"):
-        incremental.check_since("gs://b/pairs/v1/", "gs://b/pairs/v1")
+        launcher.check_since("gs://b/pairs/v1/", "gs://b/pairs/v1")
 
 
 def test_prepare_output_knows_the_manifest_folder(tmp_path):
@@ -262,8 +266,8 @@ def test_prepare_output_knows_the_manifest_folder(tmp_path):
     os.makedirs(f"{out}/manifest")
     open(f"{out}/manifest/manifest-00000-of-00001.parquet", "wb").close()
     with pytest.raises(publish.OutputNotEmpty):
-        incremental.prepare_output(out, overwrite=False)
-    assert incremental.prepare_output(out, overwrite=True) >= 1
+        launcher.prepare_output(out, overwrite=False)
+    assert launcher.prepare_output(out, overwrite=True) >= 1
     assert not os.listdir(f"{out}/manifest")
 
 
@@ -409,7 +413,7 @@ def test_killed_run_leaves_latest_and_reruns_to_completion(release_runs, monkeyp
     assert since in (runs["run2"], runs["run3"])
     good_tile(root, tid(5), seed=55, t=6)  # chip 5 changes
     victim = tid(5)
-    from transforms import beam as beam_transforms
+    from transforms.build import stages as beam_transforms
 
     real_build_tile = beam_transforms.build_tile
 
@@ -430,7 +434,7 @@ def test_killed_run_leaves_latest_and_reruns_to_completion(release_runs, monkeyp
     os.makedirs(f"{runs['run4']}/pairs", exist_ok=True)
     open(f"{runs['run4']}/pairs/pairs-00000-of-00009.parquet", "wb").close()  # a stray shard
     with pytest.raises(publish.OutputNotEmpty):
-        incremental.prepare_output(runs["run4"], overwrite=False)
+        launcher.prepare_output(runs["run4"], overwrite=False)
     c = build(root, runs["run4"], since=since, pointer=pointer, overwrite=True)
     assert count(c, "processed") == 1 and count(c, "changed") == 1 and count(c, "carried") == 13
     assert latest.read_latest(pointer)["run"] == runs["run4"]
@@ -577,18 +581,18 @@ def test_incremental_dataflow_job_offline(tmp_path_factory, monkeypatch):
     config = PairConfig(input_root=graph.INPUT, split="train", corrections=(f"gs://{graph.BUCKET}/c.json",))
     spec = OutputSpec(out, ("parquet", "tfrecord"))
     p = beam.Pipeline(options=options)
-    incremental.build_incremental(p, config, spec, {"output": out}, since, None,
-                                  latest=f"gs://{graph.BUCKET}/pairs/latest.json")
+    build_pipeline.build(p, config, spec, {"output": out}, None, since=since,
+                         latest_pointer=f"gs://{graph.BUCKET}/pairs/latest.json")
     assert not p.run().has_job
     job = harness.collect(job_file, 0)
     names = job.transforms()
-    for step in ("BuildPairs/FingerprintTiles/GroupByCapture", "BuildPairs/FingerprintTiles/FingerprintCaptures",
-                 "BuildPairs/PlanIncrement/JoinByTileId",
-                 "BuildPairs/PlanIncrement/ReadPreviousManifest/ReadManifest", "BuildPairs/PlanIncrement/JoinByChip",
-                 "BuildPairs/CarryForward/JoinLocations", "BuildPairs/CarryForward/GroupByRowGroup",
-                 "BuildPairs/CarryForward/ReadCarried", "BuildPairs/BuildPairs/BuildPair", "BuildPairs/WritePairs",
-                 "BuildPairs/WriteRejects", "BuildPairs/WriteManifest", "BuildPairs/PublishRun/WriteRunJson",
-                 "BuildPairs/MoveLatest"):
+    for step in ("BuildDataset/FingerprintTiles/GroupByCapture", "BuildDataset/FingerprintTiles/FingerprintCaptures",
+                 "BuildDataset/PlanIncrement/JoinByTileId",
+                 "BuildDataset/PlanIncrement/ReadPreviousManifest/ReadManifest", "BuildDataset/PlanIncrement/JoinByChip",
+                 "BuildDataset/CarryForward/JoinLocations", "BuildDataset/CarryForward/GroupByRowGroup",
+                 "BuildDataset/CarryForward/ReadCarried", "BuildDataset/BuildPairs/BuildPair", "BuildDataset/WritePairs",
+                 "BuildDataset/WriteRejects", "BuildDataset/WriteManifest", "BuildDataset/PublishRun/WriteRunJson",
+                 "BuildDataset/MoveLatest"):
         assert step in names, step
     assert "use_runner_v2" in job.job["environment"]["experiments"]
     assert job.gcs_calls == []  # nothing on gs:// is touched by the launcher

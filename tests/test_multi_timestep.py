@@ -11,9 +11,10 @@ from PIL import Image
 from pipelines import build_pairs
 from pipelines.options import BuildOptions, pair_config, parse_build_options
 from tests.tile_factory import NAIP_ID, cloud, good_tile, scene, series_from, write_tile
-from transforms import corrections, dataset_manifest, records
+from transforms import corrections, records
+from transforms.build import dataset_manifest
 from transforms.pairs import PairConfig, build_tile
-from transforms.readers import read_parquet_pairs, read_tfrecord_pairs
+from transforms.io.readers import read_parquet_pairs, read_tfrecord_pairs
 from transforms.selection import (SelectionConfig, acceptable, TooFewTimesteps, multi_timesteps,
                                   select_pair, with_timesteps)
 
@@ -293,7 +294,7 @@ def test_a_reviewer_drops_timesteps_and_the_next_acceptable_take_their_places(tm
 
 def test_the_review_page_of_a_multi_timestep_build(tmp_path):
     from pipelines import review
-    from transforms import review_page
+    from transforms.quality import review_page
 
     root, out, page = str(tmp_path / "in"), str(tmp_path / "out"), tmp_path / "page"
     good_tile(root, tid(0), seed=0, t=10)
@@ -315,7 +316,7 @@ def test_the_review_page_of_a_multi_timestep_build(tmp_path):
 
 
 def test_real_naip_tiles_8_written_timesteps_hold_no_planted_bad_one(real_tile_set, tmp_path):
-    """Real NAIP-derived tiles (tests/real_tiles.py: 10 clean timesteps, a planted black-border, cloudy
+    """Real NAIP-derived tiles (transforms/devdata/real_tiles.py: 10 clean timesteps, a planted black-border, cloudy
     and dark one each), robust: none of the 8 written is a planted one; a tile whose clean timesteps
     do not all pass the evidence is a too_few_timesteps reject (1 of 20, measured)."""
     root, real = real_tile_set

@@ -28,9 +28,11 @@ import rasterio.warp
 from PIL import Image
 
 from pipelines import cli, fetch_nir
-from tests.real_tiles import usable_tiles
-from tests.stac_servers import FaultPlan, FaultyProxy, naip_collection
-from transforms import geo, nir_fetch, signing, stac, storage
+from pipelines.dev.stac_servers import FaultPlan, FaultyProxy, naip_collection
+from transforms.devdata.real_tiles import usable_tiles
+from transforms.io import storage
+from transforms.nir import geo, nir_fetch, signing, stac
+from transforms.nir import pipeline as nir_pipeline
 
 FAST_HTTP = ["--http-backoff", "0.01", "--max-requests-per-second", "200"]
 UNCAPTURED = "m_4709963_se_14_1_20110101"  # the quad, a date without a capture
@@ -166,14 +168,14 @@ def test_grouped_tile_equals_the_tile_fetched_alone(naip_servers, tmp_path, resa
     group = nir_fetch.split_groups(xys, 8)[4]
     assert len(group) == 64
     http = stac.PoliteHttp(stac.HttpPolicy(max_requests_per_s=0))
-    config = fetch_nir.NirConfig(output=str(tmp_path), stac_url=naip_servers.stac_url, resampling=resampling)
+    config = nir_pipeline.NirConfig(output=str(tmp_path), stac_url=naip_servers.stac_url, resampling=resampling)
     ref = nir_fetch.ItemRef(cog.item_id, f"{naip_servers.data_endpoint}/{cog.rel_url}", cog.epsg)
     stats = stac.RequestStats()
-    grouped, error = fetch_nir.fetch_group(ref, group, http=http, signer=signing.NoSigner(), config=config, stats=stats)
+    grouped, error = nir_pipeline.fetch_group(ref, group, http=http, signer=signing.NoSigner(), config=config, stats=stats)
     assert error is None and stats.cog_requests <= 3  # the header, then the group's blocks in one or two ranges
     with rasterio.open(cog.path) as local:
         for x, y in group:
-            alone, error = fetch_nir.fetch_group(ref, [(x, y)], http=http, signer=signing.NoSigner(), config=config,
+            alone, error = nir_pipeline.fetch_group(ref, [(x, y)], http=http, signer=signing.NoSigner(), config=config,
                                                  stats=stac.RequestStats())
             assert error is None
             assert alone[(x, y)] == grouped[(x, y)]  # the same PNG bytes

@@ -12,10 +12,11 @@ from apache_beam.testing.util import assert_that, equal_to
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 from pipelines import build_pairs
+from transforms.build import pipeline as build_pipeline
 from pipelines.options import BuildOptions, output_spec, pair_config
 from tests.imagery_fixtures import forged_header_png, png_bytes_noise
 from tests.tile_factory import NAIP_ID, black_edge, good_tile, scene, series_from, write_png, write_tile
-from transforms.beam import BuildPairs, DeduplicateAndReshuffle, ReadTileIds
+from transforms.build.stages import BuildPairs, DeduplicateAndReshuffle, ReadTileIds
 from transforms.pairs import PairConfig
 
 RUNNER = "FnApiRunner"  # in-process; the DirectRunner would first try to download Prism
@@ -119,7 +120,7 @@ def _read_outputs(out):
     return pairs, rejects
 
 
-@pytest.mark.parametrize("read_threads", ["0", "4"])  # reads direct, or started ahead (transforms.prefetch)
+@pytest.mark.parametrize("read_threads", ["0", "4"])  # reads direct, or started ahead (transforms.io.prefetch)
 def test_every_input_id_ends_in_exactly_one_output(tmp_path, read_threads):
     root = str(tmp_path / "in")
     expected = _bad_inputs(root)
@@ -245,4 +246,4 @@ def test_missing_manifest_fails_the_job_instead_of_building_nothing(tmp_path):
     config, spec = pair_config(opts), output_spec(opts)
     with pytest.raises(Exception, match="manifest not found"):
         with beam.Pipeline(options=options) as p:
-            build_pairs.build(p, config, spec, build_pairs.run_info(config, spec, opts, options), opts.manifest)
+            build_pipeline.build(p, config, spec, build_pairs.run_info(config, spec, opts, options), opts.manifest)

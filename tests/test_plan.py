@@ -12,12 +12,13 @@ import pytest
 import rasterio
 
 from pipelines import fetch_nir, plan
-from tests.real_tiles import usable_tiles
 from tests.test_incremental import build
 from tests.tile_factory import NAIP_ID as FLORIDA_ID
 from tests.tile_factory import good_tile
-from transforms import dataset_manifest as dm
-from transforms import latest
+from transforms.build import dataset_manifest as dm
+from transforms.devdata.real_tiles import usable_tiles
+from transforms.io import latest
+from transforms.nir import plan as nir_plan
 from transforms.tiles import TileId
 
 CAPTURE_2012 = "m_4709963_se_14_1_20120731"
@@ -47,11 +48,11 @@ def test_newer_captures_rules():
              "tile_xy": "12_20", "outcome": "pair"},
             {"tile_id": f"{FLORIDA_ID}/1_2", "naip_id": FLORIDA_ID, "tile_xy": "1_2", "outcome": "superseded"},
             {"tile_id": "bad", "naip_id": None, "tile_xy": None, "outcome": "reject"}]
-    quads = plan.quarter_quads(rows)
+    quads = nir_plan.quarter_quads(rows)
     assert set(quads) == {"m_4709963_se"}  # retired rows and invalid ids are no part of the dataset
     qq = quads["m_4709963_se"]
     assert qq.latest_capture.naip_id == CAPTURE_2012 and qq.chips == [(10, 20), (11, 20), (12, 20)]
-    bbox, window = plan.search_window(qq)
+    bbox, window = nir_plan.search_window(qq)
     assert window == "2012-08-01T00:00:00Z/.." and bbox[0] < bbox[2] and bbox[1] < bbox[3]
     features = [
         feature("nd_m_4709963_se_14_1_20160816_20161012", "2016-08-16"),
@@ -61,11 +62,11 @@ def test_newer_captures_rules():
         feature("nd_m_4709963_se_14_060_20140720_20141001", "2014-07-20"),
         feature("something-else", "2019-01-01"),
     ]
-    newer = plan.newer_captures(qq, features)
+    newer = nir_plan.newer_captures(qq, features)
     assert [c["naip_id"] for c in newer] == ["m_4709963_se_14_060_20140720", "m_4709963_se_14_1_20160816"]
     assert newer[-1]["item_id"] == "nd_m_4709963_se_14_1_20160816_20161012"
-    assert plan.chips_within(qq.chips, None) == qq.chips
-    assert plan.chips_within(qq.chips, [0.0, 0.0, 1.0, 1.0]) == []
+    assert nir_plan.chips_within(qq.chips, None) == qq.chips
+    assert nir_plan.chips_within(qq.chips, [0.0, 0.0, 1.0, 1.0]) == []
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +147,7 @@ def test_release_workflow_plan_fetch_build(naip_servers, dataset_2012, capsys):
 
 
 def test_plan_reports_stac_failures(tmp_path):
-    from tests.gcs_emulator import free_port
+    from pipelines.dev.gcs_emulator import free_port
 
     root, pointer = str(tmp_path / "in"), str(tmp_path / "latest.json")
     good_tile(root, f"{CAPTURE_2012}/30000_40000", seed=1, t=4)

@@ -1,4 +1,4 @@
-"""Reads started ahead (transforms/prefetch.py): the same bytes and the same exceptions as direct
+"""Reads started ahead (transforms/io/prefetch.py): the same bytes and the same exceptions as direct
 reads, every file `load_tile` reads and no other, and the same outcomes from build_tile."""
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from tests.tile_factory import NAIP_ID, black_edge, good_tile, scene, series_from, write_tile
-from transforms import imagery, storage
+from transforms import imagery
+from transforms.io import storage
+from transforms.io.prefetch import ReadAhead
 from transforms.pairs import PairConfig, build_tile, load_tile, tile_paths
-from transforms.prefetch import ReadAhead
 from transforms.selection import EXTRA_BANDS, SelectionConfig
 from transforms.tiles import TileId
 
@@ -96,7 +97,7 @@ def test_build_tile_with_reads_ahead_gives_the_same_outcomes(tmp_path, read_ahea
 
 
 def test_the_pool_is_shared_per_process_and_renewed_after_a_fork():
-    from transforms import prefetch
+    from transforms.io import prefetch
 
     a = prefetch.shared_read_ahead(3)
     assert prefetch.shared_read_ahead(3) is a and prefetch.shared_read_ahead(2) is not a

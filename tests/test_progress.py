@@ -91,7 +91,7 @@ def test_only_local_runners_report():
 
 def test_multi_processing_build_reports_progress(tmp_path, monkeypatch, capsys):
     """The workers are other processes: the launcher's lines still count every tile."""
-    from transforms.sample import generate_sample
+    from transforms.devdata.sample import generate_sample
 
     monkeypatch.setattr(progress, "REPORT_EVERY_S", 0.5)
     folders = []

@@ -9,8 +9,8 @@ from PIL import Image
 
 from pipelines import build_pairs
 from tests.tile_factory import NAIP_ID, good_tile, scene, series_from, write_tile
-from transforms import publish
-from transforms.readers import read_parquet_pairs, read_tfrecord_pairs
+from transforms.io import publish
+from transforms.io.readers import read_parquet_pairs, read_tfrecord_pairs
 
 RUNNER = "FnApiRunner"
 OTHER_NAIP_ID = "m_2608101_nw_17_060_20180705"

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines import build_pairs
-from tests.real_tiles import BLACK_BORDER, CLOUDY, DARK, build_real_tiles
+from transforms.devdata.real_tiles import BLACK_BORDER, CLOUDY, DARK, build_real_tiles
 from transforms.records import decode_pair_arrays
 from transforms.selection import SelectionConfig, select_pair
 

@@ -1,4 +1,4 @@
-"""Real Sentinel-2 evaluation data (transforms/real_s2.py): S2-NAIP scaling, the veils' physics, the
+"""Real Sentinel-2 evaluation data (transforms/devdata/real_s2.py): S2-NAIP scaling, the veils' physics, the
 held-out split, the labels file, and on the real eo-learn scenes (skipped without them unless
 S2NAIP_REAL_S2 is set) the loader's shapes and scaling and the semi-real set's twin-freeness."""
 import collections
@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from transforms import real_s2 as R
+from transforms.devdata import real_s2 as R
 
 
 def test_s2naip_scaling_of_tci_and_single_bands():
@@ -159,7 +159,7 @@ def test_real_tiles_with_the_hr_date_know_the_same_date_answer(patch):
 
 
 def test_bench_selection_on_the_real_sets_prints_both_parts(real_s2_dir, tmp_path, capsys):
-    from pipelines import bench_selection as B
+    from pipelines.dev import bench_selection as B
 
     report = tmp_path / "sel.json"
     assert B.main(["--real-s2", str(real_s2_dir), "--sets", "real S2,real S2+hr", "--modes", "paper,robust",

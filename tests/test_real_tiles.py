@@ -1,4 +1,4 @@
-"""Smoke tests of tests/real_tiles.py on the real NAIP captures (skipped without the data)."""
+"""Smoke tests of transforms/devdata/real_tiles.py on the real NAIP captures (skipped without the data)."""
 from __future__ import annotations
 
 import contextlib
@@ -10,8 +10,9 @@ import pytest
 import rasterio
 from PIL import Image
 
-from tests import real_tiles as R
-from transforms import geo, tiles
+from transforms import tiles
+from transforms.devdata import real_tiles as R
+from transforms.nir import geo
 
 
 def _read(path, mode):

@@ -18,7 +18,7 @@ from PIL import Image
 
 from pipelines import build_pairs, report
 from tests.tile_factory import NAIP_ID, scene, series_from, write_tile
-from transforms import report_figures
+from transforms.quality import report_figures, report_page
 from transforms.records import PAIR_SCHEMA
 
 RUNNER = "FnApiRunner"
@@ -79,7 +79,7 @@ def test_report_page_and_figures(sample_build, tmp_path):
     dest = tmp_path / "report"
     result = report.run(["--run", out, "--output", str(dest), "--samples", "4"])
     assert result["counts"] == summary["counts"]
-    for name in report.FIGURES:
+    for name in report_page.FIGURES:
         data = (dest / name).read_bytes()
         width, height = _png_size(data)
         assert width >= 500 and height >= 250, name
@@ -88,7 +88,7 @@ def test_report_page_and_figures(sample_build, tmp_path):
     page = (dest / "index.html").read_text()
     # each chart once on the page; the overview (the first four on one image) only linked
     images = re.findall(r'<img src="([^"]+)"', page)
-    assert sorted(images) == sorted(set(report.FIGURES) - {"overview.png"}) and len(images) == 6
+    assert sorted(images) == sorted(set(report_page.FIGURES) - {"overview.png"}) and len(images) == 6
     assert 'href="overview.png"' in page and 'src="overview.png"' not in page
     for reason, n in summary["counts"]["rejects_by_reason"].items():
         assert re.search(rf"<code>{reason}</code></td><td class=n>{n:,}</td>", page), reason
@@ -104,7 +104,7 @@ def test_report_of_a_bucket_written_to_a_bucket(gcs_env, sample_build, tmp_path)
     result = report.run(["--run", "gs://reports/build", "--output", "gs://reports/r1", "--samples", "3"])
     assert result["counts"] == summary["counts"] and result["index"] == "gs://reports/r1/index.html"
     names = gcs_env.list("gs://reports/r1/")
-    for name in (*report.FIGURES, "index.html", "stats.json"):
+    for name in (*report_page.FIGURES, "index.html", "stats.json"):
         assert f"gs://reports/r1/{name}" in names, names
     local = report.run(["--run", out, "--output", str(tmp_path / "local"), "--samples", "3"])
     assert json.loads(gcs_env.read_bytes("gs://reports/r1/stats.json"))["pairs"] == local["pairs"]

@@ -23,8 +23,9 @@ from skimage.metrics import structural_similarity
 
 from pipelines import build_pairs, review
 from tests.tile_factory import NAIP_ID, cloud, scene, series_from, write_tile
-from transforms import review_page
-from transforms.review_page import Ranking
+from transforms import imagery
+from transforms.quality import review_page
+from transforms.quality.review_page import Ranking
 from transforms.corrections import timestep_metrics
 from transforms.evidence import Evidence
 from transforms.selection import SelectionConfig, downsample, psnr, to_uint8
@@ -148,10 +149,10 @@ def test_prediction_decoding():
     buf = io.BytesIO()
     np.save(buf, np.moveaxis(hr, -1, 0).astype(np.float32) / 255.0)  # CHW floats in [0, 1]
     np.testing.assert_array_equal(review_page.decode_prediction(buf.getvalue(), "p.npy"), hr)
-    png = review_page.png_bytes(hr[..., :3])
+    png = imagery.encode_png(hr[..., :3])
     np.testing.assert_array_equal(review_page.decode_prediction(png, "p.png"), hr[..., :3])
     with pytest.raises(ValueError, match="128x128"):
-        review_page.decode_prediction(review_page.png_bytes(hr[:64, :64, :3]), "small.png")
+        review_page.decode_prediction(imagery.encode_png(hr[:64, :64, :3]), "small.png")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """The robust selection mode: its score, its evidence in the selection and the records, the extra bands
-through the per-tile build, and, on tiles made from real NAIP GeoTIFFs (transforms/hard_cases.py,
+through the per-tile build, and, on tiles made from real NAIP GeoTIFFs (transforms/devdata/hard_cases.py,
 skipped without the data), its choices against the paper's."""
 import collections
 import dataclasses
@@ -11,10 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.tile_factory import NAIP_ID, area_down, scene
-from transforms import example_proto, hard_cases, records
+from transforms import records
 from transforms import selection as S
+from transforms.devdata import hard_cases
+from transforms.io import example_proto
+from transforms.io.readers import as_stored, read_parquet_pairs, read_tfrecord_pairs
 from transforms.pairs import PairConfig, build_tile
-from transforms.readers import as_stored, read_parquet_pairs, read_tfrecord_pairs
 from transforms.tiles import TileId
 
 ROBUST = S.SelectionConfig(mode="robust")

@@ -44,7 +44,7 @@ def test_run_json_records_absolute_paths(relative_build):
 
 
 def test_absolute_keeps_urls():
-    from transforms.storage import absolute
+    from transforms.io.storage import absolute
 
     assert absolute("gs://bucket/set") == "gs://bucket/set"
     assert absolute(None) is None

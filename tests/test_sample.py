@@ -1,4 +1,4 @@
-"""Tests for transforms/sample.py: the procedural S2-NAIP-layout sample generator."""
+"""Tests for transforms/devdata/sample.py: the procedural S2-NAIP-layout sample generator."""
 from __future__ import annotations
 
 import collections
@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transforms import sample, tiles
+from pipelines import sample as sample_command
+from transforms import tiles
+from transforms.devdata import sample
 
 N_TILES = 40            # one full defect window plus some: every defect appears at least once
 SEED = 3
@@ -302,8 +304,8 @@ def test_encode_png_rejects_other_arrays():
 
 
 def test_main_prints_one_line(tmp_path, capsys):
-    assert sample.main(["--output", str(tmp_path / "cli"), "--tiles", "3", "--seed", "2",
-                        "--timesteps", "4", "6", "--extra-bands"]) == 0
+    assert sample_command.main(["--output", str(tmp_path / "cli"), "--tiles", "3", "--seed", "2",
+                                "--timesteps", "4", "6", "--extra-bands"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "wrote 3 tiles" in out[0]
     assert os.path.isfile(tmp_path / "cli" / sample.TRUTH_FILE)

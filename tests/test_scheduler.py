@@ -33,7 +33,7 @@ METADATA = REPO / "deploy" / "dataflow" / "metadata.json"
 # Beam options the launch passes as template parameters (as deploy/dataflow/launch.sh does).
 BEAM_PARAMETERS = {"sdk_container_image", "disk_size_gb"}
 # Build options of the incremental build (`--since`, `--latest`) that metadata.json gets when the
-# build is wired to transforms.incremental (see the wiring notes); accepted here until then.
+# build is wired to transforms.build.increments (see the wiring notes); accepted here until then.
 INCREMENTAL_PARAMETERS = {"since", "latest"}
 DAG_TASKS = ["resolve_since", "plan", "has_work", "needs_nir", "fetch_nir", "build", "verify_latest"]
 

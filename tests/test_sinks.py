@@ -11,11 +11,12 @@ from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
 from tests.tile_factory import NAIP_ID, scene, series_from
-from transforms import example_proto, records
-from transforms.beam import WriteParquet
-from transforms.readers import CorruptRecordError, as_stored, read_parquet_pairs, read_tfrecord_pairs
+from transforms import records
+from transforms.build.stages import WriteParquet
+from transforms.io import example_proto
+from transforms.io.readers import CorruptRecordError, as_stored, read_parquet_pairs, read_tfrecord_pairs
+from transforms.io.sinks import WritePngLayout, WriteTFRecords, has_black_pixel
 from transforms.selection import SelectionConfig, select_pair
-from transforms.sinks import WritePngLayout, WriteTFRecords, has_black_pixel
 from transforms.tiles import TileId
 
 RUNNER = "FnApiRunner"

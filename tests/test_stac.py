@@ -1,5 +1,5 @@
-"""The HTTP layer of fetch-nir (transforms/stac.py), its pure functions (transforms/nir_fetch.py) and
-signing (transforms/signing.py).
+"""The HTTP layer of fetch-nir (transforms/nir/stac.py), its pure functions (transforms/nir/nir_fetch.py) and
+signing (transforms/nir/signing.py).
 
 * PoliteHttp against a scripted HTTP server on loopback: 429 (with Retry-After), 503, 500, bodies
   cut short and reset connections are retried and counted; 404 and other 4xx are not; the rate
@@ -26,8 +26,9 @@ import time
 
 import pytest
 
-from tests.gcs_emulator import LOOPBACK
-from transforms import geo, nir_fetch, signing, stac, storage
+from pipelines.dev.gcs_emulator import LOOPBACK
+from transforms.io import storage
+from transforms.nir import geo, nir_fetch, signing, stac
 
 FAST = storage.RetryPolicy(attempts=6, initial_delay_s=0.01, max_delay_s=0.05, deadline_s=20)
 
@@ -205,7 +206,7 @@ def test_retries_run_out_and_the_token_is_never_shown(scripted):
         client().request("GET", srv.url + "?st=2026&sig=SECRET-TOKEN", stats=stats)
     assert "SECRET" not in str(e.value) and "sig=" not in str(e.value)
     assert stats.requests == FAST.attempts and stats.retries == FAST.attempts - 1
-    from tests.gcs_emulator import free_port
+    from pipelines.dev.gcs_emulator import free_port
 
     closed = f"http://{LOOPBACK}:{free_port()}/x.tif?sig=SECRET-TOKEN"  # connection refused
     with pytest.raises(stac.HttpUnavailable) as e:

@@ -32,9 +32,10 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from transforms import storage, tiles
+from transforms import tiles
 from transforms.evidence import Evidence
 from transforms.imagery import black_border_count
+from transforms.io import storage
 from transforms.selection import (
     Selection,
     SelectionConfig,

@@ -10,7 +10,8 @@ from typing import Callable
 
 import numpy as np
 
-from transforms import corrections, imagery, records, storage, tiles
+from transforms import corrections, imagery, records, tiles
+from transforms.io import storage
 from transforms.imagery import ImageRejected
 from transforms.selection import EXTRA_BANDS, NoValidTimesteps, SelectionConfig, TooFewTimesteps, select_pair, with_timesteps
 from transforms.tiles import InvalidTileId, TileId
@@ -66,7 +67,7 @@ Reader = Callable[[str, int], bytes]  # storage.read_bytes's signature: (path, l
 
 def tile_paths(tile: TileId, config: PairConfig) -> list[str]:
     """Every file `load_tile` may read for `tile`, in the order it reads them: what a prefetch
-    (`transforms.prefetch`) fetches ahead. A tile rejected early reads fewer."""
+    (`transforms.io.prefetch`) fetches ahead. A tile rejected early reads fewer."""
     paths = [tiles.hr_rgb_path(config.input_root, tile), tiles.s2_band_path(config.input_root, tile, "tci")]
     if config.bands == "rgbn":
         paths += [tiles.s2_band_path(config.input_root, tile, "b08"), tiles.hr_nir_path(config.nir_input, tile)]
@@ -167,7 +168,7 @@ def build_tile(tile_id: str, config: PairConfig, correction: corrections.Correct
 
     With a `correction` (from --corrections), the tile is removed, or built from the timestep it
     names (selection `manual`, the automatic candidates and their scores kept). Files are read with
-    `read` (default: directly; the Beam DoFn passes a prefetch, `transforms.prefetch`)."""
+    `read` (default: directly; the Beam DoFn passes a prefetch, `transforms.io.prefetch`)."""
     try:
         tile = TileId.parse(tile_id)
     except InvalidTileId as e:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from transforms.io.storage import join
+
 ZOOM = 17
 MAX_TILE_INDEX = 2**ZOOM - 1
 
@@ -67,11 +69,6 @@ def manifest_line_id(line: str) -> str | None:
 def keyed_by_itself(tile_id: str) -> tuple[str, None]:
     """(tile_id, None): an id keyed for a join (a module function, pickled by name, not by value)."""
     return tile_id, None
-
-
-def join(root: str, *parts: str) -> str:
-    """Joins path parts with '/', for local paths and gs:// URLs alike."""
-    return "/".join([root.rstrip("/"), *parts])
 
 
 def hr_rgb_path(root: str, tile: TileId) -> str:
