@@ -10,6 +10,7 @@ from pipelines.dev import bench
 from transforms.selection import DEFAULT_SELECTION
 
 
+@pytest.mark.timeout(600)  # four pipeline runs and two samples: over 180 s on a busy 2-core machine
 def test_bench_command_reports_every_figure(tmp_path, capsys):
     report = tmp_path / "bench.json"
     assert bench.main(["--tiles", "24", "--rss-tiles", "24,36", "--repeats", "1",
@@ -95,11 +96,13 @@ def test_bench_real_data_needs_the_companion_repo(tmp_path, capsys):
 
 
 def test_companion_ratios_are_how_many_times_faster_the_build_is():
-    from pipelines.bench_companion import ratios
+    from pipelines.dev.bench_companion import ratios
 
     assert ratios(120.0, {"build_1": 30.0, "build_2": 12.0}) == {"build_1": 4.0, "build_2": 10.0}
 
 
+@pytest.mark.integration  # starts the companion's processes and Beam's
+@pytest.mark.timeout(900)
 def test_bench_against_the_companion_code(tmp_path, capsys):
     """The real comparison on a small sample, when S2NAIP_COMPANION_REPO names a checkout (and
     S2NAIP_COMPANION_PYTHON an interpreter with torch; default this one): both sides run to their
@@ -123,11 +126,11 @@ def test_bench_against_the_companion_code(tmp_path, capsys):
 
 @pytest.mark.parametrize("mode", ["paper", "robust"])
 def test_profile_build_accounts_every_stage_once(tmp_path, mode):
-    """`python -m pipelines.profile_build`: the stages it reports are exclusive (nested ones taken out
+    """`python -m pipelines.dev.profile_build`: the stages it reports are exclusive (nested ones taken out
     of their parent), so they add up to no more than the loop's total; no timing is asserted."""
-    from pipelines import profile_build
+    from pipelines.dev import profile_build
     from transforms.pairs import PairConfig
-    from transforms.sample import generate_sample
+    from transforms.devdata.sample import generate_sample
     from transforms.selection import SelectionConfig
 
     generate_sample(str(tmp_path), 8, seed=3, timesteps=(20, 24), extra_bands=True)
@@ -141,7 +144,7 @@ def test_profile_build_accounts_every_stage_once(tmp_path, mode):
 
 
 def test_stage_timer_takes_nested_stages_out_of_their_parent(monkeypatch):
-    from pipelines import profile_build
+    from pipelines.dev import profile_build
 
     clock = iter([0.0, 1.0, 3.0, 10.0])  # outer starts, inner starts, inner ends, outer ends
     monkeypatch.setattr(profile_build.time, "thread_time", lambda: next(clock))

@@ -13,7 +13,7 @@ and the pipeline's peak RSS at two sample sizes (default 2,000 and 20,000 tiles)
 Prints a table and writes the figures to --report (JSON).
 
 With --companion-repo DIR it instead times the paper's published code beside the build, end to end
-on the same tiles, and prints the ratios (`pipelines.bench_companion`; --real-data for tiles derived
+on the same tiles, and prints the ratios (`pipelines.dev.bench_companion`; --real-data for tiles derived
 from real NAIP).
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 
-from pipelines import bench_companion as BC
+from pipelines.dev import bench_companion as BC
 from pipelines.cli import ArgumentParser, CommandError, description
 from transforms import runtime, tiles
 from transforms.devdata.sample import generate_sample

@@ -15,7 +15,7 @@ Times whole processes (wall clock, start-up included), interleaved repeat by rep
 and prints the ratios companion / build. The tiles are the benchmark's generated sample (with the
 extra bands S2-NAIP ships; without its tiles that lack nir.png or b08.png, on which the companion
 code stops with an error), or with --real-data tiles derived from real NAIP captures
-(`transforms.hard_cases`: the captures' usable zoom-17 tiles, each a real HR with a Sentinel-2-like
+(`transforms.devdata.hard_cases`: the captures' usable zoom-17 tiles, each a real HR with a Sentinel-2-like
 series made from the other captures, ~27 timesteps; repeated with other seeds under shifted tile
 coordinates when more tiles are asked for than the captures have).
 
@@ -29,12 +29,10 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
-import time
 
-from pipelines import bench
-from transforms import hard_cases as H
+from pipelines.dev import bench
 from transforms import tiles as T
+from transforms.devdata import hard_cases as H
 
 PREFILTER_MODULE = "first_filtering.main"
 SELECTION_MODULE = "pipeline_framework.main"

@@ -1,7 +1,7 @@
-"""`python -m pipelines.profile_build`: where one tile's CPU time goes in `s2naip build`.
+"""`python -m pipelines.dev.profile_build`: where one tile's CPU time goes in `s2naip build`.
 
 A development tool (nothing imports it; no test asserts its timings). It runs `build_tile` over the
-tiles of a folder (default: the benchmark's generated sample, `pipelines.bench.sample_dir`) with
+tiles of a folder (default: the benchmark's generated sample, `pipelines.dev.bench.sample_dir`) with
 timers wrapped around the stages, and prints the *exclusive* CPU time of each stage per tile (a
 stage nested in another, e.g. the candidates' histogram matching inside the distance, is taken out
 of its parent), so the stages add up to the per-tile total:
@@ -39,9 +39,10 @@ import time
 from contextlib import ExitStack
 from unittest import mock
 
-from pipelines import bench
+from pipelines.dev import bench
 from pipelines.cli import ArgumentParser, description
-from transforms import cloud_prob, evidence, imagery, pairs, records, runtime, selection, storage
+from transforms import cloud_prob, evidence, imagery, pairs, records, runtime, selection
+from transforms.io import storage
 from transforms.selection import DEFAULT_SELECTION, SELECTION_MODES, SelectionConfig
 
 EVIDENCE_FUNCTIONS = ("cloud_shadow_fractions", "brightening", "darkening", "registration", "contrast_loss",
@@ -171,7 +172,7 @@ def pipeline_costs(sample: str, ids: list[str], workdir: str, mode: str, repeats
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m pipelines.profile_build", description=description(__doc__))
+    parser = ArgumentParser(prog="python -m pipelines.dev.profile_build", description=description(__doc__))
     parser.add_argument("--selection", default=DEFAULT_SELECTION, choices=SELECTION_MODES)
     parser.add_argument("--input", help="S2-NAIP-layout folder with manifest.txt (default: the generated "
                                         "benchmark sample of --tiles tiles in --workdir)")
