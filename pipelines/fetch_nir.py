@@ -26,7 +26,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from pipelines.cli import ArgumentParser, command_main, description
+from pipelines.cli import ArgumentParser, CommandError, command_main, description
 from pipelines.options import parse_beam_options, use_in_process_runner_by_default, use_own_image_on_dataflow_by_default
 from transforms.build.stages import counter_values
 from transforms.io import publish, storage
@@ -169,7 +169,7 @@ def run(argv: list[str] | None = None) -> dict | None:
         if args.manifest and not storage.exists(args.manifest):
             raise ValueError(f"--manifest {args.manifest} not found")
     except (ValueError, ImportError) as e:
-        raise SystemExit(f"error: {e}") from None
+        raise CommandError(str(e)) from None
     options = parse_beam_options(beam_args)
     use_in_process_runner_by_default(options)
     use_own_image_on_dataflow_by_default(options)

@@ -79,9 +79,9 @@ class BuildOptions(PipelineOptions):
 
         sel = parser.add_argument_group("selection")
         sel.add_argument("--selection", default=DEFAULT_SELECTION, choices=SELECTION_MODES,
-                         help="paper (default): the paper's score as written; robust: the paper's closeness "
-                              "without SSIM's haze bias, plus evidence of haze, veils, cloud (s2cloudless), "
-                              "shadow, snow and misregistration (docs/selection-method.md); companion: the "
+                         help="robust (default): the paper's score plus evidence of veils against the clearest "
+                              "timesteps and the HR, a dark gate, cirrus, snow and cloud (s2cloudless) "
+                              "(docs/selection-method.md); paper: the paper's score as written; companion: the "
                               "published code's rule.")
         sel.add_argument("--alpha", type=float, default=0.7,
                          help="Weight, in [0, 1], of the raw comparison against the one after histogram "
@@ -92,8 +92,10 @@ class BuildOptions(PipelineOptions):
         sel.add_argument("--lr-timesteps", "--lr_timesteps", dest="lr_timesteps", type=int, default=1,
                          help="Sentinel-2 timesteps written per pair, best first by the mode's own ranking "
                               "(1, the paper's single pair; up to --top-k): lr is [N, 32, 32, C] and the PNG "
-                              "layout stacks them for n_s2_images: N. A tile with fewer acceptable timesteps "
-                              "is a too_few_timesteps reject (docs/outputs.md).")
+                              "layout stacks them for n_s2_images: N. Acceptable: robust's evidence passes; "
+                              "paper and companion's clean gates (not dark, no thick cloud, s2cloudless) pass. "
+                              "A tile with fewer acceptable timesteps is a too_few_timesteps reject "
+                              "(docs/outputs.md).")
         _flag(sel, "--allow-fewer", "--allow_fewer",
               help="With --lr-timesteps N: write a tile with fewer than N acceptable timesteps with those "
                    "it has, instead of rejecting it.")

@@ -14,7 +14,7 @@ import logging
 import sys
 import time
 
-from pipelines.cli import ArgumentParser, command_main, description
+from pipelines.cli import ArgumentParser, CommandError, command_main, description
 from pipelines.options import check_output_writable, check_run_folder
 from transforms.io import publish, storage
 from transforms.quality import report_figures
@@ -59,7 +59,7 @@ def run(argv: list[str]) -> dict:
         counts = {"pairs": stats.pairs, "rejects": sum(rejects.values()), "rejects_by_reason": rejects,
                   "tiles": stats.pairs + sum(rejects.values())}
     if not counts.get("tiles"):  # a page of empty charts would look like a report of an empty dataset
-        raise SystemExit(f"error: {args.run} holds no pairs and no rejects (and run.json counts no tiles): "
+        raise CommandError(f"{args.run} holds no pairs and no rejects (and run.json counts no tiles): "
                          "nothing to report; --run must be a build's --output folder")
     summary = stats.summary()
     refs = stats.samples()

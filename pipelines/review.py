@@ -3,8 +3,9 @@
     s2naip review --run OUT --output REVIEW_DIR [--input S2NAIP] [--metric psnr_rgb]
                   [--threshold 20] [--worst 200] [--predictions PRED_DIR]
 
-Open REVIEW_DIR/index.html (from disk or a bucket), decide each tile with the keyboard, export
-corrections.json and rebuild with `s2naip build ... --corrections corrections.json`.
+Open REVIEW_DIR/index.html (from disk or a bucket), decide each tile with the keyboard (pick a
+timestep, drop the tile, or, in a --lr-timesteps N build, drop some of the N written timesteps),
+export corrections.json and rebuild with `s2naip build ... --corrections corrections.json`.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import logging
 import sys
 import time
 
-from pipelines.cli import ArgumentParser, command_main, description
+from pipelines.cli import ArgumentParser, CommandError, command_main, description
 from pipelines.options import check_output_writable, check_run_folder
 from transforms import pairs
 from transforms.io import publish, storage
@@ -94,22 +95,22 @@ def run(argv: list[str]) -> dict:
     info = read_run_json(args.run)
     input_root = args.input or info.get("input")
     if not input_root:
-        raise SystemExit("error: --input is needed (run.json does not name the build's input)")
+        raise CommandError("--input is needed (run.json does not name the build's input)")
     nir_root = args.nir_input or info.get("nir_input") or input_root
     config = run_selection_config(info)
     bands = info.get("options", {}).get("bands", "rgbn")
     if args.metric.endswith("rgbn") and bands != "rgbn":
-        raise SystemExit(f"error: {args.metric} needs an RGBN build; this one has bands={bands}")
+        raise CommandError(f"{args.metric} needs an RGBN build; this one has bands={bands}")
     ranking = Ranking(args.threshold, args.worst)
     try:
         counts = rank_pairs(args.run, args.metric, ranking, args.predictions, config.downsample_method)
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise CommandError(str(e)) from None
     if counts.get("no_metric"):
         _LOG.warning("%d pairs have no %s (manual choices) and were not ranked", counts["no_metric"], args.metric)
     selected = ranking.result()
     if not selected:  # a page with nothing on it is not a review
-        raise SystemExit(f"error: {nothing_selected(args, counts)}; no page written")
+        raise CommandError(f"{nothing_selected(args, counts)}; no page written")
     if counts["missing_predictions"]:
         _LOG.warning("%d pairs have no prediction in %s and were not ranked", counts["missing_predictions"],
                      args.predictions)
@@ -138,7 +139,7 @@ def run(argv: list[str]) -> dict:
     for failure in failures[:20]:
         _LOG.warning("left out of the review (input unreadable): %s", failure)
     if not review_tiles:
-        raise SystemExit(f"error: none of the {len(selected):,} selected tiles could be read from the input "
+        raise CommandError(f"none of the {len(selected):,} selected tiles could be read from the input "
                          f"{input_root} (e.g. {failures[0]}); no page written; pass the build's input with --input")
     meta = {
         "version": 1,
@@ -148,6 +149,7 @@ def run(argv: list[str]) -> dict:
         "metric_label": METRIC_LABELS[args.metric] + (" (prediction)" if args.predictions else ""),
         "selection_rule": selection_rule(args),
         "bands": 4 if bands == "rgbn" else 3,
+        "lr_timesteps": int(info.get("options", {}).get("lr_timesteps") or 1),  # requested per pair
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     index = write_page(args.output, meta, review_tiles)

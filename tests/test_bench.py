@@ -22,9 +22,9 @@ def test_bench_command_reports_every_figure(tmp_path, capsys):
     assert figures["bytes"]["input_per_tile"] > 10_000
     assert "pipeline, 2 workers" in capsys.readouterr().out
     # the default mode, measured in every step (the pipeline runs record it)
-    assert figures["selection"] == DEFAULT_SELECTION == "paper"
+    assert figures["selection"] == DEFAULT_SELECTION == "robust"
     run = json.loads((tmp_path / "w" / "out-pipe_2-0" / "run.json").read_text())
-    assert run["options"]["selection"] == "paper"
+    assert run["options"]["selection"] == "robust"
 
 
 @pytest.mark.integration  # starts the GCS emulator (through bench-gcs)
@@ -46,6 +46,13 @@ def test_bench_gcs_command_compares_read_settings_on_the_emulator(tmp_path, caps
         assert r["same_pairs_as_first_setting"] and r["tiles"] == 12 and r["tiles_per_s"] > 0
         assert 4 <= r["requests_per_tile"] <= 20  # fingerprints, reads, writes: no request storm
     assert rows[(5.0, 0)]["speedup_vs_first_setting"] == 1.0
+    # storage operations per tile, counted at the proxy: the fingerprints' range listings cost far
+    # less than one listing per tile; an unchanged rebuild reads no input object
+    ops = figures["operations"]
+    assert ops["full"]["input"]["per_tile"]["list"] < 0.5, ops["full"]["input"]
+    assert ops["full"]["input"]["per_tile"]["get_media"] >= 3  # rgb, tci (+ b08, nir) of most tiles
+    assert ops["since_unchanged"]["incremental"]["unchanged"] == 12
+    assert "get_media" not in ops["since_unchanged"]["input"]["per_tile"], ops["since_unchanged"]["input"]
     assert "read threads" in capsys.readouterr().out
 
 

@@ -271,6 +271,28 @@ def test_report_and_review_of_a_missing_run_are_one_line(command, tmp_path):
     assert not (tmp_path / "page").exists()
 
 
+def test_review_report_and_fetch_nir_errors_after_the_checks_carry_the_command(tmp_path):
+    """The mistakes found after the common checks (a run.json without the build's input, a run
+    with nothing to report, a fetch-nir option value): one line with the command's prefix, like the
+    other commands, and no traceback."""
+    from transforms import records
+
+    run = tmp_path / "run"
+    (run / "pairs").mkdir(parents=True)
+    pq.write_table(records.PAIR_SCHEMA.empty_table(), run / "pairs" / "pairs-00000-of-00001.parquet")  # no tile
+    (run / "_SUCCESS").write_text("{}")
+    (run / "run.json").write_text(json.dumps({"counts": {"tiles": 0}, "options": {}}))
+    line = one_line_error(s2naip("review", "--run", run, "--output", tmp_path / "page", "--worst", "3", cwd=tmp_path),
+                          1, "review")
+    assert line == "s2naip review: error: --input is needed (run.json does not name the build's input)"
+    line = one_line_error(s2naip("report", "--run", run, "--output", tmp_path / "rep", cwd=tmp_path), 1, "report")
+    assert line.startswith(f"s2naip report: error: {run} holds no pairs and no rejects")
+    line = one_line_error(s2naip("fetch-nir", "--manifest", tmp_path / "ids.txt", "--output", tmp_path / "nir",
+                                 "--stac-url", "ftp://x", cwd=tmp_path), 1, "fetch-nir")
+    assert "STAC API URL" in line and "error: error:" not in line
+    assert not (tmp_path / "page").exists() and not (tmp_path / "rep").exists()
+
+
 def test_debug_shows_the_traceback(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

@@ -233,3 +233,89 @@ def test_registration_of_a_single_timestep():
     reg = E.registration(frame[None], frame)
     assert reg.misregistration.tolist() == [0.0] and reg.partner.tolist() == [-1]
     assert np.abs(reg.hr_shift).max() < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# 0.3: the dark gate, the veil against the HR, the veil against the clearest timesteps
+
+
+def _blue_dn(reflectance: float) -> float:
+    return reflectance * TCI_PER_REFLECTANCE
+
+
+def test_underexposed_needs_both_far_darker_and_below_the_blue_floor():
+    clear = [_lr(s, gain=0.9, offset=30.0) for s in range(4)]  # mean blue well above 0.06
+    dark = clear[0] * 0.25
+    got = E.underexposed(np.stack([*clear, dark]))
+    assert list(got) == [False, False, False, False, True]
+    assert dark[E.B].mean() < _blue_dn(E.BLUE_FLOOR) < clear[0][E.B].mean()
+    # a dark-year capture: half as bright as the others, but its blue is that of a lit scene
+    dim = np.clip(clear[0] * 0.5 + 20.0, 0, 255)
+    assert dim[E.B].mean() > _blue_dn(E.BLUE_FLOOR)
+    assert not E.underexposed(np.stack([*clear, dim]))[-1]
+    # a clear dark-forest frame among bright overcast ones is far darker, but lit: not gated
+    forest = np.full((4, 32, 32), 40.0)
+    forest[E.B] = _blue_dn(0.075)
+    overcast = [np.full((4, 32, 32), 210.0) for _ in range(3)]
+    assert not E.underexposed(np.stack([forest, *overcast])).any()
+    assert not E.underexposed(dark[None]).any()  # alone, nothing to compare with
+
+
+def test_hr_veil_sees_a_grey_patch_and_not_a_ground_change_or_a_uniform_veil():
+    rng = np.random.default_rng(3)
+    hr = area_down(scene(rng).astype(np.float64))
+    clean = hr * 0.9 + 8 + rng.normal(0, 1.5, hr.shape)
+    yy, xx = np.mgrid[:32, :32]
+    blob = np.exp(-((yy - 12) ** 2 + (xx - 18) ** 2) / (2 * 7.0**2))[..., None]
+    veiled = clean.copy()
+    veiled[..., :3] = (1 - 0.3 * blob) * veiled[..., :3] + 0.3 * blob * 230
+    changed = clean.copy()  # a harvested field: red up a lot, green a little, blue not
+    changed[..., 0] += 60 * blob[..., 0]
+    changed[..., 1] += 20 * blob[..., 0]
+    uniform = (clean * 0.75 + 50)  # a uniform veil is a gain and an offset: the fit absorbs it
+    frames = np.stack([_chw(x) for x in (clean, veiled, changed, uniform)])
+    got = E.hr_veil(frames, _chw(hr))
+    assert got.shape == (4,) and (got >= 0).all()
+    assert got[1] > 4 * max(got[0], got[2], got[3])
+    assert got[1] > 0.5
+    # the HR's gain and offset and the frame's offset do not matter (the frame's gain scales the
+    # residual against a fixed DN floor of the spread)
+    np.testing.assert_allclose(E.hr_veil(frames + 10, _chw(hr) * 1.3 + 5), got, rtol=1e-3, atol=1e-5)
+
+
+def test_veil_terms_against_the_clearest_timesteps_see_haze_the_median_hides():
+    """Half the series overcast: against the median (a grey overcast frame) the hazy frame looks
+    as clear as anything; against the lower quartile (the clear end) its haze shows."""
+    clear = _lr(1, gain=0.9, offset=10.0)
+    hazy = _haze(clear, 0.6)
+    over = [np.clip(_haze(_lr(s), 0.1, (215.0, 215.0, 218.0, 200.0)), 0, 255) for s in (2, 3)]
+    frames = np.stack([clear, hazy, *over])
+    median = E.veil_terms(frames, clear_quantile=0.5)
+    quartile = E.veil_terms(frames, clear_quantile=0.25)
+    assert median.dark[1] == pytest.approx(0.0, abs=1e-9) and median.colour[1] == pytest.approx(0.0, abs=1e-9)
+    assert quartile.dark[1] > 0.005 and quartile.colour[1] > 0.1 and quartile.detail[1] > 0.1
+    # above the robust score's tolerance (0.15) against the clear end only
+    assert E.veil_evidence(quartile)[1] > 0.15 > E.veil_evidence(median)[1]
+    assert E.veil_evidence(quartile)[0] < 0.05  # the clear frame stays clear
+    # `usable` leaves frames out of the reference (e.g. the dark gate's)
+    dark = clear * 0.2
+    with_dark = np.stack([clear, hazy, dark, *over])
+    kept = E.veil_terms(with_dark, clear_quantile=0.25, usable=np.array([True, True, False, True, True]))
+    assert E.veil_evidence(kept)[0] < 0.05
+
+
+def test_hr_veil_low_pass_is_scipys_gaussian_with_nearest_edges():
+    rng = np.random.default_rng(4)
+    x = rng.normal(0, 10, (3, 2, 32, 32))
+    m = E._nearest_gaussian(32, 2.5).astype(np.float64)  # stored as float32
+    np.testing.assert_allclose(np.matmul(m, x @ m.T), ndimage.gaussian_filter(x, (0, 0, 2.5, 2.5), mode="nearest"),
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("q", [0.0, 0.25, 0.5, 0.75, 0.9, 1.0])
+def test_quantile_is_numpys(q):
+    rng = np.random.default_rng(8)
+    for n in (1, 2, 3, 4, 7, 16):
+        x = rng.normal(0, 1, (5, n))
+        np.testing.assert_array_equal(E.quantile(x[0], q), np.quantile(x[0], q))
+        np.testing.assert_array_equal(E.quantile(x, q, axis=1), np.quantile(x, q, axis=1))

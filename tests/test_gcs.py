@@ -250,16 +250,14 @@ def _input_listings(proxy) -> list[dict]:
 
 def _is_fingerprint_listing(q: dict) -> bool:
     """A listing for object metadata only, the fingerprints of the dataset manifest
-    (transforms/build/fingerprints.py): one level of one tile's own folder, or the recursive listing of
-    one NAIP capture's folder (the NAIP files of all its tiles); nothing downloaded."""
-    prefix = q.get("prefix", [""])[0]
+    (transforms/build/fingerprints.py): a range listing (startOffset at a tile's folder, no
+    delimiter) of the folders of a block of tiles; nothing downloaded."""
     if "crc32c" not in q.get("fields", [""])[0]:
         return False
-    if "delimiter" not in q:
-        return prefix == f"{SET}/naip/{NAIP_ID}/"
-    return q.get("delimiter") == ["/"] and bool(
-        re.fullmatch(rf"{SET}/naip/{NAIP_ID}/[0-9]+_[0-9]+/", prefix)
-        or re.fullmatch(rf"{SET}/sentinel2/[0-9]+_[0-9]+/", prefix))
+    start = q.get("startOffset", [""])[0]
+    return "delimiter" not in q and bool(
+        re.fullmatch(rf"{SET}/naip/{NAIP_ID}/[0-9]+_[0-9]+/", start)
+        or re.fullmatch(rf"{SET}/sentinel2/[0-9]+_[0-9]+/", start))
 
 
 def test_build_gcs_to_gcs_equals_local_run(gcs_emulator, gcs_input, local_run):
@@ -273,10 +271,10 @@ def test_build_gcs_to_gcs_equals_local_run(gcs_emulator, gcs_input, local_run):
     assert {q["prefix"][0] for q in listings if q.get("delimiter") == ["/"]} == {
         f"{SET}/naip/", f"{SET}/naip/{NAIP_ID}/"}
     assert all(q.get("delimiter") == ["/"] or q.get("maxResults") == ["1"] for q in listings), listings
-    # fingerprints: the capture's NAIP files in one recursive listing, then one listing per tile
+    # fingerprints: the NAIP and Sentinel-2 folders of all the tiles (neighbours) in one range listing
     fingerprint_listings = [q for q in _input_listings(proxy) if _is_fingerprint_listing(q)]
-    assert [q["prefix"][0] for q in fingerprint_listings if "delimiter" not in q] == [f"{SET}/naip/{NAIP_ID}/"]
-    assert len(fingerprint_listings) == 1 + summary["counts"]["tiles"]
+    assert len(fingerprint_listings) == 1 and summary["counts"]["tiles"] == 8, fingerprint_listings
+    assert fingerprint_listings[0]["startOffset"][0].startswith(f"{SET}/naip/{NAIP_ID}/")
     assert summary["counts"] == local_summary["counts"]
     assert summary["input"] == base and summary["output"] == out
     assert all(f.startswith(out + "/") for f in summary["files"])
@@ -290,8 +288,8 @@ def test_build_gcs_to_gcs_equals_local_run(gcs_emulator, gcs_input, local_run):
 
 def test_build_with_gcs_manifest_lists_nothing(gcs_emulator, gcs_input, local_run):
     """With a manifest, the input is never listed: only one-object probes of missing Sentinel-2
-    folders (maxResults=1) and the fingerprints' one-level listings of each tile's own folders touch
-    the input's listing API."""
+    folders (maxResults=1) and the fingerprints' range listings of the tiles' own folders touch the
+    input's listing API."""
     (want, _), (base, manifest) = local_run, gcs_input
     out = f"gs://{OUT_BUCKET}/manifest"
     with gcs_emulator.proxy() as proxy, gcs_emulator.environment(proxy.endpoint):

@@ -160,6 +160,10 @@ def test_local_tile_fingerprints(tmp_path):
     # the robust mode's extra bands, those present
     robust = fpr.FingerprintSpec.for_config(PairConfig(input_root=root, selection=SelectionConfig(mode="robust")))
     assert robust.extra_bands
+    # every build that reads them (--lr-timesteps N > 1 in any mode: s2cloudless's clean gate)
+    multi = PairConfig(input_root=root, selection=SelectionConfig(lr_timesteps=2))
+    assert fpr.FingerprintSpec.for_config(multi).extra_bands == robust.extra_bands
+    assert not fpr.FingerprintSpec.for_config(PairConfig(input_root=root)).extra_bands
     band = robust.extra_bands[0]
     write_png(f"{root}/sentinel2/{xy(0)}/{band}.png", np.full((128, 32), 7, np.uint8))
     extra = fpr.tile_fingerprints(tid(0), robust)[4]
@@ -183,13 +187,13 @@ def test_options_hash():
         PairConfig(input_root="/a", split="s", selection=SelectionConfig(top_k=8)),
         PairConfig(input_root="/a", split="s", selection=SelectionConfig(downsample="bicubic_torch")),
         PairConfig(input_root="/a", split="s", selection=SelectionConfig(mode="companion")),
-        PairConfig(input_root="/a", split="s", selection=SelectionConfig(mode="robust")),
+        PairConfig(input_root="/a", split="s", selection=SelectionConfig(mode="paper")),
         PairConfig(input_root="/a", split="s", bands="rgb"),
         PairConfig(input_root="/a", split="t"),
     ):
         assert dm.config_options_hash(other) != h, other
     options = dm.output_options(base)
-    assert options["pipeline_version"] == PIPELINE_VERSION and options["selection"] == "paper"
+    assert options["pipeline_version"] == PIPELINE_VERSION and options["selection"] == "robust"
     assert options["record_schema"] == dm.record_schema_id() and len(options["record_schema"]) == 16
     assert not {"formats", "format", "num_shards", "tfrecord_gzip", "corrections"} & set(options)
     assert dm.options_hash({"b": 1, "a": 2}) == dm.options_hash({"a": 2, "b": 1})
@@ -505,31 +509,154 @@ def test_gcs_fingerprints_equal_local_ones_from_listings(gcs_emulator, tmp_path)
         # a missing bucket is an error fingerprint: the tile is rebuilt, never carried on a guess
         assert fpr.tile_fingerprints(tid(0), fpr.FingerprintSpec("gs://no-such-bucket/set"))[0].startswith("error:")
 
-        # a capture's tiles together: one recursive listing of naip/<naip_id>/ for all their NAIP
-        # files, then one listing per tile for Sentinel-2; the same fingerprints
-        for spec in (gcs_spec, fpr.FingerprintSpec(base, files=("rgb", "tci")),
+        # a group of tiles together: range listings of all their folders at once, the same
+        # fingerprints; neighbouring folders share a page (here one request for everything)
+        ids = [tid(0), tid(1), tid(2), tid(7), "../../etc/passwd"]  # 7: no such tile
+        robust = fpr.FingerprintSpec(base, extra_bands=("b01", "b05", "b10"))
+        for spec in (gcs_spec, fpr.FingerprintSpec(base, files=("rgb", "tci")), robust,
                      fpr.FingerprintSpec(base, nir_root=base + "/"), fpr.FingerprintSpec(base, nir_root=base + "-nir")):
             proxy.log.clear()
-            capture = fpr.capture_naip_fingerprints(spec, OLD)
-            assert len(proxy.log) == 1
+            got = fpr.group_fingerprints(ids, spec)
+            assert len(proxy.log) == 1, proxy.log
             query = urllib.parse.parse_qs(urllib.parse.urlsplit(proxy.log[0][1]).query)
-            assert "delimiter" not in query and query["prefix"] == [f"set/naip/{OLD}/"], query
-            for i in [*range(3), 7]:  # 7: no such tile
-                local = fpr.FingerprintSpec(root, spec.nir_root and spec.nir_root.replace(base, root), spec.files)
-                want = fpr.tile_fingerprints(tid(i), local) if spec.nir_root != base + "-nir" else None
-                got = fpr.tile_fingerprints(tid(i), spec, fpr.naip_files_from_capture(capture, tid(i), spec))
-                assert got == fpr.tile_fingerprints(tid(i), spec), (spec, i)
-                if want is not None:
-                    assert got == want, (spec, i)
-        failed = fpr.capture_naip_fingerprints(fpr.FingerprintSpec("gs://no-such-bucket/set"), OLD)
-        assert fpr.naip_files_from_capture(failed, tid(0), gcs_spec)["rgb.png"].startswith("error:")
+            assert "delimiter" not in query and query["prefix"][0] in ("set/", "set"), query
+            assert "crc32c" in query["fields"][0] and query["startOffset"][0].endswith("/"), query
+            assert got == [fpr.tile_fingerprints(t, spec) for t in ids], spec
+            if spec.nir_root != base + "-nir":
+                local = fpr.FingerprintSpec(root, spec.nir_root and spec.nir_root.replace(base, root), spec.files,
+                                            spec.extra_bands)
+                assert got == [fpr.tile_fingerprints(t, local) for t in ids], spec
+        failed = fpr.group_fingerprints([tid(0)], fpr.FingerprintSpec("gs://no-such-bucket/set"))
+        assert all(v.startswith("error:FileNotFound") for v in failed[0][:4]), failed
 
-        # the transform: grouped per capture on gs://, every id once, an invalid one touching no path
+        # the transform: grouped per block of zoom-17 columns on gs://, every id once, an invalid one
+        # touching no path
         ids = [tid(0), tid(1), tid(2), tid(7), "../../etc/passwd", "not/an id"]
         want = [(t, fpr.tile_fingerprints(t, local_spec)) for t in ids]
         with beam.Pipeline(runner="FnApiRunner") as p:
             got = p | beam.Create(ids) | incremental.FingerprintTiles(gcs_spec, threads=4)
             assert_that(got, equal_to(want))
+
+
+def test_range_listings_page_and_skip_as_on_gcs(gcs_emulator, monkeypatch):
+    """`list_folders_meta` with pages of 3 objects (the proxy pages as GCS does): it follows a page
+    inside a wanted folder, starts again at the next wanted folder past a page, skips what lies
+    between, and finds what one-level listings of each folder find; without paging (the emulator
+    alone ignores the offsets) the answer is the same."""
+    from transforms.build import object_meta
+
+    base = gcs_emulator.bucket("ranges") + "/r"
+    for i in range(40):
+        for name in ("a.png", "b.png"):
+            gcs_emulator.upload_bytes(f"{base}/f/{i:03d}/{name}", f"{i}{name}".encode())
+    gcs_emulator.upload_bytes(f"{base}/f/005/deeper/c.png", b"not a direct file")
+    gcs_emulator.upload_bytes(f"{base}/f/006/big.png", b"x" * 1000)
+    wanted = [f"{base}/f/{i:03d}" for i in (*range(3, 9), 20, 33, 39)] + [f"{base}/f/999", f"{base}/g/000"]
+    with gcs_emulator.environment():
+        want = {f: list_object_meta(f) for f in wanted}
+    assert want[f"{base}/f/006"]["big.png"].size == 1000 and want[f"{base}/f/999"] == {}
+    monkeypatch.setattr(object_meta, "PAGE_SIZE", 3)
+    with gcs_emulator.proxy() as proxy, gcs_emulator.environment(proxy.endpoint):
+        got = object_meta.list_folders_meta(wanted)
+        queries = [urllib.parse.parse_qs(urllib.parse.urlsplit(u).query) for _, u in proxy.log]
+    assert got == want
+    starts = [q["startOffset"][0] for q in queries if "pageToken" not in q]
+    # 003-008 (13 objects): one start and its pages; then a start at each sparse folder; the last
+    # listing ends at endOffset with no page to follow: 999 and g/000 are empty without a request
+    assert starts == ["r/f/003/", "r/f/020/", "r/f/033/", "r/f/039/"], starts
+    assert len(queries) <= 5 + len(starts), queries  # ceil(13 / 3) pages for the run, one each after
+    assert all(q["maxResults"] == ["3"] and q["endOffset"] == ["r/g/0000"] for q in queries)
+    with gcs_emulator.environment():  # no paging, offsets ignored: one answer, the same result
+        assert object_meta.list_folders_meta(wanted) == want
+
+
+def test_gcs_fingerprint_follows_every_band_object(gcs_emulator, tmp_path):
+    """Under range listings a tile's fingerprint changes when any object it reads is changed, added
+    or removed (an extra band included), and only then."""
+    root = str(tmp_path / "in")
+    good_tile(root, tid(0), seed=0, t=4)
+    good_tile(root, tid(1), seed=1, t=4)
+    base = gcs_emulator.bucket("fp-bands") + "/set"
+    gcs_emulator.upload_tree(root, base)
+    spec = fpr.FingerprintSpec(base, extra_bands=("b01", "b05", "b10"))
+    band = f"{base}/sentinel2/{xy(0)}"
+    with gcs_emulator.environment():
+        def fps():
+            return fpr.group_fingerprints([tid(0), tid(1)], spec)
+
+        first = fps()
+        gcs_emulator.upload_bytes(f"{band}/tci.png", gcs_emulator.read_bytes(f"{band}/tci.png"))
+        assert fps() == first  # the same bytes again: nothing changed
+        seen = [first]
+        gcs_emulator.upload_bytes(f"{band}/b01.png", b"b01 v1")  # added
+        seen.append(fps())
+        gcs_emulator.upload_bytes(f"{band}/b01.png", b"b01 v2")  # changed
+        seen.append(fps())
+        gcs_emulator.upload_bytes(f"{band}/b06.png", b"a band this build does not read")
+        assert fps() == seen[-1]
+        gcs_emulator.emulator.client.bucket("fp-bands").blob(f"set/sentinel2/{xy(0)}/b01.png").delete()  # removed
+        seen.append(fps())
+        gcs_emulator.upload_bytes(f"{band}/b08.png", b"changed b08")
+        seen.append(fps())
+        gcs_emulator.emulator.client.bucket("fp-bands").blob(f"set/naip/{OLD}/{xy(0)}/nir.png").delete()
+        seen.append(fps())
+    assert [s[0][4] for s in seen[:3]] == [None, f"b01=6:{crc32c_hex(b'b01 v1')}", f"b01=6:{crc32c_hex(b'b01 v2')}"]
+    assert seen[3] == first and seen[4][0][3] == f"11:{crc32c_hex(b'changed b08')}" and seen[5][0][1] is None
+    tile0 = [s[0] for s in seen[:3]] + [s[0] for s in seen[4:]]
+    assert len(set(tile0)) == len(tile0)  # every change, a new fingerprint
+    assert all(s[1] == first[1] for s in seen)  # the other tile's never moved
+
+
+def test_build_requests_no_absent_band(gcs_emulator, tmp_path):
+    """A robust build on gs:// asks only for objects that are there: the plan's listings tell which
+    extra bands (and tci, b08, nir) a tile has, so no GET is answered 404; the pairs are those of
+    the same build on local files."""
+    from pipelines import build_pairs
+    from pipelines.dev.gcs_emulator import request_kind
+    from tests.tile_factory import write_tile
+
+    root = str(tmp_path / "in")
+    for i in range(3):
+        rng = np.random.default_rng(i)
+        hr = scene(rng)
+        series = series_from(hr, rng, 5)
+        extra = {"b01": series[..., 0]} if i == 0 else {}  # tile 0 has b01, the others no extra band
+        write_tile(root, tid(i), hr, series, extra=extra)
+    os.remove(f"{root}/naip/{OLD}/{xy(2)}/nir.png")  # missing_nir: not asked for either
+    base = gcs_emulator.bucket("absent-in") + "/set"
+    stored = {u[len("gs://absent-in/"):] for u in gcs_emulator.upload_tree(root, base)}
+    out = gcs_emulator.bucket("absent-out") + "/run"
+    args = ["--selection", "robust", "--runner", RUNNER, "--read-threads", "4"]
+    with gcs_emulator.proxy() as proxy, gcs_emulator.environment(proxy.endpoint):
+        summary = build_pairs.run(["--input", base, "--output", out, *args])
+        log = list(proxy.log)
+        gcs_emulator.download_tree(f"{out}/pairs", tmp_path / "got")  # objects written via the proxy link to it
+    asked = [urllib.parse.unquote(urllib.parse.urlsplit(path).path.split("/o/", 1)[1])
+             for method, path in log if request_kind(method, path) == "get_media" and "/b/absent-in/" in path]
+    assert asked and set(asked) <= stored, sorted(set(asked) - stored)
+    assert f"set/sentinel2/{xy(0)}/b01.png" in asked and f"set/naip/{OLD}/{xy(2)}/rgb.png" in asked
+    local = build_pairs.run(["--input", root, "--output", str(tmp_path / "local"), *args])
+    assert summary["counts"] == local["counts"] and summary["counts"]["rejects_by_reason"] == {"missing_nir": 1}
+    got = sorted((r["tile_id"], r["lr_index"], r["hr"], r["evidence_note"])
+                 for r in read_parquet_pairs(str(tmp_path / "got")))
+    want = sorted((r["tile_id"], r["lr_index"], r["hr"], r["evidence_note"])
+                  for r in read_parquet_pairs(str(tmp_path / "local" / "pairs")))
+    assert got == want and len(got) == 2
+
+
+def test_tile_reads_answer_absent_files_without_a_request(monkeypatch):
+    from transforms.io import prefetch
+
+    asked = []
+    monkeypatch.setattr(prefetch.storage, "read_bytes", lambda path, limit: asked.append(path) or b"x")
+    for threads in (0, 2):
+        read_ahead = prefetch.ReadAhead(threads)
+        reads = read_ahead.start(["a", "b", "c"], 10, absent=frozenset({"b"}))
+        with pytest.raises(FileNotFoundError):
+            reads("b", 10)
+        assert reads("a", 10) == b"x" and reads("c", 10) == b"x"
+        read_ahead.close()
+    assert sorted(asked) == ["a", "a", "c", "c"]
 
 
 def test_incremental_build_on_gcs(gcs_emulator, tmp_path):
@@ -586,7 +713,7 @@ def test_incremental_dataflow_job_offline(tmp_path_factory, monkeypatch):
     assert not p.run().has_job
     job = harness.collect(job_file, 0)
     names = job.transforms()
-    for step in ("BuildDataset/FingerprintTiles/GroupByCapture", "BuildDataset/FingerprintTiles/FingerprintCaptures",
+    for step in ("BuildDataset/FingerprintTiles/GroupByColumnBlock", "BuildDataset/FingerprintTiles/FingerprintGroups",
                  "BuildDataset/PlanIncrement/JoinByTileId",
                  "BuildDataset/PlanIncrement/ReadPreviousManifest/ReadManifest", "BuildDataset/PlanIncrement/JoinByChip",
                  "BuildDataset/CarryForward/JoinLocations", "BuildDataset/CarryForward/GroupByRowGroup",

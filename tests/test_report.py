@@ -291,15 +291,17 @@ def test_score_histogram_label_and_range_follow_the_selection_mode(robust_build,
     assert held >= n_beyond  # nothing piled into a last bin at 2.0
     paper = report_figures.collect_stats(out, samples=0, mode="paper")
     assert paper.score_max == 2.0 and paper.scores_above == int((scores > 2.0).sum())
-    assert "SSIM" in paper.score_label and "LC(" in robust.score_label and "penalty" in robust.score_label
+    assert "SSIM" in paper.score_label and "penalty" not in paper.score_label
+    assert robust.score_label.startswith(paper.score_label + " + evidence penalty")  # 0.3: the paper's distance
     assert "SSIM" in report_figures.score_scale("companion")[0]
 
     dest = tmp_path / "report"
     report.run(["--run", out, "--output", str(dest), "--samples", "2", "--timestep-samples", "1"])
     page = (dest / "index.html").read_text()
     caption = re.search(r'<img src="score_distribution.png"[^>]*><figcaption>([^<]*)', page).group(1)
-    assert "LC(HR, LR)" in caption and "evidence penalty" in caption and "range 0 to 16" in caption
-    assert "1-SSIM" not in page  # the paper's formula labels no chart of a robust build
+    assert "SSIM(HR, LR)" in caption and "evidence penalty" in caption and "range 0 to 16" in caption
+    # the paper's formula alone labels no chart of a robust build: it always carries the penalty
+    assert page.count(paper.score_label) == page.count(paper.score_label + " + evidence penalty") > 0
     stats = json.loads((dest / "stats.json").read_text())["pairs"]["scores"]
     assert stats["mode"] == "robust" and stats["range"] == [0.0, 16.0] and stats["above_range"] == 0
     assert stats["max"] == pytest.approx(scores.max())

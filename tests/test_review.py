@@ -443,3 +443,127 @@ def test_review_in_a_browser_then_build_with_its_corrections(browser, built, tmp
             assert pairs[tile_id]["selection"] == "manual" and pairs[tile_id]["lr_index"] == value
     assert len(pairs) == N_TILES - 2
     assert urllib.parse.urlsplit(url).scheme == "file"
+
+
+# ---------------------------------------------------------------------------------------------
+# A --lr-timesteps N > 1 build: drop single timesteps of the N written, in the browser, and rebuild
+
+
+N_WRITTEN = 4
+
+
+@pytest.fixture(scope="module")
+def built_multi(review_root, tmp_path_factory):
+    """The review input built with --lr-timesteps 4 --allow-fewer (paper): the cloudier tiles have
+    fewer than 4 acceptable timesteps and are written with those."""
+    out = str(tmp_path_factory.mktemp("review-multi") / "out")
+    summary = build_pairs.run(["--input", review_root, "--output", out, "--runner", RUNNER, "--top-k", "8",
+                               "--selection", "paper", "--lr-timesteps", str(N_WRITTEN), "--allow-fewer"])
+    assert summary["counts"]["pairs"] == N_TILES
+    return review_root, out
+
+
+def ranked_acceptable(root, tile_ids, n) -> dict[str, list[int]]:
+    """Each tile's first n acceptable timesteps in the paper ranking: an automatic build's
+    lr_indices with --lr-timesteps n --allow-fewer."""
+    out = os.path.join(root + "-ranked", str(n))
+    build_pairs.run(["--input", root, "--output", out, "--runner", RUNNER, "--top-k", "8",
+                     "--selection", "paper", "--lr-timesteps", str(n), "--allow-fewer"])
+    rows = {r["tile_id"]: r for r in pq.read_table(os.path.join(out, "pairs")).to_pylist()}
+    return {t: rows[t]["lr_indices"] for t in tile_ids}
+
+
+def test_review_of_a_multi_timestep_build_drops_timesteps_in_a_browser_then_rebuilds(browser, built_multi, tmp_path):
+    root, out = built_multi
+    page_dir = tmp_path / "page"
+    review.run(["--run", out, "--output", str(page_dir), "--worst", str(N_TILES)])
+    data = read_data_js(page_dir)
+    assert data["lr_timesteps"] == N_WRITTEN
+    tiles = data["tiles"]
+    full = [t for t in tiles if len(t["lr_indices"]) == N_WRITTEN]
+    short = [t for t in tiles if 1 < len(t["lr_indices"]) < N_WRITTEN]
+    assert len(full) >= 2 and short, [len(t["lr_indices"]) for t in tiles]
+    a, b, c = full[0], full[1], short[0]  # a: drop #2 and #3 by keyboard; b: drop #1 by click; c: drop #2
+    position = {t["tile_id"]: i for i, t in enumerate(tiles)}
+
+    context = browser.new_context(accept_downloads=True, viewport={"width": 1440, "height": 1100})
+    context.route("**/*", lambda route: route.continue_() if route.request.url.startswith("file://")
+                  else route.abort())
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.goto((page_dir / "index.html").as_uri())
+
+    def go_to(tile):
+        page.evaluate(f"window.s2naipReview.go({position[tile['tile_id']]})")
+        assert page.locator("h1").inner_text().endswith(tile["tile_id"])
+
+    go_to(a)
+    strip = page.locator("#written .wcell")
+    assert strip.count() == N_WRITTEN
+    assert [int(x) for x in strip.evaluate_all("cells => cells.map(c => c.dataset.t)")] == a["lr_indices"]
+    assert page.evaluate("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
+    page.keyboard.press("Shift+Digit2")
+    page.keyboard.press("Shift+Digit3")
+    assert page.locator("h1").inner_text().endswith(a["tile_id"])  # a drop does not advance
+    assert page.locator("#decision").inner_text() == (
+        f"dropped t={min(a['lr_indices'][1:3])}, t={max(a['lr_indices'][1:3])} of {N_WRITTEN} written")
+    assert page.locator("#written .wcell.dropped").count() == 2
+    page.keyboard.press("Shift+Digit3")  # keep #3 again
+    page.keyboard.press("Shift+Digit3")  # and drop it once more
+    go_to(b)
+    page.locator(f'#written .wcell[data-t="{b["lr_indices"][0]}"] button.step-drop').click()
+    assert page.locator(f'#written .wcell.dropped[data-t="{b["lr_indices"][0]}"]').count() == 1
+    assert page.locator(f'#grid .cell.step-dropped[data-t="{b["lr_indices"][0]}"]').count() == 1
+    go_to(c)
+    page.keyboard.press("Shift+Digit2")
+    others = [t for t in tiles if t["tile_id"] not in (a["tile_id"], b["tile_id"], c["tile_id"])]
+    go_to(others[0])
+    page.keyboard.press("x")  # a tile drop still works
+    assert "4 / 5 reviewed" in page.locator("#progress-text").inner_text()
+    page.reload()  # drops survive a reload
+    go_to(a)
+    assert page.locator("#written .wcell.dropped").count() == 2
+    assert page.locator(f'#tile-list .item.step-drops').count() == 3
+    with page.expect_download() as download:
+        page.keyboard.press("e")
+    exported = json.loads(Path(download.value.path()).read_text())
+    shot = artifacts_dir(tmp_path) / "review_page_multi.png"
+    page.screenshot(path=str(shot), full_page=True)
+    context.close()
+    assert not errors, errors
+    expected = {a["tile_id"]: {"drop": sorted(a["lr_indices"][1:3])}, b["tile_id"]: {"drop": [b["lr_indices"][0]]},
+                c["tile_id"]: {"drop": [c["lr_indices"][1]]}, others[0]["tile_id"]: None}
+    assert exported == expected
+
+    # the exported file, applied by the build: each dropped timestep gone, the next acceptable ones in
+    ranked = ranked_acceptable(root, list(expected), N_WRITTEN + 2)
+    corrections_file = tmp_path / "corrections.json"
+    corrections_file.write_text(json.dumps(exported))
+    rebuilt = str(tmp_path / "rebuilt")
+    summary = build_pairs.run(["--input", root, "--output", rebuilt, "--runner", RUNNER, "--top-k", "8",
+                               "--selection", "paper", "--lr-timesteps", str(N_WRITTEN), "--allow-fewer", "--corrections", str(corrections_file)])
+    assert summary["counts"]["rejects_by_reason"] == {"removed_by_correction": 1}
+    pairs = {r["tile_id"]: r for r in pq.read_table(os.path.join(rebuilt, "pairs")).to_pylist()}
+    before = {r["tile_id"]: r for r in pq.read_table(os.path.join(out, "pairs")).to_pylist()}
+    assert others[0]["tile_id"] not in pairs
+    for tile_id, value in expected.items():
+        if value is None:
+            continue
+        row, drop = pairs[tile_id], value["drop"]
+        assert not set(row["lr_indices"]) & set(drop)
+        assert row["lr_indices"] == [t for t in ranked[tile_id] if t not in drop][:N_WRITTEN]
+        first_dropped = before[tile_id]["lr_index"] in drop
+        assert row["selection"] == ("manual" if first_dropped else "paper")
+        assert row["lr_index"] == row["lr_indices"][0]
+        assert (row["hr"] == before[tile_id]["hr"]) == (not first_dropped)  # the HR follows the first
+    assert len(pairs[a["tile_id"]]["lr_indices"]) == N_WRITTEN  # replaced by the next acceptable ones
+    assert len(pairs[c["tile_id"]]["lr_indices"]) == len(c["lr_indices"]) - 1  # none left: --allow-fewer
+    # without --allow-fewer the short tile is a too_few_timesteps reject, the others as above
+    strict = build_pairs.run(["--input", root, "--output", str(tmp_path / "strict"), "--runner", RUNNER,
+                              "--top-k", "8", "--selection", "paper", "--lr-timesteps", str(N_WRITTEN), "--corrections", str(corrections_file)])
+    rejects = {r["tile_id"]: r["reason"] for r in pq.read_table(str(tmp_path / "strict" / "rejects")).to_pylist()}
+    assert rejects[c["tile_id"]] == "too_few_timesteps" and rejects[others[0]["tile_id"]] == "removed_by_correction"
+    assert strict["counts"]["pairs"] == sum(len(ranked[t]) >= N_WRITTEN + len(v["drop"]) for t, v in expected.items()
+                                            if v) + sum(len(t["lr_indices"]) == N_WRITTEN for t in others[1:])

@@ -52,14 +52,16 @@ def test_robust_prefers_the_clear_timestep_where_ssim_prefers_its_hazed_copy(see
     np.testing.assert_allclose(sel.candidate_scores, (ev.distance + ev.penalty).astype(np.float32), rtol=1e-6)
 
 
-def test_robust_distance_ignores_the_radiometric_gap():
+def test_robust_correlation_distance_ignores_the_radiometric_gap():
+    """The pre-0.3 distance (`RobustWeights.distance="correlation"`); the shipped one is the paper's."""
     rng = np.random.default_rng(1)
     hr = scene(rng)
     base = area_down(hr.astype(np.float64))
     a = _u8(base + rng.normal(0, 1, base.shape))
     b = _u8(0.7 * a + 30)  # the same timestep through another gain and offset
     hr_down = S.downsample(hr, 32, "bicubic_aa")
-    _, ev = S.robust_scores(S.to_uint8(hr_down), hr_down, np.stack([a, b]), 0.7)
+    w = dataclasses.replace(S.ROBUST_WEIGHTS, distance="correlation")
+    _, ev = S.robust_scores(S.to_uint8(hr_down), hr_down, np.stack([a, b]), 0.7, weights=w)
     assert abs(ev.distance[0] - ev.distance[1]) < 0.01
     paper = S.paper_scores(S.to_uint8(hr_down), np.stack([a, b]), 0.7)
     assert abs(paper[0] - paper[1]) > 0.02  # SSIM's luminance and contrast terms do not
@@ -142,17 +144,17 @@ def test_robust_is_a_selection_mode_with_the_papers_downsampling():
     assert ROBUST.downsample_method == "bicubic_aa"
 
 
-def test_paper_is_the_default_of_the_library_the_cli_and_the_template():
+def test_robust_is_the_default_of_the_library_the_cli_and_the_template():
     """The default decided on real Sentinel-2 (docs/selection-method.md): one value for every entry point."""
     from pipelines.options import BuildOptions
 
-    assert S.DEFAULT_SELECTION == S.SelectionConfig().mode == "paper"
-    assert BuildOptions(["--output", "x"]).selection == "paper"
+    assert S.DEFAULT_SELECTION == S.SelectionConfig().mode == "robust"
+    assert BuildOptions(["--output", "x"]).selection == "robust"
     metadata = json.loads((Path(__file__).parent.parent / "deploy" / "dataflow" / "metadata.json").read_text())
     parameter = next(p for p in metadata["parameters"] if p["name"] == "selection")
-    assert parameter["defaultValue"] == "paper" and "Default: paper" in parameter["helpText"]
+    assert parameter["defaultValue"] == "robust" and "Default: robust" in parameter["helpText"]
     launch = (Path(__file__).parent.parent / "deploy" / "dataflow" / "launch.sh").read_text()
-    assert "# paper (default)" in launch
+    assert "# robust (default)" in launch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,7 +306,9 @@ def test_robust_beats_the_paper_on_hard_tiles_and_matches_it_on_easy_ones(mosaic
     hard = hard_cases.build_dev_tiles(m, xys, seed=5)
     paper_hard, _, _ = _shares(hard, "paper")
     robust_hard, _, counts = _shares(hard, "robust")
-    assert robust_hard >= 0.95, counts
+    # 0.3 dropped the misregistration terms from the score (they cost 8-15 points on real series),
+    # so a few misregistered picks remain here (bench-selection's twin hard row: 94.7 % held-out)
+    assert robust_hard >= 0.9, counts
     assert robust_hard > paper_hard
     assert _shares(hard, "robust", use_extra=False)[0] >= 0.9  # tci + b08 only
     easy = hard_cases.build_dev_tiles(m, xys, seed=6, plant=hard_cases.EASY_PLANT, include_hr_date=True)

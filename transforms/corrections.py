@@ -32,7 +32,6 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from transforms import tiles
 from transforms.evidence import Evidence
 from transforms.imagery import black_border_count
 from transforms.io import storage
@@ -130,18 +129,25 @@ _UNMATCHED = Metrics.counter("corrections", "unmatched")
 def attach_correction(keyed: tuple[str, dict]) -> Iterator[tuple[str, Correction | None]]:
     """(tile_id, {'ids': [...], 'corrections': [...]}) -> (tile_id, its Correction or None) per id.
 
-    Entries for ids that are not in the input are dropped (counter corrections/unmatched)."""
+    Entries for ids that are not in the input are dropped (counter corrections/unmatched). An id
+    that came with fingerprints (`keyed_id`) keeps them: (tile_id, Correction or None, fingerprints)."""
     tile_id, groups = keyed
     ids = list(groups["ids"])
     correction = latest(groups["corrections"])
     if correction is not None:
         (_APPLIED if ids else _UNMATCHED).inc()
-    for _ in ids:
-        yield tile_id, correction
+    for fingerprints in ids:
+        yield (tile_id, correction) if fingerprints is None else (tile_id, correction, fingerprints)
+
+
+def keyed_id(element) -> tuple:
+    """A tile id -> (tile_id, None); (tile_id, fingerprints) from the incremental plan as it is."""
+    return (element, None) if isinstance(element, str) else tuple(element)
 
 
 class JoinCorrections(beam.PTransform):
-    """Tile ids -> (tile_id, Correction or None). The files are read on the workers (one task each;
+    """Tile ids -> (tile_id, Correction or None); (tile_id, fingerprints) pairs -> (tile_id,
+    Correction or None, fingerprints). The files are read on the workers (one task each;
     a missing or malformed file fails the job with its path) and joined by a CoGroupByKey."""
 
     def __init__(self, paths: Iterable[str]):
@@ -155,7 +161,7 @@ class JoinCorrections(beam.PTransform):
             | "SpreadFiles" >> beam.Reshuffle()
             | "ReadCorrections" >> beam.FlatMap(read_corrections_file)
         )
-        keyed_ids = ids | "KeyIds" >> beam.Map(tiles.keyed_by_itself)
+        keyed_ids = ids | "KeyIds" >> beam.Map(keyed_id)
         return (
             {"ids": keyed_ids, "corrections": entries}
             | "JoinById" >> beam.CoGroupByKey()

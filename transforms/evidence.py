@@ -16,6 +16,10 @@ Measures (each documented at its function):
   snow_fraction                     NDSI from green and SWIR (B11, else B12)
   cloud_shadow_fractions            bright-white / dark outliers against a clean reference
   darkening, brightening            global under- / overexposure against the other timesteps
+  underexposed                      the dark gate: far darker than the clearer timesteps and below
+                                    the blue level of a lit scene
+  hr_veil                           a smooth, colourless brightening that the HR does not explain
+  veil_terms(clear_quantile=...)    haze evidence against the tile's clearest timesteps
   estimate_shift                    sub-pixel shift against a reference by phase correlation
   registration                      shifts against the HR and misregistration against a structural
                                     twin, arbitrated by agreement with the HR
@@ -65,6 +69,12 @@ class Evidence:
     # s2cloudless cloud probability (`transforms.cloud_prob`; needs b01, b05, b08, b09, b10, b11,
     # b12): measured on the best few candidates only, NaN for the others
     cloud_prob: np.ndarray | None = None
+    # veil_evidence of veil_terms against the tile's clearest candidates (clear_quantile 0.25), the
+    # score's veil term (`veil` above stays against the median: the --lr-timesteps acceptance limit)
+    clear_veil: np.ndarray | None = None
+    twin_misregistration_px: np.ndarray | None = None  # `registration`'s against a twin alone (px)
+    hr_veil: np.ndarray | None = None  # `hr_veil`: colourless smooth brightening the HR does not explain
+    underexposed: np.ndarray | None = None  # bool, the dark gate (`underexposed`): not a candidate
 
     @property
     def shift_px(self) -> np.ndarray:
@@ -177,25 +187,64 @@ class VeilTerms:
     blue: np.ndarray  # blue/red ratio above the median (ln units)
 
 
-def veil_terms(frames: np.ndarray, contrast_to_hr: np.ndarray | None = None) -> VeilTerms:
-    """The twin-free haze measures of each timestep [K, C, H, W] against the median of the tile's
-    timesteps: no timestep needs a structurally identical twin. Haze and veils (thin cloud, smoke)
-    multiply detail and contrast by the transmission, add path radiance to dark objects (most to
-    blue) and wash colour out; ground changes between dates move these too, which is why each is
-    measured against the median date (robust to a minority of bad dates) and why `veil_evidence`
-    needs several of them to agree. `contrast_to_hr` [K]: ln(sd LR / sd HR) per timestep (window
-    contrast relative to the matched HR), if computed."""
-    def above_median(x):
-        return np.maximum(x - np.median(x), 0.0)
+def quantile(x: np.ndarray, q: float, axis: int = -1) -> np.ndarray:
+    """np.quantile(x, q, axis) with its default (linear) interpolation, without its per-call
+    overhead (~0.1-0.5 ms, which a tile's dozen quantiles of a few values would pay)."""
+    s = np.sort(np.asarray(x, dtype=np.float64), axis=axis)
+    n = s.shape[axis]
+    pos = q * (n - 1)
+    lo = int(np.floor(pos))
+    hi = min(lo + 1, n - 1)
+    a = np.take(s, lo, axis=axis)
+    b = np.take(s, hi, axis=axis)
+    t = pos - lo
+    return a + (b - a) * t if t < 0.5 else b - (b - a) * (1.0 - t)  # numpy's _lerp
 
-    d = detail_level(frames)
-    c = chroma(frames)
+
+@dataclasses.dataclass(frozen=True)
+class VeilMeasures:
+    """Each timestep's own haze-sensitive measures, [K] each (`veil_measures`), before any reference."""
+
+    detail: np.ndarray  # detail_level
+    dark: np.ndarray  # haze_index
+    chroma: np.ndarray  # chroma
+    blue: np.ndarray  # blue_red
+
+
+def veil_measures(frames: np.ndarray) -> VeilMeasures:
+    """The measures `veil_terms` compares, computed once (several references can share them)."""
+    return VeilMeasures(detail_level(frames), haze_index(frames), chroma(frames), blue_red(frames))
+
+
+def veil_terms(frames: np.ndarray, contrast_to_hr: np.ndarray | None = None, clear_quantile: float = 0.5,
+               usable: np.ndarray | None = None, measures: VeilMeasures | None = None) -> VeilTerms:
+    """The twin-free haze measures of each timestep [K, C, H, W] against a reference taken among the
+    tile's timesteps: no timestep needs a structurally identical twin. Haze and veils (thin cloud,
+    smoke) multiply detail and contrast by the transmission, add path radiance to dark objects (most
+    to blue) and wash colour out; ground changes between dates move these too, which is why each is
+    measured against the other dates and why `veil_evidence` needs several of them to agree.
+
+    The reference of each term is a quantile of the timesteps (`usable` ones only, e.g. not
+    underexposed): `clear_quantile` q = 0.5 is the median date; q < 0.5 takes the reference at the
+    *clear* end of each term, as physics orders it: the q-quantile of the dark channel and of the
+    blue/red ratio (haze raises them), the (1 - q)-quantile of detail and chroma (haze lowers
+    them). In series where half the dates are overcast or veiled, the median is a veiled date and
+    a clear one then looks no better than it; the lower quartile (q = 0.25) is still a clear date.
+    `contrast_to_hr` [K]: ln(sd LR / sd HR) per timestep (window contrast relative to the matched
+    HR), if computed; `measures`: `veil_measures(frames)`, if computed."""
+    pick = slice(None) if usable is None or not np.any(usable) else np.asarray(usable, dtype=bool)
+    m = measures or veil_measures(frames)
+
+    def above_low(x):  # rises with haze: reference at the low (clear) end
+        return np.maximum(x - quantile(x[pick], clear_quantile), 0.0)
+
+    c = m.chroma
     return VeilTerms(
-        detail=above_median(-d),
-        contrast=np.zeros(len(d)) if contrast_to_hr is None else above_median(-contrast_to_hr),
-        dark=above_median(haze_index(frames)),
-        colour=np.maximum(1.0 - c / max(float(np.median(c)), 1e-6), 0.0),
-        blue=above_median(blue_red(frames)),
+        detail=above_low(-m.detail),
+        contrast=np.zeros(len(c)) if contrast_to_hr is None else above_low(-contrast_to_hr),
+        dark=above_low(m.dark),
+        colour=np.maximum(1.0 - c / max(float(quantile(c[pick], 1.0 - clear_quantile)), 1e-6), 0.0),
+        blue=above_low(m.blue),
     )
 
 
@@ -292,6 +341,71 @@ def brightening(frames: np.ndarray) -> np.ndarray:
     """1 - the median of the timesteps' mean brightness / mean brightness, >= 0, [K]: a timestep
     mostly under cloud (or snow) scores high, whatever reference its clouds fool."""
     return np.maximum(1.0 - 1.0 / np.maximum(_exposure(frames), 1e-6), 0.0)
+
+
+@functools.lru_cache(maxsize=8)
+def _nearest_gaussian(size: int, sigma: float) -> np.ndarray:
+    """[size, size] matrix of scipy.ndimage.gaussian_filter1d (truncate 4, mode "nearest"): rows
+    of taps with the edge pixel repeated beyond the border."""
+    radius = int(4.0 * sigma + 0.5)
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    taps = np.exp(-0.5 * (x / sigma) ** 2)
+    taps /= taps.sum()
+    m = np.zeros((size, size))
+    for o in range(size):
+        for k, tap in enumerate(taps):
+            m[o, min(max(o + k - radius, 0), size - 1)] += tap
+    m = m.astype(np.float32)
+    m.flags.writeable = False
+    return m
+
+
+BLUE_FLOOR = 0.06  # TOA reflectance: clear-sky path radiance alone lifts a lit scene's mean blue to ~0.04-0.06
+
+
+def underexposed(frames: np.ndarray, ratio: float = 0.6, blue_floor: float = BLUE_FLOOR) -> np.ndarray:
+    """The dark gate, bool [K]: timesteps both far darker than the clearer others (mean R, G, B below
+    `ratio` x the lower quartile of the *other* timesteps' means) and darker in blue than a lit
+    scene can be (mean blue TOA reflectance below `blue_floor`: Rayleigh and aerosol path radiance
+    keep a sunlit scene's mean blue above ~0.04-0.06 even over dark forest). Either alone is not
+    enough: NAIP-like captures differ 2x in brightness from year to year, and a clear frame in a
+    series half overcast or veiled is far darker than most of the others, but only an underexposed
+    (or fully shadowed) frame is both. These are not candidates at all."""
+    level = frames[:, :3].mean(axis=(1, 2, 3), dtype=np.float64)
+    k = len(level)
+    if k < 2:
+        return np.zeros(k, dtype=bool)
+    others = np.broadcast_to(level, (k, k))[~np.eye(k, dtype=bool)].reshape(k, k - 1)
+    relative = level < ratio * quantile(others, 0.25, axis=1)
+    blue = frames[:, B].mean(axis=(-2, -1), dtype=np.float64) * TCI_REFLECTANCE
+    return relative & (blue < blue_floor)
+
+
+def hr_veil(frames: np.ndarray, hr: np.ndarray, sigma: float = 2.5, spread_dn: float = 2.0) -> np.ndarray:
+    """A smooth, colourless brightening of each timestep that the HR does not explain, [K] >= 0.
+
+    Each band of the timestep [K, C, H, W] is fitted to the downsampled HR [C', H, W] (same size,
+    C' >= 3) by a gain and an offset (least squares), which absorbs the radiometric gap and any
+    uniform veil; the residual is low-passed (Gaussian, `sigma` px). A veil (thin cloud, haze,
+    smoke, cumulus) leaves residual patches that brighten R, G and B *together*; a change of the
+    ground between the HR's date and the timestep's moves the bands apart (a harvested field
+    brightens red far more than blue, greening darkens red and lifts green). The measure is the
+    mean over pixels of the residual's grey part above its median, over the residual's spread
+    across R, G, B (+ `spread_dn`): ~0 for a clear timestep of changed ground, large for veils.
+    Compare it between timesteps of one tile (the clearest ones are the reference)."""
+    f = np.asarray(frames[:, :3], dtype=np.float32)
+    k, c, h, w = f.shape
+    ref = np.asarray(hr, dtype=np.float32)[:3].reshape(1, c, -1)
+    x = f.reshape(k, c, -1)
+    rc = ref - ref.mean(axis=-1, keepdims=True)
+    xc = x - x.mean(axis=-1, keepdims=True)
+    gain = (rc * xc).sum(axis=-1) / ((rc * rc).sum(axis=-1) + np.float32(1e-6))
+    residual = (xc - gain[..., None] * rc).reshape(k, c, h, w)
+    low = np.matmul(_nearest_gaussian(h, sigma), residual @ _nearest_gaussian(w, sigma).T)
+    grey = low.mean(axis=1).reshape(k, -1)
+    spread = (low.max(axis=1) - low.min(axis=1)).reshape(k, -1)
+    lift = np.maximum(grey - np.median(grey, axis=1, keepdims=True), np.float32(0.0))
+    return (lift / (spread + np.float32(spread_dn))).mean(axis=1, dtype=np.float64)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -71,7 +71,7 @@ def tile_paths(tile: TileId, config: PairConfig) -> list[str]:
     paths = [tiles.hr_rgb_path(config.input_root, tile), tiles.s2_band_path(config.input_root, tile, "tci")]
     if config.bands == "rgbn":
         paths += [tiles.s2_band_path(config.input_root, tile, "b08"), tiles.hr_nir_path(config.nir_input, tile)]
-    if config.selection.mode == "robust":
+    if reads_extra_bands(config):
         paths += [tiles.s2_band_path(config.input_root, tile, band) for band in extra_bands(config)]
     return paths
 
@@ -79,6 +79,13 @@ def tile_paths(tile: TileId, config: PairConfig) -> list[str]:
 def extra_bands(config: PairConfig) -> tuple[str, ...]:
     """The optional bands the robust mode reads: EXTRA_BANDS but b08 when the series has it (rgbn)."""
     return tuple(b for b in EXTRA_BANDS if not (b == "b08" and config.bands == "rgbn"))
+
+
+def reads_extra_bands(config: PairConfig) -> bool:
+    """The robust mode reads the extra bands; so do the others with --lr-timesteps N > 1, for
+    s2cloudless among their clean gates (`selection.clean_gates`). A single-timestep paper or
+    companion build reads none."""
+    return config.selection.mode == "robust" or config.selection.lr_timesteps > 1
 
 
 def _read(path: str, what: str, missing_reason: str, read: Reader = storage.read_bytes) -> bytes:
@@ -142,8 +149,9 @@ def _with_extra_bands(inputs: TileInputs, tile: TileId, config: PairConfig,
     tile has: each is read directly (a missing file is one failed read, cheaper than listing the
     folder on an object store). A missing band is simply absent; one that cannot be used (read
     error, corrupt PNG, other width or timestep count) is left out too and named in `extra_note`:
-    the pair never depends on them, the evidence just has less to go on. Other modes read none."""
-    if config.selection.mode != "robust":
+    the pair never depends on them, the evidence just has less to go on. Other modes read none,
+    unless --lr-timesteps N > 1 (`reads_extra_bands`)."""
+    if not reads_extra_bands(config):
         return inputs
     notes = []
     for band in extra_bands(config):

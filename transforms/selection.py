@@ -13,12 +13,11 @@ For one tile: an HR NAIP image `hr` [128, 128, C] and its Sentinel-2 series `ser
                   better in both modes; torchmetrics SSIM (reflect padding, full map, clamped
                   variances), float HR_down from PyTorch's non-antialiased bicubic, HM_j stored into
                   uint8 by truncation;
-   - `robust`:    the paper's two comparisons, raw and after histogram matching, with a gap-free
-                  similarity (contrast-weighted local correlation, blind to each timestep's gain and
-                  offset) instead of SSIM, plus a penalty from per-timestep evidence of haze, thin
-                  cloud and cirrus, cumulus, shadow, snow and misregistration (`transforms.evidence`;
-                  the extra bands B01, B10, B11/B12 sharpen it when the tile has them); its top-k
-                  are ranked by gap-free correlation instead of PSNR (`robust_scores`);
+   - `robust`:    (the default) the paper's distance plus a penalty from per-timestep evidence
+                  that needs no clean twin: veils against the tile's clearest candidates and against
+                  the HR, a dark gate, twin haze, snow, cirrus and s2cloudless when the tile has the
+                  bands (`transforms.evidence`); its top-k are ranked by gap-free correlation
+                  instead of PSNR (`robust_scores`);
    `HM_j` is histogram matching to timestep j (scikit-image `match_histograms` semantics);
 4. histogram-match the full HR to the chosen timestep and return the pair.
 
@@ -38,9 +37,10 @@ from transforms import evidence as E
 from transforms.imagery import has_black_border
 
 SELECTION_MODES = ("paper", "companion", "robust")
-# the default, decided on real Sentinel-2 (docs/selection-method.md): `robust` does not beat `paper`
-# there (semi-real veiled series), so the paper's formula is the default again
-DEFAULT_SELECTION = "paper"
+# the default, decided on real Sentinel-2 (docs/selection-method.md): since 0.3 `robust` has the most
+# clean picks on the real and semi-real sets and is not worse than `paper` on twin-free synthetic and
+# easy tiles (held-out part)
+DEFAULT_SELECTION = "robust"
 DOWNSAMPLE_METHODS = ("bicubic_aa", "bicubic_torch")
 DEFAULT_DOWNSAMPLE = {"paper": "bicubic_aa", "companion": "bicubic_torch", "robust": "bicubic_aa",
                       "manual": "bicubic_aa"}
@@ -76,6 +76,40 @@ class Acceptance:
 
 
 ACCEPTANCE = Acceptance()
+
+
+@dataclasses.dataclass(frozen=True)
+class CleanGates:
+    """`paper` and `companion`, --lr-timesteps N > 1: the cheap clean gates a timestep must pass to
+    be written besides the paper's own criteria (a black border drops it, the top-k by PSNR, the
+    score ranks it), which alone write dark and cloudy timesteps (the paper has no evidence of them).
+    Each gate is measured against the tile's other valid timesteps and the HR (`clean_gates`):
+
+    * thick cloud (bright and white): the fraction of pixels whose R, G and B are all >= `cloud_dn`
+      (TCI DN; 200 is ~0.28 top-of-atmosphere reflectance, thick cloud saturates the TCI at 255)
+      and whitish (min >= 0.6 max), where the HR downsampled is not bright itself (R, G, B all >=
+      `hr_bright_dn`: a roof, sand), at most `cloud`. Clean timesteps of the real-NAIP-derived
+      tiles reach 0.008, planted thick cloud 0.46 and more. Snow counts too: it hides the ground
+      the HR shows just as well.
+    * dark: 1 - mean R, G, B brightness / the lower quartile of the means of the tile's timesteps
+      that pass the cloud gate (all of them when none does), at most `dark`. Clean captures years
+      apart reach 0.19 on the real-NAIP-derived tiles, planted dark ones (exposure x0.12-0.3)
+      0.60 and more.
+    * s2cloudless (`transforms.cloud_prob`), when the tile has its bands (b01, b05, b08, b09, b10,
+      b11, b12): mean cloud probability above the tile's lowest, at most `cloud_prob`.
+
+    The first written timestep stays the mode's single choice (N = 1 output unchanged) unless it
+    fails a gate: then the best-scoring candidate that passes is the first, the HR matched to it
+    (`select_pair`)."""
+
+    dark: float = 0.5
+    cloud: float = 0.1
+    cloud_dn: int = 200
+    hr_bright_dn: int = 150
+    cloud_prob: float = 0.1
+
+
+CLEAN_GATES = CleanGates()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +159,9 @@ class Selection:
     # the written timesteps, best first (lr_indices[0] == lr_index); lr is series[lr_indices]
     # [N, 32, 32, C] when the build asks for lr_timesteps > 1 (`with_timesteps`); None: [lr_index]
     lr_indices: np.ndarray | None = None
+    # paper / companion with lr_timesteps > 1: bool [K], the candidates that pass `clean_gates`
+    # (aligned with candidate_indices); None otherwise (robust's `acceptable` reads its evidence)
+    clean: np.ndarray | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,19 +438,36 @@ def match_histograms(source: np.ndarray, templates: np.ndarray) -> np.ndarray:
 # Scores and the selection itself.
 
 
-def paper_scores(hr_down_u8: np.ndarray, candidates: np.ndarray, alpha: float) -> np.ndarray:
+def paper_scores(hr_down_u8: np.ndarray, candidates: np.ndarray, alpha: float,
+                 matched_u8: np.ndarray | None = None) -> np.ndarray:
     """a * d(HR, LR_j) + (1 - a) * d(HM_j(HR), LR_j) with d = 1 - SSIM; lower is better.
 
     The same as `alpha * (1 - ssim_to_reference(hr, lr)) + (1 - alpha) * (1 - ssim(hm, lr))`, with
-    the candidates' moments computed once and shared by both terms."""
+    the candidates' moments computed once and shared by both terms. `matched_u8` [K, C, h, w]: the
+    HR already histogram-matched to each candidate (`_match_uint8`), if the caller has it."""
     k, h, w, c = candidates.shape
-    matched = _match_uint8(hr_down_u8, candidates).reshape(k, c, h, w).astype(np.float64)
+    if matched_u8 is None:
+        matched_u8 = _match_uint8(hr_down_u8, candidates).reshape(k, c, h, w)
+    matched = matched_u8.astype(np.float64)
     y = _to_nchw(candidates)
     r = _to_nchw(hr_down_u8)
     ur, urr = _smooth(np.stack([r, r * r]), "valid")
     uy, uyy, ury, um, umm, umy = _smooth(np.stack([y, y * y, r * y, matched, matched * matched, matched * y]), "valid")
     s_raw = _ssim_from_moments(ur, uy, urr, uyy, ury, clamp_variance=False).mean(axis=(-3, -2, -1))
     s_matched = _ssim_from_moments(um, uy, umm, uyy, umy, clamp_variance=False).mean(axis=(-3, -2, -1))
+    return alpha * (1.0 - s_raw) + (1.0 - alpha) * (1.0 - s_matched)
+
+
+def _ssim_distance_f32(hr_down_u8: np.ndarray, frames: np.ndarray, matched_u8: np.ndarray, alpha: float) -> np.ndarray:
+    """`paper_scores` in float32 moments (the robust mode's distance; equal to ~1e-5): frames and
+    matched_u8 [K, C, h, w] uint8."""
+    y = frames.astype(np.float32)
+    m = matched_u8.astype(np.float32)
+    r = np.moveaxis(hr_down_u8, -1, 0).astype(np.float32)
+    ur, urr = _smooth_f32(np.stack([r, r * r]))
+    uy, uyy, ury, um, umm, umy = _smooth_f32(np.stack([y, y * y, r * y, m, m * m, m * y]))
+    s_raw = _ssim_from_moments(ur, uy, urr, uyy, ury, clamp_variance=False).mean(axis=(-3, -2, -1), dtype=np.float64)
+    s_matched = _ssim_from_moments(um, uy, umm, uyy, umy, clamp_variance=False).mean(axis=(-3, -2, -1), dtype=np.float64)
     return alpha * (1.0 - s_raw) + (1.0 - alpha) * (1.0 - s_matched)
 
 
@@ -429,27 +483,53 @@ def companion_scores(hr_down: np.ndarray, candidates: np.ndarray, alpha: float) 
 
 @dataclasses.dataclass(frozen=True)
 class RobustWeights:
-    """Weights and tolerances of the robust score's evidence terms (tuned on development tiles; see
-    docs/selection-modes.md). Fractions and indices are in [0, 1] unless said otherwise."""
+    """Weights and tolerances of the robust score's evidence terms (chosen on the tune part of the
+    evaluation sets; docs/selection-method.md). Fractions and indices are in [0, 1] unless said
+    otherwise. A weight of 0 leaves a term measured (it is stored and the --lr-timesteps acceptance
+    and the confidence read it) but out of the score."""
 
+    # the structural distance: "ssim", the paper's (SSIM raw and against the histogram-matched HR);
+    # "correlation", the contrast-weighted local correlation robust used before 0.3 (blind to gain
+    # and offset, which on real series half overcast also blinds it to veils)
+    distance: str = "ssim"
     haze: float = 2.0  # per unit of contrast loss against a twin beyond `haze_tolerance`
     haze_tolerance: float = 0.03  # revisits of clear ground differ by a few % in gain
     aerosol: float = 0.0  # per unit of B01-above-blue reflectance above the tile's lowest
     cirrus: float = 0.5  # per unit of mean cirrus probability above the tile's lowest
-    cloud: float = 2.0  # per unit of cloud fraction (or global brightening beyond `exposure_tolerance`)
-    shadow: float = 2.0  # per unit of shadow fraction (or global darkening beyond `exposure_tolerance`)
-    # global darkening / brightening against the other candidates counted as shadow / cloud beyond
-    # this; None: not counted
-    exposure_tolerance: float | None = 0.35
+    # per unit of cloud / shadow fraction against the HR histogram-matched to the timestep (or global
+    # brightening / darkening beyond `exposure_tolerance`): 0, measured only; they cost 18-25 points
+    # on the semi-real series (a grey overcast frame fools both references)
+    cloud: float = 0.0
+    shadow: float = 0.0
+    exposure_tolerance: float | None = 0.35  # None: global darkening / brightening not counted
     snow: float = 2.0  # per unit of snow fraction
-    shift: float = 0.5  # per pixel of misregistration beyond `shift_tolerance`
+    # per pixel of misregistration beyond `shift_tolerance`: 0, measured only (real dates are shifted
+    # against an HR of another date by as much; it cost 15 points on the semi-real set)
+    shift: float = 0.0
+    # per pixel of misregistration against a structural twin only (`evidence.registration`), beyond
+    # `shift_tolerance`: 0, measured only (+3 points on the twin set, -8 on the semi-real set, whose
+    # real dates pair up as "twins" shifted against each other)
+    twin_shift: float = 0.0
     shift_tolerance: float = 0.5
     hr_shift_peak: float = 0.3  # the HR phase-correlation shift counts when its peak reaches this
-    veil: float = 0.5  # per unit of twin-free veil evidence (`evidence.veil_evidence`) beyond `veil_tolerance`
-    veil_tolerance: float = 0.1  # ground changes between dates move one or two veil terms
+    veil: float = 0.0  # per unit of the veil evidence against the median candidate beyond `veil_tolerance`
+    veil_tolerance: float = 0.1
+    # per unit of the veil evidence against the clearest candidates (`evidence.veil_terms` with
+    # `clear_quantile`) beyond `clear_veil_tolerance`
+    clear_veil: float = 0.5
+    clear_veil_tolerance: float = 0.15  # ground changes between dates move one or two veil terms
+    clear_quantile: float = 0.25
+    # `evidence.hr_veil` above the lowest candidate's, counted fully at `hr_veil_scale`
+    hr_veil: float = 0.3
+    hr_veil_scale: float = 0.5
+    underexposed: float = 10.0  # the dark gate (`evidence.underexposed`): out of the running
     cloud_prob: float = 1.0  # per unit of s2cloudless probability above the lowest evaluated candidate
     cloud_prob_tolerance: float = 0.05
     cloud_prob_candidates: int = 4  # s2cloudless runs on this many best-scoring candidates
+
+    def __post_init__(self):
+        if self.distance not in ("ssim", "correlation"):
+            raise ValueError(f"distance must be 'ssim' or 'correlation', got {self.distance!r}")
 
 
 ROBUST_WEIGHTS = RobustWeights()
@@ -467,32 +547,38 @@ def robust_scores(hr_down_u8: np.ndarray, hr_down: np.ndarray, candidates: np.nd
                   weights: RobustWeights = ROBUST_WEIGHTS) -> tuple[np.ndarray, E.Evidence]:
     """The robust score of each candidate [K, h, w, C] (lower is better) and its evidence.
 
-    distance = a * (1 - LC(HR, LR_j)) + (1 - a) * (1 - LC(HM_j(HR), LR_j)), LC the contrast-weighted
-    local correlation over the SSIM windows: the paper's two comparisons, raw and after histogram
-    matching, but without SSIM's luminance and contrast terms, whose stabilising constants reward
-    hazy, low-contrast timesteps. score = distance + `robust_penalty` of the evidence: loss of
-    detail against structural twins (haze, thin cloud), cloud / shadow / snow fractions against
-    the HR histogram-matched to the timestep (or global over/underexposure against the other
-    candidates), B10 cirrus, and misregistration against a twin or the HR (`transforms.evidence`).
+    distance (weights.distance "ssim", since 0.3) = the paper's a * (1 - SSIM(HR, LR_j)) + (1 - a) *
+    (1 - SSIM(HM_j(HR), LR_j)) in float32 moments; "correlation" (0.2) uses LC, the contrast-
+    weighted local correlation over the same windows, blind to gain and offset. score = distance +
+    `robust_penalty` of the evidence (`transforms.evidence`): veils against the tile's clearest
+    candidates (`veil_terms` with `clear_quantile`) and against the HR (`hr_veil`), the dark gate
+    (`underexposed`), loss of detail against structural twins, snow, B10 cirrus and s2cloudless;
+    cloud / shadow fractions, exposure and misregistration are measured for the record and the
+    acceptance, and count only with non-zero weights (docs/selection-method.md).
     `extra` holds the candidates' extra bands ([K, h, w] each, names from EXTRA_BANDS), if any."""
     extra = extra or {}
     w = weights
     k, h, wd, c = candidates.shape
     matched_u8 = _match_uint8(hr_down_u8, candidates).reshape(k, c, h, wd)
-    matched = matched_u8.astype(np.float32)
     frames = np.ascontiguousarray(np.moveaxis(candidates, -1, 1))  # uint8 [K, C, h, w]
-    y = frames.astype(np.float32)
-    r = np.moveaxis(hr_down_u8, -1, 0).astype(np.float32)
-    ur, urr = _smooth_f32(np.stack([r, r * r]))
-    uy, uyy, ury, um, umm, umy = _smooth_f32(np.stack([y, y * y, r * y, matched, matched * matched, matched * y]))
-    vy = uyy - uy * uy
-    vr = urr - ur * ur
-    # window contrast of each timestep relative to the HR's (R, G, B), ln units
-    sd_ratio = np.log((np.sqrt(np.maximum(vy[:, :3], 0.0)).mean(axis=(-2, -1), dtype=np.float64) + 0.5)
-                      / (np.sqrt(np.maximum(vr[:3], 0.0)).mean(axis=(-2, -1), dtype=np.float64) + 0.5)).mean(axis=-1)
-    lc_raw = _local_correlation(vr, vy, ury - ur * uy)
-    lc_matched = _local_correlation(umm - um * um, vy, umy - um * uy)
-    distance = alpha * (1.0 - lc_raw) + (1.0 - alpha) * (1.0 - lc_matched)
+    if w.distance == "ssim":
+        distance = _ssim_distance_f32(hr_down_u8, frames, matched_u8, alpha)
+        uy = None
+        sd_ratio = None
+    else:
+        matched = matched_u8.astype(np.float32)
+        y = frames.astype(np.float32)
+        r = np.moveaxis(hr_down_u8, -1, 0).astype(np.float32)
+        ur, urr = _smooth_f32(np.stack([r, r * r]))
+        uy, uyy, ury, um, umm, umy = _smooth_f32(np.stack([y, y * y, r * y, matched, matched * matched, matched * y]))
+        vy = uyy - uy * uy
+        vr = urr - ur * ur
+        # window contrast of each timestep relative to the HR's (R, G, B), ln units
+        sd_ratio = np.log((np.sqrt(np.maximum(vy[:, :3], 0.0)).mean(axis=(-2, -1), dtype=np.float64) + 0.5)
+                          / (np.sqrt(np.maximum(vr[:3], 0.0)).mean(axis=(-2, -1), dtype=np.float64) + 0.5)).mean(axis=-1)
+        lc_raw = _local_correlation(vr, vy, ury - ur * uy)
+        lc_matched = _local_correlation(umm - um * um, vy, umy - um * uy)
+        distance = alpha * (1.0 - lc_raw) + (1.0 - alpha) * (1.0 - lc_matched)
 
     swir = extra.get("b11", extra.get("b12"))
     cloud, shadow = E.cloud_shadow_fractions(frames, matched_u8, swir)
@@ -502,15 +588,18 @@ def robust_scores(hr_down_u8: np.ndarray, hr_down: np.ndarray, candidates: np.nd
         t = w.exposure_tolerance
         cloud = np.maximum(cloud, (E.brightening(frames) - t) / (1.0 - t))
         shadow = np.maximum(shadow, (E.darkening(frames) - t) / (1.0 - t))
-    reg = E.registration(frames, np.moveaxis(hr_down, -1, 0), smoothed=uy)
+    hr_bands = np.moveaxis(hr_down, -1, 0)
+    reg = E.registration(frames, hr_bands, smoothed=uy)
     confident = reg.hr_peak >= w.hr_shift_peak
     hr_px = np.hypot(reg.hr_shift[:, 0], reg.hr_shift[:, 1])
+    dark = E.underexposed(frames)
+    measures = E.veil_measures(frames)
     evidence = E.Evidence(
         bands=tuple(b for b in EXTRA_BANDS if b in extra),
         distance=distance,
         penalty=np.zeros(k),
         haze=E.contrast_loss(frames, distance=distance),
-        dark_channel=E.haze_index(frames),
+        dark_channel=measures.dark,
         cloud=cloud,
         shadow=shadow,
         misregistration_px=np.where(confident, np.maximum(reg.misregistration, hr_px), reg.misregistration),
@@ -519,7 +608,12 @@ def robust_scores(hr_down_u8: np.ndarray, hr_down: np.ndarray, candidates: np.nd
         aerosol=E.aerosol_index(extra["b01"], frames) if "b01" in extra else None,
         cirrus=E.cirrus_index(extra["b10"]) if "b10" in extra else None,
         snow=E.snow_fraction(frames, swir) if swir is not None else None,
-        veil=E.veil_evidence(E.veil_terms(frames, sd_ratio)),
+        veil=E.veil_evidence(E.veil_terms(frames, sd_ratio, measures=measures)),
+        twin_misregistration_px=reg.misregistration,
+        clear_veil=E.veil_evidence(E.veil_terms(frames, clear_quantile=w.clear_quantile, usable=~dark,
+                                                measures=measures)),
+        hr_veil=E.hr_veil(frames, hr_bands),
+        underexposed=dark,
     )
     evidence.penalty = robust_penalty(evidence, w)
     if CP.available(extra, has_nir=c > 3) and w.cloud_prob_candidates > 0:
@@ -550,6 +644,16 @@ def robust_penalty(evidence: E.Evidence, weights: RobustWeights = ROBUST_WEIGHTS
         penalty = penalty + w.snow * e.snow
     if e.veil is not None and w.veil:
         penalty = penalty + w.veil * np.maximum(e.veil - w.veil_tolerance, 0.0)
+    if e.twin_misregistration_px is not None and w.twin_shift:
+        penalty = penalty + w.twin_shift * np.maximum(e.twin_misregistration_px - w.shift_tolerance, 0.0)
+    if e.clear_veil is not None and w.clear_veil:
+        penalty = penalty + w.clear_veil * np.maximum(e.clear_veil - w.clear_veil_tolerance, 0.0)
+    usable = np.ones(len(penalty), dtype=bool) if e.underexposed is None else ~np.asarray(e.underexposed, dtype=bool)
+    if e.hr_veil is not None and w.hr_veil:
+        lowest = e.hr_veil[usable].min() if usable.any() else e.hr_veil.min()
+        penalty = penalty + w.hr_veil * np.minimum(np.maximum(e.hr_veil - lowest, 0.0) / w.hr_veil_scale, 1.0)
+    if e.underexposed is not None:
+        penalty = penalty + w.underexposed * np.asarray(e.underexposed, dtype=np.float64)
     if e.cloud_prob is not None:
         seen = np.isfinite(e.cloud_prob)
         if seen.any():
@@ -633,7 +737,7 @@ def select_pair(hr: np.ndarray, series: np.ndarray, config: SelectionConfig = Se
         raise TypeError("hr and series must be uint8")
     if hr.shape[-1] != series.shape[-1]:
         raise ValueError(f"band mismatch: hr has {hr.shape[-1]}, series has {series.shape[-1]}")
-    extra = _check_extra(extra, series) if config.mode == "robust" else {}
+    extra = _check_extra(extra, series) if config.mode == "robust" or config.lr_timesteps > 1 else {}
     valid = np.flatnonzero(~has_black_border(series, config.max_border_black, config.border_px))
     if valid.size == 0:
         raise NoValidTimesteps(f"all {series.shape[0]} timesteps have a black border")
@@ -661,6 +765,14 @@ def select_pair(hr: np.ndarray, series: np.ndarray, config: SelectionConfig = Se
     best = int(np.argmin(scores))  # first minimum, like torch.argmax on the similarity
     lr_index = int(valid[top[best]])
     confidence = pair_confidence(scores, best, valid_series[top], evidence)
+    clean = None
+    if config.mode != "robust" and config.lr_timesteps > 1:
+        passes = clean_gates(to_uint8(hr_down), valid_series, {name: band[valid] for name, band in extra.items()})
+        clean = passes[top]
+        if not clean[best] and clean.any():  # the mode's choice fails a gate: the best that passes
+            best = int(np.flatnonzero(clean)[np.argmin(scores[clean])])
+            lr_index = int(valid[top[best]])
+            confidence = pair_confidence(scores, best, valid_series[top], evidence)
     lr = series[lr_index]
     hr_matched = match_histograms(hr, lr[None])[0]
     return Selection(
@@ -675,14 +787,40 @@ def select_pair(hr: np.ndarray, series: np.ndarray, config: SelectionConfig = Se
         lr=lr,
         evidence=evidence,
         confidence=confidence,
+        clean=clean,
     )
+
+
+def clean_gates(hr_down_u8: np.ndarray, series: np.ndarray, extra: dict[str, np.ndarray] | None = None,
+                gates: CleanGates = CLEAN_GATES) -> np.ndarray:
+    """bool [V]: the timesteps of `series` [V, 32, 32, C] (a tile's valid ones) that pass the clean
+    gates (`CleanGates`), against `hr_down_u8` [32, 32, C], the HR downsampled, and each other;
+    `extra` their extra bands [V, 32, 32], s2cloudless's when the tile has them."""
+    frames = np.ascontiguousarray(np.moveaxis(series, -1, 1))  # uint8 [V, C, h, w]
+    vis = frames[:, :3].astype(np.int16)
+    low, high = vis.min(axis=1), vis.max(axis=1)
+    hr_bright = hr_down_u8[..., :3].min(axis=-1) >= gates.hr_bright_dn
+    bright = ((low >= gates.cloud_dn) & (low * 5 >= high * 3) & ~hr_bright).mean(axis=(-2, -1))
+    ok = bright <= gates.cloud
+    # darkening against the timesteps without thick cloud (a cloudy majority would make every
+    # clear one look dark), all of them when none is
+    level = vis.mean(axis=(1, 2, 3))
+    reference = float(np.quantile(level[ok] if ok.any() else level, 0.25))
+    ok &= 1.0 - level / max(reference, 1e-6) <= gates.dark
+    extra = extra or {}
+    if CP.available(extra, has_nir=series.shape[-1] > 3):
+        prob = CP.cloud_probability(frames, {b: extra[b] for b in CP.CLOUD_BANDS if b in extra},
+                                    block=max(series.shape[1] // 2, 1))
+        ok &= prob - prob.min() <= gates.cloud_prob
+    return ok
 
 
 def multi_timesteps(selection: Selection, config: SelectionConfig, exclude: frozenset[int] = frozenset()) -> np.ndarray:
     """The timesteps to write, best first: the selection's choice (`lr_index`, automatic or a
     reviewer's), then the other candidates in the mode's own ranking (score ascending, ties in
     top-k order), those acceptable only: in `robust`, those whose evidence passes (`acceptable`;
-    the score already ranks clean ones first); in `paper` and `companion` every top-k candidate. Returns int32 [n], n <= config.lr_timesteps; raises TooFewTimesteps
+    the score already ranks clean ones first); in `paper` and `companion` those that pass the clean
+    gates (`clean_gates`, `Selection.clean`). Returns int32 [n], n <= config.lr_timesteps; raises TooFewTimesteps
     when fewer than lr_timesteps are acceptable, unless config.allow_fewer. Timesteps in `exclude`
     (a reviewer's drops, `corrections.drop_timesteps`) are skipped too."""
     want = config.lr_timesteps
@@ -691,6 +829,8 @@ def multi_timesteps(selection: Selection, config: SelectionConfig, exclude: froz
     ok = (candidates[order] != selection.lr_index) & ~np.isin(candidates[order], list(exclude))
     if selection.evidence is not None:
         ok &= acceptable(selection.evidence)[order]
+    if selection.clean is not None:
+        ok &= np.asarray(selection.clean)[order]
     chosen = np.concatenate([[selection.lr_index], candidates[order][ok]])[:want].astype(np.int32)
     if chosen.size < want and not config.allow_fewer:
         raise TooFewTimesteps(f"{chosen.size} acceptable timesteps ({config.mode} ranking), {want} requested")

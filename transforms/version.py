@@ -1,2 +1,5 @@
-"""The pipeline version, recorded in every pair row and run.json (setup.py reads it from here)."""
-PIPELINE_VERSION = "0.2.0"
+"""The pipeline version, recorded in every pair row and run.json (setup.py reads it from here).
+
+0.3.0: the robust selection's choices changed (the paper's SSIM distance plus veil evidence against
+the clearest candidates and the HR, a dark gate; docs/selection-method.md)."""
+PIPELINE_VERSION = "0.3.0"

@@ -11,7 +11,11 @@
   (`--direct_running_mode=multi_processing`) inherit it.
 * `FaultyProxy`: an HTTP proxy on loopback that forwards to the emulator and injects transient
   faults (the first N requests 503, every k-th request 429/500/503, connection resets in the middle
-  of a response), counting what it did.
+  of a response), counting what it did, and every request by its kind as GCS bills it
+  (`request_kinds`: media and metadata GETs, listings, inserts, composes, copies, deletes; the
+  parts of a JSON batch one by one). It also pages object listings as GCS does (`GcsListPaging`:
+  at most 1,000 entries a page, `pageToken`, `startOffset`/`endOffset`), which the emulator does
+  not: without it a listing of any size would be one request.
 
 Nothing here ever connects anywhere but 127.0.0.1.
 """
@@ -24,12 +28,15 @@ import json
 import os
 import socket
 import struct
+import re
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import base64
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -209,6 +216,9 @@ class _MetadataHandler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):
         path = self.path.split("?", 1)[0]
+        # google-auth asks by the account's email once it knows it (a second refresh of the same
+        # credentials, e.g. two threads at once): the same account as `default`
+        path = path.replace(f"/service-accounts/{FAKE_ACCOUNT}", "/service-accounts/default")
         if path in self.ROUTES:
             body, ctype = self.ROUTES[path].encode(), "text/plain"
         elif path.rstrip("/") == "/computeMetadata/v1/instance/service-accounts/default":
@@ -385,6 +395,124 @@ class FaultPlan:
         return None
 
 
+# ---------------------------------------------------------------------------------------------
+# Requests by kind, as GCS bills them
+
+
+# (kind, GCS operation class): Class A and B are billed per 10,000; deletes are free
+KIND_CLASS = {
+    "get_media": "B",       # objects.get ?alt=media (a download, found or 404)
+    "get_metadata": "B",    # objects.get (metadata only)
+    "get_bucket": "B",      # buckets.get
+    "list": "A",            # objects.list (one page)
+    "insert": "A",          # objects.insert: a simple or multipart upload, or a resumable upload's start
+    "upload_part": "A",     # a resumable upload's PUT (billed as Class A, as its start is)
+    "compose": "A",
+    "copy": "A",            # objects.copy / objects.rewrite
+    "patch": "A",           # objects.patch / update
+    "delete": "free",
+    "other": "?",
+}
+
+_OBJECT = r"/storage/v1/b/[^/?]+/o/[^/?]+"
+
+
+def request_kind(method: str, path: str) -> str:
+    """The kind (a key of KIND_CLASS) of one JSON API request, from its method and path."""
+    url = urllib.parse.urlsplit(path)
+    p, query = url.path, urllib.parse.parse_qs(url.query)
+    if p.startswith("/upload/storage/v1/b/"):
+        return "upload_part" if method == "PUT" else "insert"
+    if method == "GET":
+        if re.fullmatch(r"/download/storage/v1/b/[^/?]+/o/.+", p) or (
+                re.fullmatch(_OBJECT, p) and query.get("alt") == ["media"]):
+            return "get_media"
+        if re.fullmatch(_OBJECT, p):
+            return "get_metadata"
+        if re.fullmatch(r"/storage/v1/b/[^/?]+/o/?", p):
+            return "list"
+        if re.fullmatch(r"/storage/v1/b/[^/?]+/?", p):
+            return "get_bucket"
+        return "other"
+    if method == "POST":
+        if p.endswith("/compose") and re.fullmatch(_OBJECT + "/compose", p):
+            return "compose"
+        if re.fullmatch(_OBJECT + r"/(copyTo|rewriteTo)/b/[^/?]+/o/[^/?]+", p):
+            return "copy"
+        if re.fullmatch(r"/storage/v1/b/[^/?]+/o/?", p):
+            return "insert"
+        return "other"
+    if method == "DELETE" and re.fullmatch(_OBJECT, p):
+        return "delete"
+    if method in ("PATCH", "PUT") and re.fullmatch(_OBJECT, p):
+        return "patch"
+    return "other"
+
+
+_BATCH_PART = re.compile(rb"^(GET|POST|PUT|PATCH|DELETE) (\S+) HTTP/1\.1\r?$", re.MULTILINE)
+
+
+def request_operations(method: str, path: str, body: bytes | None) -> list[tuple[str, str]]:
+    """(kind, path) of each billed operation of one HTTP request: itself, or each part of a JSON
+    batch (with the part's own path)."""
+    if method == "POST" and urllib.parse.urlsplit(path).path.startswith("/batch/"):
+        parts = [(m.decode(), u.decode()) for m, u in _BATCH_PART.findall(body or b"")]
+        return [(request_kind(m, u), u) for m, u in parts]
+    return [(request_kind(method, path), path)]
+
+
+def request_kinds(method: str, path: str, body: bytes | None) -> list[str]:
+    """The billed operations of one HTTP request by kind: itself, or each part of a JSON batch."""
+    return [kind for kind, _ in request_operations(method, path, body)]
+
+
+def operation_object(path: str) -> str:
+    """The object name (or listing prefix / start) an operation's path names, decoded."""
+    url = urllib.parse.urlsplit(path)
+    if "/o/" in url.path:
+        return urllib.parse.unquote(url.path.split("/o/", 1)[1])
+    query = urllib.parse.parse_qs(url.query)
+    return (query.get("startOffset") or query.get("prefix") or [""])[0]
+
+
+class GcsListPaging:
+    """objects.list as GCS answers it, over the emulator's one-page answer: entries (objects and,
+    with a delimiter, prefixes) in name order, only those in [startOffset, endOffset), at most
+    `maxResults` (default and cap 1,000) a page, with a `nextPageToken` while more remain."""
+
+    PAGE = 1000
+    OWN = ("maxResults", "pageToken", "startOffset", "endOffset")
+
+    @staticmethod
+    def applies(method: str, path: str) -> bool:
+        return method == "GET" and bool(re.fullmatch(r"/storage/v1/b/[^/?]+/o/?", urllib.parse.urlsplit(path).path))
+
+    @classmethod
+    def upstream_path(cls, path: str) -> str:
+        """The request as forwarded: without the paging parameters the emulator ignores."""
+        url = urllib.parse.urlsplit(path)
+        query = [(k, v) for k, v in urllib.parse.parse_qsl(url.query, keep_blank_values=True) if k not in cls.OWN]
+        return urllib.parse.urlunsplit(("", "", url.path, urllib.parse.urlencode(query), ""))
+
+    @classmethod
+    def page(cls, path: str, answer: dict) -> dict:
+        query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(path).query))
+        size = min(int(query.get("maxResults") or cls.PAGE), cls.PAGE)
+        start, end = query.get("startOffset"), query.get("endOffset")
+        after = base64.urlsafe_b64decode(query["pageToken"]).decode() if query.get("pageToken") else None
+        entries = [(o["name"], "item", o) for o in answer.get("items") or []]
+        entries += [(p, "prefix", p) for p in answer.get("prefixes") or []]
+        entries = sorted(e for e in entries if (start is None or e[0] >= start) and (end is None or e[0] < end)
+                         and (after is None or e[0] > after)) if entries else []
+        shown = entries[:size]
+        out = {k: v for k, v in answer.items() if k not in ("items", "prefixes", "nextPageToken")}
+        out["items"] = [e[2] for e in shown if e[1] == "item"]
+        out["prefixes"] = [e[2] for e in shown if e[1] == "prefix"]
+        if len(entries) > size:
+            out["nextPageToken"] = base64.urlsafe_b64encode(shown[-1][0].encode()).decode()
+        return out
+
+
 class _ProxyHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     # headers and body are two writes: with Nagle's algorithm the body waits for the client's
@@ -412,7 +540,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
     def _handle(self):
         proxy = self.server.proxy
         body = self._body()
-        action = proxy._next_action(self.command, self.path, self.headers.get("User-Agent", ""))
+        action = proxy._next_action(self.command, self.path, self.headers.get("User-Agent", ""), body)
         if proxy.latency_s:
             time.sleep(proxy.latency_s)  # the round trip to a distant object store
         if action and action[0] == "status":
@@ -430,11 +558,15 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
         if body is not None:
             headers["Content-Length"] = str(len(body))
+        paged = proxy.list_paging and GcsListPaging.applies(self.command, self.path)
         upstream = http.client.HTTPConnection(LOOPBACK, proxy.upstream_port, timeout=60)
         try:
-            upstream.request(self.command, self.path, body=body, headers=headers)
+            path = GcsListPaging.upstream_path(self.path) if paged else self.path
+            upstream.request(self.command, path, body=body, headers=headers)
             resp = upstream.getresponse()
             data = resp.read()
+            if paged and resp.status == 200:
+                data = json.dumps(GcsListPaging.page(self.path, json.loads(data))).encode()
             resp_headers = [(k, v) for k, v in resp.getheaders() if k.lower() not in _HOP_BY_HOP | {"content-length"}]
             status, reason = resp.status, resp.reason
         except OSError as e:  # the emulator is gone: a real 502, not a fault of the plan
@@ -479,8 +611,12 @@ class FaultyProxy:
     with `latency_s`, delaying every request by that much (each request on its own thread, so
     concurrent requests overlap their delays as they would on a real object store)."""
 
-    def __init__(self, upstream_port: int, plan: FaultPlan | None = None, latency_s: float = 0.0):
+    def __init__(self, upstream_port: int, plan: FaultPlan | None = None, latency_s: float = 0.0,
+                 list_paging: bool = True):
         self.upstream_port = upstream_port
+        self.list_paging = list_paging  # page object listings as GCS does (GcsListPaging)
+        self.kinds: dict[str, int] = {}  # billed operations by kind (request_kinds), batch parts included
+        self.operations: list[tuple[str, str]] = []  # (kind, path) of each, batch parts one by one
         self.plan = plan or FaultPlan()
         self.latency_s = latency_s
         self._lock = threading.Lock()
@@ -515,9 +651,13 @@ class FaultyProxy:
             return "beam"
         return "gcsfs" if "gcsfs" in user_agent else "storage"
 
-    def _next_action(self, method: str, path: str, user_agent: str = ""):
+    def _next_action(self, method: str, path: str, user_agent: str = "", body: bytes | None = None):
+        operations = request_operations(method, path, body)
         with self._lock:
             self.counts["requests"] += 1
+            self.operations += operations
+            for kind, _ in operations:
+                self.kinds[kind] = self.kinds.get(kind, 0) + 1
             self.log.append((method, path))
             if not self.plan.applies(method, path):
                 return None
@@ -539,6 +679,8 @@ class FaultyProxy:
                 self.plan = plan
             for k in self.counts:
                 self.counts[k] = 0
+            self.kinds.clear()
+            self.operations.clear()
             self.by_status.clear()
             self.log.clear()
             self.fault_log.clear()
@@ -617,9 +759,9 @@ class GcsTestServer:
         it) talks to `endpoint` (default: the emulator itself; pass a FaultyProxy's endpoint)."""
         return applied_environment(self.env(endpoint))
 
-    def proxy(self, plan: FaultPlan | None = None, latency_s: float = 0.0) -> FaultyProxy:
+    def proxy(self, plan: FaultPlan | None = None, latency_s: float = 0.0, list_paging: bool = True) -> FaultyProxy:
         """A FaultyProxy in front of the emulator (started; stop it, or use it as a context manager)."""
-        return FaultyProxy(self.emulator.port, plan, latency_s).start()
+        return FaultyProxy(self.emulator.port, plan, latency_s, list_paging).start()
 
     def gcsfs(self, endpoint: str | None = None):
         """A gcsfs filesystem on the emulator, anonymous (the core class: no gRPC layout probes)."""

@@ -10,12 +10,19 @@ when the file is missing (or not read by this build: `nir` and `b08` with `--ban
   present, as one string `"b01=<fp>;b11=<fp>"` (None when the mode reads none or none is there).
 
 Locally the CRC32C is computed from the content; on gs:// both numbers come from object metadata
-through listings: one-level listings of the tile's folders (`naip/<naip_id>/<x>_<y>/`,
-`sentinel2/<x>_<y>/`, and the NIR root's folder when it is elsewhere), or, for the tiles of one
-NAIP capture taken together, one recursive listing of `naip/<naip_id>/` for all their NAIP files
-(`capture_naip_fingerprints`) and one listing per tile for Sentinel-2: about one list request per
-tile instead of two. The same bytes have the same fingerprint locally and on gs:// (GCS's base64
-CRC32C is converted to hex).
+through listings, nothing is downloaded: `group_fingerprints` takes a group of tiles together (the
+build groups them per block of zoom-17 columns, `column_block`) and lists all their folders
+(`naip/<naip_id>/<x>_<y>/`, `sentinel2/<x>_<y>/`, the NIR root's when it is elsewhere) with range
+listings (`object_meta.list_folders_meta`): folders next to each other in name order share a page
+of 1,000 objects, so a group of neighbouring tiles costs about one request per 1,000 objects (a
+tile has 2 NAIP and up to 10 Sentinel-2 objects) and never more than one per folder.
+`tile_fingerprints` lists one tile's folders one level each. The same bytes have the same
+fingerprint locally and on gs:// (GCS's base64 CRC32C is converted to hex), whichever way they are
+listed.
+
+What a fingerprint says is also what the build need not ask for: a None file is absent, so the build
+reads no object the listing did not show (`absent_paths`), and an extra band missing from `extra` is
+never requested.
 
 A folder that cannot be listed (after storage's retries) gives `"error:<type>"` for its files: such
 a fingerprint never equals a previous one, so the tile is rebuilt (and its new manifest row holds
@@ -24,9 +31,10 @@ the error, so the next run looks again).
 from __future__ import annotations
 
 import dataclasses
+from typing import Iterable
 
 from transforms import tiles
-from transforms.build.object_meta import ObjectMeta, list_object_meta, list_subfolder_meta
+from transforms.build.object_meta import ObjectMeta, list_folders_meta, list_object_meta
 from transforms.io import storage
 from transforms.tiles import InvalidTileId, TileId
 
@@ -84,11 +92,12 @@ class FingerprintSpec:
     @classmethod
     def for_config(cls, config) -> "FingerprintSpec":
         """The files a `pairs.PairConfig` build reads: rgb and tci always, nir and b08 with `rgbn`,
-        the extra bands in the robust mode (as `pairs.load_tile` does)."""
-        from transforms import selection
+        the extra bands when it reads them (`pairs.reads_extra_bands`: the robust mode, and any mode
+        with --lr-timesteps N > 1), as `pairs.load_tile` does."""
+        from transforms import pairs, selection
 
         files = ("rgb", "nir", "tci", "b08") if config.bands == "rgbn" else ("rgb", "tci")
-        extra = tuple(getattr(selection, "EXTRA_BANDS", ())) if config.selection.mode == "robust" else ()
+        extra = tuple(getattr(selection, "EXTRA_BANDS", ())) if pairs.reads_extra_bands(config) else ()
         return cls(config.input_root, config.nir_root, files, extra)
 
 
@@ -116,48 +125,106 @@ def _same_nir_root(spec: FingerprintSpec) -> bool:
     return storage.join(spec.nir_input, "naip") == storage.join(spec.input_root, "naip")
 
 
-NaipFiles = dict  # {file name: fingerprint or None} of one tile's NAIP folder
+def _s2_names(spec: FingerprintSpec) -> tuple[str, ...]:
+    """The files of `sentinel2/<x>_<y>/` that the build reads (the extra bands: those there)."""
+    names = tuple(f"{b}.png" for b in ("tci", "b08") if b in spec.files)
+    return names + tuple(f"{b}.png" for b in spec.extra_bands)
 
 
-def capture_naip_fingerprints(spec: FingerprintSpec, naip_id: str) -> dict[str, NaipFiles] | str:
-    """{x_y: NaipFiles} of every tile folder of one NAIP capture (`naip/<naip_id>/`, gs:// only)
-    from one recursive listing; the error string of every file when the listing fails."""
-    names = _naip_names(spec)
-    try:
-        metas = list_subfolder_meta(storage.join(spec.input_root, "naip", naip_id))
-    except OSError as e:
-        return f"{ERROR_PREFIX}{type(e).__name__}"
-    return {xy: {name: fingerprint(files.get(name)) for name in names} for xy, files in metas.items()}
+def _folders(tile: TileId, spec: FingerprintSpec) -> tuple[str, str, str]:
+    """(NAIP folder, NIR folder, Sentinel-2 folder) of a tile."""
+    return (storage.join(spec.input_root, "naip", tile.naip_id, tile.xy),
+            storage.join(spec.nir_input, "naip", tile.naip_id, tile.xy), tiles.s2_dir(spec.input_root, tile))
 
 
-def naip_files_from_capture(capture: dict[str, NaipFiles] | str, tile_id: str, spec: FingerprintSpec) -> NaipFiles:
-    """One tile's NaipFiles out of `capture_naip_fingerprints` (all None when its folder is not there)."""
-    names = _naip_names(spec)
-    if isinstance(capture, str):
-        return dict.fromkeys(names, capture)
-    xy = tile_id.rsplit("/", 1)[-1]
-    return capture.get(xy) or dict.fromkeys(names)
+def _assemble(spec: FingerprintSpec, found: dict[str, str | None], nir: str | None) -> Fingerprints:
+    """The fingerprints tuple from {file name: fingerprint} of the tile's NAIP and Sentinel-2 files
+    and the NIR file's own (used when the NIR root is elsewhere)."""
+    if "nir" in spec.files and _same_nir_root(spec):
+        nir = found.get("nir.png")
+    elif "nir" not in spec.files:
+        nir = None
+    extra = [f"{b}={found[f'{b}.png']}" for b in spec.extra_bands if found.get(f"{b}.png") is not None]
+    return (found.get("rgb.png"), nir, found.get("tci.png"), found.get("b08.png"), ";".join(extra) or None)
 
 
-def tile_fingerprints(tile_id: str, spec: FingerprintSpec, naip_files: NaipFiles | None = None) -> Fingerprints:
-    """The fingerprints of one tile id (a tuple in FIELDS order). An invalid id has no files: all
-    None (it never touches a path). `naip_files`, when given, are those of its NAIP folder as a
-    capture listing found them (`naip_files_from_capture`); otherwise the folder is listed."""
+def tile_fingerprints(tile_id: str, spec: FingerprintSpec) -> Fingerprints:
+    """The fingerprints of one tile id (a tuple in FIELDS order), its folders listed one level
+    each. An invalid id has no files: all None (it never touches a path)."""
     try:
         tile = TileId.parse(tile_id)
     except InvalidTileId:
         return NONE
-    naip_dir = storage.join(spec.input_root, "naip", tile.naip_id, tile.xy)
-    nir_dir = storage.join(spec.nir_input, "naip", tile.naip_id, tile.xy)
-    s2_dir = tiles.s2_dir(spec.input_root, tile)
-    same_nir = _same_nir_root(spec)
-    naip_names = _naip_names(spec)
-    s2_names = tuple(f"{b}.png" for b in ("tci", "b08") if b in spec.files)
-    s2_names += tuple(f"{b}.png" for b in spec.extra_bands)
-    naip_found = _listed(naip_dir, naip_names) if naip_files is None else dict(naip_files)
-    found = {**naip_found, **_listed(s2_dir, s2_names)}
-    nir = None
-    if "nir" in spec.files:
-        nir = found.get("nir.png") if same_nir else _listed(nir_dir, ("nir.png",))["nir.png"]
-    extra = [f"{b}={found[f'{b}.png']}" for b in spec.extra_bands if found.get(f"{b}.png") is not None]
-    return (found.get("rgb.png"), nir, found.get("tci.png"), found.get("b08.png"), ";".join(extra) or None)
+    naip_dir, nir_dir, s2_dir = _folders(tile, spec)
+    found = {**_listed(naip_dir, _naip_names(spec)), **_listed(s2_dir, _s2_names(spec))}
+    nir = _listed(nir_dir, ("nir.png",))["nir.png"] if "nir" in spec.files and not _same_nir_root(spec) else None
+    return _assemble(spec, found, nir)
+
+
+def column_block(tile_id: str, columns: int = 64) -> str:
+    """The group key of a tile for `group_fingerprints`: its block of `columns` zoom-17 tile
+    columns (`x // columns`). The tiles of a block are neighbours in name order twice: their
+    Sentinel-2 chips `sentinel2/<x>_<y>/` (same x first) and each capture's NAIP folders
+    `naip/<naip_id>/<x>_<y>/`. An invalid id keys on '' (fingerprinted alone, touching no path)."""
+    try:
+        return str(TileId.parse(tile_id).x // columns)
+    except InvalidTileId:
+        return ""
+
+
+def group_fingerprints(tile_ids: Iterable[str], spec: FingerprintSpec) -> list[Fingerprints]:
+    """The fingerprints of a group of tile ids (in their order) on gs://, from range listings of all
+    their folders at once (`object_meta.list_folders_meta`). A folder whose listing failed gives
+    `"error:<type>"` for its files. Invalid ids get all None."""
+    ids = list(tile_ids)
+    parsed: list[TileId | None] = []
+    folders = set()
+    for tile_id in ids:
+        try:
+            tile = TileId.parse(tile_id)
+        except InvalidTileId:
+            parsed.append(None)
+            continue
+        parsed.append(tile)
+        naip_dir, nir_dir, s2_dir = _folders(tile, spec)
+        folders.update([naip_dir, s2_dir])
+        if "nir" in spec.files and not _same_nir_root(spec):
+            folders.add(nir_dir)
+    listed = list_folders_meta(folders) if folders else {}
+
+    def files(folder: str, names: tuple[str, ...]) -> dict[str, str | None]:
+        metas = listed[folder]
+        if isinstance(metas, OSError):
+            return dict.fromkeys(names, f"{ERROR_PREFIX}{type(metas).__name__}")
+        return {name: fingerprint(metas.get(name)) for name in names}
+
+    out = []
+    for tile in parsed:
+        if tile is None:
+            out.append(NONE)
+            continue
+        naip_dir, nir_dir, s2_dir = _folders(tile, spec)
+        found = {**files(naip_dir, _naip_names(spec)), **files(s2_dir, _s2_names(spec))}
+        nir = files(nir_dir, ("nir.png",))["nir.png"] if "nir" in spec.files and not _same_nir_root(spec) else None
+        out.append(_assemble(spec, found, nir))
+    return out
+
+
+def lists_in_groups(spec: FingerprintSpec) -> bool:
+    """Whether the build fingerprints this input in groups (`group_fingerprints`): gs:// roots."""
+    return storage.is_gcs(spec.input_root) and storage.is_gcs(spec.nir_input)
+
+
+def absent_paths(tile: TileId, spec: FingerprintSpec, fps: Fingerprints) -> frozenset[str]:
+    """The files the build would read that these fingerprints say are absent (None; never those of
+    an error): what it need not ask for."""
+    rgb, nir, tci, b08, extra = fps
+    naip_dir, nir_dir, s2_dir = _folders(tile, spec)
+    absent = set()
+    for name, fp, folder in (("rgb", rgb, naip_dir), ("nir", nir, nir_dir), ("tci", tci, s2_dir),
+                             ("b08", b08, s2_dir)):
+        if name in spec.files and fp is None:
+            absent.add(storage.join(folder, f"{name}.png"))
+    present = {part.split("=", 1)[0] for part in extra.split(";")} if extra else set()
+    absent.update(storage.join(s2_dir, f"{b}.png") for b in spec.extra_bands if b not in present)
+    return frozenset(absent)

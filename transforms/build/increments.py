@@ -73,54 +73,58 @@ class FingerprintDoFn(beam.DoFn):
         return fpr.tile_fingerprints(tile_id, self.spec)
 
 
-CAPTURE_LISTING_MIN_TILES = 2  # a capture's own listing pays from two of its tiles on
+GROUP_CHUNK_TILES = 1000  # a group's tiles are listed in chunks of this many, on the reader threads
 
 
-def capture_key(tile_id: str) -> tuple[str, str]:
-    """(naip_id, tile_id); an invalid id keys on '' (it is fingerprinted alone, touching no path)."""
-    return dm.tile_parts(tile_id)[0] or "", tile_id
+def block_key(tile_id: str) -> tuple[str, str]:
+    """(block of zoom-17 columns, tile_id): `fingerprints.column_block`."""
+    return fpr.column_block(tile_id), tile_id
 
 
-class FingerprintCaptureDoFn(FingerprintDoFn):
-    """The fingerprints of the tiles of one NAIP capture (gs://): one recursive listing of
-    `naip/<naip_id>/` for all their NAIP files, then one listing per tile for its Sentinel-2 files,
-    on `threads` threads."""
+def tile_order(tile_id: str) -> tuple[str, str]:
+    """Sorts a block's ids by chip name (`<x>_<y>`, as GCS orders the Sentinel-2 folders), so that
+    a chunk's folders are neighbours in name order."""
+    return tile_id.rsplit("/", 1)[-1], tile_id
+
+
+class FingerprintGroupDoFn(FingerprintDoFn):
+    """The fingerprints of the tiles of one block of zoom-17 columns (gs://): their folders listed
+    together with range listings (`fingerprints.group_fingerprints`), in chunks of
+    GROUP_CHUNK_TILES tiles run on `threads` threads."""
 
     def process(self, keyed) -> Iterator[tuple[str, tuple]]:
-        naip_id, ids = keyed
-        ids = list(ids)
-        capture = (fpr.capture_naip_fingerprints(self.spec, naip_id)
-                   if naip_id and len(ids) >= CAPTURE_LISTING_MIN_TILES else None)
-
-        def one(tile_id: str) -> tuple:
-            naip_files = None if capture is None else fpr.naip_files_from_capture(capture, tile_id, self.spec)
-            return fpr.tile_fingerprints(tile_id, self.spec, naip_files)
-
-        for tile_id, fps in zip(ids, self._read_ahead.map(one, ids)):
-            if any(fpr.is_error(v) for v in fps):
-                _counter("fingerprint_errors").inc()
-            yield tile_id, fps
+        _, ids = keyed
+        ids = sorted(ids, key=tile_order)
+        chunks = [ids[i:i + GROUP_CHUNK_TILES] for i in range(0, len(ids), GROUP_CHUNK_TILES)]
+        for chunk, fingerprints in zip(chunks, self._read_ahead.map(self._chunk, chunks)):
+            for tile_id, fps in zip(chunk, fingerprints):
+                if any(fpr.is_error(v) for v in fps):
+                    _counter("fingerprint_errors").inc()
+                yield tile_id, fps
         storage.report_retries()  # those of the reader threads
+
+    def _chunk(self, ids: list[str]) -> list[tuple]:
+        return fpr.group_fingerprints(ids, self.spec)
 
 
 class FingerprintTiles(beam.PTransform):
     """Tile ids -> (tile_id, fingerprints tuple in `fingerprints.FIELDS` order). No image is decoded;
-    on gs:// nothing is downloaded: the ids are grouped per NAIP capture, whose NAIP files one
-    recursive listing describes, and each tile's Sentinel-2 folder is listed one level (about one
-    list request per tile; `threads` at a time per worker process). Local files are checksummed
-    tile by tile."""
+    on gs:// nothing is downloaded: the ids are grouped per block of 64 zoom-17 columns and each
+    block's folders (NAIP, Sentinel-2, NIR) are listed together with range listings, about one
+    request per 1,000 objects (`fingerprints.group_fingerprints`). Local files are checksummed tile
+    by tile."""
 
     def __init__(self, spec: fpr.FingerprintSpec, threads: int = 0):
         super().__init__()
         self.spec, self.threads = spec, threads
 
     def expand(self, ids):
-        if storage.is_gcs(self.spec.input_root):
+        if fpr.lists_in_groups(self.spec):
             return (
                 ids
-                | "KeyByCapture" >> beam.Map(capture_key)
-                | "GroupByCapture" >> beam.GroupByKey()
-                | "FingerprintCaptures" >> beam.ParDo(FingerprintCaptureDoFn(self.spec, self.threads))
+                | "KeyByColumnBlock" >> beam.Map(block_key)
+                | "GroupByColumnBlock" >> beam.GroupByKey()
+                | "FingerprintGroups" >> beam.ParDo(FingerprintGroupDoFn(self.spec, self.threads))
             )
         return (
             ids
@@ -159,7 +163,7 @@ class ReadPreviousManifest(beam.PTransform):
 class PlanTileDoFn(beam.DoFn):
     """(tile_id, {'fp': [...], 'prev': [...], 'corr': [...]}) -> the tile's plan.
 
-    Outputs: 'process' (tile id), 'carry' (tile id), 'plan' (the tile's plan as run.json counts it:
+    Outputs: 'process' ((tile_id, fingerprints)), 'carry' (tile id), 'plan' (the tile's plan as run.json counts it:
     'incremental:new', ':changed' or ':unchanged'), 'planned' ((tile_id, (fps, correction, computed_in of the
     previous record or None))), 'current_xy' ((x_y, naip_id) of each current
     tile), 'retiring' ((x_y, previous row tuple) of previous tiles gone from the input), 'retired'
@@ -203,7 +207,11 @@ class PlanTileDoFn(beam.DoFn):
         computed_in = prev["computed_in"] if carry else None
         # keyed as its record will be (reject records truncate ids), for AssembleManifest's join
         yield beam.pvalue.TaggedOutput("planned", (tile_id[:MAX_ID_CHARS], (fps, corr, computed_in)))
-        yield beam.pvalue.TaggedOutput("carry" if carry else "process", tile_id)
+        # a tile to build takes its fingerprints along: BuildPairs requests no file they show absent
+        if carry:
+            yield beam.pvalue.TaggedOutput("carry", tile_id)
+        else:
+            yield beam.pvalue.TaggedOutput("process", (tile_id, fps))
 
 
 def retire_chip(keyed) -> Iterator[dict]:
@@ -226,11 +234,11 @@ class PlanIncrement(beam.PTransform):
     previous run's manifest (read on the workers) and the corrections entries (read on the workers,
     a later file wins, as `corrections.JoinCorrections`).
 
-    Returns a dict of PCollections: 'process' (tile ids to build), 'carry' (tile ids whose previous
-    record is reused), 'retired' (superseded / removed manifest rows, dicts), 'plan' (each tile's
-    plan as a run.json count key) and 'planned' (tile_id, (fingerprints, correction, computed_in))
-    for `AssembleManifest`. With
-    `previous_run=None` every tile is 'new'."""
+    Returns a dict of PCollections: 'process' ((tile_id, fingerprints) of the tiles to build),
+    'carry' (tile ids whose previous record is reused), 'retired' (superseded / removed manifest
+    rows, dicts), 'plan' (each tile's plan as a run.json count key) and 'planned' (tile_id,
+    (fingerprints, correction, computed_in)) for `AssembleManifest`. With `previous_run=None`
+    every tile is 'new'."""
 
     def __init__(self, previous_run: str | None, options_hash: str, corrections_files: Iterable[str] = ()):
         super().__init__()

@@ -1,5 +1,5 @@
 """Object metadata (size, CRC32C, generation) of a folder's direct children, without reading them
-(and, on gs://, of its sub-folders' children in one recursive listing: `list_subfolder_meta`).
+(and, on gs://, of many folders at once in a few range listings: `list_folders_meta`).
 
 On `gs://` this is one one-level listing (delimiter '/') of the folder through `transforms.io.storage`'s
 per-process client and retries (`storage.gcs_client`, `storage.gcs_call`), asking only for the
@@ -17,6 +17,7 @@ import base64
 import binascii
 import dataclasses
 import os
+from typing import Iterable
 
 import google_crc32c
 
@@ -24,6 +25,7 @@ from transforms.io import storage
 
 _CHUNK = 1024 * 1024
 _LIST_FIELDS = "items(name,size,crc32c,generation),prefixes,nextPageToken"
+PAGE_SIZE = 1000  # GCS's largest listing page
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,35 +107,87 @@ def _gcs_list_meta(folder: str) -> dict[str, ObjectMeta]:
                 rest = blob.name[len(prefix):]
                 if not rest or "/" in rest:  # the folder's own placeholder object
                     continue
-                generation = int(blob.generation) if blob.generation is not None else None
-                out[rest] = ObjectMeta(int(blob.size or 0), gcs_crc32c_to_hex(blob.crc32c), generation)
+                out[rest] = _blob_meta(blob)
         return out
 
     return storage.gcs_call(folder, "list", list_one_level)
 
 
-def list_subfolder_meta(folder: str) -> dict[str, dict[str, ObjectMeta]]:
-    """{sub-folder name: {file name: ObjectMeta}} of the files exactly one folder below the gs://
-    `folder` (`folder/<sub>/<file>`), from one recursive listing, paged (1,000 objects a page):
-    e.g. every tile of a NAIP capture, `naip/<naip_id>/<x>_<y>/rgb.png`, at once. Storage errors
-    surface as storage's OSErrors after its retries."""
-    if not storage.is_gcs(folder):
-        raise ValueError(f"a recursive listing needs a gs:// folder, got {folder!r}")
-    bucket, key = storage.split_gcs(folder)
-    prefix = storage.folder_prefix(key)
+def _blob_meta(blob) -> ObjectMeta:
+    generation = int(blob.generation) if blob.generation is not None else None
+    return ObjectMeta(int(blob.size or 0), gcs_crc32c_to_hex(blob.crc32c), generation)
 
-    def list_recursively() -> dict[str, dict[str, ObjectMeta]]:
-        out: dict[str, dict[str, ObjectMeta]] = {}
-        blobs = storage.gcs_client().list_blobs(bucket, prefix=prefix, fields=_LIST_FIELDS, retry=None,
-                                                 timeout=storage._TIMEOUT_S)
-        for page in blobs.pages:  # a failed page restarts the whole listing (storage's retries)
-            for blob in page:
-                parts = blob.name[len(prefix):].split("/")
-                if len(parts) != 2 or not all(parts):  # deeper objects and folder placeholders
-                    continue
-                generation = int(blob.generation) if blob.generation is not None else None
-                out.setdefault(parts[0], {})[parts[1]] = ObjectMeta(
-                    int(blob.size or 0), gcs_crc32c_to_hex(blob.crc32c), generation)
-        return out
 
-    return storage.gcs_call(folder, "list", list_recursively)
+def _after(prefix: str) -> str:
+    """The first name after every name that starts with the folder prefix `prefix` ('.../x/'):
+    '/' is followed by '0' in byte order."""
+    return prefix[:-1] + "0"
+
+
+FolderMeta = dict  # {file name: ObjectMeta} of one folder's direct files, or the OSError of its listing
+
+
+def list_folders_meta(folders: Iterable[str]) -> dict[str, FolderMeta | OSError]:
+    """{folder: {file name: ObjectMeta}} of the files directly in each gs:// folder, from range
+    listings of each bucket: the folders' prefixes sorted, one recursive listing from the first
+    (`startOffset`, `endOffset` after the last), followed page by page (1,000 objects each) while
+    it is inside a wanted folder, and started again at the next wanted folder whenever a page ends
+    before it. Folders next to each other in name order (the tiles of a NAIP capture, the Sentinel-2
+    chips of neighbouring zoom-17 columns) share pages: about one request per 1,000 objects, never
+    more than one per folder (plus one per page of a folder of over 1,000 objects). Objects deeper
+    than a folder's own files are skipped; a missing folder is empty.
+
+    A listing that fails after storage's retries gives its OSError (FileNotFoundError for a
+    missing bucket) to every folder it had not finished. Correct on a server that ignores the
+    offsets too (it then answers the folders' common prefix whole)."""
+    by_bucket: dict[str, dict[str, str]] = {}
+    for folder in folders:
+        if not storage.is_gcs(folder):
+            raise ValueError(f"a range listing needs gs:// folders, got {folder!r}")
+        bucket, key = storage.split_gcs(folder)
+        prefix = storage.folder_prefix(key)
+        if not prefix:
+            raise ValueError(f"a range listing needs folders inside a bucket, got {folder!r}")
+        by_bucket.setdefault(bucket, {})[prefix] = folder
+    out: dict[str, FolderMeta | OSError] = {}
+    for bucket, prefixes in by_bucket.items():
+        for prefix, found in _scan(bucket, sorted(prefixes)).items():
+            out[prefixes[prefix]] = found
+    return out
+
+
+def _scan(bucket: str, prefixes: list[str]) -> dict[str, FolderMeta | OSError]:
+    found: dict[str, FolderMeta | OSError] = {p: {} for p in prefixes}
+    end = _after(prefixes[-1])
+    i, start, token = 0, prefixes[0], None
+    while True:
+        common = os.path.commonprefix([start, prefixes[-1]])
+
+        def list_page(start=start, token=token, common=common):
+            blobs = storage.gcs_client().list_blobs(
+                bucket, prefix=common or None, start_offset=start, end_offset=end, page_token=token,
+                page_size=PAGE_SIZE, fields=_LIST_FIELDS, retry=None, timeout=storage._TIMEOUT_S)
+            page = next(blobs.pages)
+            return [(blob.name, _blob_meta(blob)) for blob in page], blobs.next_page_token
+
+        try:
+            items, token = storage.gcs_call(f"{storage.GCS_SCHEME}{bucket}/{start}", "list", list_page)
+        except OSError as e:
+            for p in prefixes[i:]:
+                found[p] = e
+            return found
+        for name, meta in items:
+            folder = name[: name.rfind("/") + 1]
+            if folder in found:
+                found[folder][name[len(folder):]] = meta
+        if token is None:  # listed to `end`: every folder from prefixes[i] on is complete
+            return found
+        if not items:
+            continue
+        last = items[-1][0]
+        while i < len(prefixes) and _after(prefixes[i]) <= last:  # folders listed whole
+            i += 1
+        if i == len(prefixes):
+            return found
+        if prefixes[i] > last:  # the next wanted folder lies past this page: start again there
+            start, token = prefixes[i], None

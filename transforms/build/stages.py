@@ -14,6 +14,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from transforms import corrections, imagery, records, runtime, tiles
+from transforms.build import fingerprints as fpr
 from transforms.io import publish, sinks, storage
 from transforms.io.prefetch import ReadAhead, TileReads, shared_read_ahead
 from transforms.io.publish import OutputSpec
@@ -148,15 +149,34 @@ class DeduplicateAndReshuffle(beam.PTransform):
 # Pairs
 
 
-def start_reads(read_ahead: ReadAhead, tile_id: str, correction, config: PairConfig) -> TileReads | None:
-    """The reads of one tile started ahead; None when it reads nothing (an invalid id, a removal)."""
+def start_reads(read_ahead: ReadAhead, tile_id: str, correction, config: PairConfig, fingerprints=None,
+                spec: fpr.FingerprintSpec | None = None) -> TileReads | None:
+    """The reads of one tile started ahead; None when it reads nothing (an invalid id, a removal).
+    With the tile's `fingerprints` (from the listings of the incremental plan), the files they show
+    absent are never requested (`fingerprints.absent_paths`)."""
     if correction is not None and correction.removes:
         return None
     try:
         tile = TileId.parse(tile_id)
     except InvalidTileId:
         return None
-    return read_ahead.start(tile_paths(tile, config), imagery.MAX_PNG_BYTES)
+    absent = frozenset()
+    if fingerprints is not None:
+        absent = fpr.absent_paths(tile, spec or fpr.FingerprintSpec.for_config(config), fingerprints)
+    return read_ahead.start(tile_paths(tile, config), imagery.MAX_PNG_BYTES, absent)
+
+
+def build_task(element) -> tuple:
+    """A BuildPairs element -> (tile_id, Correction or None, fingerprints or None). Elements: a tile
+    id; (tile_id, fingerprints tuple) from the incremental plan; (tile_id, Correction or None) from
+    `corrections.JoinCorrections`, or (tile_id, Correction or None, fingerprints) when its ids
+    carried fingerprints."""
+    if isinstance(element, str):
+        return element, None, None
+    if len(element) == 3:
+        return tuple(element)
+    tile_id, value = element
+    return (tile_id, None, tuple(value)) if isinstance(value, (tuple, list)) else (tile_id, value, None)
 
 
 class BuildPairDoFn(beam.DoFn):
@@ -171,12 +191,13 @@ class BuildPairDoFn(beam.DoFn):
     def setup(self):
         runtime.tune_allocator()
         self._read_ahead = shared_read_ahead(self.config.read_threads)
+        self._spec = fpr.FingerprintSpec.for_config(self.config)
 
     def process(self, batch):
-        # tile ids, or (tile id, Correction or None) when --corrections are joined in
-        elements = [element if isinstance(element, tuple) else (element, None) for element in batch]
-        reads = [start_reads(self._read_ahead, tile_id, correction, self.config) for tile_id, correction in elements]
-        for (tile_id, correction), tile_reads in zip(elements, reads):
+        tasks = [build_task(element) for element in batch]
+        reads = [start_reads(self._read_ahead, tile_id, correction, self.config, fps, self._spec)
+                 for tile_id, correction, fps in tasks]
+        for (tile_id, correction, _), tile_reads in zip(tasks, reads):
             yield from self._build(tile_id, correction, tile_reads)
         storage.report_retries()  # those of the reader threads
 
@@ -198,7 +219,8 @@ class BuildPairDoFn(beam.DoFn):
 
 
 class BuildPairs(beam.PTransform):
-    """Tile ids -> pair records (main output) and reject records ('rejects'). With
+    """Tile ids, or (tile_id, fingerprints) pairs (the incremental plan's: files they show absent
+    are not requested) -> pair records (main output) and reject records ('rejects'). With
     `config.corrections`, the files are read on the workers and joined to the ids first."""
 
     def __init__(self, config: PairConfig):

@@ -24,13 +24,17 @@ from transforms.io import storage
 class TileReads:
     """The reads of one tile, started ahead: `reads(path, limit)` is `storage.read_bytes(path, limit)`,
     answered from the read started ahead when there is one for that path and limit, directly
-    otherwise."""
+    otherwise; a path of `absent` (files a listing showed are not there) raises FileNotFoundError
+    at once, without a request."""
 
-    def __init__(self, futures: dict[str, concurrent.futures.Future], limit: int):
+    def __init__(self, futures: dict[str, concurrent.futures.Future], limit: int, absent: frozenset[str] = frozenset()):
         self._futures = futures
         self._limit = limit
+        self._absent = absent
 
     def __call__(self, path: str, limit: int) -> bytes:
+        if path in self._absent:
+            raise FileNotFoundError(path)
         future = self._futures.pop(path, None) if limit == self._limit else None
         if future is None:
             return storage.read_bytes(path, limit)
@@ -55,15 +59,16 @@ class ReadAhead:
         self._pool = (concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="s2naip-read")
                       if threads else None)
 
-    def start(self, paths: Iterable[str], limit: int) -> TileReads:
-        """Starts reading `paths` (in order) and returns their reader."""
+    def start(self, paths: Iterable[str], limit: int, absent: frozenset[str] = frozenset()) -> TileReads:
+        """Starts reading `paths` (in order; those in `absent` are never read) and returns their
+        reader."""
         if self._pool is None:
-            return TileReads({}, limit)
+            return TileReads({}, limit, absent)
         futures = {}
         for path in paths:
-            if path not in futures:
+            if path not in futures and path not in absent:
                 futures[path] = self._pool.submit(storage.read_bytes, path, limit)
-        return TileReads(futures, limit)
+        return TileReads(futures, limit, absent)
 
     def map(self, fn, items: list) -> Iterable:
         """`fn` over `items` on the pool, results in order (directly without a pool)."""

@@ -37,14 +37,14 @@ PSNR_BIN_DB = 0.1
 PSNR_MAX_DB = 100.0
 SCORE_BIN = 0.0025
 # What `score` is, and the range its histogram covers, per selection mode (transforms.selection):
-# paper and companion are 1 - a mix of SSIMs, in [0, 2]; robust adds an evidence penalty to a
-# distance in [0, 2] (haze, cloud, shadow and snow up to 2 each, cirrus 0.5, misregistration 0.5
-# per pixel), so its scores reach ~4 on ordinary data and more on bad timesteps.
+# paper and companion are 1 - a mix of SSIMs, in [0, 2]; robust adds an evidence penalty to the
+# paper's distance (veils up to 0.8, twin haze and snow up to 2 each, cirrus 0.5, cloud probability
+# 1, an underexposed timestep 10), so its scores stay within ~4 except on gated timesteps.
 SCORE_SCALES = {
     "paper": ("score = a*(1-SSIM(HR, LR)) + (1-a)*(1-SSIM(HM(HR), LR))", 2.0),
     "companion": ("score = 1 - (a*SSIM(LR, HR) + (1-a)*SSIM(HR, HM(HR))), the companion code's SSIM", 2.0),
-    "robust": ("score = a*(1-LC(HR, LR)) + (1-a)*(1-LC(HM(HR), LR)) + evidence penalty "
-               "(haze, cloud, shadow, snow, cirrus, shift)", 16.0),
+    "robust": ("score = a*(1-SSIM(HR, LR)) + (1-a)*(1-SSIM(HM(HR), LR)) + evidence penalty "
+               "(veils, darkness, haze, snow, cirrus, cloud probability)", 16.0),
 }
 UNKNOWN_SCORE_SCALE = ("score (the build's selection mode is unknown: no run.json)", 16.0)
 REVIEW_DB = 20.0  # the paper reviewed the test pairs below 20 dB

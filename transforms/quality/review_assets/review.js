@@ -1,8 +1,12 @@
-/* S2-NAIP review page: pick the right Sentinel-2 timestep of each listed tile, or drop the tile.
+/* S2-NAIP review page: pick the right Sentinel-2 timestep of each listed tile, or drop the tile;
+ * in a --lr-timesteps N > 1 build, drop single timesteps of the N written.
  *
  * Static and self-contained: data.js sets window.S2NAIP_REVIEW, images are relative files, so the
  * page works from file:// and from a bucket. Decisions are kept in localStorage (per review id) and
- * exported as corrections.json, {tile_id: lr_index or null}, for `s2naip build --corrections`.
+ * exported as corrections.json for `s2naip build --corrections`: {tile_id: lr_index} (a pick),
+ * {tile_id: null} (drop the tile) or {tile_id: {"drop": [t, ...]}} (drop those written timesteps;
+ * the next acceptable ones take their places). One decision per tile: a pick replaces drops and
+ * the other way round.
  */
 (function () {
   "use strict";
@@ -36,6 +40,19 @@
 
   function hasDecision(tile) {
     return Object.prototype.hasOwnProperty.call(state.decisions, tile.tile_id);
+  }
+
+  function isDrops(value) {
+    return value !== null && typeof value === "object" && Array.isArray(value.drop);
+  }
+
+  function droppedSteps(tile) {
+    var value = hasDecision(tile) ? state.decisions[tile.tile_id] : undefined;
+    return isDrops(value) ? value.drop : [];
+  }
+
+  function written(tile) {
+    return tile.lr_indices || [tile.lr_index];
   }
 
   function corrections() {
@@ -130,12 +147,15 @@
     listItems.forEach(function (item, i) {
       var tile = tiles[i];
       var decided = hasDecision(tile);
-      var dropped = decided && state.decisions[tile.tile_id] === null;
+      var value = decided ? state.decisions[tile.tile_id] : undefined;
+      var dropped = decided && value === null;
+      var drops = isDrops(value);
       item.classList.toggle("current", i === state.position);
-      item.classList.toggle("picked", decided && !dropped);
+      item.classList.toggle("picked", decided && !dropped && !drops);
       item.classList.toggle("dropped", dropped);
+      item.classList.toggle("step-drops", drops);
       item.querySelector(".status").textContent =
-        !decided ? "" : dropped ? "\u2717" : "t" + state.decisions[tile.tile_id];
+        !decided ? "" : dropped ? "\u2717" : drops ? "\u2212" + value.drop.length : "t" + value;
     });
     var current = listItems[state.position];
     if (current && current.scrollIntoView) current.scrollIntoView({ block: "nearest" });
@@ -171,14 +191,18 @@
     head.appendChild(el("h1", null, "#" + tile.rank + "  " + tile.tile_id));
     var facts = el("div", "facts");
     [[data.metric_label, metricText(tile.value)], ["built choice", "t=" + tile.lr_index + " (" + tile.selection + ")"],
-     ["valid timesteps", tile.n_valid + " of " + tile.n_timesteps]].forEach(function (f) {
+     ["valid timesteps", tile.n_valid + " of " + tile.n_timesteps]].concat(
+      written(tile).length > 1 || data.lr_timesteps > 1 ? [["written", written(tile).length + (data.lr_timesteps ?
+        " of " + data.lr_timesteps + " requested" : "")]] : []).forEach(function (f) {
       var span = el("span", null, f[0] + " ");
       span.appendChild(el("b", null, f[1]));
       facts.appendChild(span);
     });
     head.appendChild(facts);
-    var badge = el("span", "decision" + (decided ? (decision === null ? " dropped" : " picked") : ""),
-      !decided ? "no decision" : decision === null ? "dropped" : "picked t=" + decision);
+    var drops = isDrops(decision);
+    var badge = el("span", "decision" + (decided ? (decision === null ? " dropped" : drops ? " step-drops" : " picked") : ""),
+      !decided ? "no decision" : decision === null ? "dropped" : drops ? "dropped t=" + decision.drop.join(", t=") +
+        " of " + written(tile).length + " written" : "picked t=" + decision);
     badge.id = "decision";
     head.appendChild(badge);
     main.appendChild(head);
@@ -189,7 +213,7 @@
     // the Sentinel-2 timestep of the current decision: the reviewer's pick, else the built choice
     var shownPos = builtPos;
     var what = "built choice t=" + tile.lr_index;
-    if (decided && decision !== null && decision !== tile.lr_index) {
+    if (decided && decision !== null && !drops && decision !== tile.lr_index) {
       tile.steps.forEach(function (s, i) { if (s.t === decision) shownPos = i; });
       what = "your pick t=" + decision + " (built t=" + tile.lr_index + ")";
     }
@@ -199,6 +223,8 @@
     }
     if (tile.prediction) views.appendChild(bigImage(tile.dir + "/prediction.png", "prediction (super-resolved)"));
     main.appendChild(views);
+
+    if (written(tile).length > 1) main.appendChild(writtenStrip(tile, frames, nirGrid));
 
     var buttons = el("div", "buttons");
     var keep = el("button", "keep", "Keep t=" + tile.lr_index + " (Enter)");
@@ -226,6 +252,7 @@
       cell.dataset.t = String(s.t);
       if (s.t === tile.lr_index) cell.classList.add("built");
       if (decided && decision === s.t) cell.classList.add("picked");
+      if (droppedSteps(tile).indexOf(s.t) >= 0) cell.classList.add("step-dropped");
       cell.title = "timestep " + s.t + ": click to pick";
       cell.appendChild(sprite(tile.dir + (nirGrid ? "/series_nir.png" : "/series_rgb.png"), i, frames, 128,
         "timestep " + s.t));
@@ -252,6 +279,43 @@
       grid.appendChild(cell);
     });
     main.appendChild(grid);
+  }
+
+  /* The N written timesteps of a multi-timestep pair, best first, each with its drop toggle. */
+  function writtenStrip(tile, frames, nirGrid) {
+    var box = el("section", "written");
+    box.id = "written";
+    var h2 = el("h2", null, "Written timesteps, best first ");
+    h2.appendChild(el("small", null, "(Shift+1\u2026" + Math.min(written(tile).length, 9) + " or the \u2715 drops one: " +
+      "the next acceptable timestep takes its place; dropping #1 makes the next one the choice)"));
+    box.appendChild(h2);
+    var strip = el("div", "strip");
+    var dropped = droppedSteps(tile);
+    written(tile).forEach(function (t, k) {
+      var position = -1;
+      tile.steps.forEach(function (s, i) { if (s.t === t) position = i; });
+      var cell = el("div", "wcell");
+      cell.dataset.t = String(t);
+      var isDropped = dropped.indexOf(t) >= 0;
+      if (isDropped) cell.classList.add("dropped");
+      if (position >= 0) {
+        cell.appendChild(sprite(tile.dir + (nirGrid ? "/series_nir.png" : "/series_rgb.png"), position, frames, 96,
+          "written #" + (k + 1) + ", timestep " + t));
+      }
+      var label = el("div", "label");
+      var left = el("span");
+      if (k < 9) left.appendChild(el("span", "key", "\u21e7" + (k + 1)));
+      left.appendChild(document.createTextNode("#" + (k + 1) + " t=" + t));
+      label.appendChild(left);
+      var toggle = el("button", "step-drop" + (isDropped ? " on" : ""), isDropped ? "\u21ba" : "\u2715");
+      toggle.title = isDropped ? "keep timestep " + t : "drop timestep " + t;
+      toggle.addEventListener("click", function (event) { event.stopPropagation(); toggleDrop(t); });
+      label.appendChild(toggle);
+      cell.appendChild(label);
+      strip.appendChild(cell);
+    });
+    box.appendChild(strip);
+    return box;
   }
 
   function render() {
@@ -282,6 +346,20 @@
     }
   }
 
+  /* Drops (or keeps again) one written timestep of the current tile; replaces a pick or a tile drop. */
+  function toggleDrop(t) {
+    var tile = tiles[state.position];
+    if (!tile || written(tile).indexOf(t) < 0) return;
+    var drop = droppedSteps(tile).slice();
+    var at = drop.indexOf(t);
+    if (at >= 0) drop.splice(at, 1); else drop.push(t);
+    drop.sort(function (a, b) { return a - b; });
+    if (drop.length) state.decisions[tile.tile_id] = { drop: drop };
+    else delete state.decisions[tile.tile_id];
+    save();
+    render();  // no advance: a reviewer may drop several
+  }
+
   function undoDecision() {
     var tile = tiles[state.position];
     if (!tile) return;
@@ -308,6 +386,14 @@
     if (target && (target.tagName === "INPUT" || target.tagName === "TEXTAREA") && target.type !== "checkbox") return;
     var tile = tiles[state.position];
     var key = event.key;
+    if (event.shiftKey && /^Digit[1-9]$/.test(event.code || "")) {
+      if (tile && written(tile).length > 1) {
+        var k = Number(event.code.slice(5)) - 1;
+        if (k < written(tile).length) toggleDrop(written(tile)[k]);
+      }
+      event.preventDefault();
+      return;
+    }
     if (key === "ArrowRight" || key === "j") go(state.position + 1);
     else if (key === "ArrowLeft" || key === "k") go(state.position - 1);
     else if (/^[0-9]$/.test(key) && tile) {
