@@ -28,6 +28,8 @@ setup(
         "gcsfs>=2024.6",
         "google-cloud-storage>=2.18",
         "pillow>=10.4",
+        # PNG decoding (transforms/imagery.py); s2cloudless brings it too
+        "opencv-python-headless>=4.8",
         "protobuf>=4.25",
         "google-crc32c>=1.5",
         "matplotlib>=3.9",

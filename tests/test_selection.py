@@ -231,3 +231,45 @@ def test_config_validation():
 def test_to_uint8_rounds_half_up_and_clips():
     values = np.array([-3.0, 0.2, 0.5, 1.49, 254.5, 254.4, 300.0])
     assert S.to_uint8(values).tolist() == [0, 0, 1, 1, 255, 254, 255]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_psnr_of_uint8_pairs_equals_the_float_formula_exactly(seed):
+    rng = np.random.default_rng(seed)
+    images = _u8(rng, (7, 32, 32, 4))
+    images[0] = images[1]  # identical pair: infinite PSNR
+    reference = images[1].copy() if seed == 0 else _u8(rng, (32, 32, 4))
+    diff = images.astype(np.float64) - reference.astype(np.float64)
+    with np.errstate(divide="ignore"):
+        expected = 10.0 * np.log10(255.0**2 / np.mean(diff * diff, axis=(1, 2, 3)))
+    np.testing.assert_array_equal(S.psnr(images, reference), expected)
+    np.testing.assert_array_equal(S.psnr(images, reference.astype(np.float32)), expected)
+
+
+def _confidence_over_all_candidates(scores, best, candidates):
+    """pair_confidence's margin as first written: correlations of every candidate at once."""
+    corr = S.gap_free_correlation(candidates, candidates[best].astype(np.float32))
+    rival = np.ones(len(scores), dtype=bool)
+    rival[best] = False
+    rival &= corr < S.NEAR_COPY
+    margin = float(scores[rival].min() - scores[best]) if rival.any() else S.MARGIN_SCALE
+    return min(max(margin, 0.0) / S.MARGIN_SCALE, 1.0)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_pair_confidence_stops_at_the_best_rival_with_the_same_result(seed):
+    rng = np.random.default_rng(seed)
+    base = _u8(rng, (32, 32, 4))
+    # near copies of the chosen timestep (not rivals) and unrelated ones, scores in random order
+    copies = [np.clip(base.astype(int) + rng.integers(-2, 3, base.shape), 0, 255).astype(np.uint8) for _ in range(3)]
+    others = [_u8(rng, (32, 32, 4)) for _ in range(4)]
+    candidates = np.stack([base, *copies, *others])[rng.permutation(8)]
+    scores = rng.uniform(0.1, 0.4, 8)
+    if seed % 2:
+        scores[rng.integers(8)] = scores[rng.integers(8)]  # a tie
+    best = int(np.argmin(scores))
+    assert S.pair_confidence(scores, best, candidates) == _confidence_over_all_candidates(scores, best, candidates)
+    only_copies = np.stack([base, *copies])
+    best = int(np.argmin(scores[:4]))  # no rival at all: full confidence
+    assert S.pair_confidence(scores[:4], best, only_copies) == _confidence_over_all_candidates(
+        scores[:4], best, only_copies) == 1.0

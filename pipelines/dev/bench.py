@@ -11,9 +11,14 @@ repeats of:
   pipe-2   the same with 2 worker processes (multi_processing)
 and the pipeline's peak RSS at two sample sizes (default 2,000 and 20,000 tiles).
 Prints a table and writes the figures to --report (JSON).
+
+With --companion-repo DIR it instead times the paper's published code beside the build, end to end
+on the same tiles, and prints the ratios (`pipelines.dev.bench_companion`; --real-data for tiles derived
+from real NAIP).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -23,13 +28,15 @@ import subprocess
 import sys
 import time
 
-from pipelines.cli import ArgumentParser, description
+from pipelines.dev import bench_companion as BC
+from pipelines.cli import ArgumentParser, CommandError, description
 from transforms import runtime, tiles
 from transforms.devdata.sample import generate_sample
 from transforms.pairs import PairConfig, TileRejected, build_tile, load_tile
 from transforms.selection import DEFAULT_SELECTION, EXTRA_BANDS, SELECTION_MODES, SelectionConfig, select_pair
 from transforms.tiles import TileId
 
+MULTI_PROCESSING = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
 TIMESTEPS = (26, 34)  # ~30 timesteps per tile, as S2-NAIP's shorter series
 
 
@@ -79,21 +86,40 @@ def time_loop(ids: list[str], config: PairConfig) -> float:
     return time.perf_counter() - t0
 
 
-def run_pipeline(sample: str, out: str, extra: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of one `python -m pipelines.build_pairs` run (`extra`: more
-    options, e.g. --selection)."""
-    shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "pipelines.build_pairs", "--input", sample, "--output", out,
-           "--manifest", os.path.join(sample, "manifest.txt"), "--runner", "FnApiRunner", *extra]
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    wall_s: float  # wall clock of the process
+    cpu_s: float  # user + system CPU of the process and the children it waited for (Beam's workers)
+    rss_mib: float  # peak RSS of the process
+
+
+def run_command(cmd: list[str], cwd: str | None = None, what: str = "command") -> Usage:
+    """Runs `cmd` to its end (stdout discarded); raises RuntimeError with its stderr's tail if it fails."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stderr = proc.stderr.read().decode(errors="replace")  # drained while it runs: no pipe stall
+    proc.stderr.close()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
-    stderr = proc.stderr.read().decode(errors="replace")
-    proc.stderr.close()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"pipeline failed:\n{stderr[-4000:]}")
-    return wall, usage.ru_maxrss / 1024.0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{stderr[-4000:]}")
+    return Usage(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024.0)
+
+
+def pipeline_usage(sample: str, out: str, extra: list[str], manifest: str | None = None) -> Usage:
+    """One `python -m pipelines.build_pairs` run (`extra`: more options, e.g. --selection) on the
+    tiles of `manifest` (default: the sample's)."""
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "pipelines.build_pairs", "--input", sample, "--output", out,
+           "--manifest", manifest or os.path.join(sample, "manifest.txt"), "--runner", "FnApiRunner", *extra]
+    return run_command(cmd, what="pipeline")
+
+
+def run_pipeline(sample: str, out: str, extra: list[str], manifest: str | None = None) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MiB) of one `pipeline_usage` run."""
+    usage = pipeline_usage(sample, out, extra, manifest)
+    return usage.wall_s, usage.rss_mib
 
 
 def input_bytes_per_tile(sample: str, ids: list[str], mode: str) -> float:
@@ -145,14 +171,15 @@ def bench(tiles: int, rss_tiles: list[int], repeats: int, workdir: str, seed: in
         decode_rates.append(n / decode_s)
         core_rates.append(n / core_s)
         loop_rates.append(len(ids) / time_loop(ids, config))
-    pipe = {}
-    for name, extra in [("pipe_1", []), ("pipe_2", ["--direct_running_mode=multi_processing",
-                                                     "--direct_num_workers=2"])]:
-        rates = []
+    pipe, cpu = {}, {}
+    for name, extra in [("pipe_1", []), ("pipe_2", MULTI_PROCESSING)]:
+        rates, cpus = [], []
         for r in range(repeats):
-            wall, _ = run_pipeline(sample, os.path.join(workdir, f"out-{name}-{r}"), extra + mode_args)
-            rates.append(len(ids) / wall)
+            usage = pipeline_usage(sample, os.path.join(workdir, f"out-{name}-{r}"), extra + mode_args)
+            rates.append(len(ids) / usage.wall_s)
+            cpus.append(usage.cpu_s)
         pipe[name] = statistics.median(rates)
+        cpu[name] = statistics.median(cpus)
     rss = {}
     for n in rss_tiles:
         s = sample_dir(workdir, n, seed)
@@ -169,6 +196,10 @@ def bench(tiles: int, rss_tiles: list[int], repeats: int, workdir: str, seed: in
             "pipeline_vs_loop": pipe["pipe_1"] / med(loop_rates),
             "pipeline_2_workers_vs_1": pipe["pipe_2"] / pipe["pipe_1"],
         },
+        # CPU (user + system, the launcher and its workers) per tile of the whole build, start-up
+        # included: what a machine, or Dataflow's vCPUs, pay for it
+        "cpu_ms_per_tile": {"pipeline_in_process": 1e3 * cpu["pipe_1"] / len(ids),
+                            "pipeline_2_workers": 1e3 * cpu["pipe_2"] / len(ids)},
         "peak_rss_mib": {str(n): v for n, v in rss.items()},
         "bytes": {"input_per_tile": input_bytes_per_tile(sample, ids, selection),
                   "parquet_per_pair": output_bytes_per_pair(os.path.join(workdir, "out-pipe_1-0"))},
@@ -193,6 +224,10 @@ def report_text(r: dict) -> str:
         f"  pipeline, 2 workers         {t['pipeline_2_workers']:8.1f} tiles/s   "
         f"{q['pipeline_2_workers_vs_1']:.2f}x in-process",
     ]
+    c = r.get("cpu_ms_per_tile")
+    if c:
+        lines.append(f"  CPU per tile, whole build    {c['pipeline_in_process']:8.2f} ms in-process   "
+                     f"{c['pipeline_2_workers']:.2f} ms with 2 workers (start-up included)")
     lines.append(f"  bytes read per tile         {r['bytes']['input_per_tile'] / 1024:8.1f} KiB   "
                  f"Parquet per pair {r['bytes']['parquet_per_pair'] / 1024:.1f} KiB")
     for n, v in r["peak_rss_mib"].items():
@@ -213,15 +248,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--selection", default=DEFAULT_SELECTION, choices=SELECTION_MODES,
                         help=f"the selection mode to measure (default {DEFAULT_SELECTION}, the build's)")
     parser.add_argument("--workdir", default="bench-out", help="samples are generated here once and reused")
-    parser.add_argument("--report", default=None, help="JSON file for the figures (default: WORKDIR/bench.json)")
+    parser.add_argument("--report", default=None, help="JSON file for the figures (default: WORKDIR/bench.json, "
+                                                       "with --companion-repo WORKDIR/bench-companion.json)")
+    comp = parser.add_argument_group("against the paper's published code")
+    comp.add_argument("--companion-repo", metavar="DIR",
+                      help="checkout of ozendelait/better_s2_naip: time it beside the build on the same tiles "
+                           "(whole processes, medians of --repeats) and print the ratios, instead of the figures above")
+    comp.add_argument("--companion-python", metavar="PATH", default=sys.executable,
+                      help="python with torch, torchvision, torchmetrics, scikit-image, tqdm and matplotlib for "
+                           "the companion code (default: this one; docs/performance.md sets up a separate venv)")
+    comp.add_argument("--real-data", metavar="DIR",
+                      help="with --companion-repo: tiles derived from the real NAIP GeoTIFFs in DIR instead of "
+                           "the generated sample")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.tiles < 1 or args.repeats < 1:
+        parser.error("--tiles and --repeats must be >= 1")
+    if args.real_data and not args.companion_repo:
+        parser.error("--real-data needs --companion-repo")
     os.makedirs(args.workdir, exist_ok=True)
+    if args.companion_repo:
+        return _main_companion(args)
     rss_tiles = [int(x) for x in args.rss_tiles.split(",") if x.strip()]
     result = bench(args.tiles, rss_tiles, args.repeats, args.workdir, selection=args.selection)
     report = args.report or os.path.join(args.workdir, "bench.json")
     with open(report, "w") as f:
         json.dump(result, f, indent=2)
     print(report_text(result))
+    print(f"figures: {report}")
+    return 0
+
+
+def _main_companion(args) -> int:
+    try:
+        result = BC.bench_companion(os.path.abspath(args.companion_repo), args.companion_python, args.workdir,
+                                    args.tiles, args.repeats, args.selection, real_data=args.real_data)
+    except BC.BenchError as e:
+        raise CommandError(str(e)) from None
+    report = args.report or os.path.join(args.workdir, "bench-companion.json")
+    with open(report, "w") as f:
+        json.dump(result, f, indent=2)
+    print(BC.report_text(result))
     print(f"figures: {report}")
     return 0
 
