@@ -50,7 +50,7 @@ def test_labels_file_has_provenance_and_covers_every_chip():
     for chip_labels in labels.values():
         assert set(chip_labels) == dates and set(chip_labels.values()) <= set(doc["vocabulary"])
         kinds = collections.Counter(chip_labels.values())
-        assert kinds[S.CLEAN] >= 20 and kinds["thin_cloud"] >= 5 and kinds["haze"] >= 2  # real bad dates
+        assert kinds[S.CLEAN] >= 20 and kinds["thin_cloud"] >= 5 and kinds["haze"] >= 1  # real bad dates
 
 
 class _Files(http.server.BaseHTTPRequestHandler):
@@ -144,7 +144,7 @@ def test_loader_dates_shapes_and_orientation(cube):
 
 def test_series_tiles_leave_the_hr_date_out_and_stay_in_its_year(cube):
     tiles = S.series_tiles(cube)
-    assert len(tiles) == 243 and len({t.tile_id for t in tiles}) == 243
+    assert len(tiles) == 261 and len({t.tile_id for t in tiles}) == 261
     held = {t.tile_id.split("/")[1] for t in tiles if R.is_held_out(t.tile_id)}
     assert held == {"r1c1", "r1c2", "r2c1", "r2c2"}  # fixed: never tune on these
     index = {d: i for i, d in enumerate(cube.dates)}
@@ -162,3 +162,42 @@ def test_series_tiles_leave_the_hr_date_out_and_stay_in_its_year(cube):
     assert [t.tile_id for t in same] == [t.tile_id for t in tiles]
     for t in same:
         assert t.capture_of_index[t.hr_date_index] == t.hr_date and t.kinds[t.hr_date_index] == S.CLEAN
+
+
+def test_default_mode_floor_on_the_tune_part(cube):
+    """Mandatory in CI: the default mode chooses a clean date in >= 97 % of the tune tiles of the real
+    L2A series (RGB only and TCI + B08), and never fewer than `paper` (measured 98.6 % vs 93.2 % / 93.9 %
+    at 0.3.1, docs/selection-evaluation.md). The held-out chips are not run here."""
+    from pipelines.dev import bench_selection as B
+    from transforms import selection as SEL
+
+    tiles = [t for t in S.series_tiles(cube) if not R.is_held_out(t.tile_id)]
+    assert len(tiles) == 147
+    tune = B.EvalSet("real S2 L2A", "real", tiles, frozenset(), same_date=False)
+    for bands in ("rgb", "tci+b08"):
+        got = {mode: B.evaluate(tune, B.mode_selector(mode), bands)[B.TUNE]["clean"]
+               for mode in (SEL.DEFAULT_SELECTION, "paper")}
+        assert got[SEL.DEFAULT_SELECTION] >= 0.97, (bands, got)
+        assert got[SEL.DEFAULT_SELECTION] >= got["paper"], (bands, got)
+
+
+def test_bench_selection_prints_the_real_series_rows(real_s2_series_file, tmp_path, capsys):
+    from pipelines.dev import bench_selection as B
+
+    report = tmp_path / "sel.json"
+    assert B.main(["--real-s2-series", str(real_s2_series_file.parent), "--sets", "real S2 L2A",
+                   "--modes", "paper", "--report", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "real S2 L2A     rgb" in out and "real S2 L2A     tci+b08" in out
+    r = json.loads(report.read_text())
+    assert [(x["set"], x["bands"]) for x in r["rows"]] == [("real S2 L2A", "rgb"), ("real S2 L2A", "tci+b08")]
+    x = r["rows"][0]["modes"]["paper"]
+    assert (x["tune"]["tiles"], x["held-out"]["tiles"]) == (147, 114)
+
+
+def test_bench_selection_refuses_a_series_folder_without_the_cube(tmp_path, capsys):
+    from pipelines.dev import bench_selection as B
+
+    with pytest.raises(SystemExit):
+        B.main(["--real-s2-series", str(tmp_path), "--report", str(tmp_path / "r.json")])
+    assert "real_s2_series fetch" in capsys.readouterr().err

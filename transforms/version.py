@@ -2,4 +2,4 @@
 
 0.3.0: the robust selection's choices changed (the paper's SSIM distance plus veil evidence against
 the clearest candidates and the HR, a dark gate; docs/selection-method.md)."""
-PIPELINE_VERSION = "0.3.0"
+PIPELINE_VERSION = "0.3.1"

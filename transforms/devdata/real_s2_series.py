@@ -35,6 +35,7 @@ import os
 import sys
 import tempfile
 import urllib.request
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -130,13 +131,17 @@ def load(path, labels=DEFAULT_LABELS) -> Cube:
     """The cube of `path` (the .nc file or the cache folder holding it), read with rasterio's netCDF
     driver (rows in file order: north up)."""
     import rasterio
+    import rasterio.errors
 
     f = locate(path)
     if not f.is_file():
         raise FileNotFoundError(f"{f}: no real Sentinel-2 series here; get it with "
                                 f"`python -m transforms.devdata.real_s2_series fetch {f.parent}`")
     arrays, stamps = {}, None
-    with rasterio.Env(GDAL_NETCDF_BOTTOMUP="NO"):
+    with rasterio.Env(GDAL_NETCDF_BOTTOMUP="NO"), warnings.catch_warnings():
+        # the cube has no geotransform GDAL understands (its grid is in the x / y variables): rows
+        # are read in file order, north first, which is all the tiles need
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
         for name in ("B4", "B3", "B2", "B8", "SCL"):
             with rasterio.open(f'NETCDF:"{f}":{name}') as ds:
                 arrays[name] = ds.read()
