@@ -98,6 +98,7 @@ def test_fetch_checks_both_hashes_and_caches(wheel_server, tmp_path, monkeypatch
     monkeypatch.setattr(S, "FILE_SHA256", hashlib.sha256(member).hexdigest())
     path = S.fetch(tmp_path, url=url)
     assert path == tmp_path / S.FILE_NAME and path.read_bytes() == member
+    assert path.stat().st_mode & 0o777 == 0o644
     assert [p.name for p in tmp_path.iterdir()] == [S.FILE_NAME]
     _Files.body = b"changed"  # cached: no download
     assert S.fetch(tmp_path, url=url) == path

@@ -107,6 +107,7 @@ def fetch(cache=None, url: str = WHEEL_URL, timeout: float = 120.0) -> Path:
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".part")
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 is for secrets; this is a shared cache file
     os.replace(tmp, target)
     return target
 
