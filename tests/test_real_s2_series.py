@@ -78,17 +78,18 @@ def wheel_server(loopback_only):
         server.server_close()
 
 
-def _wheel(member_bytes: bytes) -> bytes:
+def _wheel(member_bytes: bytes, member_20m: bytes) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
         z.writestr(S.MEMBER, member_bytes)
+        z.writestr(S.MEMBER_20M, member_20m)
     return buf.getvalue()
 
 
-def test_fetch_checks_both_hashes_and_caches(wheel_server, tmp_path, monkeypatch):
+def test_fetch_checks_every_hash_and_caches(wheel_server, tmp_path, monkeypatch):
     server, url = wheel_server
-    member = b"not really netcdf"
-    _Files.body = _wheel(member)
+    member, member_20m = b"not really netcdf", b"nor this"
+    _Files.body = _wheel(member, member_20m)
     with pytest.raises(RuntimeError, match=r"SHA-256 .*, expected " + S.WHEEL_SHA256):
         S.fetch(tmp_path, url=url)
     assert not any(tmp_path.iterdir())  # nothing partial left
@@ -96,10 +97,15 @@ def test_fetch_checks_both_hashes_and_caches(wheel_server, tmp_path, monkeypatch
     with pytest.raises(RuntimeError, match="nrt/data/sentinel2_cube_subset_romania_10m.nc: SHA-256"):
         S.fetch(tmp_path, url=url)
     monkeypatch.setattr(S, "FILE_SHA256", hashlib.sha256(member).hexdigest())
+    with pytest.raises(RuntimeError, match="nrt/data/sentinel2_cube_subset_romania_20m.nc: SHA-256"):
+        S.fetch(tmp_path, url=url)
+    assert not any(tmp_path.iterdir())
+    monkeypatch.setattr(S, "FILE_SHA256_20M", hashlib.sha256(member_20m).hexdigest())
     path = S.fetch(tmp_path, url=url)
     assert path == tmp_path / S.FILE_NAME and path.read_bytes() == member
+    assert (tmp_path / S.FILE_NAME_20M).read_bytes() == member_20m
     assert path.stat().st_mode & 0o777 == 0o644
-    assert [p.name for p in tmp_path.iterdir()] == [S.FILE_NAME]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([S.FILE_NAME, S.FILE_NAME_20M])
     _Files.body = b"changed"  # cached: no download
     assert S.fetch(tmp_path, url=url) == path
 
@@ -130,6 +136,11 @@ def test_loader_dates_shapes_and_orientation(cube):
     assert cube.values.shape == (140, 100, 100, 4) and cube.values.dtype == np.uint16
     assert cube.dates[0] == "20150801" and cube.dates[-1] == "20210101" and len(set(cube.dates)) == 140
     assert len(S.season_dates(cube)) == 68
+    assert cube.b11.shape == (140, 100, 100) and (cube.b11[:, ::2, ::2] == cube.b11[:, 1::2, 1::2]).all()
+    # B11 (SWIR) is far brighter under cloud than over forest: the 20 m cube is the same dates
+    index = {d: i for i, d in enumerate(cube.dates)}
+    for d in ("20160825", "20180611"):  # overcast
+        assert cube.b11[index[d]].mean() > 2 * np.median([cube.b11[index[x]].mean() for x in ("20170706", "20190701")])
     # the labels by eye agree with the provider's scene classification where it is sure, chip by chip
     # (a flipped or shifted read breaks this on the partly cloudy dates): no clean chip holds an SCL
     # medium/high-probability cloud pixel, every overcast chip is mostly such cloud
@@ -155,9 +166,12 @@ def test_series_tiles_leave_the_hr_date_out_and_stay_in_its_year(cube):
         assert 7 <= t.n_timesteps <= 18 and S.CLEAN in t.kinds
         chip_id = t.tile_id.split("/")[1]
         r, c = S.CHIPS[chip_id]
+        assert set(t.extra) == {"b11"} and t.extra["b11"].shape == (t.n_timesteps, 32, 32)
         for i, d in enumerate(t.capture_of_index):
             v = cube.values[index[d], r:r + 32, c:c + 32].astype(np.float64)
             np.testing.assert_array_equal(t.series[i, ..., :3], np.clip(np.rint(v[..., :3] * 255.0 / 2000), 1, 255))
+            np.testing.assert_array_equal(t.series[i, ..., 3], np.clip(v[..., 3] // 32, 0, 255))
+            np.testing.assert_array_equal(t.extra["b11"][i], np.clip(cube.b11[index[d], r:r + 32, c:c + 32] // 32, 0, 255))
             assert t.kinds[i] == cube.labels[chip_id][d]
     same = S.series_tiles(cube, include_hr_date=True)
     assert [t.tile_id for t in same] == [t.tile_id for t in tiles]
@@ -167,7 +181,7 @@ def test_series_tiles_leave_the_hr_date_out_and_stay_in_its_year(cube):
 
 def test_default_mode_floor_on_the_tune_part(cube):
     """Mandatory in CI: the default mode chooses a clean date in >= 97 % of the tune tiles of the real
-    L2A series (RGB only and TCI + B08), and never fewer than `paper` (measured 98.6 % vs 93.2 % / 93.9 %
+    L2A series (RGB only, TCI + B08, and with B11), and never fewer than `paper` (measured 98.6 % vs 93.2 % / 93.9 %
     at 0.3.1, docs/selection-evaluation.md). The held-out chips are not run here."""
     from pipelines.dev import bench_selection as B
     from transforms import selection as SEL
@@ -175,7 +189,7 @@ def test_default_mode_floor_on_the_tune_part(cube):
     tiles = [t for t in S.series_tiles(cube) if not R.is_held_out(t.tile_id)]
     assert len(tiles) == 147
     tune = B.EvalSet("real S2 L2A", "real", tiles, frozenset(), same_date=False)
-    for bands in ("rgb", "tci+b08"):
+    for bands in ("rgb", "tci+b08", "all"):
         got = {mode: B.evaluate(tune, B.mode_selector(mode), bands)[B.TUNE]["clean"]
                for mode in (SEL.DEFAULT_SELECTION, "paper")}
         assert got[SEL.DEFAULT_SELECTION] >= 0.97, (bands, got)
@@ -191,7 +205,8 @@ def test_bench_selection_prints_the_real_series_rows(real_s2_series_file, tmp_pa
     out = capsys.readouterr().out
     assert "real S2 L2A     rgb" in out and "real S2 L2A     tci+b08" in out
     r = json.loads(report.read_text())
-    assert [(x["set"], x["bands"]) for x in r["rows"]] == [("real S2 L2A", "rgb"), ("real S2 L2A", "tci+b08")]
+    assert [(x["set"], x["bands"]) for x in r["rows"]] == [("real S2 L2A", "rgb"), ("real S2 L2A", "tci+b08"),
+                                                           ("real S2 L2A", "all")]
     x = r["rows"][0]["modes"]["paper"]
     assert (x["tune"]["tiles"], x["held-out"]["tiles"]) == (147, 114)
 

@@ -67,6 +67,7 @@ ROWS = (
     ("twin-free hard", "all"),
     ("real S2 L2A", "rgb"),
     ("real S2 L2A", "tci+b08"),
+    ("real S2 L2A", "all"),
     ("real S2", "rgb"),
     ("real S2", "all"),
     ("semi-real S2", "rgb"),

@@ -6,14 +6,16 @@ B02, B03, B04, B08 (bottom-of-atmosphere reflectance x 1e4, uint16) and the scen
 (SCL) of 140 dates, 2015-08-01 .. 2021-01-01, 100 x 100 pixels at 10 m (a forested box in Romania,
 ETRS89-LAEA). Nothing of it is committed: `fetch` downloads the pinned wheel from PyPI by version
 and SHA-256 into a cache folder and extracts that one file (checked by its own SHA-256). Nothing is
-read at import.
+read at import. `fetch` also extracts the 20 m cube (`FILE_NAME_20M`) for its B11.
 
 * Dates used (`SEASON`): June-September (68 dates, 3-19 a year): real clear dates, real cumulus
   with shadows, overcast, cirrus veils, iridescent thin cloud, haze; every chip x date labelled by
   eye (transforms/devdata/data/nrt_romania_labels.json, with a note per date).
 * S2-NAIP scaling (`to_s2naip`): `tci` is ESA's L2A true colour, DN = value * 255 / 2000 rounded and
   clipped to 1..255 (ESA: the TCI's saturation of 255 is 2000 in L2A products); `b08` is the 16-bit
-  value / 8160 clipped to [0, 1] as 8-bit, floor(value / 32), as S2-NAIP stores non-TCI bands.
+  value / 8160 clipped to [0, 1] as 8-bit, floor(value / 32), as S2-NAIP stores non-TCI bands; so
+  is `b11` (`single_band`), from the package's 20 m cube of the same dates, each pixel repeated
+  2 x 2 onto the 10 m grid (its pixel centres lie exactly between the 10 m ones), the tiles' extra band.
 * Chips (`CHIPS`): the 3 x 3 non-overlapping 32x32 windows from row/column 2, as real_s2's.
 * HR (`hr_from`): the chip of a clean date, R, G, B, B08 upsampled 4x (bicubic) to 128x128 with a
   NAIP-like stretch (no path-reflectance subtraction: L2A is already surface reflectance); no
@@ -52,6 +54,11 @@ WHEEL_SHA256 = "cd0291f99ce91268a0d993f05be1c69678d62504b01d36e7124d0ff3a51b3ee9
 MEMBER = "nrt/data/sentinel2_cube_subset_romania_10m.nc"
 FILE_NAME = "sentinel2_cube_subset_romania_10m.nc"
 FILE_SHA256 = "10165376979ed20f988bef09bf79135ea415e741256ba50fd4fef679b1c1fa9d"
+# the same dates at 20 m (B03, B04, B8A, B11, SCL; 50 x 50, pixel centres between the 10 m ones):
+# B11 is the one S2-NAIP band it adds
+MEMBER_20M = "nrt/data/sentinel2_cube_subset_romania_20m.nc"
+FILE_NAME_20M = "sentinel2_cube_subset_romania_20m.nc"
+FILE_SHA256_20M = "e22c3545dea25c93b31dea017fb70ba18578c1a6c954bf1040e58218b9fa28ca"
 SOURCE_ID = "nrt-romania"
 
 TCI_SATURATION = 2000.0  # ESA L2A TCI: 255 is the 16-bit value 2000 (reflectance 0.2)
@@ -84,11 +91,12 @@ def locate(path) -> Path:
 
 def fetch(cache=None, url: str = WHEEL_URL, timeout: float = 120.0) -> Path:
     """The cube file in `cache` (default `default_cache()`), downloading the pinned wheel from PyPI
-    and extracting it if absent. Raises RuntimeError (one line) when the download fails or a
-    SHA-256 does not match; nothing partial is left."""
+    and extracting it (and the 20 m cube beside it) if absent. Raises RuntimeError (one line) when
+    the download fails or a SHA-256 does not match; nothing partial is left."""
     folder = Path(cache) if cache is not None else default_cache()
     target = folder / FILE_NAME
-    if target.is_file() and _sha256(target.read_bytes()) == FILE_SHA256:
+    files = ((MEMBER, FILE_NAME, FILE_SHA256), (MEMBER_20M, FILE_NAME_20M, FILE_SHA256_20M))
+    if all((folder / name).is_file() and _sha256((folder / name).read_bytes()) == sha for _, name, sha in files):
         return target
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
@@ -97,24 +105,28 @@ def fetch(cache=None, url: str = WHEEL_URL, timeout: float = 120.0) -> Path:
         raise RuntimeError(f"could not download {WHEEL} from {url}: {e}") from None
     if (got := _sha256(wheel)) != WHEEL_SHA256:
         raise RuntimeError(f"{WHEEL} from {url}: SHA-256 {got}, expected {WHEEL_SHA256}")
-    try:
-        data = zipfile.ZipFile(io.BytesIO(wheel)).read(MEMBER)
-    except (KeyError, zipfile.BadZipFile) as e:
-        raise RuntimeError(f"{WHEEL}: cannot read {MEMBER}: {e}") from None
-    if (got := _sha256(data)) != FILE_SHA256:
-        raise RuntimeError(f"{WHEEL}:{MEMBER}: SHA-256 {got}, expected {FILE_SHA256}")
+    contents = {}
+    for member, name, sha in files:
+        try:
+            contents[name] = zipfile.ZipFile(io.BytesIO(wheel)).read(member)
+        except (KeyError, zipfile.BadZipFile) as e:
+            raise RuntimeError(f"{WHEEL}: cannot read {member}: {e}") from None
+        if (got := _sha256(contents[name])) != sha:
+            raise RuntimeError(f"{WHEEL}:{member}: SHA-256 {got}, expected {sha}")
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".part")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 is for secrets; this is a shared cache file
-    os.replace(tmp, target)
+    for name, data in contents.items():
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".part")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 is for secrets; this is a shared cache file
+        os.replace(tmp, folder / name)
     return target
 
 
 @dataclasses.dataclass
 class Cube:
     values: np.ndarray  # uint16 [T, 100, 100, 4] B04, B03, B02, B08 (reflectance x 1e4), north up
+    b11: np.ndarray  # uint16 [T, 100, 100] B11 (20 m, each pixel repeated 2 x 2 onto the 10 m grid)
     scl: np.ndarray  # uint8 [T, 100, 100] the provider's scene classification
     dates: tuple[str, ...]  # YYYYMMDD per date
     labels: dict[str, dict[str, str]]  # chip -> date -> label (CLEAN or a condition), by eye
@@ -153,6 +165,16 @@ def load(path, labels=DEFAULT_LABELS) -> Cube:
                 stamps = (units, days)
             elif stamps != (units, days):
                 raise ValueError(f"{f}: band {name} has other dates than B4")
+    f20 = f.parent / FILE_NAME_20M
+    if not f20.is_file():
+        raise FileNotFoundError(f"{f20}: the 20 m cube is missing; get both with "
+                                f"`python -m transforms.devdata.real_s2_series fetch {f.parent}`")
+    with rasterio.Env(GDAL_NETCDF_BOTTOMUP="NO"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with rasterio.open(f'NETCDF:"{f20}":B11') as ds:
+            b11 = ds.read()
+            if ds.tags().get("NETCDF_DIM_time_VALUES", "").strip("{}").split(",") != [str(d) for d in stamps[1]]:
+                raise ValueError(f"{f20}: other dates than {f.name}")
     units, days = stamps
     if not units.startswith("days since "):
         raise ValueError(f"{f}: unexpected time units {units!r}")
@@ -164,7 +186,10 @@ def load(path, labels=DEFAULT_LABELS) -> Cube:
     lab = load_labels(labels)
     if missing := set(next(iter(lab.values()))) - set(dates):
         raise ValueError(f"{f}: labelled dates missing from the cube: {sorted(missing)[:5]}")
-    return Cube(values=values, scl=arrays["SCL"].astype(np.uint8), dates=dates, labels=lab)
+    if b11.shape != (len(dates), SIZE // 2, SIZE // 2):
+        raise ValueError(f"{f20}: expected ({len(dates)}, {SIZE // 2}, {SIZE // 2}) B11, got {b11.shape}")
+    b11 = np.repeat(np.repeat(b11, 2, axis=1), 2, axis=2)  # 20 m centres lie between 10 m pairs: exact
+    return Cube(values=values, b11=b11, scl=arrays["SCL"].astype(np.uint8), dates=dates, labels=lab)
 
 
 def to_s2naip(values: np.ndarray) -> np.ndarray:
@@ -175,6 +200,11 @@ def to_s2naip(values: np.ndarray) -> np.ndarray:
     tci[v[..., :3] == 0] = 0
     b08 = np.floor(np.clip(v[..., 3] * 255.0 / BAND_DIVISOR, 0.0, 255.0))
     return np.concatenate([tci, b08[..., None]], axis=-1).astype(np.uint8)
+
+
+def single_band(values: np.ndarray) -> np.ndarray:
+    """uint16 values -> uint8 as S2-NAIP stores its non-TCI bands: floor(value / 32) clipped to 0..255."""
+    return np.floor(np.clip(np.asarray(values, dtype=np.float64) * 255.0 / BAND_DIVISOR, 0.0, 255.0)).astype(np.uint8)
 
 
 def chip(a: np.ndarray, chip_id: str) -> np.ndarray:
@@ -211,10 +241,12 @@ def series_tiles(cube: Cube, include_hr_date: bool = False) -> list[H.DevTile]:
             dates = [d for d in season if d[:4] == hd[:4] and (include_hr_date or d != hd)]
             if not any(lab[d] == CLEAN for d in dates if d != hd):
                 continue
-            series = to_s2naip(values[[index[d] for d in dates]])
+            rows = [index[d] for d in dates]
+            series = to_s2naip(values[rows])
+            b11 = chip(cube.b11[..., None], chip_id)[rows, ..., 0]
             out.append(H.DevTile(
                 tile_id=f"{SOURCE_ID}/{chip_id}/{hd}", hr_date=hd, hr=hr_from(values[index[hd]]), series=series,
-                extra={}, kinds=tuple(lab[d] for d in dates), capture_of_index=tuple(dates),
+                extra={"b11": single_band(b11)}, kinds=tuple(lab[d] for d in dates), capture_of_index=tuple(dates),
                 shifts=np.zeros((len(dates), 2)), hr_date_index=dates.index(hd) if include_hr_date else None))
     return out
 
