@@ -182,6 +182,35 @@ def real_s2_dir() -> Path:
     return path
 
 
+# --- real Sentinel-2 L2A series, fetched from PyPI (transforms/devdata/real_s2_series.py) ----------------
+
+REAL_S2_SERIES_ENV = "S2NAIP_REAL_S2_SERIES"
+
+
+@pytest.fixture(scope="session")
+def real_s2_series_file() -> Path:
+    """The real Sentinel-2 L2A cube the PyPI package nrt 0.2.1 ships (transforms/devdata/real_s2_series.py).
+
+    $S2NAIP_REAL_S2_SERIES if set (its folder or the file; then it must hold the file, or the session
+    errors: .ci/run fetches it there first); else the default cache of `python -m
+    transforms.devdata.real_s2_series fetch` if it holds it; else every test using it is skipped,
+    unless S2NAIP_REQUIRE_REAL_DATA or S2NAIP_REQUIRE_ALL is set: then it fails. Tests never download.
+    """
+    from transforms.devdata.real_s2_series import FILE_NAME, default_cache, locate
+
+    env = os.environ.get(REAL_S2_SERIES_ENV)
+    if env:
+        path = locate(env)
+        if not path.is_file():
+            raise FileNotFoundError(f"${REAL_S2_SERIES_ENV}={env!r} holds no {FILE_NAME}")
+        return path
+    path = locate(default_cache())
+    if not path.is_file():
+        skip_unless_required(f"no real Sentinel-2 series: run `python -m transforms.devdata.real_s2_series fetch` "
+                             f"(downloads nrt 0.2.1 from PyPI) or set ${REAL_S2_SERIES_ENV}", "S2NAIP_REQUIRE_REAL_DATA")
+    return path
+
+
 # --- GCS emulator on loopback (pipelines/dev/gcs_emulator.py) -------------------------------------------
 
 

@@ -261,6 +261,22 @@ def test_underexposed_needs_both_far_darker_and_below_the_blue_floor():
     assert not E.underexposed(dark[None]).any()  # alone, nothing to compare with
 
 
+def test_underexposed_spares_the_clear_frames_of_a_mostly_veiled_series():
+    """L2A surface reflectance of dark forest is below the blue floor, and in real summer series most
+    dates are veiled or cloudy (13 of 18 in one year of the real L2A series): the clear frames are
+    far darker than the lower quartile of the others, but not than their low (0.1) quantile."""
+    forest = [np.full((4, 32, 32), v) for v in (33.0, 33.0, 34.0, 41.0, 43.0)]
+    for f in forest:
+        f[E.B] = 20.0  # below the blue floor
+    veiled = [np.full((4, 32, 32), v) for v in (65.0, 74.0, 81.0, 93.0, 110.0, 139.0, 171.0, 238.0, 254.0,
+                                                255.0, 255.0, 255.0, 255.0)]
+    got = E.underexposed(np.stack([*forest, *veiled]))
+    assert not got.any()
+    assert E.underexposed(np.stack([*forest, *veiled]), reference_quantile=0.25)[:3].all()  # 0.3.0's reference
+    planted = forest[0] * 0.3  # an underexposed copy is still gated among them
+    assert E.underexposed(np.stack([*forest, *veiled, planted]))[-1]
+
+
 def test_hr_veil_sees_a_grey_patch_and_not_a_ground_change_or_a_uniform_veil():
     rng = np.random.default_rng(3)
     hr = area_down(scene(rng).astype(np.float64))

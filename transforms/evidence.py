@@ -363,20 +363,27 @@ def _nearest_gaussian(size: int, sigma: float) -> np.ndarray:
 BLUE_FLOOR = 0.06  # TOA reflectance: clear-sky path radiance alone lifts a lit scene's mean blue to ~0.04-0.06
 
 
-def underexposed(frames: np.ndarray, ratio: float = 0.6, blue_floor: float = BLUE_FLOOR) -> np.ndarray:
+def underexposed(frames: np.ndarray, ratio: float = 0.6, blue_floor: float = BLUE_FLOOR,
+                 reference_quantile: float = 0.1) -> np.ndarray:
     """The dark gate, bool [K]: timesteps both far darker than the clearer others (mean R, G, B below
-    `ratio` x the lower quartile of the *other* timesteps' means) and darker in blue than a lit
+    `ratio` x the `reference_quantile` of the *other* timesteps' means) and darker in blue than a lit
     scene can be (mean blue TOA reflectance below `blue_floor`: Rayleigh and aerosol path radiance
     keep a sunlit scene's mean blue above ~0.04-0.06 even over dark forest). Either alone is not
     enough: NAIP-like captures differ 2x in brightness from year to year, and a clear frame in a
     series half overcast or veiled is far darker than most of the others, but only an underexposed
-    (or fully shadowed) frame is both. These are not candidates at all."""
+    (or fully shadowed) frame is both. These are not candidates at all.
+    The reference is a low quantile (0.1, since 0.3.1; the lower quartile before): real summer
+    series are often more than three quarters cloudy or veiled (13 of 18 dates in one year of the
+    real L2A series), and their lower quartile is then a veiled date; against it the clear frames
+    of dark forest fell below 0.6 and were gated, every one of them in some tiles (L2A surface
+    reflectance is also below the blue floor), which left only cloudy candidates. Planted
+    underexposure (x0.12-0.3) stays below 0.6 of the 0.1 quantile (docs/selection-method.md)."""
     level = frames[:, :3].mean(axis=(1, 2, 3), dtype=np.float64)
     k = len(level)
     if k < 2:
         return np.zeros(k, dtype=bool)
     others = np.broadcast_to(level, (k, k))[~np.eye(k, dtype=bool)].reshape(k, k - 1)
-    relative = level < ratio * quantile(others, 0.25, axis=1)
+    relative = level < ratio * quantile(others, reference_quantile, axis=1)
     blue = frames[:, B].mean(axis=(-2, -1), dtype=np.float64) * TCI_REFLECTANCE
     return relative & (blue < blue_floor)
 

@@ -1,5 +1,7 @@
 """The pipeline version, recorded in every pair row and run.json (setup.py reads it from here).
 
 0.3.0: the robust selection's choices changed (the paper's SSIM distance plus veil evidence against
-the clearest candidates and the HR, a dark gate; docs/selection-method.md)."""
-PIPELINE_VERSION = "0.3.0"
+the clearest candidates and the HR, a dark gate; docs/selection-method.md).
+0.3.1: the dark gate compares with the other timesteps' 0.1 quantile (was their lower quartile),
+so the robust choice changes on series mostly veiled or cloudy (docs/selection-evaluation.md)."""
+PIPELINE_VERSION = "0.3.1"

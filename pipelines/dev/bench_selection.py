@@ -16,6 +16,13 @@ Evaluation sets (`build_sets`; each row of the table is a set seen through some 
   real S2+hr       the same with the HR's own date in the series: same-date on real imagery
   semi-real S2     real clear frames veiled with the real s2cloudless cloud shapes of 68 dates
                    (haze, thin cloud, cloud with its shadow, shadow alone), twin-free
+  real S2 L2A      real Sentinel-2 L2A series (`transforms.devdata.real_s2_series`, --real-s2-series: the
+                   cube the PyPI package nrt 0.2.1 ships, fetched by SHA-256): 32x32 chips, a clean
+                   June-September date as HR (upsampled 4x), its own date left out, the other
+                   June-September dates of its year (7-18) as the series: real cumulus and shadows,
+                   overcast, cirrus, iridescent thin cloud, haze; labelled by eye
+                   (transforms/devdata/data/nrt_romania_labels.json)
+  real S2 L2A+hr   the same with the HR's own date in the series: same-date on real imagery
 
 Bands per row: `tci+b08` (R, G, B, NIR: the default build), `rgb` (`--bands rgb`), `all` (tci+b08
 plus every extra band the set has and `transforms.selection.EXTRA_BANDS` accepts).
@@ -58,11 +65,15 @@ ROWS = (
     ("twin-free hard", "tci+b08"),
     ("twin-free hard", "rgb"),
     ("twin-free hard", "all"),
+    ("real S2 L2A", "rgb"),
+    ("real S2 L2A", "tci+b08"),
+    ("real S2 L2A", "all"),
     ("real S2", "rgb"),
     ("real S2", "all"),
     ("semi-real S2", "rgb"),
     ("semi-real S2", "all"),
     ("real S2+hr", "rgb"),
+    ("real S2 L2A+hr", "rgb"),
     ("easy", "tci+b08"),
     ("easy", "rgb"),
     ("easy+hr", "tci+b08"),
@@ -73,10 +84,13 @@ ROWS = (
 )
 SYNTHETIC_SETS = ("twin-free hard", "easy", "easy+hr", "twin hard")
 REAL_SETS = ("real S2", "real S2+hr", "semi-real S2")
+REAL_SERIES_SETS = ("real S2 L2A", "real S2 L2A+hr")
+ALL_SETS = SYNTHETIC_SETS + REAL_SETS + REAL_SERIES_SETS
 
 # The issue's targets for the default mode (held-out part).
 TARGETS = {
     ("real S2", "rgb"): 0.97,
+    ("real S2 L2A", "rgb"): 0.97,
     ("twin-free hard", "tci+b08"): 0.90,
     ("easy", "tci+b08"): 1.0,
     ("easy+hr", "tci+b08"): 1.0,
@@ -178,17 +192,38 @@ def real_sets(real_s2: str, *, seed: int = 100, names: Sequence[str] = REAL_SETS
     return out
 
 
+def real_series_sets(real_s2_series: str, *, names: Sequence[str] = REAL_SERIES_SETS) -> list[EvalSet]:
+    """The real Sentinel-2 L2A series sets from `real_s2_series` (the fetched cube or its cache folder)."""
+    from transforms.devdata import real_s2 as R
+    from transforms.devdata import real_s2_series as RS
+
+    cube = RS.load(real_s2_series)
+    out = []
+    for name in names:
+        if name not in REAL_SERIES_SETS:
+            raise ValueError(f"unknown real series set {name!r}; expected some of {REAL_SERIES_SETS}")
+        same = name == "real S2 L2A+hr"
+        tiles = RS.series_tiles(cube, include_hr_date=same)
+        held = frozenset(t.tile_id for t in tiles if R.is_held_out(t.tile_id))
+        note = "real L2A June-September series, labelled by eye" + (" with the HR's own date" if same else "")
+        out.append(EvalSet(name, "real", tiles, held, same_date=same, note=note))
+    return out
+
+
 def build_sets(real_data: str | None = None, real_s2: str | None = None, *, seed: int = 100,
-               names: Sequence[str] | None = None, max_tiles: int | None = None) -> list[EvalSet]:
+               names: Sequence[str] | None = None, max_tiles: int | None = None,
+               real_s2_series: str | None = None) -> list[EvalSet]:
     """Every evaluation set the sources allow (`names`: a subset)."""
-    names = list(names) if names else list(SYNTHETIC_SETS + REAL_SETS)
-    if unknown := set(names) - set(SYNTHETIC_SETS + REAL_SETS):
-        raise ValueError(f"unknown sets {sorted(unknown)}; expected some of {SYNTHETIC_SETS + REAL_SETS}")
+    names = list(names) if names else list(ALL_SETS)
+    if unknown := set(names) - set(ALL_SETS):
+        raise ValueError(f"unknown sets {sorted(unknown)}; expected some of {ALL_SETS}")
     out = []
     if real_data and (syn := [n for n in SYNTHETIC_SETS if n in names]):
         out += synthetic_sets(real_data, seed=seed, names=syn, max_tiles=max_tiles)
     if real_s2 and (real := [n for n in REAL_SETS if n in names]):
         out += real_sets(real_s2, seed=seed, names=real)
+    if real_s2_series and (series := [n for n in REAL_SERIES_SETS if n in names]):
+        out += real_series_sets(real_s2_series, names=series)
     return out
 
 
@@ -254,13 +289,15 @@ def run_row(eval_set: EvalSet, bands: str, modes: Sequence[str], repeats: int = 
 
 def bench(real_data: str | None = None, real_s2: str | None = None, *, seed: int = 100, repeats: int = 1,
           max_tiles: int | None = None, modes: Sequence[str] | None = None,
-          sets: Sequence[str] | None = None, rows: Sequence[tuple[str, str]] = ROWS) -> dict:
-    if not real_data and not real_s2:
-        raise ValueError("give real_data (NAIP GeoTIFFs) and/or real_s2 (real Sentinel-2)")
+          sets: Sequence[str] | None = None, rows: Sequence[tuple[str, str]] = ROWS,
+          real_s2_series: str | None = None) -> dict:
+    if not real_data and not real_s2 and not real_s2_series:
+        raise ValueError("give real_data (NAIP GeoTIFFs) and/or real_s2 / real_s2_series (real Sentinel-2)")
     runtime.tune_allocator()  # as the pipeline's workers do
     modes = list(modes or S.SELECTION_MODES)
     t0 = time.perf_counter()
-    built = {s.name: s for s in build_sets(real_data, real_s2, seed=seed, names=sets, max_tiles=max_tiles)}
+    built = {s.name: s for s in build_sets(real_data, real_s2, seed=seed, names=sets, max_tiles=max_tiles,
+                                           real_s2_series=real_s2_series)}
     build_s = time.perf_counter() - t0
     results = []
     for name, bands in rows:
@@ -274,10 +311,11 @@ def bench(real_data: str | None = None, real_s2: str | None = None, *, seed: int
                         "modes": run_row(s, bands, modes, repeats)})
     if not results:
         raise ValueError(f"no evaluation set to run: sets {list(sets or [])} need their sources "
-                         f"(real_data={real_data!r}, real_s2={real_s2!r})")
+                         f"(real_data={real_data!r}, real_s2={real_s2!r}, real_s2_series={real_s2_series!r})")
     result = {
         "real_data": os.path.abspath(real_data) if real_data else None,
         "real_s2": os.path.abspath(real_s2) if real_s2 else None,
+        "real_s2_series": os.path.abspath(real_s2_series) if real_s2_series else None,
         "seed": seed,
         "repeats": repeats,
         "default_mode": S.DEFAULT_SELECTION,
@@ -374,8 +412,11 @@ def main(argv: list[str] | None = None) -> int:
                              "the synthetic sets")
     parser.add_argument("--real-s2", default=None,
                         help="folder of real Sentinel-2 (holding eolearn/), e.g. ../shared/data/real_s2: the real sets")
+    parser.add_argument("--real-s2-series", default=None,
+                        help="the real Sentinel-2 L2A series (its cache folder or the .nc file), fetched from PyPI by "
+                             "`python -m transforms.devdata.real_s2_series fetch [DIR]`: the real S2 L2A sets")
     parser.add_argument("--sets", default=None,
-                        help="comma-separated sets (default: all the sources allow): " + ", ".join(SYNTHETIC_SETS + REAL_SETS))
+                        help="comma-separated sets (default: all the sources allow): " + ", ".join(ALL_SETS))
     parser.add_argument("--seed", type=int, default=100, help="planting seed")
     parser.add_argument("--repeats", type=int, default=1, help="timing runs (choices are deterministic)")
     parser.add_argument("--max-tiles", type=int, default=None, help="synthetic sets: at most this many tiles")
@@ -386,19 +427,26 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m for m in args.modes.split(",") if m]
     if unknown := set(modes) - set(S.SELECTION_MODES):
         parser.error(f"unknown modes {sorted(unknown)}; expected some of {S.SELECTION_MODES}")
-    if not args.real_data and not args.real_s2:
-        parser.error("give --real-data and/or --real-s2")
+    if not args.real_data and not args.real_s2 and not args.real_s2_series:
+        parser.error("give --real-data and/or --real-s2 and/or --real-s2-series")
     for flag, path in (("--real-data", args.real_data), ("--real-s2", args.real_s2)):
         if path and not os.path.isdir(path):
             parser.error(f"{flag} {path!r} is not a folder")
+    if args.real_s2_series:
+        from transforms.devdata.real_s2_series import locate
+
+        if not locate(args.real_s2_series).is_file():
+            parser.error(f"--real-s2-series {args.real_s2_series!r} holds no {locate(args.real_s2_series).name}; "
+                         "fetch it: python -m transforms.devdata.real_s2_series fetch DIR")
     sets = [s for s in args.sets.split(",") if s] if args.sets else None
-    if sets and (unknown := set(sets) - set(SYNTHETIC_SETS + REAL_SETS)):
-        parser.error(f"unknown sets {sorted(unknown)}; expected some of {SYNTHETIC_SETS + REAL_SETS}")
-    for names, flag, given in ((SYNTHETIC_SETS, "--real-data", args.real_data), (REAL_SETS, "--real-s2", args.real_s2)):
+    if sets and (unknown := set(sets) - set(ALL_SETS)):
+        parser.error(f"unknown sets {sorted(unknown)}; expected some of {ALL_SETS}")
+    for names, flag, given in ((SYNTHETIC_SETS, "--real-data", args.real_data), (REAL_SETS, "--real-s2", args.real_s2),
+                               (REAL_SERIES_SETS, "--real-s2-series", args.real_s2_series)):
         if sets and not given and (need := [n for n in sets if n in names]):
             parser.error(f"sets {need} need {flag}")
     result = bench(args.real_data, args.real_s2, seed=args.seed, repeats=args.repeats,
-                   max_tiles=args.max_tiles, modes=modes, sets=sets)
+                   max_tiles=args.max_tiles, modes=modes, sets=sets, real_s2_series=args.real_s2_series)
     os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
     with open(args.report, "w") as f:
         json.dump(result, f, indent=2)
