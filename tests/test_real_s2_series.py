@@ -332,3 +332,22 @@ def test_mtsr_default_mode_on_the_real_l1c_chips(mtsr_chips):
     for bands in ("rgb", "tci+b08"):
         for mode in (SEL.DEFAULT_SELECTION, "paper"):
             assert B.evaluate(every, B.mode_selector(mode), bands)[B.TUNE]["clean"] == 1.0, (bands, mode)
+
+
+def test_bench_selection_l1c_rows_from_the_cache_folder(tmp_path, monkeypatch, capsys):
+    from pipelines.dev import bench_selection as B
+
+    (tmp_path / S.FILE_NAME).write_bytes(b"")  # the --real-s2-series folder check only
+    with pytest.raises(SystemExit):
+        B.main(["--real-s2-series", str(tmp_path), "--sets", "real S2 L1C", "--report", str(tmp_path / "r.json")])
+    assert "import-mtsr" in capsys.readouterr().err
+    monkeypatch.setattr(S, "MTSR_FILES", _fake_mtsr(tmp_path / S.MTSR_FOLDER, np.random.default_rng(1)))
+    report = tmp_path / "sel.json"
+    assert B.main(["--real-s2-series", str(tmp_path), "--sets", "real S2 L1C,real S2 L1C+hr", "--modes", "paper",
+                   "--report", str(report)]) == 0
+    assert "real S2 L1C     rgb" in capsys.readouterr().out
+    r = json.loads(report.read_text())
+    assert [(x["set"], x["bands"]) for x in r["rows"]] == [("real S2 L1C", "rgb"), ("real S2 L1C", "tci+b08"),
+                                                           ("real S2 L1C+hr", "rgb")]
+    x = r["rows"][0]["modes"]["paper"]
+    assert (x["tune"]["tiles"], x["held-out"]["tiles"]) == (4, 3)

@@ -25,6 +25,13 @@ read at import. `fetch` also extracts the 20 m cube (`FILE_NAME_20M`) for its B1
   made only when the series holds a clean date (else there is no right answer).
 * Held-out part: `real_s2.is_held_out` on the tile id `nrt-romania/<chip>/...` (a hash of the chip
   id): chips r1c1, r1c2, r2c1, r2c2.
+
+A second source, another place at the L1C level (`MTSR_*`, `import_mtsr`, `load_mtsr`, `mtsr_tiles`):
+two real 32x32 chips of Lithuania, 2020 (5 and 7 dates, TOA reflectance B02, B03, B04, B08), the test
+data of sentinel-hub/multi-temporal-super-resolution at a pinned commit, imported from a checkout
+into `<cache>/mtsr/` by SHA-256 (`python -m transforms.devdata.real_s2_series import-mtsr CHECKOUT`:
+no package registry serves it); labels by eye in data/mtsr_lithuania_labels.json; held out: the chip
+eopatch-0288_0.
 """
 from __future__ import annotations
 
