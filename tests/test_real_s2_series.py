@@ -293,15 +293,17 @@ def test_import_mtsr_checks_every_hash_and_the_tiles(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def mtsr_chips(tmp_path_factory):
-    """The real L1C chips: imported from the checkout $S2NAIP_MTSR_REPO names, else the default cache's
-    mtsr/ if it holds them; else skipped (allowed in CI: GitHub only, docs/testing.md)."""
+    """The real L1C chips: imported from the checkout $S2NAIP_MTSR_REPO names, else the mtsr/ of the real
+    series' folder ($S2NAIP_REAL_S2_SERIES, then the default cache) if it holds them; else skipped
+    (allowed in CI: GitHub only, docs/testing.md)."""
     import os
 
     env = os.environ.get("S2NAIP_MTSR_REPO")
     if env:
         return S.load_mtsr(S.import_mtsr(env, tmp_path_factory.mktemp("mtsr")))
-    if S.has_mtsr(S.default_cache()):
-        return S.load_mtsr(S.default_cache())
+    for folder in filter(None, (os.environ.get("S2NAIP_REAL_S2_SERIES"), S.default_cache())):
+        if S.has_mtsr(folder):
+            return S.load_mtsr(folder)
     pytest.skip("S2NAIP_MTSR_REPO names no checkout of sentinel-hub/multi-temporal-super-resolution")
 
 
