@@ -7,6 +7,7 @@ import hashlib
 import http.server
 import io
 import json
+import os
 import threading
 import zipfile
 
@@ -296,8 +297,6 @@ def mtsr_chips(tmp_path_factory):
     """The real L1C chips: imported from the checkout $S2NAIP_MTSR_REPO names, else the mtsr/ of the real
     series' folder ($S2NAIP_REAL_S2_SERIES, then the default cache) if it holds them; else skipped
     (allowed in CI: GitHub only, docs/testing.md)."""
-    import os
-
     env = os.environ.get("S2NAIP_MTSR_REPO")
     if env:
         return S.load_mtsr(S.import_mtsr(env, tmp_path_factory.mktemp("mtsr")))
@@ -353,3 +352,32 @@ def test_bench_selection_l1c_rows_from_the_cache_folder(tmp_path, monkeypatch, c
                                                            ("real S2 L1C+hr", "rgb")]
     x = r["rows"][0]["modes"]["paper"]
     assert (x["tune"]["tiles"], x["held-out"]["tiles"]) == (4, 3)
+
+
+def test_import_mtsr_from_a_bare_git_clone(tmp_path, monkeypatch):
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.fail("git is needed (it is on every machine of this project)")
+    work = tmp_path / "work"
+    files = _fake_mtsr(work / S.MTSR_PATH, np.random.default_rng(2))
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+           "PATH": os.environ["PATH"], "HOME": str(tmp_path)}
+
+    def git(*args, cwd=work):
+        return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "chips")
+    commit = git("rev-parse", "HEAD")
+    git("clone", "-q", "--bare", str(work), str(tmp_path / "bare.git"), cwd=tmp_path)
+    monkeypatch.setattr(S, "MTSR_FILES", files)
+    monkeypatch.setattr(S, "MTSR_COMMIT", "0" * 40)  # not in the clone: a one-line error
+    with pytest.raises(RuntimeError, match="cannot read"):
+        S.import_mtsr(tmp_path / "bare.git", tmp_path / "cache")
+    monkeypatch.setattr(S, "MTSR_COMMIT", commit)
+    folder = S.import_mtsr(tmp_path / "bare.git", tmp_path / "cache")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(files)
+    assert len(S.mtsr_tiles(S.load_mtsr(tmp_path / "cache"))) == 7

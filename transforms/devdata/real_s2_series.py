@@ -293,8 +293,8 @@ def has_mtsr(path) -> bool:
 
 
 def import_mtsr(checkout, cache=None) -> Path:
-    """Copy the MTSR test chips from `checkout` (a copy of MTSR_REPO at MTSR_COMMIT, or a folder
-    holding the two files) into `cache`/mtsr; RuntimeError (one line) on a missing file or a SHA-256
+    """Copy the MTSR test chips from `checkout` (a checkout of MTSR_REPO at MTSR_COMMIT, a folder
+    holding the two files, or a git clone, bare too, holding that commit) into `cache`/mtsr; RuntimeError (one line) on a missing file or a SHA-256
     mismatch, nothing partial left."""
     src = Path(checkout)
     src = src / MTSR_PATH if (src / MTSR_PATH).is_dir() else src
@@ -304,7 +304,10 @@ def import_mtsr(checkout, cache=None) -> Path:
         try:
             contents[name] = (src / name).read_bytes()
         except OSError as e:
-            raise RuntimeError(f"{src / name}: cannot read ({e.strerror}); expected {MTSR_REPO} at {MTSR_COMMIT}") from None
+            if (data := _git_show(Path(checkout), f"{MTSR_PATH}/{name}")) is None:
+                raise RuntimeError(f"{src / name}: cannot read ({e.strerror}); expected {MTSR_REPO} at "
+                                   f"{MTSR_COMMIT}") from None
+            contents[name] = data
         if (got := _sha256(contents[name])) != sha:
             raise RuntimeError(f"{src / name}: SHA-256 {got}, expected {sha} ({MTSR_REPO} at {MTSR_COMMIT})")
     folder.mkdir(parents=True, exist_ok=True)
@@ -315,6 +318,20 @@ def import_mtsr(checkout, cache=None) -> Path:
         os.chmod(tmp, 0o644)
         os.replace(tmp, folder / name)
     return folder
+
+
+def _git_show(repo: Path, path: str) -> bytes | None:
+    """`path` at MTSR_COMMIT from the git repository `repo` (a clone with or without a work tree),
+    or None when `repo` is no git repository holding it."""
+    import subprocess
+
+    if not repo.is_dir():
+        return None
+    try:
+        r = subprocess.run(["git", "-C", str(repo), "show", f"{MTSR_COMMIT}:{path}"], capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout if r.returncode == 0 else None
 
 
 @dataclasses.dataclass
