@@ -48,6 +48,10 @@ ALLOWED_SKIPS: list[tuple[str, str, str]] = [
     (r"tests/test_bench\.py::test_bench_against_the_companion_code", r"companion code",
      "the paper's published code needs torch (several GB, no project dependency) and a checkout of it; "
      "the argument checks and ratios of `bench --companion-repo` are tested without it"),
+    (r"tests/test_real_s2_series\.py::test_mtsr_", r"S2NAIP_MTSR_REPO names no checkout",
+     "the second real Sentinel-2 source (real L1C chips of Lithuania, sentinel-hub/multi-temporal-super-resolution "
+     "test data) is on GitHub only, which CI cannot reach; its import, scaling and tiles are tested on fake "
+     "chips everywhere, the real chips where a checkout is named (docs/selection-evaluation.md)"),
     (r"tests/test_multi_timestep\.py::test_the_real_satlas_class_", r"S2NAIP_SATLAS_REPO names no checkout",
      "the training code's S2NAIPDataset (allenai/satlas-super-resolution) is on GitHub only, which CI cannot "
      "reach, and no PyPI package ships it; its numpy restatement runs everywhere, and these tests check it "

@@ -23,6 +23,13 @@ Evaluation sets (`build_sets`; each row of the table is a set seen through some 
                    overcast, cirrus, iridescent thin cloud, haze; labelled by eye
                    (transforms/devdata/data/nrt_romania_labels.json)
   real S2 L2A+hr   the same with the HR's own date in the series: same-date on real imagery
+  real S2 L1C      a second real place: the two real L1C chips of Lithuania, 2020 (5 and 7 dates, cloud,
+                   cloud shadow, haze) stored as test data in sentinel-hub/multi-temporal-super-resolution,
+                   imported into the --real-s2-series cache folder (mtsr/) by `python -m
+                   transforms.devdata.real_s2_series import-mtsr CHECKOUT` (SHA-256 pinned; built
+                   when present); HR = a clean date upsampled 4x, its own date left out; labelled by eye
+                   (transforms/devdata/data/mtsr_lithuania_labels.json)
+  real S2 L1C+hr   the same with the HR's own date in the series
 
 Bands per row: `tci+b08` (R, G, B, NIR: the default build), `rgb` (`--bands rgb`), `all` (tci+b08
 plus every extra band the set has and `transforms.selection.EXTRA_BANDS` accepts).
@@ -68,12 +75,15 @@ ROWS = (
     ("real S2 L2A", "rgb"),
     ("real S2 L2A", "tci+b08"),
     ("real S2 L2A", "all"),
+    ("real S2 L1C", "rgb"),
+    ("real S2 L1C", "tci+b08"),
     ("real S2", "rgb"),
     ("real S2", "all"),
     ("semi-real S2", "rgb"),
     ("semi-real S2", "all"),
     ("real S2+hr", "rgb"),
     ("real S2 L2A+hr", "rgb"),
+    ("real S2 L1C+hr", "rgb"),
     ("easy", "tci+b08"),
     ("easy", "rgb"),
     ("easy+hr", "tci+b08"),
@@ -85,12 +95,14 @@ ROWS = (
 SYNTHETIC_SETS = ("twin-free hard", "easy", "easy+hr", "twin hard")
 REAL_SETS = ("real S2", "real S2+hr", "semi-real S2")
 REAL_SERIES_SETS = ("real S2 L2A", "real S2 L2A+hr")
-ALL_SETS = SYNTHETIC_SETS + REAL_SETS + REAL_SERIES_SETS
+MTSR_SETS = ("real S2 L1C", "real S2 L1C+hr")  # in the same cache folder (mtsr/), when imported
+ALL_SETS = SYNTHETIC_SETS + REAL_SETS + REAL_SERIES_SETS + MTSR_SETS
 
 # The issue's targets for the default mode (held-out part).
 TARGETS = {
     ("real S2", "rgb"): 0.97,
     ("real S2 L2A", "rgb"): 0.97,
+    ("real S2 L1C", "rgb"): 0.97,
     ("twin-free hard", "tci+b08"): 0.90,
     ("easy", "tci+b08"): 1.0,
     ("easy+hr", "tci+b08"): 1.0,
@@ -210,6 +222,25 @@ def real_series_sets(real_s2_series: str, *, names: Sequence[str] = REAL_SERIES_
     return out
 
 
+def mtsr_sets(real_s2_series: str, *, names: Sequence[str] = MTSR_SETS) -> list[EvalSet]:
+    """The real Sentinel-2 L1C sets (transforms.devdata.real_s2_series MTSR_*: two chips in Lithuania)
+    from the mtsr/ folder of the real series' cache."""
+    from transforms.devdata import real_s2 as R
+    from transforms.devdata import real_s2_series as RS
+
+    chips = RS.load_mtsr(real_s2_series)
+    out = []
+    for name in names:
+        if name not in MTSR_SETS:
+            raise ValueError(f"unknown real L1C set {name!r}; expected some of {MTSR_SETS}")
+        same = name == "real S2 L1C+hr"
+        tiles = RS.mtsr_tiles(chips, include_hr_date=same)
+        held = frozenset(t.tile_id for t in tiles if R.is_held_out(t.tile_id))
+        note = "real L1C chips of Lithuania 2020, labelled by eye" + (" with the HR's own date" if same else "")
+        out.append(EvalSet(name, "real", tiles, held, same_date=same, note=note))
+    return out
+
+
 def build_sets(real_data: str | None = None, real_s2: str | None = None, *, seed: int = 100,
                names: Sequence[str] | None = None, max_tiles: int | None = None,
                real_s2_series: str | None = None) -> list[EvalSet]:
@@ -224,6 +255,11 @@ def build_sets(real_data: str | None = None, real_s2: str | None = None, *, seed
         out += real_sets(real_s2, seed=seed, names=real)
     if real_s2_series and (series := [n for n in REAL_SERIES_SETS if n in names]):
         out += real_series_sets(real_s2_series, names=series)
+    if real_s2_series and (l1c := [n for n in MTSR_SETS if n in names]):
+        from transforms.devdata.real_s2_series import has_mtsr
+
+        if has_mtsr(real_s2_series) or names != list(ALL_SETS):  # asked for by name: missing files fail
+            out += mtsr_sets(real_s2_series, names=l1c)
     return out
 
 
@@ -414,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder of real Sentinel-2 (holding eolearn/), e.g. ../shared/data/real_s2: the real sets")
     parser.add_argument("--real-s2-series", default=None,
                         help="the real Sentinel-2 L2A series (its cache folder or the .nc file), fetched from PyPI by "
-                             "`python -m transforms.devdata.real_s2_series fetch [DIR]`: the real S2 L2A sets")
+                             "`python -m transforms.devdata.real_s2_series fetch [DIR]`: the real S2 L2A sets (and the real S2 "
+                             "L1C sets when its mtsr/ holds the imported chips)")
     parser.add_argument("--sets", default=None,
                         help="comma-separated sets (default: all the sources allow): " + ", ".join(ALL_SETS))
     parser.add_argument("--seed", type=int, default=100, help="planting seed")
@@ -441,8 +478,15 @@ def main(argv: list[str] | None = None) -> int:
     sets = [s for s in args.sets.split(",") if s] if args.sets else None
     if sets and (unknown := set(sets) - set(ALL_SETS)):
         parser.error(f"unknown sets {sorted(unknown)}; expected some of {ALL_SETS}")
+    if sets and args.real_s2_series and [n for n in sets if n in MTSR_SETS]:
+        from transforms.devdata.real_s2_series import has_mtsr, mtsr_folder
+
+        if not has_mtsr(args.real_s2_series):
+            parser.error(f"sets {[n for n in sets if n in MTSR_SETS]} need the L1C chips in "
+                         f"{mtsr_folder(args.real_s2_series)}: python -m transforms.devdata.real_s2_series "
+                         "import-mtsr CHECKOUT DIR")
     for names, flag, given in ((SYNTHETIC_SETS, "--real-data", args.real_data), (REAL_SETS, "--real-s2", args.real_s2),
-                               (REAL_SERIES_SETS, "--real-s2-series", args.real_s2_series)):
+                               (REAL_SERIES_SETS + MTSR_SETS, "--real-s2-series", args.real_s2_series)):
         if sets and not given and (need := [n for n in sets if n in names]):
             parser.error(f"sets {need} need {flag}")
     result = bench(args.real_data, args.real_s2, seed=args.seed, repeats=args.repeats,

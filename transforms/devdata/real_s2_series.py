@@ -25,6 +25,13 @@ read at import. `fetch` also extracts the 20 m cube (`FILE_NAME_20M`) for its B1
   made only when the series holds a clean date (else there is no right answer).
 * Held-out part: `real_s2.is_held_out` on the tile id `nrt-romania/<chip>/...` (a hash of the chip
   id): chips r1c1, r1c2, r2c1, r2c2.
+
+A second source, another place at the L1C level (`MTSR_*`, `import_mtsr`, `load_mtsr`, `mtsr_tiles`):
+two real 32x32 chips of Lithuania, 2020 (5 and 7 dates, TOA reflectance B02, B03, B04, B08), the test
+data of sentinel-hub/multi-temporal-super-resolution at a pinned commit, imported from a checkout
+into `<cache>/mtsr/` by SHA-256 (`python -m transforms.devdata.real_s2_series import-mtsr CHECKOUT`:
+no package registry serves it); labels by eye in data/mtsr_lithuania_labels.json; held out: the chip
+eopatch-0288_0.
 """
 from __future__ import annotations
 
@@ -251,10 +258,169 @@ def series_tiles(cube: Cube, include_hr_date: bool = False) -> list[H.DevTile]:
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# A second source: real Sentinel-2 L1C (top of atmosphere) chips of another place (Lithuania, 2020).
+#
+# sentinel-hub/multi-temporal-super-resolution (MIT) stores two real 32x32 chips as test data, each
+# a series of 10 m B02, B03, B04, B08 TOA reflectance (float, L1C level) with a Deimos-2 image:
+# eopatch-0277_66 (5 dates, 2020-06-18 .. 08-02) and eopatch-0288_0 (7 dates, 2020-07-26 .. 09-16),
+# with real cloud, cloud shadow and haze dates. No package registry serves it: `import-mtsr`
+# copies the two files from a checkout of the pinned commit into the cache, checked by SHA-256.
+# Tiles as the nrt source's: per chip and clean HR date, the HR (`real_s2.hr_from`, L1C path
+# subtraction) and every other date as the series; labels by eye in data/mtsr_lithuania_labels.json.
+
+MTSR_REPO = "sentinel-hub/multi-temporal-super-resolution"
+MTSR_COMMIT = "5ef642304a980db87bdb935a7a7450bd649f8912"
+MTSR_PATH = "tests/data/data_loader/input"
+MTSR_FILES = {  # file -> (patchlet, SHA-256)
+    "data_eopatch-0277_66_2.npz": ("eopatch-0277_66", "4ab8547f41f0b0f7e7a817e91f1c489e845ded1c7d4a08f2f016916b0e6ecd32"),
+    "data_eopatch-0288_0_3.npz": ("eopatch-0288_0", "71fa3e0f76406b3063b6d2f618ffc9720aa954d2a8488f70f452e06602ba7957"),
+}
+MTSR_FOLDER = "mtsr"  # inside the cache folder
+MTSR_SOURCE_ID = "mtsr-lithuania"
+MTSR_LABELS = Path(__file__).resolve().parent / "data" / "mtsr_lithuania_labels.json"
+
+
+def mtsr_folder(path) -> Path:
+    """The MTSR files' folder: `path`/mtsr for the cache folder (or the folder holding the .nc)."""
+    p = Path(path)
+    p = p.parent if p.is_file() else p  # the .nc given: its folder (a folder not yet made stays itself)
+    return p if p.name == MTSR_FOLDER else p / MTSR_FOLDER
+
+
+def has_mtsr(path) -> bool:
+    return all((mtsr_folder(path) / name).is_file() for name in MTSR_FILES)
+
+
+def import_mtsr(checkout, cache=None) -> Path:
+    """Copy the MTSR test chips from `checkout` (a checkout of MTSR_REPO at MTSR_COMMIT, a folder
+    holding the two files, or a git clone, bare too, holding that commit) into `cache`/mtsr; RuntimeError (one line) on a missing file or a SHA-256
+    mismatch, nothing partial left."""
+    src = Path(checkout)
+    src = src / MTSR_PATH if (src / MTSR_PATH).is_dir() else src
+    folder = mtsr_folder(Path(cache) if cache is not None else default_cache())
+    contents = {}
+    for name, (_, sha) in MTSR_FILES.items():
+        try:
+            contents[name] = (src / name).read_bytes()
+        except OSError as e:
+            if (data := _git_show(Path(checkout), f"{MTSR_PATH}/{name}")) is None:
+                raise RuntimeError(f"{src / name}: cannot read ({e.strerror}); expected {MTSR_REPO} at "
+                                   f"{MTSR_COMMIT}") from None
+            contents[name] = data
+        if (got := _sha256(contents[name])) != sha:
+            raise RuntimeError(f"{src / name}: SHA-256 {got}, expected {sha} ({MTSR_REPO} at {MTSR_COMMIT})")
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in contents.items():
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".part")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, folder / name)
+    return folder
+
+
+def _git_show(repo: Path, path: str) -> bytes | None:
+    """`path` at MTSR_COMMIT from the git repository `repo` (a clone with or without a work tree),
+    or None when `repo` is no git repository holding it."""
+    import subprocess
+
+    if not repo.is_dir():
+        return None
+    try:
+        r = subprocess.run(["git", "-C", str(repo), "show", f"{MTSR_COMMIT}:{path}"], capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout if r.returncode == 0 else None
+
+
+@dataclasses.dataclass
+class MtsrChips:
+    refl: dict[str, np.ndarray]  # patchlet -> float [T, 32, 32, 4] TOA reflectance B02, B03, B04, B08
+    labels: dict[str, dict[str, str]]  # patchlet -> date -> label, by eye (dates in series order)
+
+
+def load_mtsr_labels(path=MTSR_LABELS) -> dict[str, dict[str, str]]:
+    with open(path) as f:
+        labels = json.load(f)["labels"]
+    if set(labels) != {p for p, _ in MTSR_FILES.values()}:
+        raise ValueError(f"{path}: expected labels for {sorted(p for p, _ in MTSR_FILES.values())}")
+    return labels
+
+
+def load_mtsr(path, labels=MTSR_LABELS) -> MtsrChips:
+    """The two chips in `path` (the cache folder or its mtsr/), checked by SHA-256; `features` only
+    (no pickled objects are read: the dates come with the labels file)."""
+    folder = mtsr_folder(path)
+    lab = load_mtsr_labels(labels)
+    refl = {}
+    for name, (patchlet, sha) in MTSR_FILES.items():
+        f = folder / name
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: missing; import it with `python -m transforms.devdata.real_s2_series "
+                                    f"import-mtsr CHECKOUT {folder.parent}` ({MTSR_REPO} at {MTSR_COMMIT})")
+        data = f.read_bytes()
+        if (got := _sha256(data)) != sha:
+            raise ValueError(f"{f}: SHA-256 {got}, expected {sha}")
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            x = np.asarray(z["features"], dtype=np.float64)
+        if x.ndim != 4 or x.shape[1:] != (CHIP, CHIP, 4) or x.shape[0] != len(lab[patchlet]):
+            raise ValueError(f"{f}: features {x.shape}, expected ({len(lab[patchlet])}, {CHIP}, {CHIP}, 4)")
+        refl[patchlet] = x
+    return MtsrChips(refl=refl, labels=lab)
+
+
+def l1c_to_s2naip(refl: np.ndarray) -> np.ndarray:
+    """float [..., 4] TOA reflectance B02, B03, B04, B08 -> uint8 [..., 4] TCI R, G, B (L1C scaling)
+    and b08, as S2-NAIP stores them (`real_s2.to_s2naip` on the four bands)."""
+    from transforms.devdata import real_s2 as R
+
+    r = np.asarray(refl, dtype=np.float64)
+    full = np.zeros(r.shape[:-1] + (13,))
+    full[..., [1, 2, 3, 7]] = r  # B02, B03, B04, B08 in the 13-band order
+    b = R.to_s2naip(full)
+    return np.concatenate([b["tci"], b["b08"][..., None]], axis=-1)
+
+
+def mtsr_tiles(chips: MtsrChips, include_hr_date: bool = False) -> list[H.DevTile]:
+    """Per chip and clean HR date: the HR (`real_s2.hr_from`) and every other date as the series."""
+    from transforms.devdata import real_s2 as R
+
+    out = []
+    for patchlet, x in chips.refl.items():
+        lab = chips.labels[patchlet]
+        dates_all = list(lab)
+        for k, hd in enumerate(dates_all):
+            if lab[hd] != CLEAN:
+                continue
+            rows = [i for i, d in enumerate(dates_all) if include_hr_date or d != hd]
+            dates = [dates_all[i] for i in rows]
+            if not any(lab[d] == CLEAN for d in dates if d != hd):
+                continue
+            full = np.zeros((CHIP, CHIP, 13))
+            full[..., [1, 2, 3, 7]] = x[k]
+            out.append(H.DevTile(
+                tile_id=f"{MTSR_SOURCE_ID}/{patchlet}/{hd}", hr_date=hd, hr=R.hr_from(full),
+                series=l1c_to_s2naip(x[rows]), extra={}, kinds=tuple(lab[d] for d in dates),
+                capture_of_index=tuple(dates), shifts=np.zeros((len(dates), 2)),
+                hr_date_index=dates.index(hd) if include_hr_date else None))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    usage = ("usage: python -m transforms.devdata.real_s2_series fetch [CACHE_DIR]\n"
+             "       python -m transforms.devdata.real_s2_series import-mtsr CHECKOUT [CACHE_DIR]")
+    if args and args[0] == "import-mtsr" and len(args) in (2, 3):
+        try:
+            path = import_mtsr(args[1], args[2] if len(args) > 2 else None)
+        except RuntimeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(path)
+        return 0
     if not args or args[0] != "fetch" or len(args) > 2:
-        print("usage: python -m transforms.devdata.real_s2_series fetch [CACHE_DIR]", file=sys.stderr)
+        print(usage, file=sys.stderr)
         return 2
     try:
         path = fetch(args[1] if len(args) > 1 else None)
