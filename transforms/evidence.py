@@ -360,8 +360,15 @@ def cloud_shadow_fractions(frames: np.ndarray, reference: np.ndarray, swir: np.n
     f = np.asarray(frames, dtype=np.int16)
     ref = np.asarray(reference, dtype=np.int16)
     vis = f[:, :3]
-    cloud = (vis - ref[:, :3]).min(axis=1) > bright
-    cloud &= vis.min(axis=1) * 5 >= vis.max(axis=1) * 3
+    if f.shape[1] >= 3:  # minima and maxima over R, G, B as elementwise ops (the same values)
+        d = vis - ref[:, :3]
+        cloud = np.minimum(np.minimum(d[:, 0], d[:, 1]), d[:, 2]) > bright
+        low = np.minimum(np.minimum(vis[:, 0], vis[:, 1]), vis[:, 2])
+        high = np.maximum(np.maximum(vis[:, 0], vis[:, 1]), vis[:, 2])
+        cloud &= low * 5 >= high * 3
+    else:
+        cloud = (vis - ref[:, :3]).min(axis=1) > bright
+        cloud &= vis.min(axis=1) * 5 >= vis.max(axis=1) * 3
     if f.shape[1] > N:
         cloud &= f[:, N] >= ref[:, N]
     if swir is not None:
@@ -449,8 +456,13 @@ def hr_veil(frames: np.ndarray, hr: np.ndarray, sigma: float = 2.5, spread_dn: f
     gain = (rc * xc).sum(axis=-1) / ((rc * rc).sum(axis=-1) + np.float32(1e-6))
     residual = (xc - gain[..., None] * rc).reshape(k, c, h, w)
     low = np.matmul(_nearest_gaussian(h, sigma), residual @ _nearest_gaussian(w, sigma).T)
-    grey = low.mean(axis=1).reshape(k, -1)
-    spread = (low.max(axis=1) - low.min(axis=1)).reshape(k, -1)
+    if c == 3:  # the band mean, max and min as numpy's reductions over 3 bands give them, without them
+        grey = ((low[:, 0] + low[:, 1]) + low[:, 2]) / np.float32(3.0)
+        spread = np.maximum(np.maximum(low[:, 0], low[:, 1]), low[:, 2]) - np.minimum(np.minimum(low[:, 0], low[:, 1]), low[:, 2])
+        grey, spread = grey.reshape(k, -1), spread.reshape(k, -1)
+    else:
+        grey = low.mean(axis=1).reshape(k, -1)
+        spread = (low.max(axis=1) - low.min(axis=1)).reshape(k, -1)
     n = grey.shape[1]
     if n % 2 == 0 and np.isfinite(grey).all():  # np.median's value: the mean of the two middle values
         part = np.partition(grey, [n // 2 - 1, n // 2], axis=1)
@@ -575,8 +587,9 @@ def registration(frames: np.ndarray, reference: np.ndarray, smoothed: np.ndarray
     k = frames.shape[0]
     size = frames.shape[-2:]
     chans = registration_channels(frames)
-    spec = spectra(chans)
-    ref = spectra(registration_channels(np.asarray(reference)[None]))
+    # the reference's spectrum in the same FFT call (each transform is computed on its own: equal)
+    both = spectra(np.concatenate([chans, registration_channels(np.asarray(reference)[None])]))
+    spec, ref = both[:k], both[k:]
     if k < 2:
         shift, peak, _ = peak_shift(phase_correlation(spec, ref, size, radius + 1), radius)
         return Registration(shift, peak, np.zeros(k), np.full(k, -1), np.zeros((k, 2)), np.zeros(k))

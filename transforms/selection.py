@@ -755,7 +755,10 @@ def gap_free_correlation(images: np.ndarray, reference: np.ndarray) -> np.ndarra
     else:
         x -= x.mean(axis=1, keepdims=True)
     r = np.asarray(reference, dtype=np.float32).reshape(-1, c)
-    r = r - r.mean(axis=0)
+    if np.asarray(reference).dtype == np.uint8 and r.shape[0] * 255 < 2**24:  # exact, as for x
+        r = r - np.matmul(_ones_f32(r.shape[0]), r)[0] / np.float32(r.shape[0])
+    else:
+        r = r - r.mean(axis=0)
     num = np.einsum("npc,pc->nc", x, r)
     den = np.sqrt(np.einsum("npc,npc->nc", x, x) * (r * r).sum(axis=0)) + 1e-6
     return (num / den).mean(axis=1, dtype=np.float64)
