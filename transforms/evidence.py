@@ -500,13 +500,15 @@ def phase_correlation(fa: np.ndarray, fb: np.ndarray, size: tuple[int, int], win
     (the same values, centred at [w, w]; what `peak_shift` reads), without shifting the whole surface."""
     cross = fa * np.conj(fb)
     cross /= np.abs(cross) + np.float32(1e-9)
-    surface = np.fft.irfft2(cross.mean(axis=-3), s=size)
     if window is None:
-        return np.fft.fftshift(surface, axes=(-2, -1))
-    h, w = surface.shape[-2:]
+        return np.fft.fftshift(np.fft.irfft2(cross.mean(axis=-3), s=size), axes=(-2, -1))
+    # irfft2 is an ifft over the rows' axis, then an irfft of each row: only the window's rows go
+    # through the second (each row's transform is its own, so the values are irfft2's)
+    h, w = size
     rows = (np.arange(h // 2 - window, h // 2 + window + 1) - h // 2) % h  # fftshift: index i holds i - h//2
     cols = (np.arange(w // 2 - window, w // 2 + window + 1) - w // 2) % w
-    return surface[..., rows[:, None], cols[None, :]]
+    half = np.fft.ifft(cross.mean(axis=-3), n=h, axis=-2)
+    return np.fft.irfft(half[..., rows, :], n=w, axis=-1)[..., cols]
 
 
 def peak_shift(surfaces: np.ndarray, radius: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
