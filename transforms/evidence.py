@@ -114,7 +114,7 @@ class Evidence:
 def dark_channel(frames: np.ndarray) -> np.ndarray:
     """He et al.'s dark channel: the minimum over R, G, B and a 3x3 window, [K, C>=3, H, W] ->
     [K, H-2, W-2] (interior pixels, the input's dtype)."""
-    m = frames[:, :3].min(axis=1)
+    m = np.minimum(np.minimum(frames[:, 0], frames[:, 1]), frames[:, 2])  # = frames[:, :3].min(axis=1)
     rows = np.minimum(np.minimum(m[:, :-2], m[:, 1:-1]), m[:, 2:])
     return np.minimum(np.minimum(rows[..., :-2], rows[..., 1:-1]), rows[..., 2:])
 
@@ -373,7 +373,10 @@ def cloud_shadow_fractions(frames: np.ndarray, reference: np.ndarray, swir: np.n
         cloud &= f[:, N] >= ref[:, N]
     if swir is not None:
         cloud &= ~snow_mask(f, swir)
-    shadow = ((f + 1).astype(np.float32) <= np.float32(shadow_ratio) * (ref + 1)).all(axis=1)
+    dim = (f + 1).astype(np.float32) <= np.float32(shadow_ratio) * (ref + 1)  # [K, C, H, W]
+    shadow = dim[:, 0].copy()  # dim.all(axis=1), band by band
+    for band in range(1, dim.shape[1]):
+        shadow &= dim[:, band]
     return cloud.mean(axis=(-2, -1)), shadow.mean(axis=(-2, -1))
 
 

@@ -806,7 +806,8 @@ def select_pair(hr: np.ndarray, series: np.ndarray, config: SelectionConfig = Se
         all_psnr = np.full(len(valid), np.nan)  # only the candidates' PSNR is stored
         all_psnr[top] = psnr(valid_series[top], hr_ref)
         chosen = valid[top]
-        scores, evidence = robust_scores(hr_ref, hr_down, valid_series[top], config.alpha,
+        candidates = valid_series[top]
+        scores, evidence = robust_scores(hr_ref, hr_down, candidates, config.alpha,
                                          {name: band[chosen] for name, band in extra.items()})
     else:
         hr_ref = hr_down.astype(np.float32)
