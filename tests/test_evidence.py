@@ -335,3 +335,37 @@ def test_quantile_is_numpys(q):
         x = rng.normal(0, 1, (5, n))
         np.testing.assert_array_equal(E.quantile(x[0], q), np.quantile(x[0], q))
         np.testing.assert_array_equal(E.quantile(x, q, axis=1), np.quantile(x, q, axis=1))
+
+
+# The fast paths below replace numpy reductions by the same arithmetic in another form; each must
+# give numpy's values bit for bit (the selection's outputs are compared bit for bit across versions).
+
+
+def test_block_mean_is_numpys_block_mean_bit_for_bit():
+    rng = np.random.default_rng(11)
+    for block in (2, 4):
+        for scale in (1.0, 255.0, 1e4):
+            x = (rng.random((7, 2, 32, 32)) * scale).astype(np.float32)
+            expected = x.reshape(7, 2, 32 // block, block, 32 // block, block).mean(axis=(3, 5))
+            np.testing.assert_array_equal(E._block_mean(x, block), expected)
+
+
+def test_phase_correlation_window_is_the_shifted_surfaces_centre():
+    rng = np.random.default_rng(12)
+    frames = rng.integers(0, 256, (5, 2, 32, 32)).astype(np.float32)
+    fa, fb = E.spectra(frames), E.spectra(frames[2:3])
+    full = E.phase_correlation(fa, fb, (32, 32))
+    for window in (1, 4):
+        np.testing.assert_array_equal(E.phase_correlation(fa, fb, (32, 32), window),
+                                      full[:, 16 - window : 17 + window, 16 - window : 17 + window])
+
+
+def test_integer_means_and_channels_are_numpys():
+    rng = np.random.default_rng(13)
+    frames = rng.integers(0, 256, (9, 4, 32, 32), dtype=np.uint8)
+    np.testing.assert_array_equal(E._pixel_means(frames), frames.mean(axis=(-2, -1), dtype=np.float64))
+    np.testing.assert_array_equal(E._rgb_level(frames), frames[:, :3].mean(axis=(1, 2, 3), dtype=np.float64))
+    np.testing.assert_array_equal(E.registration_channels(frames)[:, 0], frames[:, :3].mean(axis=1, dtype=np.float32))
+    vis = frames[:, :3].astype(np.float32)
+    np.testing.assert_array_equal(E.chroma(frames), ((vis.max(axis=1) - vis.min(axis=1)) / (vis.max(axis=1) + 1.0))
+                                  .mean(axis=(-2, -1), dtype=np.float64))

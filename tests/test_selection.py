@@ -273,3 +273,29 @@ def test_pair_confidence_stops_at_the_best_rival_with_the_same_result(seed):
     best = int(np.argmin(scores[:4]))  # no rival at all: full confidence
     assert S.pair_confidence(scores[:4], best, only_copies) == _confidence_over_all_candidates(
         scores[:4], best, only_copies) == 1.0
+
+
+def test_fast_paths_equal_the_plain_numpy_forms():
+    """gap_free_correlation's means of uint8 data, the histograms (uint16 and OpenCV paths) and the
+    black-border count of uint8 RGB are numpy's plain forms, bit for bit."""
+    rng = np.random.default_rng(21)
+    images = rng.integers(0, 256, (11, 32, 32, 4), dtype=np.uint8)
+    reference = rng.random((32, 32, 4)) * 255
+    x = images.reshape(11, -1, 4).astype(np.float32)
+    x -= x.mean(axis=1, keepdims=True)
+    for ref in (reference, images[3]):
+        r = np.asarray(ref, dtype=np.float32).reshape(-1, 4)
+        r = r - r.mean(axis=0)
+        num = np.einsum("npc,pc->nc", x, r)
+        den = np.sqrt(np.einsum("npc,npc->nc", x, x) * (r * r).sum(axis=0)) + 1e-6
+        np.testing.assert_array_equal(S.gap_free_correlation(images, ref), (num / den).mean(axis=1, dtype=np.float64))
+    hr = rng.integers(0, 256, (128, 128, 4), dtype=np.uint8)
+    for image, rows in ((images, (11, 4)), (hr, (4,))):
+        flat = image.astype(np.intp) + 256 * np.arange(int(np.prod(rows))).reshape(
+            rows[:-1] + (1,) * (image.ndim - len(rows)) + rows[-1:])
+        expected = np.bincount(flat.ravel(), minlength=256 * int(np.prod(rows))).reshape(-1, 256)
+        np.testing.assert_array_equal(S._histograms(image, rows), expected)
+    edged = rng.integers(0, 3, (20, 32, 32, 4), dtype=np.uint8)
+    rgb = edged[..., :3]
+    strips = (rgb[:, :2], rgb[:, -2:], rgb[:, :, :2], rgb[:, :, -2:])
+    np.testing.assert_array_equal(black_border_count(edged), sum((s == 0).all(axis=-1).sum(axis=(-2, -1)) for s in strips))

@@ -44,6 +44,24 @@ R, G, B, N = range(4)
 EXTRA_BANDS = ("b01", "b05", "b08", "b09", "b10", "b11", "b12")
 
 
+def _pixel_means(bands: np.ndarray) -> np.ndarray:
+    """Mean over the last two (pixel) axes in float64, [..., H, W] -> [...]: for uint8 the sum is taken
+    in integers (exact, as numpy's float64 sum of these integers is), then divided once: equal bit for
+    bit to bands.mean(axis=(-2, -1), dtype=np.float64), without its strided float reduction."""
+    if bands.dtype != np.uint8:
+        return bands.mean(axis=(-2, -1), dtype=np.float64)
+    h, w = bands.shape[-2:]
+    return bands.reshape(*bands.shape[:-2], h * w).sum(axis=-1, dtype=np.int64) / float(h * w)
+
+
+def _rgb_level(frames: np.ndarray) -> np.ndarray:
+    """frames[:, :3].mean(axis=(1, 2, 3), dtype=np.float64), [K]: one integer sum for uint8 frames."""
+    if frames.dtype != np.uint8:
+        return frames[:, :3].mean(axis=(1, 2, 3), dtype=np.float64)
+    k, _, h, w = frames.shape
+    return frames[:, :3].reshape(k, 3 * h * w).sum(axis=-1, dtype=np.int64) / float(3 * h * w)
+
+
 @dataclasses.dataclass
 class Evidence:
     """What the robust selection measured for its candidates, each [K] aligned with them.
@@ -96,7 +114,7 @@ class Evidence:
 def dark_channel(frames: np.ndarray) -> np.ndarray:
     """He et al.'s dark channel: the minimum over R, G, B and a 3x3 window, [K, C>=3, H, W] ->
     [K, H-2, W-2] (interior pixels, the input's dtype)."""
-    m = frames[:, :3].min(axis=1)
+    m = np.minimum(np.minimum(frames[:, 0], frames[:, 1]), frames[:, 2])  # = frames[:, :3].min(axis=1)
     rows = np.minimum(np.minimum(m[:, :-2], m[:, 1:-1]), m[:, 2:])
     return np.minimum(np.minimum(rows[..., :-2], rows[..., 1:-1]), rows[..., 2:])
 
@@ -105,7 +123,24 @@ def haze_index(frames: np.ndarray) -> np.ndarray:
     """Mean dark channel as TCI reflectance, [K]: an absolute haze level (haze adds path radiance
     to the darkest objects). Clear farmland is ~0.02-0.06, but it depends on the ground too: compare
     it between timesteps of one tile rather than across tiles."""
-    return dark_channel(frames).mean(axis=(-2, -1), dtype=np.float64) * TCI_REFLECTANCE
+    return _pixel_means(np.ascontiguousarray(dark_channel(frames))) * TCI_REFLECTANCE
+
+
+def _block_mean(frames: np.ndarray, block: int) -> np.ndarray:
+    """float32 frames [K, C, H, W] -> [K, C, H // block, W // block] block means, for block 2 or 4:
+    the sums in the order numpy's mean over the two block axes takes (each block row in sequence,
+    then the rows in sequence; the division by block**2 is exact), so it equals
+    `reshape(...).mean(axis=(3, 5))` bit for bit, a few times faster (no strided reduction)."""
+    k, c, h, w = frames.shape
+    y = frames.reshape(k, c, h // block, block, w // block, block)
+    cols = y[..., 0] + y[..., 1]  # [K, C, H/b, b, W/b]: each block row's sum
+    for j in range(2, block):
+        cols += y[..., j]
+    acc = cols[:, :, :, 0] + cols[:, :, :, 1]
+    for i in range(2, block):
+        acc += cols[:, :, :, i]
+    acc /= np.float32(block * block)
+    return acc
 
 
 def band_covariances(frames: np.ndarray, block: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -115,7 +150,9 @@ def band_covariances(frames: np.ndarray, block: int = 1) -> tuple[np.ndarray, np
     shifts (used to find a misregistered timestep's twin)."""
     k, c, h, w = frames.shape
     frames = np.asarray(frames, dtype=np.float32)
-    if block > 1:
+    if block in (2, 4):
+        frames = _block_mean(frames, block)
+    elif block > 1:
         frames = frames.reshape(k, c, h // block, block, w // block, block).mean(axis=(3, 5))
     x = frames.reshape(k, c, -1)
     x = np.ascontiguousarray((x - x.mean(axis=-1, keepdims=True)).transpose(1, 0, 2))  # [C, K, P]
@@ -131,7 +168,8 @@ def laplacian(frames: np.ndarray) -> np.ndarray:
 
 
 def contrast_loss(frames: np.ndarray, twin_corr: float = 0.65, full_corr: float = 0.8,
-                  cap: float = 0.5, distance: np.ndarray | None = None, margin: float = 0.1) -> np.ndarray:
+                  cap: float = 0.5, distance: np.ndarray | None = None, margin: float = 0.1,
+                  lap: np.ndarray | None = None) -> np.ndarray:
     """Loss of fine-scale contrast of each timestep against its structural twins, [K] >= 0.
 
     On the Laplacian (fine detail, which field-scale radiometry and smooth cloud veils leave
@@ -146,8 +184,9 @@ def contrast_loss(frames: np.ndarray, twin_corr: float = 0.65, full_corr: float 
     With `distance` [K] (each timestep's distance to the HR, lower is closer), a twin i of j only
     counts while d_i <= d_j (weight fading to 0 at d_i = d_j + `margin`): a veil changes little of
     a timestep's structural distance, so a much farther "twin" is other ground whose detail merely
-    looks alike."""
-    cov, corr = band_covariances(laplacian(np.asarray(frames[:, :3], dtype=np.float32)))
+    looks alike. `lap`: `laplacian(frames[:, :3] as float32)`, if computed (`veil_measures` has it)."""
+    lap = laplacian(np.asarray(frames[:, :3], dtype=np.float32)) if lap is None else lap
+    cov, corr = band_covariances(lap)
     sd = np.sqrt(np.diagonal(cov, axis1=1, axis2=2).astype(np.float64))  # [3, K]
     weight = np.clip((corr.mean(axis=0, dtype=np.float64) - twin_corr) / (full_corr - twin_corr), 0.0, 1.0)
     if distance is not None:  # weight[i, j]: i the twin, j the timestep
@@ -158,21 +197,27 @@ def contrast_loss(frames: np.ndarray, twin_corr: float = 0.65, full_corr: float 
     return np.maximum((weight * loss).max(axis=0), 0.0)
 
 
-def detail_level(frames: np.ndarray) -> np.ndarray:
-    """Mean over R, G, B of ln(sd of the Laplacian + 0.5 DN), [K]: a timestep's fine detail."""
-    lap = laplacian(np.asarray(frames[:, :3], dtype=np.float32))
+def detail_level(frames: np.ndarray, lap: np.ndarray | None = None) -> np.ndarray:
+    """Mean over R, G, B of ln(sd of the Laplacian + 0.5 DN), [K]: a timestep's fine detail. `lap`:
+    `laplacian(frames[:, :3] as float32)`, if computed."""
+    lap = laplacian(np.asarray(frames[:, :3], dtype=np.float32)) if lap is None else lap
     return np.log(lap.std(axis=(-2, -1), dtype=np.float64) + 0.5).mean(axis=-1)
 
 
 def chroma(frames: np.ndarray) -> np.ndarray:
     """Mean of (max - min) / (max + 1) over R, G, B per pixel, [K]: haze and veils wash colour out."""
+    if frames.dtype == np.uint8:  # max and min in uint8, the same values as in float32
+        top = np.maximum(np.maximum(frames[:, R], frames[:, G]), frames[:, B])
+        low = np.minimum(np.minimum(frames[:, R], frames[:, G]), frames[:, B])
+        top = top.astype(np.float32)
+        return ((top - low.astype(np.float32)) / (top + 1.0)).mean(axis=(-2, -1), dtype=np.float64)
     vis = np.asarray(frames[:, :3], dtype=np.float32)
     return ((vis.max(axis=1) - vis.min(axis=1)) / (vis.max(axis=1) + 1.0)).mean(axis=(-2, -1), dtype=np.float64)
 
 
 def blue_red(frames: np.ndarray) -> np.ndarray:
     """ln(mean blue + 1) - ln(mean red + 1), [K]: aerosol path radiance lifts blue most."""
-    m = np.asarray(frames[:, :3], dtype=np.float64).mean(axis=(-2, -1))
+    m = _pixel_means(frames[:, :3]) if frames.dtype == np.uint8 else np.asarray(frames[:, :3], dtype=np.float64).mean(axis=(-2, -1))
     return np.log(m[:, B] + 1.0) - np.log(m[:, R] + 1.0)
 
 
@@ -209,11 +254,14 @@ class VeilMeasures:
     dark: np.ndarray  # haze_index
     chroma: np.ndarray  # chroma
     blue: np.ndarray  # blue_red
+    # laplacian(frames[:, :3] as float32), [K, 3, H-2, W-2], which contrast_loss can reuse
+    lap: np.ndarray | None = None
 
 
 def veil_measures(frames: np.ndarray) -> VeilMeasures:
     """The measures `veil_terms` compares, computed once (several references can share them)."""
-    return VeilMeasures(detail_level(frames), haze_index(frames), chroma(frames), blue_red(frames))
+    lap = laplacian(np.asarray(frames[:, :3], dtype=np.float32))
+    return VeilMeasures(detail_level(frames, lap), haze_index(frames), chroma(frames), blue_red(frames), lap)
 
 
 def veil_terms(frames: np.ndarray, contrast_to_hr: np.ndarray | None = None, clear_quantile: float = 0.5,
@@ -264,8 +312,7 @@ def aerosol_index(b01: np.ndarray, frames: np.ndarray) -> np.ndarray:
     """Mean B01 (443 nm, 60 m) reflectance minus mean blue TCI reflectance, [K]: aerosol path
     radiance grows steeply towards short wavelengths, so haze raises B01 more than blue. Its
     level depends on the ground; compare it between timesteps of one tile."""
-    return (np.asarray(b01).mean(axis=(-2, -1), dtype=np.float64) * BAND_REFLECTANCE
-            - frames[:, B].mean(axis=(-2, -1), dtype=np.float64) * TCI_REFLECTANCE)
+    return (_pixel_means(np.asarray(b01)) * BAND_REFLECTANCE - _pixel_means(frames[:, B]) * TCI_REFLECTANCE)
 
 
 def cirrus_index(b10: np.ndarray, full: float = 0.04) -> np.ndarray:
@@ -313,20 +360,30 @@ def cloud_shadow_fractions(frames: np.ndarray, reference: np.ndarray, swir: np.n
     f = np.asarray(frames, dtype=np.int16)
     ref = np.asarray(reference, dtype=np.int16)
     vis = f[:, :3]
-    cloud = (vis - ref[:, :3]).min(axis=1) > bright
-    cloud &= vis.min(axis=1) * 5 >= vis.max(axis=1) * 3
+    if f.shape[1] >= 3:  # minima and maxima over R, G, B as elementwise ops (the same values)
+        d = vis - ref[:, :3]
+        cloud = np.minimum(np.minimum(d[:, 0], d[:, 1]), d[:, 2]) > bright
+        low = np.minimum(np.minimum(vis[:, 0], vis[:, 1]), vis[:, 2])
+        high = np.maximum(np.maximum(vis[:, 0], vis[:, 1]), vis[:, 2])
+        cloud &= low * 5 >= high * 3
+    else:
+        cloud = (vis - ref[:, :3]).min(axis=1) > bright
+        cloud &= vis.min(axis=1) * 5 >= vis.max(axis=1) * 3
     if f.shape[1] > N:
         cloud &= f[:, N] >= ref[:, N]
     if swir is not None:
         cloud &= ~snow_mask(f, swir)
-    shadow = ((f + 1).astype(np.float32) <= np.float32(shadow_ratio) * (ref + 1)).all(axis=1)
+    dim = (f + 1).astype(np.float32) <= np.float32(shadow_ratio) * (ref + 1)  # [K, C, H, W]
+    shadow = dim[:, 0].copy()  # dim.all(axis=1), band by band
+    for band in range(1, dim.shape[1]):
+        shadow &= dim[:, band]
     return cloud.mean(axis=(-2, -1)), shadow.mean(axis=(-2, -1))
 
 
-def _exposure(frames: np.ndarray, quantile: float = 0.5) -> np.ndarray:
-    """Mean R, G, B of each timestep over the `quantile` of those means (the median), [K]."""
-    level = frames[:, :3].mean(axis=(1, 2, 3), dtype=np.float64)
-    return level / max(float(np.quantile(level, quantile)), 1e-6)
+def _exposure(frames: np.ndarray, q: float = 0.5) -> np.ndarray:
+    """Mean R, G, B of each timestep over the `q`-quantile of those means (the median), [K]."""
+    level = _rgb_level(frames)
+    return level / max(float(quantile(level, q)), 1e-6)
 
 
 def darkening(frames: np.ndarray) -> np.ndarray:
@@ -378,13 +435,13 @@ def underexposed(frames: np.ndarray, ratio: float = 0.6, blue_floor: float = BLU
     of dark forest fell below 0.6 and were gated, every one of them in some tiles (L2A surface
     reflectance is also below the blue floor), which left only cloudy candidates. Planted
     underexposure (x0.12-0.3) stays below 0.6 of the 0.1 quantile (docs/selection-method.md)."""
-    level = frames[:, :3].mean(axis=(1, 2, 3), dtype=np.float64)
+    level = _rgb_level(frames)
     k = len(level)
     if k < 2:
         return np.zeros(k, dtype=bool)
     others = np.broadcast_to(level, (k, k))[~np.eye(k, dtype=bool)].reshape(k, k - 1)
     relative = level < ratio * quantile(others, reference_quantile, axis=1)
-    blue = frames[:, B].mean(axis=(-2, -1), dtype=np.float64) * TCI_REFLECTANCE
+    blue = _pixel_means(frames[:, B]) * TCI_REFLECTANCE
     return relative & (blue < blue_floor)
 
 
@@ -409,9 +466,20 @@ def hr_veil(frames: np.ndarray, hr: np.ndarray, sigma: float = 2.5, spread_dn: f
     gain = (rc * xc).sum(axis=-1) / ((rc * rc).sum(axis=-1) + np.float32(1e-6))
     residual = (xc - gain[..., None] * rc).reshape(k, c, h, w)
     low = np.matmul(_nearest_gaussian(h, sigma), residual @ _nearest_gaussian(w, sigma).T)
-    grey = low.mean(axis=1).reshape(k, -1)
-    spread = (low.max(axis=1) - low.min(axis=1)).reshape(k, -1)
-    lift = np.maximum(grey - np.median(grey, axis=1, keepdims=True), np.float32(0.0))
+    if c == 3:  # the band mean, max and min as numpy's reductions over 3 bands give them, without them
+        grey = ((low[:, 0] + low[:, 1]) + low[:, 2]) / np.float32(3.0)
+        spread = np.maximum(np.maximum(low[:, 0], low[:, 1]), low[:, 2]) - np.minimum(np.minimum(low[:, 0], low[:, 1]), low[:, 2])
+        grey, spread = grey.reshape(k, -1), spread.reshape(k, -1)
+    else:
+        grey = low.mean(axis=1).reshape(k, -1)
+        spread = (low.max(axis=1) - low.min(axis=1)).reshape(k, -1)
+    n = grey.shape[1]
+    if n % 2 == 0 and np.isfinite(grey).all():  # np.median's value: the mean of the two middle values
+        part = np.partition(grey, [n // 2 - 1, n // 2], axis=1)
+        median = (part[:, n // 2 - 1 : n // 2] + part[:, n // 2 : n // 2 + 1]) / np.float32(2.0)
+    else:
+        median = np.median(grey, axis=1, keepdims=True)
+    lift = np.maximum(grey - median, np.float32(0.0))
     return (lift / (spread + np.float32(spread_dn))).mean(axis=1, dtype=np.float64)
 
 
@@ -434,15 +502,23 @@ def spectra(frames: np.ndarray) -> np.ndarray:
     return np.fft.rfft2(centred * _window(h, w))
 
 
-def phase_correlation(fa: np.ndarray, fb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def phase_correlation(fa: np.ndarray, fb: np.ndarray, size: tuple[int, int], window: int | None = None) -> np.ndarray:
     """Phase-correlation surfaces of spectra `fa` [K, C, H, W'] against `fb` (broadcasting), bands
     combined by averaging their normalised cross-power: [K, H, W] with zero shift at [H//2, W//2].
     The peak is at the displacement of a's content relative to b's; its height is in [0, 1]
-    (1 for identical frames)."""
+    (1 for identical frames). With `window` w, only the [K, 2w+1, 2w+1] values around zero shift
+    (the same values, centred at [w, w]; what `peak_shift` reads), without shifting the whole surface."""
     cross = fa * np.conj(fb)
     cross /= np.abs(cross) + np.float32(1e-9)
-    surface = np.fft.irfft2(cross.mean(axis=-3), s=size)
-    return np.fft.fftshift(surface, axes=(-2, -1))
+    if window is None:
+        return np.fft.fftshift(np.fft.irfft2(cross.mean(axis=-3), s=size), axes=(-2, -1))
+    # irfft2 is an ifft over the rows' axis, then an irfft of each row: only the window's rows go
+    # through the second (each row's transform is its own, so the values are irfft2's)
+    h, w = size
+    rows = (np.arange(h // 2 - window, h // 2 + window + 1) - h // 2) % h  # fftshift: index i holds i - h//2
+    cols = (np.arange(w // 2 - window, w // 2 + window + 1) - w // 2) % w
+    half = np.fft.ifft(cross.mean(axis=-3), n=h, axis=-2)
+    return np.fft.irfft(half[..., rows, :], n=w, axis=-1)[..., cols]
 
 
 def peak_shift(surfaces: np.ndarray, radius: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -473,7 +549,12 @@ def peak_shift(surfaces: np.ndarray, radius: int = 3) -> tuple[np.ndarray, np.nd
 def registration_channels(frames: np.ndarray) -> np.ndarray:
     """The images registration compares, [K, C, H, W] -> float32 [K, 1|2, H, W]: the mean of R, G,
     B, and NIR when there is one (structure that survives changes of the visible look)."""
-    vis = frames[:, :3].mean(axis=1, dtype=np.float32)
+    if frames.dtype == np.uint8:
+        # the integer sum (exact), divided as numpy's float32 mean divides it: in float64, then rounded
+        total = frames[:, 0].astype(np.int16) + frames[:, 1] + frames[:, 2]
+        vis = (total / 3.0).astype(np.float32)
+    else:
+        vis = frames[:, :3].mean(axis=1, dtype=np.float32)
     if frames.shape[1] > 3:
         return np.stack([vis, np.asarray(frames[:, 3], dtype=np.float32)], axis=1)
     return vis[:, None]
@@ -484,7 +565,7 @@ def estimate_shift(frames: np.ndarray, reference: np.ndarray, radius: int = 3) -
     correlation, and the peak height (confidence, 0..1): ([K, 2], [K])."""
     spec = spectra(registration_channels(frames))
     ref = spectra(registration_channels(np.asarray(reference)[None]))
-    shift, peak, _ = peak_shift(phase_correlation(spec, ref, frames.shape[-2:]), radius)
+    shift, peak, _ = peak_shift(phase_correlation(spec, ref, frames.shape[-2:], radius + 1), radius)
     return shift, peak
 
 
@@ -518,17 +599,18 @@ def registration(frames: np.ndarray, reference: np.ndarray, smoothed: np.ndarray
     k = frames.shape[0]
     size = frames.shape[-2:]
     chans = registration_channels(frames)
-    spec = spectra(chans)
-    ref = spectra(registration_channels(np.asarray(reference)[None]))
+    # the reference's spectrum in the same FFT call (each transform is computed on its own: equal)
+    both = spectra(np.concatenate([chans, registration_channels(np.asarray(reference)[None])]))
+    spec, ref = both[:k], both[k:]
     if k < 2:
-        shift, peak, _ = peak_shift(phase_correlation(spec, ref, size), radius)
+        shift, peak, _ = peak_shift(phase_correlation(spec, ref, size, radius + 1), radius)
         return Registration(shift, peak, np.zeros(k), np.full(k, -1), np.zeros((k, 2)), np.zeros(k))
     c = band_covariances(chans, block=4) if smoothed is None else band_covariances(smoothed)
     c = c[1].mean(axis=0)
     np.fill_diagonal(c, -np.inf)
     partner = c.argmax(axis=1)
     surfaces = phase_correlation(np.concatenate([spec, spec]),
-                                 np.concatenate([np.broadcast_to(ref, spec.shape), spec[partner]]), size)
+                                 np.concatenate([np.broadcast_to(ref, spec.shape), spec[partner]]), size, radius + 1)
     shift, peak, zero = peak_shift(surfaces, radius)
     hr_shift, hr_peak, hr_zero = shift[:k], peak[:k], zero[:k]
     rel, rel_peak = shift[k:], peak[k:]

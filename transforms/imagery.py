@@ -147,6 +147,9 @@ def black_border_count(images: np.ndarray, border: int = 2) -> np.ndarray:
     rgb = images[..., :3]
 
     def black_in(strip):  # RGB sum 0 <=> every channel 0, for unsigned pixels
+        if strip.dtype == np.uint8 and strip.shape[-1] == 3:  # one OR per channel, not a reduction over 3
+            any_lit = strip[..., 0] | strip[..., 1] | strip[..., 2]
+            return np.count_nonzero(any_lit == 0, axis=(-2, -1))
         return (strip == 0).all(axis=-1).sum(axis=(-2, -1))
 
     return (

@@ -30,6 +30,7 @@ import dataclasses
 import functools
 import math
 
+import cv2
 import numpy as np
 
 from transforms import cloud_prob as CP
@@ -391,9 +392,30 @@ def _histograms(images: np.ndarray, rows_shape: tuple[int, ...]) -> np.ndarray:
     `rows_shape` is images.shape without the pixel axes, e.g. (N, C); one bincount for all rows.
     """
     n_rows = int(np.prod(rows_shape))
-    row_index = np.arange(n_rows).reshape(rows_shape[:-1] + (1,) * (images.ndim - len(rows_shape)) + rows_shape[-1:])
-    flat = images.astype(np.intp) + 256 * row_index
+    if images.dtype == np.uint8 and len(rows_shape) == 1 and images.ndim == 3 and images[..., 0].size < 2**24:
+        # one image's bands (a full-size HR): OpenCV's histogram, exact float32 counts below 2**24
+        c = rows_shape[0]
+        image = np.ascontiguousarray(images)
+        return np.stack([cv2.calcHist([image], [band], None, [256], [0, 256]).reshape(256) for band in range(c)]
+                        ).astype(np.int64)
+    row_shape = rows_shape[:-1] + (1,) * (images.ndim - len(rows_shape)) + rows_shape[-1:]
+    if images.dtype == np.uint8 and n_rows <= 256:
+        # value + 256 * row fits in uint16: two narrow passes instead of two over intp
+        flat = images.astype(np.uint16)
+        flat += (np.arange(n_rows, dtype=np.uint16) * np.uint16(256)).reshape(row_shape)
+    else:
+        flat = images.astype(np.intp) + 256 * np.arange(n_rows).reshape(row_shape)
     return np.bincount(flat.ravel(), minlength=256 * n_rows).reshape(n_rows, 256)
+
+
+def _match_luts(source: np.ndarray, templates: np.ndarray) -> np.ndarray:
+    """uint8 [N, C, 256]: the lookup table of each (template, band) for the uint8 source [H, W, C]
+    (`_match_uint8`)."""
+    n, c = templates.shape[0], templates.shape[-1]
+    tmpl_counts = _histograms(templates, (n, c))  # [N*C, 256]
+    src_cum = np.cumsum(_histograms(source, (c,)), axis=1)  # [C, 256]
+    lut = _matched_values(np.tile(src_cum, (n, 1)), source.size // c, tmpl_counts, templates[0, ..., 0].size)
+    return lut.astype(np.uint8).reshape(n, c, 256)
 
 
 def _match_uint8(source: np.ndarray, templates: np.ndarray) -> np.ndarray:
@@ -402,10 +424,7 @@ def _match_uint8(source: np.ndarray, templates: np.ndarray) -> np.ndarray:
     Each (template, band) gets a 256-entry lookup table, truncated to uint8 as scikit-image stores
     it; the source pixels then index the table."""
     n, c = templates.shape[0], templates.shape[-1]
-    tmpl_counts = _histograms(templates, (n, c))  # [N*C, 256]
-    src_cum = np.cumsum(_histograms(source, (c,)), axis=1)  # [C, 256]
-    lut = _matched_values(np.tile(src_cum, (n, 1)), source.size // c, tmpl_counts, templates[0, ..., 0].size)
-    lut = lut.astype(np.uint8).reshape(n, c, 256)
+    lut = _match_luts(source, templates)
     src_c = source.reshape(-1, c)
     return np.stack([np.take(lut[:, band], src_c[:, band], axis=1) for band in range(c)], axis=1)
 
@@ -420,6 +439,10 @@ def match_histograms(source: np.ndarray, templates: np.ndarray) -> np.ndarray:
     if templates.dtype != np.uint8:
         raise TypeError("templates must be uint8")
     n, c = templates.shape[0], templates.shape[-1]
+    if source.dtype == np.uint8 and n == 1 and source.ndim == 3 and 1 < c <= 4:
+        # one template (the output's full-size HR): OpenCV applies the per-band tables in one pass
+        lut = np.ascontiguousarray(_match_luts(source, templates)[0].T).reshape(1, 256, c)
+        return cv2.LUT(np.ascontiguousarray(source), lut)[None]
     if source.dtype == np.uint8:
         matched = _match_uint8(source, templates)
         return np.moveaxis(matched.reshape(n, c, *source.shape[:-1]), 1, -1)
@@ -438,6 +461,21 @@ def match_histograms(source: np.ndarray, templates: np.ndarray) -> np.ndarray:
 # Scores and the selection itself.
 
 
+def _moment_maps(frames: np.ndarray, r: np.ndarray, matched_u8: np.ndarray, dtype) -> np.ndarray:
+    """[6, K, C, h, w] of `dtype`: y, y * y, r * y, m, m * m, m * y for the candidates y (`frames`
+    [K, C, h, w]), the HR r [C, h, w] (already of `dtype`) and the matched HR m [K, C, h, w], written
+    into one buffer (the values np.stack of the products gives, without the temporaries)."""
+    maps = np.empty((6, *matched_u8.shape), dtype=dtype)
+    y, m = maps[0], maps[3]
+    y[...] = frames
+    m[...] = matched_u8
+    np.multiply(y, y, out=maps[1])
+    np.multiply(r, y, out=maps[2])
+    np.multiply(m, m, out=maps[4])
+    np.multiply(m, y, out=maps[5])
+    return maps
+
+
 def paper_scores(hr_down_u8: np.ndarray, candidates: np.ndarray, alpha: float,
                  matched_u8: np.ndarray | None = None) -> np.ndarray:
     """a * d(HR, LR_j) + (1 - a) * d(HM_j(HR), LR_j) with d = 1 - SSIM; lower is better.
@@ -448,11 +486,10 @@ def paper_scores(hr_down_u8: np.ndarray, candidates: np.ndarray, alpha: float,
     k, h, w, c = candidates.shape
     if matched_u8 is None:
         matched_u8 = _match_uint8(hr_down_u8, candidates).reshape(k, c, h, w)
-    matched = matched_u8.astype(np.float64)
-    y = _to_nchw(candidates)
     r = _to_nchw(hr_down_u8)
     ur, urr = _smooth(np.stack([r, r * r]), "valid")
-    uy, uyy, ury, um, umm, umy = _smooth(np.stack([y, y * y, r * y, matched, matched * matched, matched * y]), "valid")
+    maps = _moment_maps(np.moveaxis(candidates, -1, 1), r, matched_u8, np.float64)
+    uy, uyy, ury, um, umm, umy = _smooth(maps, "valid")
     s_raw = _ssim_from_moments(ur, uy, urr, uyy, ury, clamp_variance=False).mean(axis=(-3, -2, -1))
     s_matched = _ssim_from_moments(um, uy, umm, uyy, umy, clamp_variance=False).mean(axis=(-3, -2, -1))
     return alpha * (1.0 - s_raw) + (1.0 - alpha) * (1.0 - s_matched)
@@ -461,11 +498,9 @@ def paper_scores(hr_down_u8: np.ndarray, candidates: np.ndarray, alpha: float,
 def _ssim_distance_f32(hr_down_u8: np.ndarray, frames: np.ndarray, matched_u8: np.ndarray, alpha: float) -> np.ndarray:
     """`paper_scores` in float32 moments (the robust mode's distance; equal to ~1e-5): frames and
     matched_u8 [K, C, h, w] uint8."""
-    y = frames.astype(np.float32)
-    m = matched_u8.astype(np.float32)
     r = np.moveaxis(hr_down_u8, -1, 0).astype(np.float32)
     ur, urr = _smooth_f32(np.stack([r, r * r]))
-    uy, uyy, ury, um, umm, umy = _smooth_f32(np.stack([y, y * y, r * y, m, m * m, m * y]))
+    uy, uyy, ury, um, umm, umy = _smooth_f32(_moment_maps(frames, r, matched_u8, np.float32))
     s_raw = _ssim_from_moments(ur, uy, urr, uyy, ury, clamp_variance=False).mean(axis=(-3, -2, -1), dtype=np.float64)
     s_matched = _ssim_from_moments(um, uy, umm, uyy, umy, clamp_variance=False).mean(axis=(-3, -2, -1), dtype=np.float64)
     return alpha * (1.0 - s_raw) + (1.0 - alpha) * (1.0 - s_matched)
@@ -598,7 +633,7 @@ def robust_scores(hr_down_u8: np.ndarray, hr_down: np.ndarray, candidates: np.nd
         bands=tuple(b for b in EXTRA_BANDS if b in extra),
         distance=distance,
         penalty=np.zeros(k),
-        haze=E.contrast_loss(frames, distance=distance),
+        haze=E.contrast_loss(frames, distance=distance, lap=measures.lap),
         dark_channel=measures.dark,
         cloud=cloud,
         shadow=shadow,
@@ -692,11 +727,18 @@ def pair_confidence(scores: np.ndarray, best: int, candidates: np.ndarray,
         margin = float(scores[rival].min() - scores[best]) if rival.any() else MARGIN_SCALE
     confidence = min(max(margin, 0.0) / MARGIN_SCALE, 1.0)
     if evidence is not None:
-        e = evidence.take([best])
+        e = evidence
         worst = [e.cloud, e.shadow, e.haze, e.snow, e.veil, e.cloud_prob]
-        values = [float(v[0]) for v in worst if v is not None and np.isfinite(v[0])]
+        values = [float(v[best]) for v in worst if v is not None and np.isfinite(v[best])]
         confidence *= 1.0 - min(max(values, default=0.0), 1.0)
     return float(confidence)
+
+
+@functools.lru_cache(maxsize=8)
+def _ones_f32(n: int) -> np.ndarray:
+    ones = np.ones((1, n), dtype=np.float32)
+    ones.flags.writeable = False
+    return ones
 
 
 def gap_free_correlation(images: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -706,9 +748,17 @@ def gap_free_correlation(images: np.ndarray, reference: np.ndarray) -> np.ndarra
     top-k with it."""
     n, c = images.shape[0], images.shape[-1]
     x = images.reshape(n, -1, c).astype(np.float32)
-    x -= x.mean(axis=1, keepdims=True)
+    if images.dtype == np.uint8 and x.shape[1] * 255 < 2**24:
+        # the mean as a product with ones: the float32 sum of these integers is exact in any order,
+        # so this equals x.mean(axis=1) bit for bit, ~20x faster than numpy's strided reduction
+        x -= np.matmul(_ones_f32(x.shape[1]), x) / np.float32(x.shape[1])
+    else:
+        x -= x.mean(axis=1, keepdims=True)
     r = np.asarray(reference, dtype=np.float32).reshape(-1, c)
-    r = r - r.mean(axis=0)
+    if np.asarray(reference).dtype == np.uint8 and r.shape[0] * 255 < 2**24:  # exact, as for x
+        r = r - np.matmul(_ones_f32(r.shape[0]), r)[0] / np.float32(r.shape[0])
+    else:
+        r = r - r.mean(axis=0)
     num = np.einsum("npc,pc->nc", x, r)
     den = np.sqrt(np.einsum("npc,npc->nc", x, x) * (r * r).sum(axis=0)) + 1e-6
     return (num / den).mean(axis=1, dtype=np.float64)
@@ -752,10 +802,12 @@ def select_pair(hr: np.ndarray, series: np.ndarray, config: SelectionConfig = Se
         scores = paper_scores(hr_ref, valid_series[top], config.alpha)
     elif config.mode == "robust":
         hr_ref = to_uint8(hr_down)
-        all_psnr = psnr(valid_series, hr_ref)
         top = top_k_by_psnr(gap_free_correlation(valid_series, hr_down), config.top_k)
+        all_psnr = np.full(len(valid), np.nan)  # only the candidates' PSNR is stored
+        all_psnr[top] = psnr(valid_series[top], hr_ref)
         chosen = valid[top]
-        scores, evidence = robust_scores(hr_ref, hr_down, valid_series[top], config.alpha,
+        candidates = valid_series[top]
+        scores, evidence = robust_scores(hr_ref, hr_down, candidates, config.alpha,
                                          {name: band[chosen] for name, band in extra.items()})
     else:
         hr_ref = hr_down.astype(np.float32)

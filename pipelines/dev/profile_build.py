@@ -117,7 +117,8 @@ def profile_tiles(ids: list[str], config: pairs.PairConfig) -> dict[str, float]:
         (sel, "paper_scores"): "distance",
         (sel, "companion_scores"): "distance",
         (sel, "robust_scores"): "distance",
-        (sel, "_match_uint8"): "hm candidates",
+        # the candidates' matching, or part of the output's (the full HR) when called inside it
+        (sel, "_match_uint8"): lambda *a, **k: "hm output" if timer.within("hm output") else "hm candidates",
         (sel, "pair_confidence"): "confidence",
         (records, "pair_record"): "record",
         (cloud_prob, "cloud_probability"): "evidence",
