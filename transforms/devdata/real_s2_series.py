@@ -86,6 +86,17 @@ def default_cache() -> Path:
     return Path(root) / "real_s2_series"
 
 
+
+def _write_files(folder: Path, contents: dict[str, bytes]) -> None:
+    """Each file into `folder` atomically (a temporary file, then a rename), readable by all."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in contents.items():
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".part")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 is for secrets; this is a shared cache file
+        os.replace(tmp, folder / name)
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -120,13 +131,7 @@ def fetch(cache=None, url: str = WHEEL_URL, timeout: float = 120.0) -> Path:
             raise RuntimeError(f"{WHEEL}: cannot read {member}: {e}") from None
         if (got := _sha256(contents[name])) != sha:
             raise RuntimeError(f"{WHEEL}:{member}: SHA-256 {got}, expected {sha}")
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, data in contents.items():
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".part")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 is for secrets; this is a shared cache file
-        os.replace(tmp, folder / name)
+    _write_files(folder, contents)
     return target
 
 
@@ -310,13 +315,7 @@ def import_mtsr(checkout, cache=None) -> Path:
             contents[name] = data
         if (got := _sha256(contents[name])) != sha:
             raise RuntimeError(f"{src / name}: SHA-256 {got}, expected {sha} ({MTSR_REPO} at {MTSR_COMMIT})")
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, data in contents.items():
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".part")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, folder / name)
+    _write_files(folder, contents)
     return folder
 
 
