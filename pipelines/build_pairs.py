@@ -31,7 +31,7 @@ from pipelines.options import (
     use_own_image_on_dataflow_by_default,
 )
 from transforms import progress
-from transforms.build import dataset_manifest
+from transforms.build import dataset_manifest, forked_workers
 from transforms.build.pipeline import build
 from transforms.build.stages import NoTiles
 from transforms.io import latest, publish, storage
@@ -176,7 +176,9 @@ def run(argv: list[str] | None = None) -> dict | None:
     use_own_image_on_dataflow_by_default(options)
     info = run_info(config, spec, opts, options)
     try:
-        with progress_reporting(options) as progress_dir, beam.Pipeline(options=options) as p:
+        with (forked_workers.runner_for(options, cold=opts.cold_workers) as runner,
+              progress_reporting(options) as progress_dir,
+              beam.Pipeline(runner=runner, options=options) as p):
             build(p, config, spec, info, opts.manifest, since=since, latest_pointer=opts.latest,
                   progress_dir=progress_dir)
     except BaseException as e:  # failed or interrupted (Ctrl-C): nothing of this run stays published

@@ -124,6 +124,10 @@ class BuildOptions(PipelineOptions):
                               "many threads while tiles are built, so that object-store round trips overlap; "
                               f"0: read each file when it is needed. Default: {REMOTE_READ_THREADS} when an "
                               "input is on an object store (gs://), 0 for local files.")
+        _flag(run, "--cold-workers", "--cold_workers",
+              help="With --direct_running_mode=multi_processing: start each worker process as Beam does "
+                   "(a fresh interpreter importing Beam) instead of forking it from a process that has "
+                   "imported it already (transforms/build/forked_workers.py; Linux).")
 
 
 def default_split(input_root: str) -> str:

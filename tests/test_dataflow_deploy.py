@@ -91,6 +91,13 @@ def test_launch_request_as_dataflow_receives_it(google_apis, tmp_path):
     assert exported["IMAGE"].startswith(f"{REGION}-docker.pkg.dev/{PROJECT}/s2naip/s2naip-pairs:")
 
 
+def test_flexrs_goal_reaches_the_launch_request(google_apis, tmp_path):
+    gcloud_launch("run", google_apis, tmp_path, FLEXRS_GOAL="COST_OPTIMIZED", MACHINE_TYPE="n2-highcpu-4")
+    (launch,) = google_apis.requests
+    env = json.loads(launch["body"])["launchParameter"]["environment"]
+    assert env["flexrsGoal"] == "FLEXRS_COST_OPTIMIZED" and env["machineType"] == "n2-highcpu-4"
+
+
 def test_template_spec_as_uploaded(google_apis, tmp_path):
     """The spec `gcloud dataflow flex-template build` writes: the image, the metadata as given, and
     no default environment (so the image, not the spec, must know the workers' container)."""

@@ -502,7 +502,8 @@ def test_flex_template_metadata_matches_the_build_options():
     metadata = load_metadata()
     json_format.ParseDict(metadata, TemplateMetadata.pb()())  # the API's schema, unknown fields rejected
     params = {p["name"]: p for p in metadata["parameters"]}
-    assert set(params) == build_option_dests() - {"sample_tiles"}
+    # local-runner options: the embedded sample, multi_processing workers started cold
+    assert set(params) == build_option_dests() - {"sample_tiles", "cold_workers"}
     assert len(params) == 20
     for p in params.values():
         assert p["label"] and p["helpText"] and p["regexes"], p["name"]

@@ -1,6 +1,8 @@
 """Pipeline tests: the transforms under TestPipeline, and the build's every-id-once invariant."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -247,3 +249,58 @@ def test_missing_manifest_fails_the_job_instead_of_building_nothing(tmp_path):
     with pytest.raises(Exception, match="manifest not found"):
         with beam.Pipeline(options=options) as p:
             build_pipeline.build(p, config, spec, build_pairs.run_info(config, spec, opts, options), opts.manifest)
+
+
+FORKED_BUILD = """
+import json, sys
+from transforms.build import forked_workers as fw
+runners = []
+class Recording(fw.ForkedWorkersRunner):
+    def __init__(self, command):
+        super().__init__(command)
+        runners.append(self)
+fw.ForkedWorkersRunner = Recording
+from pipelines import build_pairs
+build_pairs.run(sys.argv[1:])
+print(json.dumps([r.forked_environments for r in runners]))
+"""
+
+
+def test_forked_workers_build_what_cold_workers_build(tmp_path):
+    """multi_processing workers forked from a warm process (transforms.build.forked_workers, the
+    default on Linux) write the same tables as Beam's own cold workers (--cold-workers). Each build
+    runs in a fresh process, as `s2naip build` does: only a process without other threads forks."""
+    root = str(tmp_path / "in")
+    for i in range(6):
+        good_tile(root, tid(i), seed=i, t=10)
+    write_png(os.path.join(root, "naip", NAIP_ID, "35099_55000", "rgb.png"), np.zeros((128, 128, 3), np.uint8))
+    tables = {}
+    for name, extra in [("forked", []), ("cold", ["--cold-workers"])]:
+        out = str(tmp_path / name)
+        proc = subprocess.run(
+            [sys.executable, "-c", FORKED_BUILD, "--input", root, "--output", out, "--runner", RUNNER,
+             "--direct_running_mode=multi_processing", "--direct_num_workers=2", *extra],
+            capture_output=True, text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        forked = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert forked == ([1] if name == "forked" else [])  # the workers' environment got the proxy
+        tables[name] = {t: pq.read_table(os.path.join(out, t)).sort_by("tile_id") for t in ("pairs", "rejects")}
+    for t in ("pairs", "rejects"):
+        assert tables["forked"][t].equals(tables["cold"][t]), t
+    assert tables["forked"]["pairs"].num_rows == 6 and tables["forked"]["rejects"].num_rows == 1
+
+
+def test_forked_workers_apply_to_local_multi_processing_only():
+    from transforms.build import forked_workers as fw
+
+    def opts(*argv):
+        return PipelineOptions(list(argv))
+
+    assert fw.applies(opts("--runner", "FnApiRunner", "--direct_running_mode=multi_processing"))
+    assert not fw.applies(opts("--runner", "FnApiRunner"))
+    assert not fw.applies(opts("--runner", "FnApiRunner", "--direct_running_mode=multi_threading"))
+    assert not fw.applies(opts("--runner", "DataflowRunner", "--direct_running_mode=multi_processing"))
+    with fw.runner_for(opts("--runner", "FnApiRunner")) as runner:
+        assert runner is None
+    with fw.runner_for(opts("--runner", "FnApiRunner", "--direct_running_mode=multi_processing"), cold=True) as runner:
+        assert runner is None

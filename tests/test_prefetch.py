@@ -109,3 +109,82 @@ def test_the_pool_is_shared_per_process_and_renewed_after_a_fork():
         os._exit(0)
     os.waitpid(pid, 0)
     assert os.read(read_end, 1) == b"1"
+
+
+def test_a_first_file_can_hold_back_the_other_reads(tmp_path, read_ahead, monkeypatch):
+    """`first_decides`: the first path is read alone; its bytes decide whether the others start.
+    Held back, they are never requested, yet still read directly if the tile asks for them."""
+    files = [tmp_path / n for n in ("first", "b", "c")]
+    for i, f in enumerate(files):
+        f.write_bytes(b"x%d" % i)
+    requested = []
+    real = storage.read_bytes
+
+    def counting(path, limit):
+        requested.append(os.path.basename(path))
+        return real(path, limit)
+
+    monkeypatch.setattr(storage, "read_bytes", counting)
+    paths = [str(f) for f in files]
+    no = read_ahead.start(paths, LIMIT, first_decides=lambda data: data != b"x0")
+    assert no(paths[0], LIMIT) == b"x0"
+    no.cancel()
+    assert requested == ["first"]
+    yes = read_ahead.start(paths, LIMIT, first_decides=lambda data: True)
+    assert yes(paths[0], LIMIT) == b"x0" and yes(paths[2], LIMIT) == b"x2"
+    yes.cancel()
+    assert sorted(requested[1:]) == ["b", "c", "first"]
+    requested.clear()
+    broken = read_ahead.start(paths, LIMIT, first_decides=lambda data: 1 / 0)  # unsure: read all
+    assert broken(paths[0], LIMIT) == b"x0" and broken(paths[1], LIMIT) == b"x1"
+    broken.cancel()
+    assert sorted(requested) == ["b", "c", "first"]
+    requested.clear()
+    held = read_ahead.start(paths, LIMIT, first_decides=lambda data: False)
+    assert held(paths[0], LIMIT) == b"x0" and held(paths[1], LIMIT) == b"x1"  # asked anyway: read directly
+    held.cancel()
+    assert requested == ["first", "b"]
+
+
+def test_a_black_bordered_naip_tile_requests_nothing_else(tmp_path, read_ahead, monkeypatch):
+    """BuildPairs' reads ahead (stages.start_reads) ask for no Sentinel-2 or NIR object of a tile
+    that load_tile rejects on its NAIP image, with the same outcome as direct reads."""
+    from transforms.build import stages
+
+    root = str(tmp_path)
+    rng = np.random.default_rng(3)
+    good_tile(root, tid(0), seed=0, t=5)
+    hr = scene(rng)
+    hr[:, :2] = 0  # a black left border
+    write_tile(root, tid(1), hr, series_from(scene(rng), rng, 5), extra={b: series_from(scene(rng), rng, 5)[..., 0]
+                                                                          for b in EXTRA_BANDS})
+    config = PairConfig(input_root=root, selection=SelectionConfig(mode="robust"))
+    requested = []
+    real = storage.read_bytes
+
+    def counting(path, limit):
+        requested.append(path)
+        return real(path, limit)
+
+    outcomes = {}
+    for i in range(2):
+        direct = build_tile(tid(i), config)
+        monkeypatch.setattr(storage, "read_bytes", counting)
+        reads = stages.start_reads(read_ahead, tid(i), None, config)
+        ahead = build_tile(tid(i), config, None, reads)
+        reads.cancel()
+        read_ahead.close()  # waits for every read started: none may come later
+        read_ahead.__init__(4)
+        monkeypatch.setattr(storage, "read_bytes", real)
+        assert ahead.kind == direct.kind and ahead.record == direct.record, i
+        outcomes[i] = (ahead.kind, list(requested))
+        requested.clear()
+    assert outcomes[1][0] == "reject" and build_tile(tid(1), config).record["reason"] == "naip_black_border"
+    assert outcomes[1][1] == [tiles_rgb(root, tid(1))]
+    assert outcomes[0][0] == "pair" and len(outcomes[0][1]) > 4  # a good tile reads all it has
+
+
+def tiles_rgb(root, tile_id):
+    from transforms import tiles
+
+    return tiles.hr_rgb_path(root, TileId.parse(tile_id))

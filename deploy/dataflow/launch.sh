@@ -68,6 +68,7 @@ MAX_WORKERS="${MAX_WORKERS:-100}"
 NUM_WORKERS="${NUM_WORKERS:-10}"
 DISK_SIZE_GB="${DISK_SIZE_GB:-50}"   # the image is a few GB; shuffle goes to the Dataflow Shuffle service
 LAUNCHER_MACHINE_TYPE="${LAUNCHER_MACHINE_TYPE:-}"
+FLEXRS_GOAL="${FLEXRS_GOAL:-}"       # COST_OPTIMIZED: FlexRS (discounted workers, start within 6 h; docs/cloud.md)
 NETWORK="${NETWORK:-}"
 SUBNETWORK="${SUBNETWORK:-}"         # regions/REGION/subnetworks/NAME
 DISABLE_PUBLIC_IPS="${DISABLE_PUBLIC_IPS:-}"   # 1: workers without public IPs (needs Private Google Access)
@@ -176,6 +177,7 @@ cmd_run() {
   )
   if [ -n "$SERVICE_ACCOUNT" ]; then args+=(--service-account-email="$SERVICE_ACCOUNT"); fi
   if [ -n "$LAUNCHER_MACHINE_TYPE" ]; then args+=(--launcher-machine-type="$LAUNCHER_MACHINE_TYPE"); fi
+  if [ -n "$FLEXRS_GOAL" ]; then args+=(--flexrs-goal="$FLEXRS_GOAL"); fi
   if [ -n "$NETWORK" ]; then args+=(--network="$NETWORK"); fi
   if [ -n "$SUBNETWORK" ]; then args+=(--subnetwork="$SUBNETWORK"); fi
   if [ -n "$DISABLE_PUBLIC_IPS" ]; then args+=(--disable-public-ips); fi
@@ -211,6 +213,7 @@ cmd_direct() {
     --disk_size_gb="$DISK_SIZE_GB"
   )
   if [ -n "$SERVICE_ACCOUNT" ]; then args+=(--service_account_email="$SERVICE_ACCOUNT"); fi
+  if [ -n "$FLEXRS_GOAL" ]; then args+=(--flexrs_goal="$FLEXRS_GOAL"); fi
   if [ -n "$NETWORK" ]; then args+=(--network="$NETWORK"); fi
   if [ -n "$SUBNETWORK" ]; then args+=(--subnetwork="$SUBNETWORK"); fi
   if [ -n "$DISABLE_PUBLIC_IPS" ]; then args+=(--no_use_public_ips); fi

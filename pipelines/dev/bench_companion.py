@@ -160,6 +160,7 @@ def ratios(companion_s: float, builds: dict[str, float]) -> dict[str, float]:
 def bench_companion(repo: str, python: str, workdir: str, tiles: int, repeats: int, selection: str,
                     real_data: str | None = None, seed: int = 0) -> dict:
     torch_version = check_companion(repo, python)
+    workdir = os.path.abspath(workdir)  # the companion's processes run in its checkout: its config paths must be absolute
     sample = real_sample_dir(workdir, real_data, tiles, seed) if real_data else bench.sample_dir(workdir, tiles, seed)
     sample = companion_runnable(sample)
     ids = bench.tile_ids(sample)

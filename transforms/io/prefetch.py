@@ -16,7 +16,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import threading
-from typing import Iterable
+from typing import Callable, Iterable
 
 from transforms.io import storage
 
@@ -31,21 +31,33 @@ class TileReads:
         self._futures = futures
         self._limit = limit
         self._absent = absent
+        self._lock = threading.Lock()  # a reader thread may add the reads a first file let start
+        self._cancelled = False
 
     def __call__(self, path: str, limit: int) -> bytes:
         if path in self._absent:
             raise FileNotFoundError(path)
-        future = self._futures.pop(path, None) if limit == self._limit else None
+        with self._lock:
+            future = self._futures.pop(path, None) if limit == self._limit else None
         if future is None:
             return storage.read_bytes(path, limit)
         return future.result()
 
+    def _add(self, path: str, future_of) -> None:
+        """Starts `future_of()` for `path` unless the tile was cancelled or has it already."""
+        with self._lock:
+            if not self._cancelled and path not in self._futures:
+                self._futures[path] = future_of()
+
     def cancel(self) -> None:
         """Drops the reads the tile did not ask for (e.g. after an early reject): those not started
         are cancelled, those running finish and are discarded."""
-        for future in self._futures.values():
+        with self._lock:
+            self._cancelled = True
+            futures = list(self._futures.values())
+            self._futures.clear()
+        for future in futures:
             future.cancel()
-        self._futures.clear()
 
 
 class ReadAhead:
@@ -59,16 +71,38 @@ class ReadAhead:
         self._pool = (concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="s2naip-read")
                       if threads else None)
 
-    def start(self, paths: Iterable[str], limit: int, absent: frozenset[str] = frozenset()) -> TileReads:
+    def start(self, paths: Iterable[str], limit: int, absent: frozenset[str] = frozenset(),
+              first_decides: Callable[[bytes], bool] | None = None) -> TileReads:
         """Starts reading `paths` (in order; those in `absent` are never read) and returns their
-        reader."""
+        reader. With `first_decides`, only the first path is read at once; on its reader thread,
+        `first_decides(its bytes)` then says whether to start the others (False: the tile will not
+        ask for them, e.g. a NAIP image the build rejects before reading its Sentinel-2). A path not
+        started is still read directly if the tile asks for it, so this changes requests, never
+        results."""
         if self._pool is None:
             return TileReads({}, limit, absent)
-        futures = {}
-        for path in paths:
-            if path not in futures and path not in absent:
-                futures[path] = self._pool.submit(storage.read_bytes, path, limit)
-        return TileReads(futures, limit, absent)
+        paths = [p for p in dict.fromkeys(paths) if p not in absent]
+        tile_reads = TileReads({}, limit, absent)
+        if first_decides is None or not paths:
+            for path in paths:
+                tile_reads._add(path, lambda path=path: self._pool.submit(storage.read_bytes, path, limit))
+            return tile_reads
+        first, rest = paths[0], paths[1:]
+        pool = self._pool
+
+        def read_first() -> bytes:
+            data = storage.read_bytes(first, limit)
+            try:
+                go_on = first_decides(data)
+            except Exception:  # noqa: BLE001 - the check only saves requests: when unsure, read all
+                go_on = True
+            if go_on:
+                for path in rest:
+                    tile_reads._add(path, lambda path=path: pool.submit(storage.read_bytes, path, limit))
+            return data
+
+        tile_reads._add(first, lambda: pool.submit(read_first))
+        return tile_reads
 
     def map(self, fn, items: list) -> Iterable:
         """`fn` over `items` on the pool, results in order (directly without a pool)."""
