@@ -204,41 +204,40 @@ def real_sets(real_s2: str, *, seed: int = 100, names: Sequence[str] = REAL_SETS
     return out
 
 
+def _real_eval_sets(tiles_of, names: Sequence[str], allowed: Sequence[str], what: str, note: str) -> list[EvalSet]:
+    """EvalSets of a real source: `tiles_of(include_hr_date)` its tiles; the name ending in "+hr"
+    holds the HR's own date (same-date figure); held-out by `real_s2.is_held_out`."""
+    from transforms.devdata import real_s2 as R
+
+    out = []
+    for name in names:
+        if name not in allowed:
+            raise ValueError(f"unknown {what} set {name!r}; expected some of {tuple(allowed)}")
+        same = name.endswith("+hr")
+        tiles = tiles_of(same)
+        held = frozenset(t.tile_id for t in tiles if R.is_held_out(t.tile_id))
+        out.append(EvalSet(name, "real", tiles, held, same_date=same,
+                           note=note + (" with the HR's own date" if same else "")))
+    return out
+
+
 def real_series_sets(real_s2_series: str, *, names: Sequence[str] = REAL_SERIES_SETS) -> list[EvalSet]:
     """The real Sentinel-2 L2A series sets from `real_s2_series` (the fetched cube or its cache folder)."""
-    from transforms.devdata import real_s2 as R
     from transforms.devdata import real_s2_series as RS
 
     cube = RS.load(real_s2_series)
-    out = []
-    for name in names:
-        if name not in REAL_SERIES_SETS:
-            raise ValueError(f"unknown real series set {name!r}; expected some of {REAL_SERIES_SETS}")
-        same = name == "real S2 L2A+hr"
-        tiles = RS.series_tiles(cube, include_hr_date=same)
-        held = frozenset(t.tile_id for t in tiles if R.is_held_out(t.tile_id))
-        note = "real L2A June-September series, labelled by eye" + (" with the HR's own date" if same else "")
-        out.append(EvalSet(name, "real", tiles, held, same_date=same, note=note))
-    return out
+    return _real_eval_sets(lambda same: RS.series_tiles(cube, include_hr_date=same), names, REAL_SERIES_SETS,
+                           "real series", "real L2A June-September series, labelled by eye")
 
 
 def mtsr_sets(real_s2_series: str, *, names: Sequence[str] = MTSR_SETS) -> list[EvalSet]:
     """The real Sentinel-2 L1C sets (transforms.devdata.real_s2_series MTSR_*: two chips in Lithuania)
     from the mtsr/ folder of the real series' cache."""
-    from transforms.devdata import real_s2 as R
     from transforms.devdata import real_s2_series as RS
 
     chips = RS.load_mtsr(real_s2_series)
-    out = []
-    for name in names:
-        if name not in MTSR_SETS:
-            raise ValueError(f"unknown real L1C set {name!r}; expected some of {MTSR_SETS}")
-        same = name == "real S2 L1C+hr"
-        tiles = RS.mtsr_tiles(chips, include_hr_date=same)
-        held = frozenset(t.tile_id for t in tiles if R.is_held_out(t.tile_id))
-        note = "real L1C chips of Lithuania 2020, labelled by eye" + (" with the HR's own date" if same else "")
-        out.append(EvalSet(name, "real", tiles, held, same_date=same, note=note))
-    return out
+    return _real_eval_sets(lambda same: RS.mtsr_tiles(chips, include_hr_date=same), names, MTSR_SETS,
+                           "real L1C", "real L1C chips of Lithuania 2020, labelled by eye")
 
 
 def build_sets(real_data: str | None = None, real_s2: str | None = None, *, seed: int = 100,
