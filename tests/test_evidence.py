@@ -419,6 +419,21 @@ def test_registration_equals_the_plain_phase_correlation(big_scene):
     assert np.abs(reg.hr_shift[2] - (1.5, -0.5)).max() <= 0.25 and reg.hr_shift[-1].tolist() == [0.0, 0.0]
 
 
+def test_spectra_are_numpys_rfft2_to_float32_rounding():
+    """The DFT by matrix products (rows first inside `registration`) is numpy's rfft2."""
+    rng = np.random.default_rng(35)
+    for shape in ((17, 2, 32, 32), (3, 32, 32), (2, 2, 16, 32), (4, 1, 31, 33)):
+        x = (rng.random(shape) * 255).astype(np.float32)
+        expected = np.fft.rfft2(x)
+        got = E._rfft2_rows_first(x.reshape(-1, *shape[-2:]))
+        assert got.dtype == np.complex64 and got.shape == (shape[-2], int(np.prod(shape[:-2])), shape[-1] // 2 + 1)
+        np.testing.assert_allclose(np.moveaxis(got, 0, 1).reshape(expected.shape), expected, rtol=0,
+                                   atol=1e-6 * np.abs(expected).max())
+        centred = x - x.mean(axis=(-2, -1), keepdims=True)
+        plain = np.fft.rfft2(centred * E._window(*shape[-2:]))
+        np.testing.assert_allclose(E.spectra(x), plain, rtol=0, atol=1e-6 * np.abs(plain).max())
+
+
 def test_peak_shift_equals_its_plain_form_bit_for_bit():
     rng = np.random.default_rng(32)
     surfaces = rng.random((40, 9, 9)).astype(np.float32)
@@ -465,3 +480,4 @@ def test_integer_means_and_channels_are_numpys():
     vis = frames[:, :3].astype(np.float32)
     np.testing.assert_array_equal(E.chroma(frames), ((vis.max(axis=1) - vis.min(axis=1)) / (vis.max(axis=1) + 1.0))
                                   .mean(axis=(-2, -1), dtype=np.float64))
+
