@@ -512,12 +512,31 @@ def _ssim_distance_f32(hr_down_u8: np.ndarray, frames: np.ndarray, matched_u8: n
     moments = np.matmul(fy, (maps.reshape(-1, w) @ fx.T).reshape(6, h, -1)).reshape(6, oh, k, c, ow)
     ur, urr = np.matmul(fy, (np.stack([r, r * r]).reshape(-1, w) @ fx.T).reshape(2, h, -1)).reshape(2, oh, 1, c, ow)
     uy, uyy, ury, um, umm, umy = moments
+    # `_ssim_from_moments` of both terms with the candidates' shared parts (uy^2, their variance)
+    # computed once and the products written in place (the same formula, float32 rounding aside)
+    c1 = np.float32((SSIM_K1 * DATA_RANGE) ** 2)
+    c2 = np.float32((SSIM_K2 * DATA_RANGE) ** 2)
+    uy2 = uy * uy
+    vy_c2 = uyy - uy2
+    vy_c2 += c2
 
-    def mean(ssim_map):  # [oh, K, C, ow] -> [K], each candidate's mean in float64
-        return ssim_map.transpose(1, 0, 2, 3).reshape(k, -1).sum(axis=1, dtype=np.float64) / (oh * c * ow)
+    def mean_ssim(ux, uxx, uxy):  # [oh, K, C, ow] moments -> [K], each candidate's mean SSIM in float64
+        ux2 = ux * ux
+        cross = ux * uy
+        num = uxy - cross  # covariance
+        num *= np.float32(2.0)
+        num += c2
+        cross *= np.float32(2.0)
+        cross += c1
+        num *= cross
+        den = ux2 + uy2
+        den += c1
+        den *= (uxx - ux2) + vy_c2
+        num /= den
+        return num.transpose(1, 0, 2, 3).reshape(k, -1).sum(axis=1, dtype=np.float64) / (oh * c * ow)
 
-    s_raw = mean(_ssim_from_moments(ur, uy, urr, uyy, ury, clamp_variance=False))
-    s_matched = mean(_ssim_from_moments(um, uy, umm, uyy, umy, clamp_variance=False))
+    s_raw = mean_ssim(ur, urr, ury)
+    s_matched = mean_ssim(um, umm, umy)
     return alpha * (1.0 - s_raw) + (1.0 - alpha) * (1.0 - s_matched)
 
 
