@@ -167,10 +167,10 @@ def laplacian(frames: np.ndarray) -> np.ndarray:
     Computed on each image's rows 1..H-2 as one run of pixels, the neighbours at offsets +-1 and +-W
     (the same arithmetic per pixel as on the 2-D interior slices, in long contiguous passes), then
     the interior columns kept (a contiguous copy)."""
-    h, w = frames.shape[-2:]
-    if frames.ndim < 2 or h < 3 or w < 3 or frames.dtype != np.float32:
+    if frames.ndim < 2 or frames.shape[-2] < 3 or frames.shape[-1] < 3 or frames.dtype != np.float32:
         return (4.0 * frames[..., 1:-1, 1:-1] - frames[..., 2:, 1:-1] - frames[..., :-2, 1:-1]
                 - frames[..., 1:-1, 2:] - frames[..., 1:-1, :-2])
+    h, w = frames.shape[-2:]
     flat = np.ascontiguousarray(frames).reshape(-1, h * w)
     inner = slice(w, (h - 1) * w)  # rows 1..H-2, every column
     out = flat[:, inner] * np.float32(4.0)
@@ -610,7 +610,8 @@ def phase_correlation(fa: np.ndarray, fb: np.ndarray, size: tuple[int, int], win
     (1 for identical frames). With `window` w, only the [K, 2w+1, 2w+1] values around zero shift
     (the same values to float32 rounding, centred at [w, w]; what `peak_shift` reads), by a windowed
     inverse DFT instead of the whole surface's FFT. Each spectrum is normalised to unit magnitude
-    before the product (`_whiten`), which equals normalising the product (to ~1e-7)."""
+    before the product (`_whiten`), which equals normalising the product to float32 rounding
+    (bins of magnitude > ~1e-4; empty bins stay 0 either way)."""
     cross = _whiten(fa) * np.conj(_whiten(fb))
     if window is None:
         return np.fft.fftshift(np.fft.irfft2(cross.mean(axis=-3), s=size), axes=(-2, -1))
