@@ -351,13 +351,124 @@ def test_block_mean_is_numpys_block_mean_bit_for_bit():
 
 
 def test_phase_correlation_window_is_the_shifted_surfaces_centre():
+    """The windowed inverse DFT (two matrix products) gives the full inverse FFT's centre to float32
+    rounding."""
     rng = np.random.default_rng(12)
     frames = rng.integers(0, 256, (5, 2, 32, 32)).astype(np.float32)
     fa, fb = E.spectra(frames), E.spectra(frames[2:3])
     full = E.phase_correlation(fa, fb, (32, 32))
     for window in (1, 4):
-        np.testing.assert_array_equal(E.phase_correlation(fa, fb, (32, 32), window),
-                                      full[:, 16 - window : 17 + window, 16 - window : 17 + window])
+        np.testing.assert_allclose(E.phase_correlation(fa, fb, (32, 32), window),
+                                   full[:, 16 - window : 17 + window, 16 - window : 17 + window], rtol=0, atol=1e-6)
+
+
+def _plain_surfaces(fa, fb, size):
+    """The plain form of phase correlation (before 0.3.x's speed-ups): the product of the spectra
+    normalised, averaged over bands, a full inverse FFT, shifted."""
+    cross = fa * np.conj(fb)
+    cross /= np.abs(cross) + np.float32(1e-9)
+    return np.fft.fftshift(np.fft.irfft2(cross.mean(axis=-3), s=size), axes=(-2, -1))
+
+
+def _plain_peak_shift(surfaces, radius=3):
+    """peak_shift as numpy's plain indexing spells it (the reference of the gathered form)."""
+    k, h, w = surfaces.shape
+    cy, cx = h // 2, w // 2
+    sub = surfaces[:, cy - radius - 1:cy + radius + 2, cx - radius - 1:cx + radius + 2]
+    at = np.ascontiguousarray(sub[:, 1:-1, 1:-1]).reshape(k, -1).argmax(axis=1)
+    py, px = np.unravel_index(at, (2 * radius + 1, 2 * radius + 1))
+    py, px = py + 1, px + 1
+    i = np.arange(k)
+    c0 = sub[i, py, px]
+
+    def offset(m, p):
+        den = m - 2.0 * c0 + p
+        safe = np.where(den < 0, den, -1.0)
+        return np.where(den < 0, 0.5 * (m - p) / safe, 0.0).clip(-0.5, 0.5)
+
+    dy = offset(sub[i, py - 1, px], sub[i, py + 1, px])
+    dx = offset(sub[i, py, px - 1], sub[i, py, px + 1])
+    shift = np.stack([py - 1 - radius + dy, px - 1 - radius + dx], axis=1).astype(np.float64)
+    shift[c0 <= 1e-6] = 0.0
+    return shift, c0.astype(np.float64), sub[:, radius + 1, radius + 1].astype(np.float64)
+
+
+def test_registration_equals_the_plain_phase_correlation(big_scene):
+    """registration's fast form (spectra normalised once, the windowed inverse DFT, the peak's
+    neighbours gathered at once) measures the shifts and peaks of the plain form to float32
+    rounding (shifts within 1e-3 px), on frames with real structure, shifts, noise and a flat one."""
+    rng = np.random.default_rng(31)
+    reference = _window_lr(big_scene, 0, 0)
+    frames = [_window_lr(big_scene, dy, dx) * g + o + rng.normal(0, s, reference.shape)
+              for dy, dx, g, o, s in ((0, 0, 1.0, 0, 0.5), (3, -2, 0.8, 10, 1.0), (6, -2, 0.8, 10, 1.0),
+                                      (-5, 7, 1.2, -5, 2.0), (1, 1, 0.5, 40, 4.0))]
+    frames += [_lr(40 + j) for j in range(3)] + [np.full_like(reference, 120.0)]
+    frames = np.stack(frames)
+    reg = E.registration(frames, reference)
+    spec = E.spectra(E.registration_channels(frames))
+    ref = E.spectra(E.registration_channels(reference[None]))
+    shift, peak, _ = _plain_peak_shift(_plain_surfaces(spec, ref, (32, 32)))
+    np.testing.assert_allclose(reg.hr_shift, shift, rtol=0, atol=1e-3)
+    np.testing.assert_allclose(reg.hr_peak, peak, rtol=0, atol=1e-5)
+    rel, rel_peak, _ = _plain_peak_shift(_plain_surfaces(spec, spec[reg.partner], (32, 32)))
+    np.testing.assert_allclose(reg.partner_shift, rel, rtol=0, atol=1e-3)
+    np.testing.assert_allclose(reg.partner_peak, rel_peak, rtol=0, atol=1e-5)
+    est, est_peak = E.estimate_shift(frames, reference)
+    np.testing.assert_allclose(est, shift, rtol=0, atol=1e-3)
+    np.testing.assert_allclose(est_peak, peak, rtol=0, atol=1e-5)
+    assert np.abs(reg.hr_shift[2] - (1.5, -0.5)).max() <= 0.25 and reg.hr_shift[-1].tolist() == [0.0, 0.0]
+
+
+def test_spectra_are_numpys_rfft2_to_float32_rounding():
+    """The DFT by matrix products (rows first inside `registration`) is numpy's rfft2."""
+    rng = np.random.default_rng(35)
+    for shape in ((17, 2, 32, 32), (3, 32, 32), (2, 2, 16, 32), (4, 1, 31, 33)):
+        x = (rng.random(shape) * 255).astype(np.float32)
+        expected = np.fft.rfft2(x)
+        got = E._rfft2_rows_first(x.reshape(-1, *shape[-2:]))
+        assert got.dtype == np.complex64 and got.shape == (shape[-2], int(np.prod(shape[:-2])), shape[-1] // 2 + 1)
+        np.testing.assert_allclose(np.moveaxis(got, 0, 1).reshape(expected.shape), expected, rtol=0,
+                                   atol=1e-6 * np.abs(expected).max())
+        centred = x - x.mean(axis=(-2, -1), keepdims=True)
+        plain = np.fft.rfft2(centred * E._window(*shape[-2:]))
+        np.testing.assert_allclose(E.spectra(x), plain, rtol=0, atol=1e-6 * np.abs(plain).max())
+
+
+def test_peak_shift_equals_its_plain_form_bit_for_bit():
+    rng = np.random.default_rng(32)
+    surfaces = rng.random((40, 9, 9)).astype(np.float32)
+    surfaces[3] = 0.0  # featureless
+    surfaces[5, 4, 4] = 2.0  # peak at zero shift
+    surfaces[6, 1, 7] = 2.0  # peak at the search window's corner
+    for got, expected in zip(E.peak_shift(surfaces), _plain_peak_shift(surfaces)):
+        np.testing.assert_array_equal(got, expected)
+    big = rng.random((7, 32, 32)).astype(np.float32)
+    for got, expected in zip(E.peak_shift(big, 2), _plain_peak_shift(big, 2)):
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_laplacian_and_float_channels_are_the_plain_forms_bit_for_bit():
+    rng = np.random.default_rng(33)
+    for shape in ((13, 3, 32, 32), (2, 5, 7), (1, 1, 3, 3), (4, 3, 32, 16)):
+        x = (rng.random(shape) * 255).astype(np.float32)
+        plain = (4.0 * x[..., 1:-1, 1:-1] - x[..., 2:, 1:-1] - x[..., :-2, 1:-1] - x[..., 1:-1, 2:] - x[..., 1:-1, :-2])
+        np.testing.assert_array_equal(E.laplacian(x), plain)
+    for dtype in (np.float64, np.float32):
+        x = (rng.random((9, 4, 32, 32)) * 255).astype(dtype)
+        np.testing.assert_array_equal(E.registration_channels(x)[:, 0], x[:, :3].mean(axis=1, dtype=np.float32))
+
+
+def test_veil_measures_detail_is_detail_level():
+    """veil_measures reads the Laplacian's variance from its band covariances (float32) instead of
+    numpy's float64 std: the same detail to ~1e-6, and contrast_loss gives the same values with them."""
+    rng = np.random.default_rng(34)
+    frames = np.stack([_lr(50 + j) for j in range(6)] + [np.full((4, 32, 32), 77.0)]).astype(np.uint8)
+    frames[2] = (frames[2] * 0.6 + 90).astype(np.uint8)
+    m = E.veil_measures(frames)
+    np.testing.assert_allclose(m.detail, E.detail_level(frames), rtol=0, atol=1e-6)
+    distance = rng.random(len(frames)) * 0.2
+    np.testing.assert_allclose(E.contrast_loss(frames, distance=distance, lap=m.lap, lap_cov=m.lap_cov),
+                               E.contrast_loss(frames, distance=distance), rtol=0, atol=0)
 
 
 def test_integer_means_and_channels_are_numpys():
@@ -369,3 +480,4 @@ def test_integer_means_and_channels_are_numpys():
     vis = frames[:, :3].astype(np.float32)
     np.testing.assert_array_equal(E.chroma(frames), ((vis.max(axis=1) - vis.min(axis=1)) / (vis.max(axis=1) + 1.0))
                                   .mean(axis=(-2, -1), dtype=np.float64))
+

@@ -162,14 +162,28 @@ def band_covariances(frames: np.ndarray, block: int = 1) -> tuple[np.ndarray, np
 
 
 def laplacian(frames: np.ndarray) -> np.ndarray:
-    """The 5-point Laplacian over the last two axes (interior pixels): [..., H, W] -> [..., H-2, W-2]."""
-    return (4.0 * frames[..., 1:-1, 1:-1] - frames[..., 2:, 1:-1] - frames[..., :-2, 1:-1]
-            - frames[..., 1:-1, 2:] - frames[..., 1:-1, :-2])
+    """The 5-point Laplacian over the last two axes (interior pixels): [..., H, W] -> [..., H-2, W-2].
+
+    Computed on each image's rows 1..H-2 as one run of pixels, the neighbours at offsets +-1 and +-W
+    (the same arithmetic per pixel as on the 2-D interior slices, in long contiguous passes), then
+    the interior columns kept (a contiguous copy)."""
+    if frames.ndim < 2 or frames.shape[-2] < 3 or frames.shape[-1] < 3 or frames.dtype != np.float32:
+        return (4.0 * frames[..., 1:-1, 1:-1] - frames[..., 2:, 1:-1] - frames[..., :-2, 1:-1]
+                - frames[..., 1:-1, 2:] - frames[..., 1:-1, :-2])
+    h, w = frames.shape[-2:]
+    flat = np.ascontiguousarray(frames).reshape(-1, h * w)
+    inner = slice(w, (h - 1) * w)  # rows 1..H-2, every column
+    out = flat[:, inner] * np.float32(4.0)
+    out -= flat[:, 2 * w:]
+    out -= flat[:, : (h - 2) * w]
+    out -= flat[:, w + 1 : (h - 1) * w + 1]
+    out -= flat[:, w - 1 : (h - 1) * w - 1]
+    return np.ascontiguousarray(out.reshape(*frames.shape[:-2], h - 2, w)[..., 1:-1])
 
 
 def contrast_loss(frames: np.ndarray, twin_corr: float = 0.65, full_corr: float = 0.8,
                   cap: float = 0.5, distance: np.ndarray | None = None, margin: float = 0.1,
-                  lap: np.ndarray | None = None) -> np.ndarray:
+                  lap: np.ndarray | None = None, lap_cov: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Loss of fine-scale contrast of each timestep against its structural twins, [K] >= 0.
 
     On the Laplacian (fine detail, which field-scale radiometry and smooth cloud veils leave
@@ -184,9 +198,10 @@ def contrast_loss(frames: np.ndarray, twin_corr: float = 0.65, full_corr: float 
     With `distance` [K] (each timestep's distance to the HR, lower is closer), a twin i of j only
     counts while d_i <= d_j (weight fading to 0 at d_i = d_j + `margin`): a veil changes little of
     a timestep's structural distance, so a much farther "twin" is other ground whose detail merely
-    looks alike. `lap`: `laplacian(frames[:, :3] as float32)`, if computed (`veil_measures` has it)."""
+    looks alike. `lap`: `laplacian(frames[:, :3] as float32)`, if computed (`veil_measures` has it);
+    `lap_cov`: `band_covariances(lap)`, if computed (`veil_measures` has it too)."""
     lap = laplacian(np.asarray(frames[:, :3], dtype=np.float32)) if lap is None else lap
-    cov, corr = band_covariances(lap)
+    cov, corr = band_covariances(lap) if lap_cov is None else lap_cov
     sd = np.sqrt(np.diagonal(cov, axis1=1, axis2=2).astype(np.float64))  # [3, K]
     weight = np.clip((corr.mean(axis=0, dtype=np.float64) - twin_corr) / (full_corr - twin_corr), 0.0, 1.0)
     if distance is not None:  # weight[i, j]: i the twin, j the timestep
@@ -256,12 +271,20 @@ class VeilMeasures:
     blue: np.ndarray  # blue_red
     # laplacian(frames[:, :3] as float32), [K, 3, H-2, W-2], which contrast_loss can reuse
     lap: np.ndarray | None = None
+    lap_cov: tuple[np.ndarray, np.ndarray] | None = None  # band_covariances(lap), which contrast_loss can reuse
 
 
 def veil_measures(frames: np.ndarray) -> VeilMeasures:
-    """The measures `veil_terms` compares, computed once (several references can share them)."""
+    """The measures `veil_terms` compares, computed once (several references can share them).
+
+    `detail` is `detail_level` with the Laplacian's variances read from its band covariances
+    (float32 sums of the centred values instead of numpy's float64 std: equal to ~1e-6), which
+    `contrast_loss` needs anyway."""
     lap = laplacian(np.asarray(frames[:, :3], dtype=np.float32))
-    return VeilMeasures(detail_level(frames, lap), haze_index(frames), chroma(frames), blue_red(frames), lap)
+    cov = band_covariances(lap)
+    variance = np.maximum(np.diagonal(cov[0], axis1=1, axis2=2).astype(np.float64), 0.0)  # [3, K]
+    detail = np.log(np.sqrt(variance) + 0.5).mean(axis=0)
+    return VeilMeasures(detail, haze_index(frames), chroma(frames), blue_red(frames), lap, cov)
 
 
 def veil_terms(frames: np.ndarray, contrast_to_hr: np.ndarray | None = None, clear_quantile: float = 0.5,
@@ -494,12 +517,90 @@ def _window(h: int, w: int) -> np.ndarray:
     return win
 
 
-def spectra(frames: np.ndarray) -> np.ndarray:
-    """Spectra of Hann-windowed, mean-removed frames [..., H, W] -> complex64 [..., H, W//2+1]."""
+@functools.lru_cache(maxsize=8)
+def _dft_factors(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """float32 factors of the forward real 2-D DFT (numpy's rfft2) of [H, W] images: (rows [W,
+    2 (W//2+1)]: cos | -sin of each column bin, the real DFT over each row; columns [2H, 2H]:
+    [[cos, sin], [-sin, cos]] of each row bin, the complex DFT over each column of re stacked over im)."""
+    v = np.arange(w // 2 + 1)
+    angle = 2 * np.pi * np.outer(np.arange(w), v) / w
+    rows = np.concatenate([np.cos(angle), -np.sin(angle)], axis=1).astype(np.float32)
+    angle = 2 * np.pi * np.outer(np.arange(h), np.arange(h)) / h
+    cos, sin = np.cos(angle), np.sin(angle)
+    cols = np.block([[cos, sin], [-sin, cos]]).astype(np.float32)
+    rows.flags.writeable = cols.flags.writeable = False
+    return rows, cols
+
+
+def _rfft2_rows_first(images: np.ndarray) -> np.ndarray:
+    """numpy's rfft2 of float32 images [N, H, W], laid out rows first: complex64 [H, N, W//2+1], by two
+    matrix products (`_dft_factors`). For a few dozen 32x32 images this is cheaper than the FFT's
+    per-row calls, and equal to it to float32 rounding (~1e-7 of the largest bin)."""
+    n, h, w = images.shape
+    rows, cols = _dft_factors(h, w)
+    half = rows.shape[1] // 2
+    z = (images.reshape(n * h, w) @ rows).reshape(n, h, 2, half)  # each row's DFT: re, im
+    z = np.ascontiguousarray(z.transpose(2, 1, 0, 3)).reshape(2 * h, n * half)  # re over im, rows first
+    m = (cols @ z).reshape(2, h, n, half)  # each column's DFT: re = cos re + sin im, im = cos im - sin re
+    out = np.empty((h, n, half), dtype=np.complex64)
+    out.real = m[0]
+    out.imag = m[1]
+    return out
+
+
+def _windowed(frames: np.ndarray) -> np.ndarray:
+    """float32 frames [..., H, W], each mean-removed and Hann-windowed (what `spectra` transforms)."""
     frames = np.asarray(frames, dtype=np.float32)
     h, w = frames.shape[-2:]
     centred = frames - frames.mean(axis=(-2, -1), keepdims=True)
-    return np.fft.rfft2(centred * _window(h, w))
+    centred *= _window(h, w)
+    return centred
+
+
+def spectra(frames: np.ndarray) -> np.ndarray:
+    """Spectra of Hann-windowed, mean-removed frames [..., H, W] -> complex64 [..., H, W//2+1]
+    (numpy's rfft2 of them to float32 rounding, `_rfft2_rows_first`)."""
+    x = _windowed(frames)
+    h, w = x.shape[-2:]
+    spec = _rfft2_rows_first(x.reshape(-1, h, w))
+    return np.ascontiguousarray(spec.transpose(1, 0, 2)).reshape(*x.shape[:-1], spec.shape[-1])
+
+
+def _whiten(spec: np.ndarray, copy: bool = True) -> np.ndarray:
+    """Spectra scaled to unit magnitude, complex64 (a new array unless `copy` is False): the phase
+    alone, which phase correlation compares. Zero bins stay zero."""
+    out = np.array(spec, dtype=np.complex64, copy=copy or None)
+    out *= np.float32(1.0) / (np.abs(out) + np.float32(1e-9))  # a real factor on re and im
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _inverse_dft_window(h: int, w: int, window: int, bands: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows [2w+1, H], columns [W//2+1, 2w+1]) complex64 factors of the inverse real 2-D DFT
+    (numpy's irfft2 with s = (H, W), normalised by 1 / (H W)) evaluated at the displacements -w..w on
+    each axis only, for a spectrum summed over `bands` bands (the mean's 1 / bands folded in):
+    surface = Re(rows @ half-spectrum @ columns). The columns weigh each half-spectrum bin twice
+    (its conjugate mirror), DC and the Nyquist bin once, as irfft does."""
+    d = np.arange(-window, window + 1)
+    rows = np.exp(2j * np.pi * np.outer(d, np.arange(h)) / h) / h
+    v = np.arange(w // 2 + 1)
+    weight = np.where((v == 0) | (2 * v == w), 1.0, 2.0)
+    cols = weight[:, None] * np.exp(2j * np.pi * np.outer(v, d) / w) / (w * bands)
+    rows, cols = rows.astype(np.complex64), cols.astype(np.complex64)
+    rows.flags.writeable = cols.flags.writeable = False
+    return rows, cols
+
+
+def _surface_window(cross_sum: np.ndarray, size: tuple[int, int], window: int, bands: int) -> np.ndarray:
+    """float32 [N, 2w+1, 2w+1]: the phase-correlation surfaces of cross-power spectra summed over
+    `bands` bands, [N, H, W//2+1], at displacements -w..w only (zero shift at [w, w]), by two matrix
+    products with `_inverse_dft_window`'s factors instead of full inverse FFTs (equal to the full
+    surface's centre to float32 rounding, ~1e-7)."""
+    h, w = size
+    rows, cols = _inverse_dft_window(h, w, window, bands)
+    n = cross_sum.shape[0]
+    half = np.matmul(cross_sum.reshape(n * h, -1), cols).reshape(n, h, 2 * window + 1)  # over columns
+    return np.matmul(rows, half).real  # over rows, per surface
 
 
 def phase_correlation(fa: np.ndarray, fb: np.ndarray, size: tuple[int, int], window: int | None = None) -> np.ndarray:
@@ -507,18 +608,37 @@ def phase_correlation(fa: np.ndarray, fb: np.ndarray, size: tuple[int, int], win
     combined by averaging their normalised cross-power: [K, H, W] with zero shift at [H//2, W//2].
     The peak is at the displacement of a's content relative to b's; its height is in [0, 1]
     (1 for identical frames). With `window` w, only the [K, 2w+1, 2w+1] values around zero shift
-    (the same values, centred at [w, w]; what `peak_shift` reads), without shifting the whole surface."""
-    cross = fa * np.conj(fb)
-    cross /= np.abs(cross) + np.float32(1e-9)
+    (the same values to float32 rounding, centred at [w, w]; what `peak_shift` reads), by a windowed
+    inverse DFT instead of the whole surface's FFT. Each spectrum is normalised to unit magnitude
+    before the product (`_whiten`), which equals normalising the product to float32 rounding
+    (bins of magnitude > ~1e-4; empty bins stay 0 either way)."""
+    cross = _whiten(fa) * np.conj(_whiten(fb))
     if window is None:
         return np.fft.fftshift(np.fft.irfft2(cross.mean(axis=-3), s=size), axes=(-2, -1))
-    # irfft2 is an ifft over the rows' axis, then an irfft of each row: only the window's rows go
-    # through the second (each row's transform is its own, so the values are irfft2's)
+    bands = cross.shape[-3]
+    return _surface_window(cross.sum(axis=-3), size, window, bands)
+
+
+def _cross_sum(ua: np.ndarray, ub_conj: np.ndarray, out: np.ndarray, axis: int = 1) -> np.ndarray:
+    """out = the sum over the bands (axis `axis`) of ua * ub_conj (broadcasting), band by band (no
+    temporary of all bands, no reduction over a short axis)."""
+    def band(x, i):  # a view of band i
+        return x[(slice(None),) * axis + (i,)]
+
+    np.multiply(band(ua, 0), band(ub_conj, 0), out=out)
+    for i in range(1, ua.shape[axis]):
+        out += band(ua, i) * band(ub_conj, i)
+    return out
+
+
+def _surface_window_rows_first(cross_sum: np.ndarray, size: tuple[int, int], window: int, bands: int) -> np.ndarray:
+    """`_surface_window` of cross-power spectra laid out rows first, [H, N, W//2+1] -> float32 [N, 2w+1,
+    2w+1]: two plain matrix products, no product per surface."""
     h, w = size
-    rows = (np.arange(h // 2 - window, h // 2 + window + 1) - h // 2) % h  # fftshift: index i holds i - h//2
-    cols = (np.arange(w // 2 - window, w // 2 + window + 1) - w // 2) % w
-    half = np.fft.ifft(cross.mean(axis=-3), n=h, axis=-2)
-    return np.fft.irfft(half[..., rows, :], n=w, axis=-1)[..., cols]
+    rows, cols = _inverse_dft_window(h, w, window, bands)
+    n, j = cross_sum.shape[1], cols.shape[1]
+    half = (cross_sum.reshape(h * n, -1) @ cols).reshape(h, n * j)  # over columns
+    return (rows @ half).real.reshape(rows.shape[0], n, j).transpose(1, 0, 2)  # over rows
 
 
 def peak_shift(surfaces: np.ndarray, radius: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -527,21 +647,19 @@ def peak_shift(surfaces: np.ndarray, radius: int = 3) -> tuple[np.ndarray, np.nd
     through the peak and its neighbours on each axis."""
     k, h, w = surfaces.shape
     cy, cx = h // 2, w // 2
-    sub = surfaces[:, cy - radius - 1:cy + radius + 2, cx - radius - 1:cx + radius + 2]  # one px of margin
-    at = np.ascontiguousarray(sub[:, 1:-1, 1:-1]).reshape(k, -1).argmax(axis=1)
-    py, px = np.unravel_index(at, (2 * radius + 1, 2 * radius + 1))
-    py, px = py + 1, px + 1
-    i = np.arange(k)
-    c0 = sub[i, py, px]
-
-    def offset(m, p):
-        den = m - 2.0 * c0 + p
-        safe = np.where(den < 0, den, -1.0)
-        return np.where(den < 0, 0.5 * (m - p) / safe, 0.0).clip(-0.5, 0.5)
-
-    dy = offset(sub[i, py - 1, px], sub[i, py + 1, px])
-    dx = offset(sub[i, py, px - 1], sub[i, py, px + 1])
-    shift = np.stack([py - 1 - radius + dy, px - 1 - radius + dx], axis=1).astype(np.float64)
+    size = 2 * radius + 3  # the search window and one px of margin
+    sub = np.ascontiguousarray(surfaces[:, cy - radius - 1:cy + radius + 2, cx - radius - 1:cx + radius + 2])
+    at = sub[:, 1:-1, 1:-1].reshape(k, -1).argmax(axis=1)
+    py, px = np.divmod(at, 2 * radius + 1)
+    # the peak and its four neighbours (up, left, right, down), gathered in one pass
+    centre = (py + 1) * size + px + 1
+    near = np.take_along_axis(sub.reshape(k, -1), centre[:, None] + np.array([0, -size, -1, 1, size]), axis=1)
+    c0 = near[:, 0]
+    m, p = near[:, 1:3], near[:, 3:5][:, ::-1]  # (up, left) and (down, right): dy then dx
+    den = m - 2.0 * c0[:, None] + p
+    safe = np.where(den < 0, den, -1.0)
+    offset = np.where(den < 0, 0.5 * (m - p) / safe, 0.0).clip(-0.5, 0.5)
+    shift = (np.stack([py, px], axis=1) - radius + offset).astype(np.float64)
     shift[c0 <= 1e-6] = 0.0  # nothing correlates (a featureless frame): no shift to speak of
     return shift, c0.astype(np.float64), sub[:, radius + 1, radius + 1].astype(np.float64)
 
@@ -553,8 +671,10 @@ def registration_channels(frames: np.ndarray) -> np.ndarray:
         # the integer sum (exact), divided as numpy's float32 mean divides it: in float64, then rounded
         total = frames[:, 0].astype(np.int16) + frames[:, 1] + frames[:, 2]
         vis = (total / 3.0).astype(np.float32)
-    else:
-        vis = frames[:, :3].mean(axis=1, dtype=np.float32)
+    else:  # numpy's float32 mean over 3 bands: their float32 sum in order, divided in float64, rounded
+        total = np.asarray(frames[:, 0], dtype=np.float32) + np.asarray(frames[:, 1], dtype=np.float32)
+        total += np.asarray(frames[:, 2], dtype=np.float32)
+        vis = (total / np.float64(3.0)).astype(np.float32)
     if frames.shape[1] > 3:
         return np.stack([vis, np.asarray(frames[:, 3], dtype=np.float32)], axis=1)
     return vis[:, None]
@@ -599,19 +719,25 @@ def registration(frames: np.ndarray, reference: np.ndarray, smoothed: np.ndarray
     k = frames.shape[0]
     size = frames.shape[-2:]
     chans = registration_channels(frames)
-    # the reference's spectrum in the same FFT call (each transform is computed on its own: equal)
-    both = spectra(np.concatenate([chans, registration_channels(np.asarray(reference)[None])]))
-    spec, ref = both[:k], both[k:]
+    both = _windowed(np.concatenate([chans, registration_channels(np.asarray(reference)[None])]))
+    bands, h, w = both.shape[1:]
+    # the spectra of the frames and the reference by one DFT, rows first [H, K+1, C, W'], each
+    # normalised once (`_whiten`), not every product of two
+    unit = _whiten(_rfft2_rows_first(both.reshape(-1, h, w)), copy=False).reshape(h, k + 1, bands, -1)
+    spec, window = unit[:, :k], radius + 1
+    conj = np.conj(unit)
     if k < 2:
-        shift, peak, _ = peak_shift(phase_correlation(spec, ref, size, radius + 1), radius)
+        cross = _cross_sum(spec, conj[:, k:], np.empty((h, k, unit.shape[-1]), dtype=np.complex64), axis=2)
+        shift, peak, _ = peak_shift(_surface_window_rows_first(cross, size, window, bands), radius)
         return Registration(shift, peak, np.zeros(k), np.full(k, -1), np.zeros((k, 2)), np.zeros(k))
     c = band_covariances(chans, block=4) if smoothed is None else band_covariances(smoothed)
     c = c[1].mean(axis=0)
     np.fill_diagonal(c, -np.inf)
     partner = c.argmax(axis=1)
-    surfaces = phase_correlation(np.concatenate([spec, spec]),
-                                 np.concatenate([np.broadcast_to(ref, spec.shape), spec[partner]]), size, radius + 1)
-    shift, peak, zero = peak_shift(surfaces, radius)
+    cross = np.empty((h, 2 * k, unit.shape[-1]), dtype=np.complex64)  # against the HR, then the twin
+    _cross_sum(spec, conj[:, k:], cross[:, :k], axis=2)
+    _cross_sum(spec, conj[:, partner], cross[:, k:], axis=2)
+    shift, peak, zero = peak_shift(_surface_window_rows_first(cross, size, window, bands), radius)
     hr_shift, hr_peak, hr_zero = shift[:k], peak[:k], zero[:k]
     rel, rel_peak = shift[k:], peak[k:]
     rel_px = np.hypot(rel[:, 0], rel[:, 1])

@@ -497,12 +497,46 @@ def paper_scores(hr_down_u8: np.ndarray, candidates: np.ndarray, alpha: float,
 
 def _ssim_distance_f32(hr_down_u8: np.ndarray, frames: np.ndarray, matched_u8: np.ndarray, alpha: float) -> np.ndarray:
     """`paper_scores` in float32 moments (the robust mode's distance; equal to ~1e-5): frames and
-    matched_u8 [K, C, h, w] uint8."""
-    r = np.moveaxis(hr_down_u8, -1, 0).astype(np.float32)
-    ur, urr = _smooth_f32(np.stack([r, r * r]))
-    uy, uyy, ury, um, umm, umy = _smooth_f32(_moment_maps(frames, r, matched_u8, np.float32))
-    s_raw = _ssim_from_moments(ur, uy, urr, uyy, ury, clamp_variance=False).mean(axis=(-3, -2, -1), dtype=np.float64)
-    s_matched = _ssim_from_moments(um, uy, umm, uyy, umy, clamp_variance=False).mean(axis=(-3, -2, -1), dtype=np.float64)
+    matched_u8 [K, C, h, w] uint8.
+
+    The moment maps are laid out rows first, [h, K, C, w]: the Gaussian filter over columns is then
+    one matrix product over every map, the filter over rows one per moment, instead of one small
+    product per image and side (the same sums in another order: equal to `_smooth_f32`'s to float32
+    rounding; the map means are taken per candidate in float64 as before)."""
+    k, c, h, w = frames.shape
+    fy = _filter_matrix_f32(h, "valid")
+    fx = _filter_matrix_f32(w, "valid")
+    oh, ow = fy.shape[0], fx.shape[0]
+    r = np.ascontiguousarray(np.transpose(hr_down_u8, (0, 2, 1))).astype(np.float32)  # [h, C, w]
+    maps = _moment_maps(frames.transpose(2, 0, 1, 3), r[:, None], matched_u8.transpose(2, 0, 1, 3), np.float32)
+    moments = np.matmul(fy, (maps.reshape(-1, w) @ fx.T).reshape(6, h, -1)).reshape(6, oh, k, c, ow)
+    ur, urr = np.matmul(fy, (np.stack([r, r * r]).reshape(-1, w) @ fx.T).reshape(2, h, -1)).reshape(2, oh, 1, c, ow)
+    uy, uyy, ury, um, umm, umy = moments
+    # `_ssim_from_moments` of both terms with the candidates' shared parts (uy^2, their variance)
+    # computed once and the products written in place (the same formula, float32 rounding aside)
+    c1 = np.float32((SSIM_K1 * DATA_RANGE) ** 2)
+    c2 = np.float32((SSIM_K2 * DATA_RANGE) ** 2)
+    uy2 = uy * uy
+    vy_c2 = uyy - uy2
+    vy_c2 += c2
+
+    def mean_ssim(ux, uxx, uxy):  # [oh, K, C, ow] moments -> [K], each candidate's mean SSIM in float64
+        ux2 = ux * ux
+        cross = ux * uy
+        num = uxy - cross  # covariance
+        num *= np.float32(2.0)
+        num += c2
+        cross *= np.float32(2.0)
+        cross += c1
+        num *= cross
+        den = ux2 + uy2
+        den += c1
+        den *= (uxx - ux2) + vy_c2
+        num /= den
+        return num.transpose(1, 0, 2, 3).reshape(k, -1).sum(axis=1, dtype=np.float64) / (oh * c * ow)
+
+    s_raw = mean_ssim(ur, urr, ury)
+    s_matched = mean_ssim(um, umm, umy)
     return alpha * (1.0 - s_raw) + (1.0 - alpha) * (1.0 - s_matched)
 
 
@@ -633,7 +667,7 @@ def robust_scores(hr_down_u8: np.ndarray, hr_down: np.ndarray, candidates: np.nd
         bands=tuple(b for b in EXTRA_BANDS if b in extra),
         distance=distance,
         penalty=np.zeros(k),
-        haze=E.contrast_loss(frames, distance=distance, lap=measures.lap),
+        haze=E.contrast_loss(frames, distance=distance, lap=measures.lap, lap_cov=measures.lap_cov),
         dark_channel=measures.dark,
         cloud=cloud,
         shadow=shadow,
