@@ -418,3 +418,29 @@ def test_consensus_shift_needs_enough_dates_of_the_same_ground():
     assert np.hypot(shift[[0, 2, 3, 4, 5], 0], shift[[0, 2, 3, 4, 5], 1]).max() < 0.3
     # one frame alone
     assert not E.consensus_shift(frames[:1])[0].any()
+
+
+def test_consensus_surfaces_are_the_weighted_inverse_fft_and_medians_numpys():
+    """The two shortcuts of `consensus_shift`: the surface centre from the DFT matrices equals the
+    fftshifted irfft2 of the weighted cross-power, and the vectorised subset medians np.median's."""
+    rng = np.random.default_rng(8)
+    h, w, win = 32, 32, 4
+    weights, rows, cols = E._low_pass_surface(h, w, 0.15, win)
+    cross = (rng.normal(size=(5, h, w // 2 + 1)) + 1j * rng.normal(size=(5, h, w // 2 + 1))).astype(np.complex64)
+    cross[:, 0, 0] = cross[:, 0, 0].real  # a real signal's DC
+    cross *= weights
+    full = np.fft.fftshift(np.fft.irfft2(cross, s=(h, w)), axes=(-2, -1))[:, h // 2 - win : h // 2 + win + 1,
+                                                                       w // 2 - win : w // 2 + win + 1]
+    np.testing.assert_allclose(np.matmul(np.matmul(rows, cross), cols).real, full, atol=1e-5 * np.abs(full).max())
+    # two identical frames peak at 1
+    same = weights.astype(np.complex64)[None]
+    assert abs(np.matmul(np.matmul(rows, same), cols).real[0, win, win] - 1.0) < 1e-5
+    values = rng.normal(size=(7, 7, 2))
+    keep = rng.random((7, 7)) < 0.5
+    keep[3] = False
+    got = E._subset_median(values, keep)
+    for t in range(7):
+        if keep[t].any():
+            np.testing.assert_allclose(got[t], np.median(values[t][keep[t]], axis=0))
+        else:
+            assert np.isnan(got[t]).all()
