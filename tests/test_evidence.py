@@ -481,3 +481,77 @@ def test_integer_means_and_channels_are_numpys():
     np.testing.assert_array_equal(E.chroma(frames), ((vis.max(axis=1) - vis.min(axis=1)) / (vis.max(axis=1) + 1.0))
                                   .mean(axis=(-2, -1), dtype=np.float64))
 
+
+# ---------------------------------------------------------------------------------------------
+# Misregistration against the tile's consensus
+
+
+def _dates_of_one_ground(shift_hr_px: int = 4, n: int = 6, noise: float = 6.0) -> np.ndarray:
+    """[n, 4, 32, 32] frames of one smooth ground, each date with its own gain, offset and noise;
+    frame 1 shows it displaced by `shift_hr_px` HR px in y and x (a quarter of that in LR px)."""
+    hr = ndimage.gaussian_filter(scene(np.random.default_rng(11)).astype(np.float64), (6, 6, 0))
+    hr = 20 + 215 * (hr - hr.min()) / np.ptp(hr)
+    frames = []
+    for k in range(n):
+        rng = np.random.default_rng(40 + k)
+        ground = np.roll(hr, (shift_hr_px, shift_hr_px), axis=(0, 1)) if k == 1 else hr
+        lr = area_down(ground) * rng.uniform(0.85, 1.0) + rng.uniform(3, 12) + rng.normal(0, noise, (32, 32, 4))
+        frames.append(_chw(np.clip(lr, 1, 255)))
+    return np.stack(frames).astype(np.uint8)
+
+
+def test_consensus_shift_finds_the_misregistered_date():
+    frames = _dates_of_one_ground()
+    shift, partners = E.consensus_shift(frames)
+    px = np.hypot(shift[:, 0], shift[:, 1])
+    assert abs(px[1] - np.hypot(1.0, 1.0)) < 0.3  # (1, 1) LR px
+    assert np.all(np.abs(shift[1]) > 0.7)
+    assert px[[0, 2, 3, 4, 5]].max() < 0.3
+    assert np.all(partners >= 3)
+    # the same frames in another order: the same measure per frame (each pair is registered once)
+    order = np.array([3, 1, 5, 0, 4, 2])
+    again, _ = E.consensus_shift(frames[order])
+    np.testing.assert_allclose(again, shift[order], atol=1e-5)
+
+
+def test_consensus_shift_needs_enough_dates_of_the_same_ground():
+    frames = _dates_of_one_ground()
+    # 3 dates: each has 2 partners at most, no consensus
+    shift, partners = E.consensus_shift(frames[:3])
+    assert np.all(partners <= 2) and not shift.any()
+    assert E.consensus_shift(frames[:3], min_partners=2)[0][1].any()
+    # other grounds (and overcast frames) are nobody's partners: the consensus of the rest stands
+    others = np.stack([_lr(500 + k).astype(np.uint8) for k in range(3)])
+    overcast = np.full((2, 4, 32, 32), 210, np.uint8) + np.random.default_rng(3).integers(0, 3, (2, 4, 32, 32)).astype(np.uint8)
+    shift, partners = E.consensus_shift(np.concatenate([frames, others, overcast]))
+    assert np.all(partners[6:] < 3) and not shift[6:].any()
+    assert abs(np.hypot(*shift[1]) - np.hypot(1.0, 1.0)) < 0.3
+    assert np.hypot(shift[[0, 2, 3, 4, 5], 0], shift[[0, 2, 3, 4, 5], 1]).max() < 0.3
+    # one frame alone
+    assert not E.consensus_shift(frames[:1])[0].any()
+
+
+def test_consensus_surfaces_are_the_weighted_inverse_fft_and_medians_numpys():
+    """The two shortcuts of `consensus_shift`: the surface centre from the DFT matrices equals the
+    fftshifted irfft2 of the weighted cross-power, and the vectorised subset medians np.median's."""
+    rng = np.random.default_rng(8)
+    h, w, win = 32, 32, 4
+    weights, rows, cols = E._low_pass_surface(h, w, 0.15, win)
+    cross = (rng.normal(size=(5, h, w // 2 + 1)) + 1j * rng.normal(size=(5, h, w // 2 + 1))).astype(np.complex64)
+    cross[:, 0, 0] = cross[:, 0, 0].real  # a real signal's DC
+    cross *= weights
+    full = np.fft.fftshift(np.fft.irfft2(cross, s=(h, w)), axes=(-2, -1))[:, h // 2 - win : h // 2 + win + 1,
+                                                                       w // 2 - win : w // 2 + win + 1]
+    np.testing.assert_allclose(np.matmul(np.matmul(rows, cross), cols).real, full, atol=1e-5 * np.abs(full).max())
+    # two identical frames peak at 1
+    same = weights.astype(np.complex64)[None]
+    assert abs(np.matmul(np.matmul(rows, same), cols).real[0, win, win] - 1.0) < 1e-5
+    values = rng.normal(size=(7, 7, 2))
+    keep = rng.random((7, 7)) < 0.5
+    keep[3] = False
+    got = E._subset_median(values, keep)
+    for t in range(7):
+        if keep[t].any():
+            np.testing.assert_allclose(got[t], np.median(values[t][keep[t]], axis=0))
+        else:
+            assert np.isnan(got[t]).all()

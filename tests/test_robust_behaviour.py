@@ -267,3 +267,35 @@ def test_clear_end_veil_alone_decides_where_half_the_series_is_overcast():
     # against the median timestep (an overcast one here) the haze shows less: not enough
     assert _pick(hr, series, base=SHIPPED, clear_quantile=0.5) == 1
     assert S.select_pair(hr, series, ROBUST).lr_index == 0
+
+
+def consensus_shift_case():
+    """[a clean, noisy date, the HR's ground misregistered by (1, 1) px with little noise, 3 more
+    clean noisy dates]: a smooth ground (a 1 px shift costs it little structural distance), so the
+    misregistered date is the closest to the HR by distance; it is displaced against the HR and
+    against the consensus of the other 4 dates, which agree with each other."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    hr = ndimage.gaussian_filter(scene(rng).astype(np.float64), (6, 6, 0))
+    hr = 20 + 215 * (hr - hr.min()) / np.ptp(hr)
+    base = area_down(hr)
+    shifted = area_down(np.roll(hr, (4, 4), axis=(0, 1))) * 0.9 + 5 + rng.normal(0, 2, base.shape)
+    clean = [base * g + o + np.random.default_rng(70 + k).normal(0, 20, base.shape)
+             for k, (g, o) in enumerate([(0.9, 5), (0.85, 10), (0.95, 3), (0.9, 8)])]
+    return hr.astype(np.uint8), np.stack([_u8(clean[0]), _u8(shifted), *(_u8(c) for c in clean[1:])])
+
+
+def test_consensus_misregistration_alone_decides():
+    hr, series = consensus_shift_case()
+    _, ev = _scores(hr, series, base=SHIPPED)
+    assert int(np.argmin(ev.distance)) == 1  # the paper's distance prefers the misregistered date
+    assert ev.consensus_shift_px[1] > 1.2 and ev.shift_px[1] > 1.0
+    assert ev.consensus_shift_px[[0, 2, 3, 4]].max() < 0.3
+    assert _pick(hr, series, base=SHIPPED) != 1
+    assert _pick(hr, series, base=SHIPPED, consensus_shift=0.0) == 1
+    assert S.select_pair(hr, series, ROBUST).lr_index != 1
+    # the HR shift alone does not count: a date displaced against the HR only (its ground changed,
+    # or the HR's date is itself off) but in agreement with the others is not penalised
+    capped = dataclasses.replace(ev, consensus_shift_px=np.zeros(len(series)))
+    assert S.robust_penalty(capped, SHIPPED)[1] < S.robust_penalty(ev, SHIPPED)[1] - 0.2

@@ -592,6 +592,12 @@ class RobustWeights:
     hr_veil: float = 0.3
     hr_veil_scale: float = 0.5
     underexposed: float = 10.0  # the dark gate (`evidence.underexposed`): out of the running
+    # per pixel of misregistration beyond `consensus_shift_tolerance` seen both against the tile's
+    # consensus (`evidence.consensus_shift`: only where >= 3 other candidates recognisably show the
+    # same ground) and against the HR: min(|consensus shift|, |HR shift|). Either alone fires on noise
+    # or on real dates shifted against an HR of another date; a misregistered date is off both ways
+    consensus_shift: float = 0.5
+    consensus_shift_tolerance: float = 0.75
     cloud_prob: float = 1.0  # per unit of s2cloudless probability above the lowest evaluated candidate
     cloud_prob_tolerance: float = 0.05
     cloud_prob_candidates: int = 4  # s2cloudless runs on this many best-scoring candidates
@@ -682,6 +688,7 @@ def robust_scores(hr_down_u8: np.ndarray, hr_down: np.ndarray, candidates: np.nd
         clear_veil=E.veil_evidence(E.veil_terms(frames, clear_quantile=w.clear_quantile, usable=~dark,
                                                 measures=measures)),
         hr_veil=E.hr_veil(frames, hr_bands),
+        consensus_shift_px=np.hypot(*E.consensus_shift(frames)[0].T),
         underexposed=dark,
     )
     evidence.penalty = robust_penalty(evidence, w)
@@ -723,6 +730,9 @@ def robust_penalty(evidence: E.Evidence, weights: RobustWeights = ROBUST_WEIGHTS
         penalty = penalty + w.hr_veil * np.minimum(np.maximum(e.hr_veil - lowest, 0.0) / w.hr_veil_scale, 1.0)
     if e.underexposed is not None:
         penalty = penalty + w.underexposed * np.asarray(e.underexposed, dtype=np.float64)
+    if e.consensus_shift_px is not None and w.consensus_shift:
+        off = np.minimum(e.consensus_shift_px, e.shift_px)
+        penalty = penalty + w.consensus_shift * np.maximum(off - w.consensus_shift_tolerance, 0.0)
     if e.cloud_prob is not None:
         seen = np.isfinite(e.cloud_prob)
         if seen.any():
