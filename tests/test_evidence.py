@@ -514,6 +514,21 @@ def test_consensus_shift_finds_the_misregistered_date():
     np.testing.assert_allclose(again, shift[order], atol=1e-5)
 
 
+def test_consensus_shift_of_the_needed_timesteps_equals_the_full_measure():
+    frames = _dates_of_one_ground()
+    full, partners = E.consensus_shift(frames)
+    needed = np.array([False, True, False, False, True, False])
+    some, some_partners = E.consensus_shift(frames, needed=needed)
+    np.testing.assert_allclose(some[needed], full[needed], atol=1e-5)
+    np.testing.assert_array_equal(some_partners[needed], partners[needed])
+    assert np.isnan(some[~needed]).all() and (some_partners[~needed] == -1).all()
+    # registration's spectra give the same measure as the frames' own
+    reg = E.registration(frames, frames[0])
+    np.testing.assert_allclose(E.consensus_shift(frames, unit_spectra=reg.unit_spectra)[0], full, atol=1e-5)
+    none, none_partners = E.consensus_shift(frames, needed=np.zeros(6, bool))
+    assert np.isnan(none).all() and (none_partners == -1).all()
+
+
 def test_consensus_shift_needs_enough_dates_of_the_same_ground():
     frames = _dates_of_one_ground()
     # 3 dates: each has 2 partners at most, no consensus

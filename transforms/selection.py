@@ -688,7 +688,7 @@ def robust_scores(hr_down_u8: np.ndarray, hr_down: np.ndarray, candidates: np.nd
         clear_veil=E.veil_evidence(E.veil_terms(frames, clear_quantile=w.clear_quantile, usable=~dark,
                                                 measures=measures)),
         hr_veil=E.hr_veil(frames, hr_bands),
-        consensus_shift_px=np.hypot(*E.consensus_shift(frames)[0].T),
+        consensus_shift_px=_consensus_shift_px(frames, reg, w),
         underexposed=dark,
     )
     evidence.penalty = robust_penalty(evidence, w)
@@ -702,6 +702,18 @@ def robust_scores(hr_down_u8: np.ndarray, hr_down: np.ndarray, candidates: np.nd
         evidence.cloud_prob = prob
         evidence.penalty = robust_penalty(evidence, w)
     return distance + evidence.penalty, evidence
+
+
+def _consensus_shift_px(frames: np.ndarray, reg: E.Registration, w: RobustWeights) -> np.ndarray | None:
+    """|`evidence.consensus_shift`| (px) of the candidates whose shift against the HR exceeds the
+    term's tolerance, NaN for the others: the term counts min(consensus, HR shift), so a candidate
+    within the tolerance against the HR cannot be penalised, whatever its consensus; only the pairs
+    that involve a candidate beyond it are registered. None when the term is off (nothing computed)."""
+    if not w.consensus_shift:
+        return None
+    needed = np.hypot(reg.hr_shift[:, 0], reg.hr_shift[:, 1]) > w.consensus_shift_tolerance
+    shift, _ = E.consensus_shift(frames, unit_spectra=reg.unit_spectra, needed=needed)
+    return np.hypot(shift[:, 0], shift[:, 1])
 
 
 def robust_penalty(evidence: E.Evidence, weights: RobustWeights = ROBUST_WEIGHTS) -> np.ndarray:
@@ -731,7 +743,8 @@ def robust_penalty(evidence: E.Evidence, weights: RobustWeights = ROBUST_WEIGHTS
     if e.underexposed is not None:
         penalty = penalty + w.underexposed * np.asarray(e.underexposed, dtype=np.float64)
     if e.consensus_shift_px is not None and w.consensus_shift:
-        off = np.minimum(e.consensus_shift_px, e.shift_px)
+        # NaN: not measured, its HR shift is within the tolerance (`_consensus_shift_px`)
+        off = np.fmin(e.consensus_shift_px, e.shift_px)
         penalty = penalty + w.consensus_shift * np.maximum(off - w.consensus_shift_tolerance, 0.0)
     if e.cloud_prob is not None:
         seen = np.isfinite(e.cloud_prob)
