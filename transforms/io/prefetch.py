@@ -27,12 +27,21 @@ class TileReads:
     otherwise; a path of `absent` (files a listing showed are not there) raises FileNotFoundError
     at once, without a request."""
 
-    def __init__(self, futures: dict[str, concurrent.futures.Future], limit: int, absent: frozenset[str] = frozenset()):
+    def __init__(self, futures: dict[str, concurrent.futures.Future], limit: int, absent: frozenset[str] = frozenset(),
+                 listed: bool = False):
         self._futures = futures
         self._limit = limit
         self._absent = absent
+        self._listed = listed
         self._lock = threading.Lock()  # a reader thread may add the reads a first file let start
         self._cancelled = False
+
+    @property
+    def listed_absent(self) -> frozenset[str] | None:
+        """The paths a listing showed absent, None when the reads were started without a listing
+        (then `absent` is not known to be complete): `pairs.load_tile` plans its optional reads
+        from it (`pairs.planned_extra_bands`)."""
+        return self._absent if self._listed else None
 
     def __call__(self, path: str, limit: int) -> bytes:
         if path in self._absent:
@@ -72,17 +81,18 @@ class ReadAhead:
                       if threads else None)
 
     def start(self, paths: Iterable[str], limit: int, absent: frozenset[str] = frozenset(),
-              first_decides: Callable[[bytes], bool] | None = None) -> TileReads:
+              first_decides: Callable[[bytes], bool] | None = None, listed: bool = False) -> TileReads:
         """Starts reading `paths` (in order; those in `absent` are never read) and returns their
         reader. With `first_decides`, only the first path is read at once; on its reader thread,
         `first_decides(its bytes)` then says whether to start the others (False: the tile will not
         ask for them, e.g. a NAIP image the build rejects before reading its Sentinel-2). A path not
         started is still read directly if the tile asks for it, so this changes requests, never
-        results."""
+        results. `listed`: `absent` comes from a listing of the tile's folders (every file it does
+        not name is there), `TileReads.listed_absent`."""
         if self._pool is None:
-            return TileReads({}, limit, absent)
+            return TileReads({}, limit, absent, listed)
         paths = [p for p in dict.fromkeys(paths) if p not in absent]
-        tile_reads = TileReads({}, limit, absent)
+        tile_reads = TileReads({}, limit, absent, listed)
         if first_decides is None or not paths:
             for path in paths:
                 tile_reads._add(path, lambda path=path: self._pool.submit(storage.read_bytes, path, limit))
