@@ -262,3 +262,39 @@ def test_a_gated_paper_build_reads_no_band_without_the_whole_set(tmp_path, monke
     absent = fpr.absent_paths(full, spec, fpr.tile_fingerprints(tid(0), spec))
     assert len(read_plan(full, config, absent)) == 4 + 6
     assert read_plan(full, config) == pairs.tile_paths(full, config)  # no listing: every file
+
+
+def test_the_naip_image_decoded_by_the_read_ahead_is_not_decoded_again(tmp_path, monkeypatch):
+    """`stages.hr_reads_on` decodes rgb.png on the reader thread to decide whether the tile reads on;
+    `load_tile` takes that image (`TileReads.kept`) instead of decoding the bytes a second time,
+    with the same outcome as a direct build."""
+    root = str(tmp_path)
+    kinds = _write_chips(root)
+    rng = np.random.default_rng(12)
+    hr = scene(rng)
+    hr[:2] = 0  # a black top border: rejected from the kept image
+    write_tile(root, tid(9), hr, series_from(scene(rng), rng, 5))
+    config = PairConfig(input_root=root, selection=ROBUST)
+    real = imagery.decode_hr
+    calls = []
+
+    def counting(data, channels):
+        calls.append(channels)
+        return real(data, channels)
+
+    read_ahead = ReadAhead(4)
+    try:
+        for tile_id in [*kinds, tid(9)]:
+            direct = build_tile(tile_id, config)
+            monkeypatch.setattr(imagery, "decode_hr", counting)
+            reads = stages.start_reads(read_ahead, tile_id, None, config)
+            ahead = build_tile(tile_id, config, None, reads)
+            reads.cancel()
+            monkeypatch.setattr(imagery, "decode_hr", real)
+            assert _nan_equal(ahead.record) == _nan_equal(direct.record), tile_id
+            assert calls.count(3) == 1, tile_id  # rgb.png: once, on the reader thread
+            calls.clear()
+    finally:
+        read_ahead.close()
+    assert direct.record["reason"] == "naip_black_border"
+    assert stages.hr_reads_on(b"not a png") == (False, None)

@@ -163,11 +163,22 @@ def _decode(fn, data: bytes, what: str, channels: int) -> np.ndarray:
         raise TileRejected("read", e.reason, f"{what}: {e.detail}") from None
 
 
+def _kept(read: Reader, path: str) -> np.ndarray | None:
+    """The image a read-ahead already decoded from `path`'s bytes (`prefetch.TileReads.kept`: the
+    NAIP rgb.png, decoded on the reader thread to decide whether the tile reads on), or None."""
+    kept = getattr(read, "kept", None)
+    value = kept(path) if kept is not None else None
+    return value if isinstance(value, np.ndarray) else None
+
+
 def load_tile(tile: TileId, config: PairConfig, read: Reader = storage.read_bytes) -> TileInputs:
     """Reads (with `read`, e.g. a prefetch) and decodes the tile's HR and Sentinel-2 series; raises
     TileRejected with a reason."""
-    rgb = _decode(imagery.decode_hr, _read(tiles.hr_rgb_path(config.input_root, tile), "rgb.png", "missing_hr", read),
-                  "rgb.png", 3)
+    rgb_path = tiles.hr_rgb_path(config.input_root, tile)
+    rgb_png = _read(rgb_path, "rgb.png", "missing_hr", read)
+    rgb = _kept(read, rgb_path)
+    if rgb is None:
+        rgb = _decode(imagery.decode_hr, rgb_png, "rgb.png", 3)
     if imagery.has_black_border(rgb):
         # Checked before anything else is read: a black-bordered HR is dropped whatever else holds.
         raise TileRejected("prefilter", "naip_black_border",

@@ -33,6 +33,7 @@ class TileReads:
         self._limit = limit
         self._absent = absent
         self._listed = listed
+        self._kept: dict[str, object] = {}  # what `first_decides` made of a first file's bytes
         self._lock = threading.Lock()  # a reader thread may add the reads a first file let start
         self._cancelled = False
 
@@ -42,6 +43,12 @@ class TileReads:
         (then `absent` is not known to be complete): `pairs.load_tile` plans its optional reads
         from it (`pairs.planned_extra_bands`)."""
         return self._absent if self._listed else None
+
+    def kept(self, path: str):
+        """What the read-ahead's `first_decides` made of `path`'s bytes (e.g. the decoded image), once
+        the tile has read them (`self(path, limit)`); None when there is nothing."""
+        with self._lock:
+            return self._kept.get(path)
 
     def __call__(self, path: str, limit: int) -> bytes:
         if path in self._absent:
@@ -65,6 +72,7 @@ class TileReads:
             self._cancelled = True
             futures = list(self._futures.values())
             self._futures.clear()
+            self._kept.clear()
         for future in futures:
             future.cancel()
 
@@ -81,13 +89,14 @@ class ReadAhead:
                       if threads else None)
 
     def start(self, paths: Iterable[str], limit: int, absent: frozenset[str] = frozenset(),
-              first_decides: Callable[[bytes], bool] | None = None, listed: bool = False) -> TileReads:
+              first_decides: Callable[[bytes], bool | tuple] | None = None, listed: bool = False) -> TileReads:
         """Starts reading `paths` (in order; those in `absent` are never read) and returns their
         reader. With `first_decides`, only the first path is read at once; on its reader thread,
         `first_decides(its bytes)` then says whether to start the others (False: the tile will not
-        ask for them, e.g. a NAIP image the build rejects before reading its Sentinel-2). A path not
-        started is still read directly if the tile asks for it, so this changes requests, never
-        results. `listed`: `absent` comes from a listing of the tile's folders (every file it does
+        ask for them, e.g. a NAIP image the build rejects before reading its Sentinel-2); it may
+        return `(go_on, value)` instead, and the tile finds `value` (e.g. the image it decoded to
+        decide) with `TileReads.kept(first)`. A path not started is still read directly if the tile
+        asks for it, so this changes requests, never results. `listed`: `absent` comes from a listing of the tile's folders (every file it does
         not name is there), `TileReads.listed_absent`."""
         if self._pool is None:
             return TileReads({}, limit, absent, listed)
@@ -106,6 +115,11 @@ class ReadAhead:
                 go_on = first_decides(data)
             except Exception:  # noqa: BLE001 - the check only saves requests: when unsure, read all
                 go_on = True
+            if isinstance(go_on, tuple):
+                go_on, value = go_on
+                if value is not None:
+                    with tile_reads._lock:
+                        tile_reads._kept[first] = value
             if go_on:
                 for path in rest:
                     tile_reads._add(path, lambda path=path: pool.submit(storage.read_bytes, path, limit))
