@@ -298,3 +298,21 @@ def test_the_naip_image_decoded_by_the_read_ahead_is_not_decoded_again(tmp_path,
         read_ahead.close()
     assert direct.record["reason"] == "naip_black_border"
     assert stages.hr_reads_on(b"not a png") == (False, None)
+
+
+def test_bench_gcs_s2naip_chips_have_the_cloud_bands_but_a_share_without_b09(tmp_path):
+    from pipelines.dev.bench_gcs import with_s2naip_chips
+
+    sample = tmp_path / "sample"
+    rng = np.random.default_rng(2)
+    for i in range(8):
+        hr = scene(rng)
+        series = series_from(hr, rng, 3)
+        write_tile(str(sample), tid(i), hr, series, extra={"b01": series[..., 0], "b10": series[..., 1]})
+    counts = with_s2naip_chips(str(sample), str(tmp_path / "s2naip"), 0.25)
+    assert counts == {"chips": 8, "without_b09": 2}
+    chips = sorted((tmp_path / "s2naip" / "sentinel2").iterdir())
+    assert all((c / "b05.png").read_bytes() == (c / "b01.png").read_bytes() for c in chips)
+    assert sum((c / "b09.png").exists() for c in chips) == 6
+    assert not (sample / "sentinel2" / chips[0].name / "b05.png").exists()  # the sample is left as it was
+    assert with_s2naip_chips(str(sample), str(tmp_path / "s2naip"), 0.0)["without_b09"] == 0
