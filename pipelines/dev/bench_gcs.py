@@ -302,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
                        args.s2naip_chips)
     else:
         with tempfile.TemporaryDirectory(prefix="s2naip-bench-gcs-") as tmp:
-            report = bench(args.tiles, latencies, threads, args.repeats, tmp, extra, args.layout_tiles, args.s2naip_chips)
+            report = bench(args.tiles, latencies, threads, args.repeats, tmp, extra, args.layout_tiles,
+                           args.s2naip_chips)
     print(report_text(report))
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=2, sort_keys=True))

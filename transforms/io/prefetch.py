@@ -96,8 +96,9 @@ class ReadAhead:
         ask for them, e.g. a NAIP image the build rejects before reading its Sentinel-2); it may
         return `(go_on, value)` instead, and the tile finds `value` (e.g. the image it decoded to
         decide) with `TileReads.kept(first)`. A path not started is still read directly if the tile
-        asks for it, so this changes requests, never results. `listed`: `absent` comes from a listing of the tile's folders (every file it does
-        not name is there), `TileReads.listed_absent`."""
+        asks for it, so this changes requests, never results. `listed`: `absent` comes from a
+        listing of the tile's folders (every file it does not name is there),
+        `TileReads.listed_absent`."""
         if self._pool is None:
             return TileReads({}, limit, absent, listed)
         paths = [p for p in dict.fromkeys(paths) if p not in absent]
