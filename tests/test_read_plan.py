@@ -316,3 +316,50 @@ def test_bench_gcs_s2naip_chips_have_the_cloud_bands_but_a_share_without_b09(tmp
     assert sum((c / "b09.png").exists() for c in chips) == 6
     assert not (sample / "sentinel2" / chips[0].name / "b05.png").exists()  # the sample is left as it was
     assert with_s2naip_chips(str(sample), str(tmp_path / "s2naip"), 0.0)["without_b09"] == 0
+
+
+@pytest.mark.integration  # starts the GCS emulator
+def test_a_gcs_build_gets_no_object_its_plan_leaves_out(gcs_emulator, tmp_path, loopback_only):
+    """A whole build on gs:// (the emulator, behind bench-gcs's counting proxy): the objects GET at
+    the HTTP layer are those of the plan (no b05 on the chip without b09, nothing after a missing
+    b08 or tci), and the pairs and rejects equal a local build's."""
+    from pipelines.dev import gcs_emulator as emu
+    from pipelines.dev.bench_gcs import run_build
+    import io
+
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "input"  # the split is named after the input folder: the same on both sides
+    kinds = _write_chips(str(root))
+    base = gcs_emulator.bucket("s6-plan") + "/input"
+    gcs_emulator.upload_tree(root, base)
+    with gcs_emulator.proxy() as proxy:
+        run = run_build(gcs_emulator, proxy, base, gcs_emulator.bucket("s6-plan") + "/out", 4,
+                        ("--selection", "robust"))
+        gets = [emu.operation_object(path) for kind, path in proxy.operations if kind == "get_media"]
+    assert run["tiles"] == len(kinds)
+    by_chip: dict[str, list[str]] = {}
+    for name in gets:
+        if name.startswith("input/sentinel2/"):
+            _, _, xy, band = name.split("/")
+            by_chip.setdefault(xy, []).append(band)
+    chip = {kind: tid(i).split("/")[1] for i, kind in enumerate(kinds.values())}
+    assert sorted(by_chip[chip["full"]]) == sorted(f"{b}.png" for b in ("tci", "b08", *pairs.extra_bands(
+        PairConfig(input_root="r", selection=ROBUST))))
+    assert "b05.png" not in by_chip[chip["no_b09"]] and "b05.png" not in by_chip[chip["corrupt_b05_no_b09"]]
+    assert len(by_chip[chip["no_b09"]]) == 6  # tci, b08, b01, b10, b11, b12
+    assert by_chip[chip["no_b08"]] == ["tci.png"] and chip["no_tci"] not in by_chip
+    assert sum(name.endswith("/nir.png") for name in gets) == 3  # not for the tiles missing b08 or tci
+    local = tmp_path / "local"
+    from pipelines import build_pairs
+
+    build_pairs.run(["--input", str(root), "--output", str(local), "--runner", "FnApiRunner", "--selection", "robust"])
+    remote_rows = []
+    for url in gcs_emulator.list(gcs_emulator.bucket("s6-plan") + "/out/pairs/"):
+        if url.endswith(".parquet"):
+            remote_rows += pq.read_table(io.BytesIO(gcs_emulator.read_bytes(url))).to_pylist()
+    local_rows = [row for path in sorted((local / "pairs").glob("*.parquet"))
+                  for row in pq.read_table(path).to_pylist()]
+    assert len(remote_rows) == len(local_rows) == 3  # full, no_b09, corrupt_b05_no_b09
+    assert _nan_equal(sorted(remote_rows, key=lambda r: r["tile_id"])) == _nan_equal(
+        sorted(local_rows, key=lambda r: r["tile_id"]))
