@@ -10,7 +10,7 @@ from typing import Callable
 
 import numpy as np
 
-from transforms import corrections, imagery, records, tiles
+from transforms import cloud_prob, corrections, imagery, records, tiles
 from transforms.io import storage
 from transforms.imagery import ImageRejected
 from transforms.selection import EXTRA_BANDS, NoValidTimesteps, SelectionConfig, TooFewTimesteps, select_pair, with_timesteps
@@ -88,6 +88,56 @@ def reads_extra_bands(config: PairConfig) -> bool:
     return config.selection.mode == "robust" or config.selection.lr_timesteps > 1
 
 
+# Which term of the selection each optional band feeds (`selection.robust_scores`, `clean_gates`,
+# `cloud_prob`): a band is read only when a term it feeds can be computed for the tile.
+#   aerosol (robust): b01             cirrus (robust): b10
+#   swir, the cloud and snow tests (robust): b11, else b12 (b12 is read with b11: it stands in
+#       when b11 turns out unusable, which only its decoding tells)
+#   s2cloudless (robust; any mode's clean gates with --lr-timesteps N > 1): all of
+#       cloud_prob.CLOUD_BANDS, b08 from the rgbn series, only when every one is there
+EXTRA_BAND_TERMS = {
+    "b01": ("aerosol", "s2cloudless"),
+    "b05": ("s2cloudless",),
+    "b08": ("s2cloudless",),
+    "b09": ("s2cloudless",),
+    "b10": ("cirrus", "s2cloudless"),
+    "b11": ("swir", "s2cloudless"),
+    "b12": ("swir", "s2cloudless"),
+}
+ROBUST_TERMS = frozenset({"aerosol", "cirrus", "swir"})
+
+
+def planned_extra_bands(config: PairConfig, present: frozenset[str] | set[str]) -> tuple[str, ...]:
+    """The optional bands a tile whose folder holds `present` (band names) reads and uses, in
+    `extra_bands` order: those feeding a term that can be computed. s2cloudless needs all of its
+    bands, so a chip without b05 or b09 reads neither b05, b09 nor (rgb builds) b08, and a
+    paper or companion build with --lr-timesteps N > 1 (s2cloudless is its only term) reads no
+    optional band at all. A band left out changes no score, choice nor evidence value: only
+    `evidence_bands` no longer names it (it fed no term)."""
+    if not reads_extra_bands(config):
+        return ()
+    bands = extra_bands(config)
+    terms = set(ROBUST_TERMS) if config.selection.mode == "robust" else set()
+    if all(b in present or (b == "b08" and config.bands == "rgbn") for b in cloud_prob.CLOUD_BANDS):
+        terms.add("s2cloudless")
+    return tuple(b for b in bands if b in present and terms.intersection(EXTRA_BAND_TERMS[b]))
+
+
+def read_plan(tile: TileId, config: PairConfig, absent: frozenset[str] = frozenset()) -> list[str]:
+    """The files a tile reads, in `load_tile`'s order, when a listing showed the paths of `absent`
+    missing: up to the first missing file the tile cannot do without (the tile is rejected there:
+    `tci`, and `b08` and `nir` with rgbn), then the optional bands `planned_extra_bands` keeps.
+    What a read-ahead starts; with no listing (`absent` empty), `tile_paths`."""
+    paths = [tiles.hr_rgb_path(config.input_root, tile), tiles.s2_band_path(config.input_root, tile, "tci")]
+    if config.bands == "rgbn":
+        paths += [tiles.s2_band_path(config.input_root, tile, "b08"), tiles.hr_nir_path(config.nir_input, tile)]
+    for i, path in enumerate(paths):
+        if path in absent:
+            return paths[: i + 1]
+    present = {b for b in extra_bands(config) if tiles.s2_band_path(config.input_root, tile, b) not in absent}
+    return paths + [tiles.s2_band_path(config.input_root, tile, b) for b in planned_extra_bands(config, present)]
+
+
 def _read(path: str, what: str, missing_reason: str, read: Reader = storage.read_bytes) -> bytes:
     try:
         return read(path, imagery.MAX_PNG_BYTES)
@@ -113,11 +163,22 @@ def _decode(fn, data: bytes, what: str, channels: int) -> np.ndarray:
         raise TileRejected("read", e.reason, f"{what}: {e.detail}") from None
 
 
+def _kept(read: Reader, path: str) -> np.ndarray | None:
+    """The image a read-ahead already decoded from `path`'s bytes (`prefetch.TileReads.kept`: the
+    NAIP rgb.png, decoded on the reader thread to decide whether the tile reads on), or None."""
+    kept = getattr(read, "kept", None)
+    value = kept(path) if kept is not None else None
+    return value if isinstance(value, np.ndarray) else None
+
+
 def load_tile(tile: TileId, config: PairConfig, read: Reader = storage.read_bytes) -> TileInputs:
     """Reads (with `read`, e.g. a prefetch) and decodes the tile's HR and Sentinel-2 series; raises
     TileRejected with a reason."""
-    rgb = _decode(imagery.decode_hr, _read(tiles.hr_rgb_path(config.input_root, tile), "rgb.png", "missing_hr", read),
-                  "rgb.png", 3)
+    rgb_path = tiles.hr_rgb_path(config.input_root, tile)
+    rgb_png = _read(rgb_path, "rgb.png", "missing_hr", read)
+    rgb = _kept(read, rgb_path)
+    if rgb is None:
+        rgb = _decode(imagery.decode_hr, rgb_png, "rgb.png", 3)
     if imagery.has_black_border(rgb):
         # Checked before anything else is read: a black-bordered HR is dropped whatever else holds.
         raise TileRejected("prefilter", "naip_black_border",
@@ -138,25 +199,46 @@ def load_tile(tile: TileId, config: PairConfig, read: Reader = storage.read_byte
         raise TileRejected("read", "bad_shape", f"tci.png has {tci.shape[0]} timesteps, b08.png {b08.shape[0]}")
     nir = _decode(imagery.decode_hr, _read(tiles.hr_nir_path(config.nir_input, tile), "nir.png", "missing_nir", read),
                   "nir.png", 1)
-    return _with_extra_bands(TileInputs(np.concatenate([rgb, nir], axis=-1), np.concatenate([tci, b08], axis=-1)),
+    return _with_extra_bands(TileInputs(imagery.stack_channels(rgb, nir), imagery.stack_channels(tci, b08)),
                              tile, config, read)
 
 
 def _with_extra_bands(inputs: TileInputs, tile: TileId, config: PairConfig,
                       read: Reader = storage.read_bytes) -> TileInputs:
-    """The robust mode's optional Sentinel-2 bands (`extra_bands`: b01, b05, b08 unless rgbn, b09,
-    b10, b11, b12), those the
-    tile has: each is read directly (a missing file is one failed read, cheaper than listing the
-    folder on an object store). A missing band is simply absent; one that cannot be used (read
-    error, corrupt PNG, other width or timestep count) is left out too and named in `extra_note`:
-    the pair never depends on them, the evidence just has less to go on. Other modes read none,
-    unless --lr-timesteps N > 1 (`reads_extra_bands`)."""
+    """The optional Sentinel-2 bands (`extra_bands`: b01, b05, b08 unless rgbn, b09, b10, b11, b12)
+    that the tile has and `planned_extra_bands` keeps: with a listing (a `read` that knows which
+    files are absent, `prefetch.TileReads.listed_absent`) only those are requested; without one,
+    each band is read directly (a missing file is one failed read, cheaper than listing the folder
+    on an object store) and those the plan leaves out are dropped undecoded. A missing band is
+    simply absent; one that cannot be used (read error, corrupt PNG, other width or timestep count)
+    is left out too and named in `extra_note`: the pair never depends on them, the evidence just
+    has less to go on. Other modes read none, unless --lr-timesteps N > 1 (`reads_extra_bands`)."""
     if not reads_extra_bands(config):
         return inputs
+    listed_absent = getattr(read, "listed_absent", None)
+    fetched: dict[str, bytes | TileRejected] = {}
+    if listed_absent is None:
+        present = set()
+        for band in extra_bands(config):
+            try:
+                fetched[band] = _read(tiles.s2_band_path(config.input_root, tile, band), f"{band}.png",
+                                      "missing_band", read)
+            except TileRejected as e:
+                if e.reason == "missing_band":
+                    continue
+                fetched[band] = e
+            present.add(band)
+    else:
+        present = {b for b in extra_bands(config)
+                   if tiles.s2_band_path(config.input_root, tile, b) not in listed_absent}
     notes = []
-    for band in extra_bands(config):
+    for band in planned_extra_bands(config, present):
         try:
-            data = _read(tiles.s2_band_path(config.input_root, tile, band), f"{band}.png", "missing_band", read)
+            data = fetched.get(band)
+            if data is None:
+                data = _read(tiles.s2_band_path(config.input_root, tile, band), f"{band}.png", "missing_band", read)
+            elif isinstance(data, TileRejected):
+                raise data
             series = _decode(imagery.decode_series, data, f"{band}.png", 1)[..., 0]
         except TileRejected as e:
             if e.reason != "missing_band":

@@ -163,13 +163,45 @@ def listing_operations(server, n_tiles: int) -> dict:
             "every_file_found": complete and len(fingerprints) == len(ids)}
 
 
+def with_s2naip_chips(sample: str, out: str, without_b09: float) -> dict[str, int]:
+    """A copy of the generated `sample` (hard links) whose Sentinel-2 chips hold every band
+    s2cloudless reads, as S2-NAIP's do (`b05` and `b09`, written as copies of the chip's `b01`:
+    pixels that only have to have the right shape), but where a share `without_b09` of the chips
+    (every chip whose rank in name order falls in that share, spread evenly) has no `b09`, as when
+    a band file is missing: those chips' `b05` feeds nothing (`pairs.planned_extra_bands`).
+    Returns the chips by kind."""
+    import shutil
+
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    shutil.copytree(sample, out, copy_function=os.link)
+    chips = sorted(Path(out, "sentinel2").iterdir())
+    counts = {"chips": len(chips), "without_b09": 0}
+    for i, chip in enumerate(chips):
+        b01 = chip / "b01.png"
+        if not b01.exists():
+            continue
+        for name in ("b05.png", "b09.png"):
+            (chip / name).unlink(missing_ok=True)  # never write through a hard link into the sample
+        shutil.copyfile(b01, chip / "b05.png")
+        if int((i + 1) * without_b09) > int(i * without_b09):
+            counts["without_b09"] += 1
+        else:
+            shutil.copyfile(b01, chip / "b09.png")
+    return counts
+
+
 def bench(tiles: int, latencies_ms: list[float], thread_settings: list[int], repeats: int, workdir: str,
-          extra: tuple[str, ...] = (), layout_tiles: int = 0) -> dict:
+          extra: tuple[str, ...] = (), layout_tiles: int = 0, s2naip_chips: float | None = None) -> dict:
     from transforms.devdata.sample import generate_sample
 
     emu = _emulator()
     sample = os.path.join(workdir, f"sample-{tiles}")
     generate_sample(sample, tiles, seed=0, timesteps=(26, 34), extra_bands=True, workers=os.cpu_count() or 1)
+    chips = None
+    if s2naip_chips is not None:
+        chips = with_s2naip_chips(sample, os.path.join(workdir, f"sample-{tiles}-s2naip"), s2naip_chips)
+        sample = os.path.join(workdir, f"sample-{tiles}-s2naip")
     server = emu.GcsTestServer(os.path.join(workdir, "gcs-env"))
     server.start()
     results = []
@@ -206,13 +238,18 @@ def bench(tiles: int, latencies_ms: list[float], thread_settings: list[int], rep
         for r in rows:
             r["speedup_vs_first_setting"] = r["tiles_per_s"] / base_rate
     return {"tiles": tiles, "repeats": repeats, "results": results, "options": list(extra),
-            "operations": operations_per_tile, "layout_listings": layout, "machine": machine()}
+            "s2naip_chips": chips, "operations": operations_per_tile, "layout_listings": layout,
+            "machine": machine()}
 
 
 def report_text(report: dict) -> str:
     lines = [f"s2naip bench-gcs: {report['tiles']} tiles from gs:// (emulator behind a latency proxy), "
              f"one worker process, medians of {report['repeats']}, {report['machine']['cores']} cores",
              f"  {'latency':>8} {'read threads':>12} {'tiles/s':>9} {'speed-up':>9} {'requests/tile':>14}  same pairs"]
+    if report.get("s2naip_chips"):
+        chips = report["s2naip_chips"]
+        lines.insert(1, f"  chips with S2-NAIP's s2cloudless bands (b05, b09): {chips['chips']}, "
+                        f"{chips['without_b09']} of them without b09")
     for r in report["results"]:
         lines.append(f"  {r['latency_ms']:>6g}ms {r['read_threads']:>12} {r['tiles_per_s']:>9.1f} "
                      f"{r['speedup_vs_first_setting']:>8.2f}x {r['requests_per_tile']:>14.1f}  "
@@ -246,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layout-tiles", type=int, default=0,
                    help="also count the fingerprints' listings on an S2-NAIP-shaped input of this many tiles "
                         "(placeholder objects: 110 tiles per capture, 10 Sentinel-2 files per chip)")
+    p.add_argument("--s2naip-chips", type=float, default=None, metavar="SHARE_WITHOUT_B09",
+                   help="give the sample's chips S2-NAIP's s2cloudless bands (b05, b09, copies of b01) and "
+                        "take b09 away from this share of them (0 to 1): what a missing band saves")
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temp folder, removed)")
     p.add_argument("--report", default=None, help="write the figures as JSON here")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
@@ -253,13 +293,17 @@ def main(argv: list[str] | None = None) -> int:
     threads = [int(x) for x in args.read_threads.split(",") if x.strip()]
     if not threads:
         p.error("--read-threads needs at least one setting")
+    if args.s2naip_chips is not None and not 0.0 <= args.s2naip_chips <= 1.0:
+        p.error(f"--s2naip-chips must be a share in [0, 1], got {args.s2naip_chips}")
     extra = ("--selection", args.selection) if args.selection else ()
     if args.workdir:
         os.makedirs(args.workdir, exist_ok=True)
-        report = bench(args.tiles, latencies, threads, args.repeats, args.workdir, extra, args.layout_tiles)
+        report = bench(args.tiles, latencies, threads, args.repeats, args.workdir, extra, args.layout_tiles,
+                       args.s2naip_chips)
     else:
         with tempfile.TemporaryDirectory(prefix="s2naip-bench-gcs-") as tmp:
-            report = bench(args.tiles, latencies, threads, args.repeats, tmp, extra, args.layout_tiles)
+            report = bench(args.tiles, latencies, threads, args.repeats, tmp, extra, args.layout_tiles,
+                           args.s2naip_chips)
     print(report_text(report))
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=2, sort_keys=True))

@@ -17,6 +17,7 @@ import base64
 import binascii
 import dataclasses
 import os
+import stat
 from typing import Iterable
 
 import google_crc32c
@@ -55,17 +56,24 @@ def gcs_crc32c_to_hex(b64: str | None) -> str | None:
 
 
 def local_file_meta(path: str) -> ObjectMeta | None:
-    """Size and CRC32C of a local file (content streamed in 1 MiB chunks); None if it is not a file."""
+    """Size and CRC32C of a local file (content streamed in chunks of at most 1 MiB, the first one
+    the size `fstat` reports: a small file is one read, without a 1 MiB buffer allocated for it);
+    None if it is not a file."""
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb", buffering=0) as f:
+            st = os.fstat(f.fileno())
             checksum = google_crc32c.Checksum()
             size = 0
+            want = min(st.st_size + 1, _CHUNK)
             while True:
-                chunk = f.read(_CHUNK)
+                chunk = f.read(want)
                 if not chunk:
                     break
                 checksum.update(chunk)
                 size += len(chunk)
+                if len(chunk) < want and stat.S_ISREG(st.st_mode):  # a regular file's end
+                    break
+                want = _CHUNK
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None
     return ObjectMeta(size, checksum.digest().hex())

@@ -18,7 +18,7 @@ from transforms.build import fingerprints as fpr
 from transforms.io import publish, sinks, storage
 from transforms.io.prefetch import ReadAhead, TileReads, shared_read_ahead
 from transforms.io.publish import OutputSpec
-from transforms.pairs import PairConfig, build_tile, tile_paths
+from transforms.pairs import PairConfig, build_tile, read_plan, tile_paths
 from transforms.tiles import InvalidTileId, TileId
 
 _LOG = logging.getLogger(__name__)
@@ -153,31 +153,37 @@ def start_reads(read_ahead: ReadAhead, tile_id: str, correction, config: PairCon
                 spec: fpr.FingerprintSpec | None = None) -> TileReads | None:
     """The reads of one tile started ahead; None when it reads nothing (an invalid id, a removal).
     With the tile's `fingerprints` (from the listings of the incremental plan), the files they show
-    absent are never requested (`fingerprints.absent_paths`)."""
+    absent are never requested (`fingerprints.absent_paths`), nor those the tile would not use
+    (`pairs.read_plan`: nothing after a missing tci, b08 or nir; no optional band that feeds no
+    term, e.g. s2cloudless's without the whole set)."""
     if correction is not None and correction.removes:
         return None
     try:
         tile = TileId.parse(tile_id)
     except InvalidTileId:
         return None
-    absent = frozenset()
-    if fingerprints is not None:
+    if fingerprints is None:
+        absent, paths = frozenset(), tile_paths(tile, config)
+    else:
         absent = fpr.absent_paths(tile, spec or fpr.FingerprintSpec.for_config(config), fingerprints)
-    paths = tile_paths(tile, config)
+        paths = read_plan(tile, config, absent)
     gate = hr_reads_on if paths and paths[0] == tiles.hr_rgb_path(config.input_root, tile) else None
-    return read_ahead.start(paths, imagery.MAX_PNG_BYTES, absent, first_decides=gate)
+    return read_ahead.start(paths, imagery.MAX_PNG_BYTES, absent, first_decides=gate,
+                            listed=fingerprints is not None)
 
 
-def hr_reads_on(rgb_png: bytes) -> bool:
-    """Whether a tile whose NAIP rgb.png holds these bytes goes on to read its other files: False
-    when `pairs.load_tile` rejects it from that image alone (undecodable, or a black border), so
-    that a read-ahead asks for none of its Sentinel-2 and NIR objects (9 GETs for a robust tile of
-    S2-NAIP: tci, b08, nir and six extra bands). Costs a second decode of the HR on the reader thread (~0.4 ms of CPU)."""
+def hr_reads_on(rgb_png: bytes) -> tuple[bool, object]:
+    """(whether a tile whose NAIP rgb.png holds these bytes goes on to read its other files, the
+    decoded image or None): False when `pairs.load_tile` rejects it from that image alone
+    (undecodable, or a black border), so that a read-ahead asks for none of its Sentinel-2 and NIR
+    objects (9 GETs for a robust tile of S2-NAIP: tci, b08, nir and six extra bands). The image,
+    decoded here on the reader thread, is kept with the tile's reads (`TileReads.kept`):
+    `load_tile` takes it instead of decoding the same bytes again."""
     try:
         rgb = imagery.decode_hr(rgb_png, 3)
     except imagery.ImageRejected:
-        return False
-    return not bool(imagery.has_black_border(rgb))
+        return False, None
+    return not bool(imagery.has_black_border(rgb)), rgb
 
 
 def build_task(element) -> tuple:

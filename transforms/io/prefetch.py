@@ -27,12 +27,28 @@ class TileReads:
     otherwise; a path of `absent` (files a listing showed are not there) raises FileNotFoundError
     at once, without a request."""
 
-    def __init__(self, futures: dict[str, concurrent.futures.Future], limit: int, absent: frozenset[str] = frozenset()):
+    def __init__(self, futures: dict[str, concurrent.futures.Future], limit: int, absent: frozenset[str] = frozenset(),
+                 listed: bool = False):
         self._futures = futures
         self._limit = limit
         self._absent = absent
+        self._listed = listed
+        self._kept: dict[str, object] = {}  # what `first_decides` made of a first file's bytes
         self._lock = threading.Lock()  # a reader thread may add the reads a first file let start
         self._cancelled = False
+
+    @property
+    def listed_absent(self) -> frozenset[str] | None:
+        """The paths a listing showed absent, None when the reads were started without a listing
+        (then `absent` is not known to be complete): `pairs.load_tile` plans its optional reads
+        from it (`pairs.planned_extra_bands`)."""
+        return self._absent if self._listed else None
+
+    def kept(self, path: str):
+        """What the read-ahead's `first_decides` made of `path`'s bytes (e.g. the decoded image), once
+        the tile has read them (`self(path, limit)`); None when there is nothing."""
+        with self._lock:
+            return self._kept.get(path)
 
     def __call__(self, path: str, limit: int) -> bytes:
         if path in self._absent:
@@ -56,6 +72,7 @@ class TileReads:
             self._cancelled = True
             futures = list(self._futures.values())
             self._futures.clear()
+            self._kept.clear()
         for future in futures:
             future.cancel()
 
@@ -72,17 +89,20 @@ class ReadAhead:
                       if threads else None)
 
     def start(self, paths: Iterable[str], limit: int, absent: frozenset[str] = frozenset(),
-              first_decides: Callable[[bytes], bool] | None = None) -> TileReads:
+              first_decides: Callable[[bytes], bool | tuple] | None = None, listed: bool = False) -> TileReads:
         """Starts reading `paths` (in order; those in `absent` are never read) and returns their
         reader. With `first_decides`, only the first path is read at once; on its reader thread,
         `first_decides(its bytes)` then says whether to start the others (False: the tile will not
-        ask for them, e.g. a NAIP image the build rejects before reading its Sentinel-2). A path not
-        started is still read directly if the tile asks for it, so this changes requests, never
-        results."""
+        ask for them, e.g. a NAIP image the build rejects before reading its Sentinel-2); it may
+        return `(go_on, value)` instead, and the tile finds `value` (e.g. the image it decoded to
+        decide) with `TileReads.kept(first)`. A path not started is still read directly if the tile
+        asks for it, so this changes requests, never results. `listed`: `absent` comes from a
+        listing of the tile's folders (every file it does not name is there),
+        `TileReads.listed_absent`."""
         if self._pool is None:
-            return TileReads({}, limit, absent)
+            return TileReads({}, limit, absent, listed)
         paths = [p for p in dict.fromkeys(paths) if p not in absent]
-        tile_reads = TileReads({}, limit, absent)
+        tile_reads = TileReads({}, limit, absent, listed)
         if first_decides is None or not paths:
             for path in paths:
                 tile_reads._add(path, lambda path=path: self._pool.submit(storage.read_bytes, path, limit))
@@ -96,6 +116,11 @@ class ReadAhead:
                 go_on = first_decides(data)
             except Exception:  # noqa: BLE001 - the check only saves requests: when unsure, read all
                 go_on = True
+            if isinstance(go_on, tuple):
+                go_on, value = go_on
+                if value is not None:
+                    with tile_reads._lock:
+                        tile_reads._kept[first] = value
             if go_on:
                 for path in rest:
                     tile_reads._add(path, lambda path=path: pool.submit(storage.read_bytes, path, limit))

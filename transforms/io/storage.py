@@ -25,6 +25,7 @@ import logging
 import mimetypes
 import os
 import random
+import stat
 import threading
 import time
 import uuid
@@ -326,12 +327,31 @@ def gcs_call(path: str, what: str, op: Callable[[], T]) -> T:
 # The API
 
 
+def read_local(path: str, limit: int) -> bytes:
+    """A local file's bytes, at most `limit` + 1 of them (one more than `limit` says it is larger).
+    Asks for the size `fstat` reports plus one byte, unbuffered: `open(path, "rb").read(limit + 1)`
+    allocates `limit` + 1 bytes first (64 MiB for a PNG: ~45 us of CPU per file, most of a small
+    file's read). A regular file's short read is its end; anything else (a file that grew since
+    `fstat`, a pipe) is read on in chunks up to `limit` + 1."""
+    with open(path, "rb", buffering=0) as f:
+        st = os.fstat(f.fileno())
+        want = min(st.st_size, limit) + 1
+        data = f.read(want)
+        if len(data) < want and stat.S_ISREG(st.st_mode):
+            return data
+        parts, total = [data], len(data)
+        while data and total <= limit:
+            data = f.read(min(limit + 1 - total, 1 << 20))
+            parts.append(data)
+            total += len(data)
+        return b"".join(parts)
+
+
 def read_bytes(path: str, limit: int) -> bytes:
     """The whole file; FileNotFoundError when absent; ValueError when larger than `limit` bytes."""
     if is_local(path):
         try:
-            with open(path, "rb") as f:
-                data = f.read(limit + 1)
+            data = read_local(path, limit)
         except IsADirectoryError:
             raise FileNotFoundError(path) from None
     elif is_gcs(path):
