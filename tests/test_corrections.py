@@ -289,5 +289,8 @@ def test_corrections_stay_out_of_the_job_graph(tmp_path):
     opts = BuildOptions(["--input", "in", "--output", "o", "--corrections", "a.json,gs://b/c.json",
                          "--corrections", "d.json"])
     assert pair_config(opts).corrections == ("a.json", "gs://b/c.json", "d.json")
-    assert abs(len(a) - len(b)) < 64 and len(a) < 100_000
+    # the pickled DoFns' bytes vary from one graph to the next: three graphs of the same file
+    # measured 46,699-46,731 bytes (a 64-byte bound failed once in a full run, 76); the large
+    # file's 200k entries (~6 MB of JSON) would add hundreds of KiB even compressed
+    assert abs(len(a) - len(b)) < 2048 and len(a) < 100_000
     assert b"JoinCorrections" in a
