@@ -95,7 +95,9 @@ class Evidence:
     twin_misregistration_px: np.ndarray | None = None  # `registration`'s against a twin alone (px)
     hr_veil: np.ndarray | None = None  # `hr_veil`: colourless smooth brightening the HR does not explain
     underexposed: np.ndarray | None = None  # bool, the dark gate (`underexposed`): not a candidate
-    # |displacement| against the tile's other candidates (`consensus_shift`, px; 0 where too few agree)
+    # |displacement| against the tile's other candidates (`consensus_shift`, px; 0 where too few agree;
+    # NaN where not measured: robust measures only candidates displaced against the HR beyond the
+    # term's tolerance, `selection._consensus_shift_px`)
     consensus_shift_px: np.ndarray | None = None
 
     @property
