@@ -762,22 +762,16 @@ def _low_pass_surface(h: int, w: int, sigma: float, window: int) -> tuple[np.nda
     """What `consensus_shift` needs to turn a cross-power spectrum [..., h, w//2+1] into the centre
     [..., 2 window + 1, 2 window + 1] of its phase-correlation surface: the Gaussian weights of
     `sigma` cycles/px over the rfft2 frequencies (float32), divided by the weighted surface's value
-    for two identical frames (so that its peak is 1); and the inverse DFT's rows [2 window + 1, h]
-    and columns [w//2+1, 2 window + 1] (complex64, the columns carrying irfft's weights 1, 2, ..., 2, 1
-    and 1 / (h w)), so the window costs two small matrix products instead of full inverse FFTs."""
+    for two identical frames (so that its peak is 1); and `_inverse_dft_window`'s rows and columns
+    for one band, so the window costs two small matrix products instead of full inverse FFTs."""
     fy = np.fft.fftfreq(h)[:, None]
     fx = np.fft.rfftfreq(w)[None, :]
     weights = np.exp(-0.5 * (fy * fy + fx * fx) / sigma**2)
     weights /= np.fft.irfft2(weights, s=(h, w))[0, 0]
-    offsets = np.arange(-window, window + 1)
-    rows = np.exp(2j * np.pi * offsets[:, None] * np.arange(h)[None, :] / h)
-    half = np.ones(w // 2 + 1)
-    half[1 : (w + 1) // 2] = 2.0  # each column but DC (and Nyquist for even w) stands for two
-    cols = half[:, None] * np.exp(2j * np.pi * np.arange(w // 2 + 1)[:, None] * offsets[None, :] / w) / (h * w)
-    out = weights.astype(np.float32), rows.astype(np.complex64), cols.astype(np.complex64)
-    for a in out:
-        a.flags.writeable = False
-    return out
+    weights = weights.astype(np.float32)
+    weights.flags.writeable = False
+    rows, cols = _inverse_dft_window(h, w, window, 1)
+    return weights, rows, cols
 
 
 @functools.lru_cache(maxsize=64)
