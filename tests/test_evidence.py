@@ -482,6 +482,63 @@ def test_integer_means_and_channels_are_numpys():
                                   .mean(axis=(-2, -1), dtype=np.float64))
 
 
+def _plain_hr_veil(frames, hr, sigma=2.5, spread_dn=2.0):
+    """hr_veil as numpy's plain reductions spell it (np.median, band mean, max, min over axis 1)."""
+    f = np.asarray(frames[:, :3], dtype=np.float32)
+    k, c, h, w = f.shape
+    ref = np.asarray(hr, dtype=np.float32)[:3].reshape(1, c, -1)
+    x = f.reshape(k, c, -1)
+    rc = ref - ref.mean(axis=-1, keepdims=True)
+    xc = x - x.mean(axis=-1, keepdims=True)
+    gain = (rc * xc).sum(axis=-1) / ((rc * rc).sum(axis=-1) + np.float32(1e-6))
+    residual = (xc - gain[..., None] * rc).reshape(k, c, h, w)
+    low = np.matmul(E._nearest_gaussian(h, sigma), residual @ E._nearest_gaussian(w, sigma).T)
+    grey = low.mean(axis=1).reshape(k, -1)
+    spread = (low.max(axis=1) - low.min(axis=1)).reshape(k, -1)
+    lift = np.maximum(grey - np.median(grey, axis=1, keepdims=True), np.float32(0.0))
+    return (lift / (spread + np.float32(spread_dn))).mean(axis=1, dtype=np.float64)
+
+
+def test_hr_veil_equals_its_plain_form_bit_for_bit():
+    """hr_veil's median from one partition (and its band reductions as elementwise ops) are numpy's
+    np.median and reductions, bit for bit."""
+    rng = np.random.default_rng(36)
+    hr = _lr(70)
+    frames = np.stack([_lr(70, gain=0.8 + 0.1 * j, offset=5 * j, noise=2.0) for j in range(7)])
+    frames[3, :3, 8:20, 8:20] += 40.0  # a grey patch
+    frames = np.clip(frames, 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(E.hr_veil(frames, hr), _plain_hr_veil(frames, hr))
+    odd = rng.integers(0, 256, (5, 3, 31, 31), dtype=np.uint8)  # an odd pixel count: np.median itself
+    np.testing.assert_array_equal(E.hr_veil(odd, odd[0].astype(np.float64)), _plain_hr_veil(odd, odd[0]))
+
+
+def test_quantile_of_others_is_each_rows_quantile_bit_for_bit():
+    rng = np.random.default_rng(37)
+    for k in (2, 3, 5, 16, 17):
+        for values in (rng.random(k) * 100, np.round(rng.random(k) * 3)):  # ties too
+            others = np.broadcast_to(values, (k, k))[~np.eye(k, dtype=bool)].reshape(k, k - 1)
+            for q in (0.0, 0.1, 0.25, 0.5, 0.9, 1.0):
+                np.testing.assert_array_equal(E._quantile_of_others(values, q), np.quantile(others, q, axis=1))
+
+
+def test_veil_evidence_pair_equals_the_plain_calls_bit_for_bit():
+    """Both veil references of the robust score from one stack of terms: veil_evidence(veil_terms(...))
+    against the median and against the clearest usable timesteps, bit for bit."""
+    rng = np.random.default_rng(38)
+    frames = np.stack([_lr(80 + j % 4, gain=0.7 + 0.1 * j, offset=3 * j, noise=2.0) for j in range(9)])
+    frames[2] = frames[2] * 0.5 + 100  # a veil
+    frames = np.clip(frames, 0, 255).astype(np.uint8)
+    m = E.veil_measures(frames)
+    for usable in (None, np.ones(9, bool), rng.random(9) > 0.4, np.zeros(9, bool), np.eye(1, 9, 4, dtype=bool)[0]):
+        for q in (0.25, 0.1, 0.5):
+            median, clear = E.veil_evidence_pair(m, q, usable=usable)
+            np.testing.assert_array_equal(median, E.veil_evidence(E.veil_terms(frames, measures=m)))
+            np.testing.assert_array_equal(clear, E.veil_evidence(E.veil_terms(frames, clear_quantile=q, usable=usable,
+                                                                              measures=m)))
+    with pytest.raises(ValueError, match="contrast"):
+        E.veil_evidence_pair(m, 0.25, scales={**E.VEIL_SCALES, "contrast": 1.0})
+
+
 # ---------------------------------------------------------------------------------------------
 # Misregistration against the tile's consensus
 

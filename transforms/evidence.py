@@ -337,6 +337,48 @@ def veil_evidence(terms: VeilTerms, scales: dict[str, float] = VEIL_SCALES) -> n
     return np.mean(parts, axis=0) if parts else np.zeros(len(terms.detail))
 
 
+def veil_evidence_pair(measures: VeilMeasures, clear_quantile: float, usable: np.ndarray | None = None,
+                       scales: dict[str, float] = VEIL_SCALES) -> tuple[np.ndarray, np.ndarray]:
+    """(`veil_evidence(veil_terms(...))` against the median timestep, the same against the clearest
+    ones (`clear_quantile`, among the `usable`)) from one set of `measures`, without `contrast_to_hr`:
+    the robust score's two veil references in a few array operations (the terms stacked, each
+    reference's quantiles from one sort) instead of a dozen small ones each. The same values and
+    arithmetic as the plain calls, bit for bit (tests)."""
+    m = measures
+    k = len(m.chroma)
+    # the terms as veil_terms forms them, in `scales` order, each with the sign that rises with haze
+    # (colour: chroma, referenced at the other end and divided, below)
+    rows = {"detail": -m.detail, "dark": m.dark, "colour": m.chroma, "blue": m.blue}
+    names = [name for name, scale in scales.items() if scale > 0]
+    if "contrast" in names or set(names) - set(rows):
+        raise ValueError("veil_evidence_pair has no contrast (to the HR) term: scales over detail, dark, colour, blue only")
+    if not names:
+        return np.zeros(k), np.zeros(k)
+    x = np.stack([np.asarray(rows[name], dtype=np.float64) for name in names])  # [T, K]
+    scale = np.array([scales[name] for name in names], dtype=np.float64)[:, None]
+    colour = [i for i, name in enumerate(names) if name == "colour"]
+    out = []
+    for q, pick in ((0.5, None), (clear_quantile, usable)):
+        sel = x if pick is None or not np.any(pick) else x[:, np.asarray(pick, dtype=bool)]
+        s = np.sort(sel, axis=1)
+        n = s.shape[1]
+        ref = np.empty(len(names))
+        for qq, part in ((q, [i for i in range(len(names)) if i not in colour]), (1.0 - q, colour)):
+            if not part:
+                continue
+            pos = qq * (n - 1)
+            lo = int(np.floor(pos))
+            hi = min(lo + 1, n - 1)
+            a, b, t = s[part, lo], s[part, hi], pos - lo
+            ref[part] = a + (b - a) * t if t < 0.5 else b - (b - a) * (1.0 - t)  # `quantile`'s lerp
+        terms = np.maximum(x - ref[:, None], 0.0)
+        for i in colour:
+            terms[i] = np.maximum(1.0 - x[i] / max(float(ref[i]), 1e-6), 0.0)
+        parts = np.minimum(terms / scale, 1.0)
+        out.append(parts.mean(axis=0))
+    return out[0], out[1]
+
+
 def aerosol_index(b01: np.ndarray, frames: np.ndarray) -> np.ndarray:
     """Mean B01 (443 nm, 60 m) reflectance minus mean blue TCI reflectance, [K]: aerosol path
     radiance grows steeply towards short wavelengths, so haze raises B01 more than blue. Its
@@ -468,10 +510,29 @@ def underexposed(frames: np.ndarray, ratio: float = 0.6, blue_floor: float = BLU
     k = len(level)
     if k < 2:
         return np.zeros(k, dtype=bool)
-    others = np.broadcast_to(level, (k, k))[~np.eye(k, dtype=bool)].reshape(k, k - 1)
-    relative = level < ratio * quantile(others, reference_quantile, axis=1)
+    relative = level < ratio * _quantile_of_others(level, reference_quantile)
     blue = _pixel_means(frames[:, B]) * TCI_REFLECTANCE
     return relative & (blue < blue_floor)
+
+
+def _quantile_of_others(values: np.ndarray, q: float) -> np.ndarray:
+    """[K]: for each value, `quantile` (numpy's linear rule) of the K - 1 *other* values, from one sort:
+    the others of value i, sorted, are the sorted values without i's place (equal values are
+    interchangeable), so their n-th is sorted[n] before that place and sorted[n + 1] from it on (the
+    same values and arithmetic as `quantile` of each row of others, bit for bit)."""
+    values = np.asarray(values, dtype=np.float64)
+    k = len(values)
+    order = np.argsort(values, kind="stable")
+    ranked = values[order]
+    place = np.empty(k, dtype=np.intp)
+    place[order] = np.arange(k)
+    pos = q * (k - 2)
+    lo = int(np.floor(pos))
+    hi = min(lo + 1, k - 2)
+    a = np.where(lo < place, ranked[lo], ranked[lo + 1])
+    b = np.where(hi < place, ranked[hi], ranked[min(hi + 1, k - 1)])
+    t = pos - lo
+    return a + (b - a) * t if t < 0.5 else b - (b - a) * (1.0 - t)  # numpy's _lerp, as `quantile`
 
 
 def hr_veil(frames: np.ndarray, hr: np.ndarray, sigma: float = 2.5, spread_dn: float = 2.0) -> np.ndarray:
@@ -504,8 +565,10 @@ def hr_veil(frames: np.ndarray, hr: np.ndarray, sigma: float = 2.5, spread_dn: f
         spread = (low.max(axis=1) - low.min(axis=1)).reshape(k, -1)
     n = grey.shape[1]
     if n % 2 == 0 and np.isfinite(grey).all():  # np.median's value: the mean of the two middle values
-        part = np.partition(grey, [n // 2 - 1, n // 2], axis=1)
-        median = (part[:, n // 2 - 1 : n // 2] + part[:, n // 2 : n // 2 + 1]) / np.float32(2.0)
+        # one selection: the upper middle value, and the lower one as the largest value below it (a
+        # partition with both as kth costs ~4x more for these rows)
+        part = np.partition(grey, n // 2, axis=1)
+        median = (part[:, : n // 2].max(axis=1, keepdims=True) + part[:, n // 2 : n // 2 + 1]) / np.float32(2.0)
     else:
         median = np.median(grey, axis=1, keepdims=True)
     lift = np.maximum(grey - median, np.float32(0.0))
@@ -554,11 +617,16 @@ def _rfft2_rows_first(images: np.ndarray) -> np.ndarray:
     return out
 
 
-def _windowed(frames: np.ndarray) -> np.ndarray:
-    """float32 frames [..., H, W], each mean-removed and Hann-windowed (what `spectra` transforms)."""
+def _windowed(frames: np.ndarray, inplace: bool = False) -> np.ndarray:
+    """float32 frames [..., H, W], each mean-removed and Hann-windowed (what `spectra` transforms);
+    `inplace`: into `frames` themselves (float32), no new array."""
     frames = np.asarray(frames, dtype=np.float32)
     h, w = frames.shape[-2:]
-    centred = frames - frames.mean(axis=(-2, -1), keepdims=True)
+    if inplace:
+        frames -= frames.mean(axis=(-2, -1), keepdims=True)
+        centred = frames
+    else:
+        centred = frames - frames.mean(axis=(-2, -1), keepdims=True)
     centred *= _window(h, w)
     return centred
 
@@ -647,43 +715,71 @@ def _surface_window_rows_first(cross_sum: np.ndarray, size: tuple[int, int], win
     return (rows @ half).real.reshape(rows.shape[0], n, j).transpose(1, 0, 2)  # over rows
 
 
+@functools.lru_cache(maxsize=8)
+def _neighbour_offsets(size: int) -> np.ndarray:
+    """Flat offsets of a pixel and its four neighbours (centre, up, left, down, right) in a [size, size] window."""
+    offsets = np.array([0, -size, -1, size, 1], dtype=np.intp)
+    offsets.flags.writeable = False
+    return offsets
+
+
 def peak_shift(surfaces: np.ndarray, radius: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(shift [K, 2] as (dy, dx) in pixels, peak height [K], height at zero shift [K]) of phase-
     correlation surfaces [K, H, W], searching |dy|, |dx| <= `radius`; sub-pixel by a parabola
-    through the peak and its neighbours on each axis."""
+    through the peak and its neighbours on each axis.
+
+    The peak and its four neighbours are gathered by one flat `take`, and the parabola's offset
+    clipped by a minimum and a maximum (numpy's clip on these finite values): a tile calls this on a
+    few dozen 9x9 windows at a time, where every numpy call's overhead counts; the values are
+    those of plain indexing bit for bit (tests)."""
     k, h, w = surfaces.shape
     cy, cx = h // 2, w // 2
     size = 2 * radius + 3  # the search window and one px of margin
     sub = np.ascontiguousarray(surfaces[:, cy - radius - 1:cy + radius + 2, cx - radius - 1:cx + radius + 2])
     at = sub[:, 1:-1, 1:-1].reshape(k, -1).argmax(axis=1)
     py, px = np.divmod(at, 2 * radius + 1)
-    # the peak and its four neighbours (up, left, right, down), gathered in one pass
+    # the peak and its four neighbours (up, left, down, right), gathered in one pass
     centre = (py + 1) * size + px + 1
-    near = np.take_along_axis(sub.reshape(k, -1), centre[:, None] + np.array([0, -size, -1, 1, size]), axis=1)
+    centre += np.arange(0, k * size * size, size * size)
+    near = np.take(sub, centre[:, None] + _neighbour_offsets(size))
     c0 = near[:, 0]
-    m, p = near[:, 1:3], near[:, 3:5][:, ::-1]  # (up, left) and (down, right): dy then dx
-    den = m - 2.0 * c0[:, None] + p
-    safe = np.where(den < 0, den, -1.0)
-    offset = np.where(den < 0, 0.5 * (m - p) / safe, 0.0).clip(-0.5, 0.5)
-    shift = (np.stack([py, px], axis=1) - radius + offset).astype(np.float64)
+    m, p = near[:, 1:3], near[:, 3:5]  # (up, left) and (down, right): dy then dx
+    den = m - 2.0 * c0[:, None]
+    den += p
+    curved = den < 0
+    safe = np.where(curved, den, -1.0)
+    vertex = m - p
+    vertex *= 0.5
+    vertex /= safe
+    offset = np.maximum(np.minimum(np.where(curved, vertex, 0.0), 0.5), -0.5)
+    shift = np.empty((k, 2))
+    shift[:, 0] = py
+    shift[:, 1] = px
+    shift -= radius
+    shift += offset
     shift[c0 <= 1e-6] = 0.0  # nothing correlates (a featureless frame): no shift to speak of
     return shift, c0.astype(np.float64), sub[:, radius + 1, radius + 1].astype(np.float64)
 
 
-def registration_channels(frames: np.ndarray) -> np.ndarray:
+def registration_channels(frames: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """The images registration compares, [K, C, H, W] -> float32 [K, 1|2, H, W]: the mean of R, G,
-    B, and NIR when there is one (structure that survives changes of the visible look)."""
+    B, and NIR when there is one (structure that survives changes of the visible look). `out`: a
+    float32 buffer of that shape to write them into (no stacked copy)."""
+    k, c, h, w = frames.shape
+    if out is None:
+        out = np.empty((k, 2 if c > 3 else 1, h, w), dtype=np.float32)
     if frames.dtype == np.uint8:
         # the integer sum (exact), divided as numpy's float32 mean divides it: in float64, then rounded
-        total = frames[:, 0].astype(np.int16) + frames[:, 1] + frames[:, 2]
-        vis = (total / 3.0).astype(np.float32)
+        total = frames[:, 0].astype(np.int16) + frames[:, 1]
+        total += frames[:, 2]
+        np.divide(total, 3.0, out=out[:, 0], dtype=np.float64)
     else:  # numpy's float32 mean over 3 bands: their float32 sum in order, divided in float64, rounded
         total = np.asarray(frames[:, 0], dtype=np.float32) + np.asarray(frames[:, 1], dtype=np.float32)
         total += np.asarray(frames[:, 2], dtype=np.float32)
-        vis = (total / np.float64(3.0)).astype(np.float32)
-    if frames.shape[1] > 3:
-        return np.stack([vis, np.asarray(frames[:, 3], dtype=np.float32)], axis=1)
-    return vis[:, None]
+        np.divide(total, np.float64(3.0), out=out[:, 0], dtype=np.float64)
+    if c > 3:
+        out[:, 1] = frames[:, 3]
+    return out
 
 
 def estimate_shift(frames: np.ndarray, reference: np.ndarray, radius: int = 3) -> tuple[np.ndarray, np.ndarray]:
@@ -726,9 +822,14 @@ def registration(frames: np.ndarray, reference: np.ndarray, smoothed: np.ndarray
     get it."""
     k = frames.shape[0]
     size = frames.shape[-2:]
-    chans = registration_channels(frames)
-    both = _windowed(np.concatenate([chans, registration_channels(np.asarray(reference)[None])]))
-    bands, h, w = both.shape[1:]
+    bands = 2 if frames.shape[1] > 3 else 1
+    both = np.empty((k + 1, bands, *size), dtype=np.float32)  # the frames' channels, then the HR's
+    chans = registration_channels(frames, out=both[:k])
+    registration_channels(np.asarray(reference)[None], out=both[k:])
+    # the twins by the channels' block means, before the spectra's windowing (in place) changes them
+    c = None if k < 2 else (band_covariances(chans, block=4) if smoothed is None else band_covariances(smoothed))
+    _windowed(both, inplace=True)
+    h, w = size
     # the spectra of the frames and the reference by one DFT, rows first [H, K+1, C, W'], each
     # normalised once (`_whiten`), not every product of two
     unit = _whiten(_rfft2_rows_first(both.reshape(-1, h, w)), copy=False).reshape(h, k + 1, bands, -1)
@@ -738,7 +839,6 @@ def registration(frames: np.ndarray, reference: np.ndarray, smoothed: np.ndarray
         cross = _cross_sum(spec, conj[:, k:], np.empty((h, k, unit.shape[-1]), dtype=np.complex64), axis=2)
         shift, peak, _ = peak_shift(_surface_window_rows_first(cross, size, window, bands), radius)
         return Registration(shift, peak, np.zeros(k), np.full(k, -1), np.zeros((k, 2)), np.zeros(k), spec)
-    c = band_covariances(chans, block=4) if smoothed is None else band_covariances(smoothed)
     c = c[1].mean(axis=0)
     np.fill_diagonal(c, -np.inf)
     partner = c.argmax(axis=1)

@@ -669,6 +669,12 @@ def robust_scores(hr_down_u8: np.ndarray, hr_down: np.ndarray, candidates: np.nd
     hr_px = np.hypot(reg.hr_shift[:, 0], reg.hr_shift[:, 1])
     dark = E.underexposed(frames)
     measures = E.veil_measures(frames)
+    if sd_ratio is None:  # both veil references from one stack of the terms (the same values)
+        veil, clear_veil = E.veil_evidence_pair(measures, w.clear_quantile, usable=~dark)
+    else:
+        veil = E.veil_evidence(E.veil_terms(frames, sd_ratio, measures=measures))
+        clear_veil = E.veil_evidence(E.veil_terms(frames, clear_quantile=w.clear_quantile, usable=~dark,
+                                                  measures=measures))
     evidence = E.Evidence(
         bands=tuple(b for b in EXTRA_BANDS if b in extra),
         distance=distance,
@@ -683,10 +689,9 @@ def robust_scores(hr_down_u8: np.ndarray, hr_down: np.ndarray, candidates: np.nd
         aerosol=E.aerosol_index(extra["b01"], frames) if "b01" in extra else None,
         cirrus=E.cirrus_index(extra["b10"]) if "b10" in extra else None,
         snow=E.snow_fraction(frames, swir) if swir is not None else None,
-        veil=E.veil_evidence(E.veil_terms(frames, sd_ratio, measures=measures)),
+        veil=veil,
         twin_misregistration_px=reg.misregistration,
-        clear_veil=E.veil_evidence(E.veil_terms(frames, clear_quantile=w.clear_quantile, usable=~dark,
-                                                measures=measures)),
+        clear_veil=clear_veil,
         hr_veil=E.hr_veil(frames, hr_bands),
         consensus_shift_px=_consensus_shift_px(frames, reg, w),
         underexposed=dark,
