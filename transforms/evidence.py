@@ -943,11 +943,13 @@ def consensus_shift(frames: np.ndarray, sigma: float = 0.15, min_peak: float = 0
         i, j = i[involved], j[involved]
     half_w = unit_spectra.shape[-1]
     rows_of = np.ascontiguousarray(unit_spectra.transpose(2, 1, 0, 3)).reshape(c, k, h * half_w)
+    # the low-pass weights (and the bands' mean) folded into the K conjugate spectra instead of the
+    # P > K products (the same products to float32 rounding)
     conj_of = np.conj(rows_of)
-    cross = rows_of[0][i] * conj_of[0][j]
+    conj_of *= (weights / np.float32(c)).reshape(-1)
+    cross = np.multiply(rows_of[0].take(i, axis=0), conj_of[0].take(j, axis=0))
     for band in range(1, c):
-        cross += rows_of[band][i] * conj_of[band][j]
-    cross *= (weights / np.float32(c)).reshape(-1)
+        cross += rows_of[band].take(i, axis=0) * conj_of[band].take(j, axis=0)
     # the surfaces' centres by two plain matrix products: over columns, then over rows
     n, m = len(i), cols.shape[1]
     over_cols = (cross.reshape(n * h, half_w) @ cols).reshape(n, h, m)
@@ -965,5 +967,5 @@ def consensus_shift(frames: np.ndarray, sigma: float = 0.15, min_peak: float = 0
         partners[~needed] = -1
         enough &= needed
     if enough.any():
-        shift[enough] = _subset_median(shifts, agree)[enough]
+        shift[enough] = _subset_median(shifts[enough], agree[enough])  # row by row: only the rows used
     return shift, partners
