@@ -341,42 +341,59 @@ def veil_evidence_pair(measures: VeilMeasures, clear_quantile: float, usable: np
                        scales: dict[str, float] = VEIL_SCALES) -> tuple[np.ndarray, np.ndarray]:
     """(`veil_evidence(veil_terms(...))` against the median timestep, the same against the clearest
     ones (`clear_quantile`, among the `usable`)) from one set of `measures`, without `contrast_to_hr`:
-    the robust score's two veil references in a few array operations (the terms stacked, each
-    reference's quantiles from one sort) instead of a dozen small ones each. The same values and
-    arithmetic as the plain calls, bit for bit (tests)."""
+    the robust score's two veil references in a few array operations over both at once (the terms
+    stacked, every reference quantile from one sort, the timesteps that are not usable sorted last)
+    instead of a few dozen small ones. The same values and arithmetic as the plain calls, bit for
+    bit (tests)."""
     m = measures
-    k = len(m.chroma)
-    # the terms as veil_terms forms them, in `scales` order, each with the sign that rises with haze
-    # (colour: chroma, referenced at the other end and divided, below)
-    rows = {"detail": -m.detail, "dark": m.dark, "colour": m.chroma, "blue": m.blue}
     names = [name for name, scale in scales.items() if scale > 0]
+    rows = {"detail": m.detail, "dark": m.dark, "colour": m.chroma, "blue": m.blue}
     if "contrast" in names or set(names) - set(rows):
         raise ValueError("veil_evidence_pair has no contrast (to the HR) term: scales over detail, dark, colour, blue only")
+    k = len(m.chroma)
     if not names:
         return np.zeros(k), np.zeros(k)
-    x = np.stack([np.asarray(rows[name], dtype=np.float64) for name in names])  # [T, K]
-    scale = np.array([scales[name] for name in names], dtype=np.float64)[:, None]
-    colour = [i for i, name in enumerate(names) if name == "colour"]
-    out = []
-    for q, pick in ((0.5, None), (clear_quantile, usable)):
-        sel = x if pick is None or not np.any(pick) else x[:, np.asarray(pick, dtype=bool)]
-        s = np.sort(sel, axis=1)
-        n = s.shape[1]
-        ref = np.empty(len(names))
-        for qq, part in ((q, [i for i in range(len(names)) if i not in colour]), (1.0 - q, colour)):
-            if not part:
-                continue
-            pos = qq * (n - 1)
+    t = len(names)
+    x = np.empty((2, t, k))  # [reference, term, timestep], each term with the sign that rises with haze
+    for i, name in enumerate(names):
+        if name == "detail":
+            np.negative(rows[name], out=x[0, i])
+        else:
+            x[0, i] = rows[name]
+    pick = None if usable is None or not np.any(usable) else np.asarray(usable, dtype=bool)
+    if pick is None:
+        x[1] = x[0]
+        counts = (k, k)
+    else:
+        np.copyto(x[1], np.where(pick, x[0], np.inf))
+        counts = (k, int(np.count_nonzero(pick)))
+    s = np.sort(x, axis=2)
+    # `quantile`'s positions and weights of every (reference, term): q for the terms that rise with
+    # haze, 1 - q for chroma (its clear end is the high one)
+    lo_at, hi_at, frac = [], [], []
+    for ref, (q, n) in enumerate(((0.5, counts[0]), (clear_quantile, counts[1]))):
+        for i, name in enumerate(names):
+            pos = (1.0 - q if name == "colour" else q) * (n - 1)
             lo = int(np.floor(pos))
-            hi = min(lo + 1, n - 1)
-            a, b, t = s[part, lo], s[part, hi], pos - lo
-            ref[part] = a + (b - a) * t if t < 0.5 else b - (b - a) * (1.0 - t)  # `quantile`'s lerp
-        terms = np.maximum(x - ref[:, None], 0.0)
-        for i in colour:
-            terms[i] = np.maximum(1.0 - x[i] / max(float(ref[i]), 1e-6), 0.0)
-        parts = np.minimum(terms / scale, 1.0)
-        out.append(parts.mean(axis=0))
-    return out[0], out[1]
+            base = (ref * t + i) * k
+            lo_at.append(base + lo)
+            hi_at.append(base + min(lo + 1, n - 1))
+            frac.append(pos - lo)
+    a = s.reshape(-1)[lo_at].reshape(2, t)
+    b = s.reshape(-1)[hi_at].reshape(2, t)
+    frac = np.array(frac).reshape(2, t)
+    d = b - a
+    level = np.where(frac < 0.5, a + d * frac, b - d * (1.0 - frac))  # numpy's _lerp, as `quantile`
+    terms = x[0] - level[..., None]
+    np.maximum(terms, 0.0, out=terms)
+    if "colour" in names:
+        i = names.index("colour")
+        colour = 1.0 - x[0, i] / np.maximum(level[:, i], 1e-6)[:, None]
+        terms[:, i] = np.maximum(colour, 0.0)
+    terms /= np.array([scales[name] for name in names])[:, None]
+    np.minimum(terms, 1.0, out=terms)
+    evidence = np.add.reduce(terms, axis=1) / t  # np.mean over the terms: their sum in order, divided
+    return evidence[0], evidence[1]
 
 
 def aerosol_index(b01: np.ndarray, frames: np.ndarray) -> np.ndarray:
@@ -451,24 +468,27 @@ def cloud_shadow_fractions(frames: np.ndarray, reference: np.ndarray, swir: np.n
     return cloud.mean(axis=(-2, -1)), shadow.mean(axis=(-2, -1))
 
 
-def _exposure(frames: np.ndarray, q: float = 0.5) -> np.ndarray:
-    """Mean R, G, B of each timestep over the `q`-quantile of those means (the median), [K]."""
-    level = _rgb_level(frames)
+def _exposure(frames: np.ndarray, q: float = 0.5, level: np.ndarray | None = None) -> np.ndarray:
+    """Mean R, G, B of each timestep over the `q`-quantile of those means (the median), [K]. `level`:
+    `_rgb_level(frames)`, if computed."""
+    level = _rgb_level(frames) if level is None else level
     return level / max(float(quantile(level, q)), 1e-6)
 
 
-def darkening(frames: np.ndarray) -> np.ndarray:
+def darkening(frames: np.ndarray, level: np.ndarray | None = None) -> np.ndarray:
     """1 - mean brightness / the lower quartile of the timesteps' mean brightness, >= 0, [K]: an
     underexposed (or fully shadowed) timestep scores near 1 - its exposure factor. The lower
     quartile, not the median: in real series half overcast, the median is a grey overcast frame
-    and every clear frame would look dark against it."""
-    return np.maximum(1.0 - _exposure(frames, 0.25), 0.0)
+    and every clear frame would look dark against it. `level`: the mean R, G, B brightness of each
+    timestep (`_rgb_level`), if computed."""
+    return np.maximum(1.0 - _exposure(frames, 0.25, level), 0.0)
 
 
-def brightening(frames: np.ndarray) -> np.ndarray:
+def brightening(frames: np.ndarray, level: np.ndarray | None = None) -> np.ndarray:
     """1 - the median of the timesteps' mean brightness / mean brightness, >= 0, [K]: a timestep
-    mostly under cloud (or snow) scores high, whatever reference its clouds fool."""
-    return np.maximum(1.0 - 1.0 / np.maximum(_exposure(frames), 1e-6), 0.0)
+    mostly under cloud (or snow) scores high, whatever reference its clouds fool. `level`: as in
+    `darkening`."""
+    return np.maximum(1.0 - 1.0 / np.maximum(_exposure(frames, level=level), 1e-6), 0.0)
 
 
 @functools.lru_cache(maxsize=8)
@@ -492,7 +512,7 @@ BLUE_FLOOR = 0.06  # TOA reflectance: clear-sky path radiance alone lifts a lit 
 
 
 def underexposed(frames: np.ndarray, ratio: float = 0.6, blue_floor: float = BLUE_FLOOR,
-                 reference_quantile: float = 0.1) -> np.ndarray:
+                 reference_quantile: float = 0.1, level: np.ndarray | None = None) -> np.ndarray:
     """The dark gate, bool [K]: timesteps both far darker than the clearer others (mean R, G, B below
     `ratio` x the `reference_quantile` of the *other* timesteps' means) and darker in blue than a lit
     scene can be (mean blue TOA reflectance below `blue_floor`: Rayleigh and aerosol path radiance
@@ -505,8 +525,9 @@ def underexposed(frames: np.ndarray, ratio: float = 0.6, blue_floor: float = BLU
     real L2A series), and their lower quartile is then a veiled date; against it the clear frames
     of dark forest fell below 0.6 and were gated, every one of them in some tiles (L2A surface
     reflectance is also below the blue floor), which left only cloudy candidates. Planted
-    underexposure (x0.12-0.3) stays below 0.6 of the 0.1 quantile (docs/selection-method.md)."""
-    level = _rgb_level(frames)
+    underexposure (x0.12-0.3) stays below 0.6 of the 0.1 quantile (docs/selection-method.md).
+    `level`: as in `darkening`."""
+    level = _rgb_level(frames) if level is None else level
     k = len(level)
     if k < 2:
         return np.zeros(k, dtype=bool)

@@ -659,15 +659,16 @@ def robust_scores(hr_down_u8: np.ndarray, hr_down: np.ndarray, candidates: np.nd
     cloud, shadow = E.cloud_shadow_fractions(frames, matched_u8, swir)
     # a timestep mostly under cloud (or shadow) fools the histogram-matched reference: its global
     # brightness against the other candidates' tells instead
+    level = E._rgb_level(frames)  # mean R, G, B brightness, shared by the exposure measures and the dark gate
     if w.exposure_tolerance is not None:
         t = w.exposure_tolerance
-        cloud = np.maximum(cloud, (E.brightening(frames) - t) / (1.0 - t))
-        shadow = np.maximum(shadow, (E.darkening(frames) - t) / (1.0 - t))
+        cloud = np.maximum(cloud, (E.brightening(frames, level) - t) / (1.0 - t))
+        shadow = np.maximum(shadow, (E.darkening(frames, level) - t) / (1.0 - t))
     hr_bands = np.moveaxis(hr_down, -1, 0)
     reg = E.registration(frames, hr_bands, smoothed=uy)
     confident = reg.hr_peak >= w.hr_shift_peak
     hr_px = np.hypot(reg.hr_shift[:, 0], reg.hr_shift[:, 1])
-    dark = E.underexposed(frames)
+    dark = E.underexposed(frames, level=level)
     measures = E.veil_measures(frames)
     if sd_ratio is None:  # both veil references from one stack of the terms (the same values)
         veil, clear_veil = E.veil_evidence_pair(measures, w.clear_quantile, usable=~dark)
