@@ -471,6 +471,22 @@ def test_veil_measures_detail_is_detail_level():
                                E.contrast_loss(frames, distance=distance), rtol=0, atol=0)
 
 
+def test_veil_measures_are_the_separate_measures_bit_for_bit():
+    """veil_measures' shared passes (the Laplacian bands first, the minimum and maximum over R, G, B
+    shared by the dark channel and chroma) give the separate functions' values bit for bit."""
+    rng = np.random.default_rng(39)
+    for frames in (rng.integers(0, 256, (11, 4, 32, 32), dtype=np.uint8), rng.integers(0, 256, (3, 3, 20, 24), dtype=np.uint8),
+                   rng.random((5, 4, 32, 32)) * 255):
+        m = E.veil_measures(frames)
+        lap = E.laplacian(np.asarray(frames[:, :3], dtype=np.float32))
+        np.testing.assert_array_equal(m.lap, lap)
+        for got, expected in zip(m.lap_cov, E.band_covariances(lap)):
+            np.testing.assert_array_equal(got, expected)
+        np.testing.assert_array_equal(m.dark, E.haze_index(frames))
+        np.testing.assert_array_equal(m.chroma, E.chroma(frames))
+        np.testing.assert_array_equal(m.blue, E.blue_red(frames))
+
+
 def test_integer_means_and_channels_are_numpys():
     rng = np.random.default_rng(13)
     frames = rng.integers(0, 256, (9, 4, 32, 32), dtype=np.uint8)

@@ -117,10 +117,11 @@ class Evidence:
 # Haze
 
 
-def dark_channel(frames: np.ndarray) -> np.ndarray:
+def dark_channel(frames: np.ndarray, lowest: np.ndarray | None = None) -> np.ndarray:
     """He et al.'s dark channel: the minimum over R, G, B and a 3x3 window, [K, C>=3, H, W] ->
-    [K, H-2, W-2] (interior pixels, the input's dtype)."""
-    m = np.minimum(np.minimum(frames[:, 0], frames[:, 1]), frames[:, 2])  # = frames[:, :3].min(axis=1)
+    [K, H-2, W-2] (interior pixels, the input's dtype). `lowest`: that minimum over R, G, B
+    ([K, H, W]), if computed."""
+    m = np.minimum(np.minimum(frames[:, 0], frames[:, 1]), frames[:, 2]) if lowest is None else lowest
     rows = np.minimum(np.minimum(m[:, :-2], m[:, 1:-1]), m[:, 2:])
     return np.minimum(np.minimum(rows[..., :-2], rows[..., 1:-1]), rows[..., 2:])
 
@@ -161,7 +162,11 @@ def band_covariances(frames: np.ndarray, block: int = 1) -> tuple[np.ndarray, np
     elif block > 1:
         frames = frames.reshape(k, c, h // block, block, w // block, block).mean(axis=(3, 5))
     x = frames.reshape(k, c, -1)
-    x = np.ascontiguousarray((x - x.mean(axis=-1, keepdims=True)).transpose(1, 0, 2))  # [C, K, P]
+    return _row_covariances(np.ascontiguousarray((x - x.mean(axis=-1, keepdims=True)).transpose(1, 0, 2)))
+
+
+def _row_covariances(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`band_covariances` of centred float32 values laid out bands first, [C, K, P] contiguous."""
     cov = np.matmul(x, x.transpose(0, 2, 1)) / np.float32(x.shape[-1])
     sd = np.sqrt(np.maximum(np.diagonal(cov, axis1=1, axis2=2), 1e-12))  # [C, K]
     return cov, cov / (sd[:, :, None] * sd[:, None, :])
@@ -230,10 +235,15 @@ def chroma(frames: np.ndarray) -> np.ndarray:
     if frames.dtype == np.uint8:  # max and min in uint8, the same values as in float32
         top = np.maximum(np.maximum(frames[:, R], frames[:, G]), frames[:, B])
         low = np.minimum(np.minimum(frames[:, R], frames[:, G]), frames[:, B])
-        top = top.astype(np.float32)
-        return ((top - low.astype(np.float32)) / (top + 1.0)).mean(axis=(-2, -1), dtype=np.float64)
+        return _chroma_of(top, low)
     vis = np.asarray(frames[:, :3], dtype=np.float32)
     return ((vis.max(axis=1) - vis.min(axis=1)) / (vis.max(axis=1) + 1.0)).mean(axis=(-2, -1), dtype=np.float64)
+
+
+def _chroma_of(top: np.ndarray, low: np.ndarray) -> np.ndarray:
+    """`chroma` from the uint8 maximum and minimum over R, G, B, [K, H, W] each."""
+    top = top.astype(np.float32)
+    return ((top - low.astype(np.float32)) / (top + 1.0)).mean(axis=(-2, -1), dtype=np.float64)
 
 
 def blue_red(frames: np.ndarray) -> np.ndarray:
@@ -285,12 +295,25 @@ def veil_measures(frames: np.ndarray) -> VeilMeasures:
 
     `detail` is `detail_level` with the Laplacian's variances read from its band covariances
     (float32 sums of the centred values instead of numpy's float64 std: equal to ~1e-6), which
-    `contrast_loss` needs anyway."""
-    lap = laplacian(np.asarray(frames[:, :3], dtype=np.float32))
-    cov = band_covariances(lap)
+    `contrast_loss` needs anyway. The Laplacian is taken on R, G, B laid out bands first ([3, K, H,
+    W], converted and transposed in one pass), the layout the covariances multiply (no transposed
+    copy of it); uint8 frames' minimum and maximum over R, G, B are shared by the dark channel and
+    chroma. The same values as the separate functions, bit for bit."""
+    k = frames.shape[0]
+    vis = np.ascontiguousarray(frames[:, :3].transpose(1, 0, 2, 3), dtype=np.float32)  # [3, K, H, W]
+    lap = laplacian(vis)  # [3, K, H-2, W-2]
+    x = lap.reshape(3, k, -1)
+    cov = _row_covariances(x - x.mean(axis=-1, keepdims=True))
     variance = np.maximum(np.diagonal(cov[0], axis1=1, axis2=2).astype(np.float64), 0.0)  # [3, K]
     detail = np.log(np.sqrt(variance) + 0.5).mean(axis=0)
-    return VeilMeasures(detail, haze_index(frames), chroma(frames), blue_red(frames), lap, cov)
+    if frames.dtype == np.uint8:
+        lowest = np.minimum(np.minimum(frames[:, R], frames[:, G]), frames[:, B])
+        top = np.maximum(np.maximum(frames[:, R], frames[:, G]), frames[:, B])
+        dark = _pixel_means(np.ascontiguousarray(dark_channel(frames, lowest))) * TCI_REFLECTANCE
+        colour = _chroma_of(top, lowest)
+    else:
+        dark, colour = haze_index(frames), chroma(frames)
+    return VeilMeasures(detail, dark, colour, blue_red(frames), np.moveaxis(lap, 0, 1), cov)
 
 
 def veil_terms(frames: np.ndarray, contrast_to_hr: np.ndarray | None = None, clear_quantile: float = 0.5,
