@@ -275,21 +275,6 @@ def test_pair_confidence_stops_at_the_best_rival_with_the_same_result(seed):
         scores[:4], best, only_copies) == 1.0
 
 
-def test_gap_free_correlation_of_a_stack_is_each_images_alone_bit_for_bit():
-    """pair_confidence correlates the first rival alone and the others in one stack: each image's
-    value must not depend on the stack it is computed in."""
-    rng = np.random.default_rng(22)
-    images = rng.integers(0, 256, (16, 32, 32, 4), dtype=np.uint8)
-    for reference in (images[5].astype(np.float32), rng.random((32, 32, 4)) * 255, images[2]):
-        whole = S.gap_free_correlation(images, reference)
-        alone = [S.gap_free_correlation(images[j : j + 1], reference)[0] for j in range(16)]
-        np.testing.assert_array_equal(whole, alone)
-        np.testing.assert_array_equal(S.gap_free_correlation(images[3:11], reference), whole[3:11])
-        np.testing.assert_array_equal(S.gap_free_correlation(images[..., :3], reference[..., :3]),
-                                      [S.gap_free_correlation(images[j : j + 1, ..., :3], reference[..., :3])[0]
-                                       for j in range(16)])
-
-
 def test_fast_paths_equal_the_plain_numpy_forms():
     """gap_free_correlation's means of uint8 data, the histograms (uint16 and OpenCV paths) and the
     black-border count of uint8 RGB are numpy's plain forms, bit for bit."""

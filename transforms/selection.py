@@ -777,18 +777,13 @@ def pair_confidence(scores: np.ndarray, best: int, candidates: np.ndarray,
     reference = candidates[best].astype(np.float32)
     margin = MARGIN_SCALE
     if np.isfinite(scores).all():
-        # the best rival is the first candidate in score order that is not a near copy: the first
-        # one's correlation alone (most choices stop there), the others' in one call only if it is a
-        # near copy (each image's correlation is the same computed alone or in a stack)
-        order = np.argsort(scores, kind="stable")
-        rivals = order[order != best]
-        if rivals.size:
-            corr = gap_free_correlation(candidates[rivals[:1]], reference)
-            if not corr[0] < NEAR_COPY and rivals.size > 1:  # (NaN: no rival either, as a near copy)
-                corr = np.concatenate([corr, gap_free_correlation(candidates[rivals[1:]], reference)])
-            far = np.flatnonzero(corr < NEAR_COPY)
-            if far.size:
-                margin = float(scores[rivals[far[0]]] - scores[best])
+        # the best rival is the first candidate in score order that is not a near copy: the
+        # correlations are computed one by one up to it, not for every candidate (a stack of all the
+        # others costs more: most choices stop at the first or second)
+        for j in np.argsort(scores, kind="stable"):
+            if j != best and gap_free_correlation(candidates[j : j + 1], reference)[0] < NEAR_COPY:
+                margin = float(scores[j] - scores[best])
+                break
     else:
         rival = np.ones(len(scores), dtype=bool)
         rival[best] = False
