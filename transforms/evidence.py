@@ -760,11 +760,25 @@ def _surface_window_rows_first(cross_sum: np.ndarray, size: tuple[int, int], win
 
 
 @functools.lru_cache(maxsize=8)
-def _neighbour_offsets(size: int) -> np.ndarray:
-    """Flat offsets of a pixel and its four neighbours (centre, up, left, down, right) in a [size, size] window."""
-    offsets = np.array([0, -size, -1, size, 1], dtype=np.intp)
-    offsets.flags.writeable = False
-    return offsets
+def _peak_tables(radius: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each flat position `at` of the (2 radius + 1)^2 search window: (the flat positions of that
+    pixel and its four neighbours, centre, up, left, down, right, in the window with one px of margin
+    [(2r+1)^2, 5], intp; its integer shift (dy, dx) [(2r+1)^2, 2], float64)."""
+    side, size = 2 * radius + 1, 2 * radius + 3
+    py, px = np.divmod(np.arange(side * side), side)
+    centre = (py + 1) * size + px + 1
+    near = centre[:, None] + np.array([0, -size, -1, size, 1])
+    shift = np.stack([py - radius, px - radius], axis=1).astype(np.float64)
+    near.flags.writeable = shift.flags.writeable = False
+    return near, shift
+
+
+@functools.lru_cache(maxsize=256)
+def _surface_starts(k: int, area: int) -> np.ndarray:
+    """[k, 1] flat offsets of k consecutive windows of `area` values (read-only, cached per k)."""
+    starts = np.arange(0, k * area, area)[:, None]
+    starts.flags.writeable = False
+    return starts
 
 
 def peak_shift(surfaces: np.ndarray, radius: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -772,20 +786,21 @@ def peak_shift(surfaces: np.ndarray, radius: int = 3) -> tuple[np.ndarray, np.nd
     correlation surfaces [K, H, W], searching |dy|, |dx| <= `radius`; sub-pixel by a parabola
     through the peak and its neighbours on each axis.
 
-    The peak and its four neighbours are gathered by one flat `take`, and the parabola's offset
-    clipped by a minimum and a maximum (numpy's clip on these finite values): a tile calls this on a
-    few dozen 9x9 windows at a time, where every numpy call's overhead counts; the values are
-    those of plain indexing bit for bit (tests)."""
+    A tile calls this on a few dozen 9x9 windows at a time, where each numpy call's overhead is most
+    of the cost: the peak's neighbours and its integer shift come from tables indexed by its
+    position (`_peak_tables`), the neighbours of all surfaces by one flat `take`, and the parabola's
+    offset is clipped by a minimum and a maximum (numpy's clip on these finite values); the values
+    are those of plain indexing bit for bit (tests)."""
     k, h, w = surfaces.shape
     cy, cx = h // 2, w // 2
     size = 2 * radius + 3  # the search window and one px of margin
     sub = np.ascontiguousarray(surfaces[:, cy - radius - 1:cy + radius + 2, cx - radius - 1:cx + radius + 2])
     at = sub[:, 1:-1, 1:-1].reshape(k, -1).argmax(axis=1)
-    py, px = np.divmod(at, 2 * radius + 1)
-    # the peak and its four neighbours (up, left, down, right), gathered in one pass
-    centre = (py + 1) * size + px + 1
-    centre += np.arange(0, k * size * size, size * size)
-    near = np.take(sub, centre[:, None] + _neighbour_offsets(size))
+    near_at, shift_at = _peak_tables(radius)
+    # the peak and its four neighbours (up, left, down, right) of every surface, gathered in one pass
+    index = near_at.take(at, axis=0)
+    index += _surface_starts(k, size * size)
+    near = np.take(sub, index)
     c0 = near[:, 0]
     m, p = near[:, 1:3], near[:, 3:5]  # (up, left) and (down, right): dy then dx
     den = m - 2.0 * c0[:, None]
@@ -796,10 +811,7 @@ def peak_shift(surfaces: np.ndarray, radius: int = 3) -> tuple[np.ndarray, np.nd
     vertex *= 0.5
     vertex /= safe
     offset = np.maximum(np.minimum(np.where(curved, vertex, 0.0), 0.5), -0.5)
-    shift = np.empty((k, 2))
-    shift[:, 0] = py
-    shift[:, 1] = px
-    shift -= radius
+    shift = shift_at.take(at, axis=0)
     shift += offset
     shift[c0 <= 1e-6] = 0.0  # nothing correlates (a featureless frame): no shift to speak of
     return shift, c0.astype(np.float64), sub[:, radius + 1, radius + 1].astype(np.float64)
