@@ -619,6 +619,44 @@ def test_consensus_shift_needs_enough_dates_of_the_same_ground():
     assert not E.consensus_shift(frames[:1])[0].any()
 
 
+def _plain_consensus_shift(frames, sigma=0.15, min_peak=0.2, min_partners=3, radius=3):
+    """consensus_shift as its docstring spells it: every pair's weighted, normalised cross-power by
+    numpy's FFTs, the full surface's centre, the plain peak search, np.median over the partners."""
+    k, h, w = len(frames), frames.shape[-2], frames.shape[-1]
+    x = E.registration_channels(frames).astype(np.float64)
+    x = (x - x.mean(axis=(-2, -1), keepdims=True)) * E._window(h, w)
+    spec = np.fft.rfft2(x)
+    unit = spec / (np.abs(spec) + 1e-9)
+    weights = E._low_pass_surface(h, w, sigma, radius + 1)[0]
+    shifts, peaks = np.zeros((k, k, 2)), np.zeros((k, k))
+    for i in range(k):
+        for j in range(k):
+            if i != j:
+                cross = (unit[i] * np.conj(unit[j])).mean(axis=0) * weights
+                surface = np.fft.fftshift(np.fft.irfft2(cross, s=(h, w)))[None].astype(np.float32)
+                shift, peak, _ = _plain_peak_shift(surface, radius)
+                shifts[i, j], peaks[i, j] = shift[0], peak[0]
+    out = np.zeros((k, 2))
+    agree = peaks >= min_peak
+    for t in range(k):
+        if agree[t].sum() >= min_partners:
+            out[t] = np.median(shifts[t][agree[t]], axis=0)
+    return out, agree.sum(axis=1)
+
+
+def test_consensus_shift_equals_its_plain_form():
+    """The fast form (pairs registered once, the weights on one factor, the window by DFT matrices,
+    the subset medians vectorised) measures the plain form's shifts (1e-3 px) and partners."""
+    frames = _dates_of_one_ground()
+    others = np.stack([_lr(600 + j).astype(np.uint8) for j in range(2)])
+    for stack in (frames, np.concatenate([frames, others])):
+        shift, partners = E.consensus_shift(stack)
+        plain, plain_partners = _plain_consensus_shift(stack)
+        np.testing.assert_array_equal(partners, plain_partners)
+        np.testing.assert_allclose(shift, plain, rtol=0, atol=1e-3)
+    assert np.abs(shift).max() > 0.5  # a displaced date is measured, not only zeros
+
+
 def test_consensus_surfaces_are_the_weighted_inverse_fft_and_medians_numpys():
     """The two shortcuts of `consensus_shift`: the surface centre from the DFT matrices equals the
     fftshifted irfft2 of the weighted cross-power, and the vectorised subset medians np.median's."""
