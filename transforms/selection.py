@@ -828,6 +828,45 @@ def gap_free_correlation(images: np.ndarray, reference: np.ndarray) -> np.ndarra
     return (num / den).mean(axis=1, dtype=np.float64)
 
 
+def _gap_free_correlation_bands_first(images: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """`gap_free_correlation` (equal to float32 rounding, ~1e-6) computed bands first: the images
+    converted to float32 as [N, C, P] in one pass, so every sum runs over a contiguous row of pixels
+    (numpy's einsum over [N, P, C] runs its inner loop over the 3 or 4 bands). The robust mode's
+    ranking of all valid timesteps (~2.5x faster for RGB); `pair_confidence`, which every mode
+    uses, keeps `gap_free_correlation` itself."""
+    n, c = images.shape[0], images.shape[-1]
+    p = int(np.prod(images.shape[1:-1]))
+    x = np.ascontiguousarray(images.reshape(n, p, c).transpose(0, 2, 1), dtype=np.float32)  # [N, C, P]
+    if images.dtype == np.uint8 and p * 255 < 2**24:  # the exact float32 sum of integers, divided once
+        x -= x.sum(axis=2, keepdims=True) / np.float32(p)
+    else:
+        x -= x.mean(axis=2, keepdims=True)
+    r = np.ascontiguousarray(np.asarray(reference, dtype=np.float32).reshape(p, c).T)  # [C, P]
+    r -= r.mean(axis=1, keepdims=True)
+    num = np.einsum("ncp,cp->nc", x, r)
+    den = np.sqrt(np.einsum("ncp,ncp->nc", x, x) * np.einsum("cp,cp->c", r, r)) + 1e-6
+    return (num / den).mean(axis=1, dtype=np.float64)
+
+
+RANKING_TIE = 1e-4  # correlations this close are re-measured by gap_free_correlation itself (> 20x the forms' gap)
+
+
+def _robust_ranking_correlation(images: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """The robust mode's ranking values: `_gap_free_correlation_bands_first`, with every image whose
+    value lies within RANKING_TIE of another's re-measured by `gap_free_correlation` (an image's
+    value does not depend on the stack it is computed in). The two forms differ by < ~2e-6, so
+    values farther apart than RANKING_TIE keep their order, and the close ones (exact ties included)
+    are ordered by the plain form's values: the same ranking, and so the same top-k in the same
+    order, as `gap_free_correlation` of every image."""
+    corr = _gap_free_correlation_bands_first(images, reference)
+    ordered = np.sort(corr)
+    close = np.flatnonzero(~(np.diff(ordered) >= RANKING_TIE))  # NaN counts as close
+    if close.size:
+        near = np.isin(corr, ordered[np.concatenate([close, close + 1])]) | np.isnan(corr)
+        corr[near] = gap_free_correlation(images[near], reference)
+    return corr
+
+
 def _check_extra(extra: dict[str, np.ndarray] | None, series: np.ndarray) -> dict[str, np.ndarray]:
     if not extra:
         return {}
@@ -866,7 +905,7 @@ def select_pair(hr: np.ndarray, series: np.ndarray, config: SelectionConfig = Se
         scores = paper_scores(hr_ref, valid_series[top], config.alpha)
     elif config.mode == "robust":
         hr_ref = to_uint8(hr_down)
-        top = top_k_by_psnr(gap_free_correlation(valid_series, hr_down), config.top_k)
+        top = top_k_by_psnr(_robust_ranking_correlation(valid_series, hr_down), config.top_k)
         all_psnr = np.full(len(valid), np.nan)  # only the candidates' PSNR is stored
         all_psnr[top] = psnr(valid_series[top], hr_ref)
         chosen = valid[top]
