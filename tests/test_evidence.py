@@ -471,6 +471,22 @@ def test_veil_measures_detail_is_detail_level():
                                E.contrast_loss(frames, distance=distance), rtol=0, atol=0)
 
 
+def test_veil_measures_are_the_separate_measures_bit_for_bit():
+    """veil_measures' shared passes (the Laplacian bands first, the minimum and maximum over R, G, B
+    shared by the dark channel and chroma) give the separate functions' values bit for bit."""
+    rng = np.random.default_rng(39)
+    for frames in (rng.integers(0, 256, (11, 4, 32, 32), dtype=np.uint8), rng.integers(0, 256, (3, 3, 20, 24), dtype=np.uint8),
+                   rng.random((5, 4, 32, 32)) * 255):
+        m = E.veil_measures(frames)
+        lap = E.laplacian(np.asarray(frames[:, :3], dtype=np.float32))
+        np.testing.assert_array_equal(m.lap, lap)
+        for got, expected in zip(m.lap_cov, E.band_covariances(lap)):
+            np.testing.assert_array_equal(got, expected)
+        np.testing.assert_array_equal(m.dark, E.haze_index(frames))
+        np.testing.assert_array_equal(m.chroma, E.chroma(frames))
+        np.testing.assert_array_equal(m.blue, E.blue_red(frames))
+
+
 def test_integer_means_and_channels_are_numpys():
     rng = np.random.default_rng(13)
     frames = rng.integers(0, 256, (9, 4, 32, 32), dtype=np.uint8)
@@ -480,6 +496,63 @@ def test_integer_means_and_channels_are_numpys():
     vis = frames[:, :3].astype(np.float32)
     np.testing.assert_array_equal(E.chroma(frames), ((vis.max(axis=1) - vis.min(axis=1)) / (vis.max(axis=1) + 1.0))
                                   .mean(axis=(-2, -1), dtype=np.float64))
+
+
+def _plain_hr_veil(frames, hr, sigma=2.5, spread_dn=2.0):
+    """hr_veil as numpy's plain reductions spell it (np.median, band mean, max, min over axis 1)."""
+    f = np.asarray(frames[:, :3], dtype=np.float32)
+    k, c, h, w = f.shape
+    ref = np.asarray(hr, dtype=np.float32)[:3].reshape(1, c, -1)
+    x = f.reshape(k, c, -1)
+    rc = ref - ref.mean(axis=-1, keepdims=True)
+    xc = x - x.mean(axis=-1, keepdims=True)
+    gain = (rc * xc).sum(axis=-1) / ((rc * rc).sum(axis=-1) + np.float32(1e-6))
+    residual = (xc - gain[..., None] * rc).reshape(k, c, h, w)
+    low = np.matmul(E._nearest_gaussian(h, sigma), residual @ E._nearest_gaussian(w, sigma).T)
+    grey = low.mean(axis=1).reshape(k, -1)
+    spread = (low.max(axis=1) - low.min(axis=1)).reshape(k, -1)
+    lift = np.maximum(grey - np.median(grey, axis=1, keepdims=True), np.float32(0.0))
+    return (lift / (spread + np.float32(spread_dn))).mean(axis=1, dtype=np.float64)
+
+
+def test_hr_veil_equals_its_plain_form_bit_for_bit():
+    """hr_veil's median from one partition (and its band reductions as elementwise ops) are numpy's
+    np.median and reductions, bit for bit."""
+    rng = np.random.default_rng(36)
+    hr = _lr(70)
+    frames = np.stack([_lr(70, gain=0.8 + 0.1 * j, offset=5 * j, noise=2.0) for j in range(7)])
+    frames[3, :3, 8:20, 8:20] += 40.0  # a grey patch
+    frames = np.clip(frames, 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(E.hr_veil(frames, hr), _plain_hr_veil(frames, hr))
+    odd = rng.integers(0, 256, (5, 3, 31, 31), dtype=np.uint8)  # an odd pixel count: np.median itself
+    np.testing.assert_array_equal(E.hr_veil(odd, odd[0].astype(np.float64)), _plain_hr_veil(odd, odd[0]))
+
+
+def test_quantile_of_others_is_each_rows_quantile_bit_for_bit():
+    rng = np.random.default_rng(37)
+    for k in (2, 3, 5, 16, 17):
+        for values in (rng.random(k) * 100, np.round(rng.random(k) * 3)):  # ties too
+            others = np.broadcast_to(values, (k, k))[~np.eye(k, dtype=bool)].reshape(k, k - 1)
+            for q in (0.0, 0.1, 0.25, 0.5, 0.9, 1.0):
+                np.testing.assert_array_equal(E._quantile_of_others(values, q), np.quantile(others, q, axis=1))
+
+
+def test_veil_evidence_pair_equals_the_plain_calls_bit_for_bit():
+    """Both veil references of the robust score from one stack of terms: veil_evidence(veil_terms(...))
+    against the median and against the clearest usable timesteps, bit for bit."""
+    rng = np.random.default_rng(38)
+    frames = np.stack([_lr(80 + j % 4, gain=0.7 + 0.1 * j, offset=3 * j, noise=2.0) for j in range(9)])
+    frames[2] = frames[2] * 0.5 + 100  # a veil
+    frames = np.clip(frames, 0, 255).astype(np.uint8)
+    m = E.veil_measures(frames)
+    for usable in (None, np.ones(9, bool), rng.random(9) > 0.4, np.zeros(9, bool), np.eye(1, 9, 4, dtype=bool)[0]):
+        for q in (0.25, 0.1, 0.5):
+            median, clear = E.veil_evidence_pair(m, q, usable=usable)
+            np.testing.assert_array_equal(median, E.veil_evidence(E.veil_terms(frames, measures=m)))
+            np.testing.assert_array_equal(clear, E.veil_evidence(E.veil_terms(frames, clear_quantile=q, usable=usable,
+                                                                              measures=m)))
+    with pytest.raises(ValueError, match="contrast"):
+        E.veil_evidence_pair(m, 0.25, scales={**E.VEIL_SCALES, "contrast": 1.0})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -544,6 +617,44 @@ def test_consensus_shift_needs_enough_dates_of_the_same_ground():
     assert np.hypot(shift[[0, 2, 3, 4, 5], 0], shift[[0, 2, 3, 4, 5], 1]).max() < 0.3
     # one frame alone
     assert not E.consensus_shift(frames[:1])[0].any()
+
+
+def _plain_consensus_shift(frames, sigma=0.15, min_peak=0.2, min_partners=3, radius=3):
+    """consensus_shift as its docstring spells it: every pair's weighted, normalised cross-power by
+    numpy's FFTs, the full surface's centre, the plain peak search, np.median over the partners."""
+    k, h, w = len(frames), frames.shape[-2], frames.shape[-1]
+    x = E.registration_channels(frames).astype(np.float64)
+    x = (x - x.mean(axis=(-2, -1), keepdims=True)) * E._window(h, w)
+    spec = np.fft.rfft2(x)
+    unit = spec / (np.abs(spec) + 1e-9)
+    weights = E._low_pass_surface(h, w, sigma, radius + 1)[0]
+    shifts, peaks = np.zeros((k, k, 2)), np.zeros((k, k))
+    for i in range(k):
+        for j in range(k):
+            if i != j:
+                cross = (unit[i] * np.conj(unit[j])).mean(axis=0) * weights
+                surface = np.fft.fftshift(np.fft.irfft2(cross, s=(h, w)))[None].astype(np.float32)
+                shift, peak, _ = _plain_peak_shift(surface, radius)
+                shifts[i, j], peaks[i, j] = shift[0], peak[0]
+    out = np.zeros((k, 2))
+    agree = peaks >= min_peak
+    for t in range(k):
+        if agree[t].sum() >= min_partners:
+            out[t] = np.median(shifts[t][agree[t]], axis=0)
+    return out, agree.sum(axis=1)
+
+
+def test_consensus_shift_equals_its_plain_form():
+    """The fast form (pairs registered once, the weights on one factor, the window by DFT matrices,
+    the subset medians vectorised) measures the plain form's shifts (1e-3 px) and partners."""
+    frames = _dates_of_one_ground()
+    others = np.stack([_lr(600 + j).astype(np.uint8) for j in range(2)])
+    for stack in (frames, np.concatenate([frames, others])):
+        shift, partners = E.consensus_shift(stack)
+        plain, plain_partners = _plain_consensus_shift(stack)
+        np.testing.assert_array_equal(partners, plain_partners)
+        np.testing.assert_allclose(shift, plain, rtol=0, atol=1e-3)
+    assert np.abs(shift).max() > 0.5  # a displaced date is measured, not only zeros
 
 
 def test_consensus_surfaces_are_the_weighted_inverse_fft_and_medians_numpys():

@@ -275,6 +275,42 @@ def test_pair_confidence_stops_at_the_best_rival_with_the_same_result(seed):
         scores[:4], best, only_copies) == 1.0
 
 
+def test_robust_ranking_correlation_is_gap_free_correlation_to_float32_rounding():
+    """The robust ranking's bands-first form is gap_free_correlation to float32 rounding, on
+    uint8 images against float and uint8 references, RGB and RGB + NIR (float32 sums over 1,024 pixels
+    in another order: within 5e-6)."""
+    rng = np.random.default_rng(23)
+    for shape in ((27, 32, 32, 3), (30, 32, 32, 4), (5, 16, 24, 4)):
+        base = rng.integers(0, 256, shape[1:], dtype=np.uint8)
+        images = np.clip(base.astype(np.float64) * rng.uniform(0.4, 1.2, (shape[0], 1, 1, 1))
+                         + rng.normal(0, 20, shape), 0, 255).astype(np.uint8)
+        for reference in (base.astype(np.float64) * 0.9 + 3.3, base, images[1]):
+            fast = S._gap_free_correlation_bands_first(images, reference)
+            np.testing.assert_allclose(fast, S.gap_free_correlation(images, reference), rtol=0, atol=5e-6)
+        assert fast[1] > 0.999999 and fast.std() > 0.01  # images[1] against itself; a spread of values
+
+
+def test_robust_ranking_values_order_as_gap_free_correlation():
+    """The robust ranking's values (the bands-first form, close ones re-measured by the plain form)
+    rank every image as gap_free_correlation does, exact ties and near ties included; an image's
+    plain value is the same computed alone or in a stack."""
+    rng = np.random.default_rng(24)
+    base = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    images = np.clip(base.astype(np.float64) * rng.uniform(0.5, 1.1, (20, 1, 1, 1)) + rng.normal(0, 25, (20, 32, 32, 3)),
+                     0, 255).astype(np.uint8)
+    images[7] = images[3]  # an exact tie
+    images[12] = images[4]
+    images[12, 0, 0, 0] ^= 1  # a near tie (one DN of one pixel)
+    reference = base.astype(np.float64) + 0.25
+    plain = S.gap_free_correlation(images, reference)
+    got = S._robust_ranking_correlation(images, reference)
+    assert np.argsort(-got, kind="stable").tolist() == np.argsort(-plain, kind="stable").tolist()
+    close = np.abs(plain[:, None] - plain[None, :]) < S.RANKING_TIE
+    np.fill_diagonal(close, False)
+    assert close.any() and (got[close.any(axis=1)] == plain[close.any(axis=1)]).all()
+    np.testing.assert_array_equal(plain, [S.gap_free_correlation(images[j : j + 1], reference)[0] for j in range(20)])
+
+
 def test_fast_paths_equal_the_plain_numpy_forms():
     """gap_free_correlation's means of uint8 data, the histograms (uint16 and OpenCV paths) and the
     black-border count of uint8 RGB are numpy's plain forms, bit for bit."""

@@ -117,10 +117,11 @@ class Evidence:
 # Haze
 
 
-def dark_channel(frames: np.ndarray) -> np.ndarray:
+def dark_channel(frames: np.ndarray, lowest: np.ndarray | None = None) -> np.ndarray:
     """He et al.'s dark channel: the minimum over R, G, B and a 3x3 window, [K, C>=3, H, W] ->
-    [K, H-2, W-2] (interior pixels, the input's dtype)."""
-    m = np.minimum(np.minimum(frames[:, 0], frames[:, 1]), frames[:, 2])  # = frames[:, :3].min(axis=1)
+    [K, H-2, W-2] (interior pixels, the input's dtype). `lowest`: that minimum over R, G, B
+    ([K, H, W]), if computed."""
+    m = np.minimum(np.minimum(frames[:, 0], frames[:, 1]), frames[:, 2]) if lowest is None else lowest
     rows = np.minimum(np.minimum(m[:, :-2], m[:, 1:-1]), m[:, 2:])
     return np.minimum(np.minimum(rows[..., :-2], rows[..., 1:-1]), rows[..., 2:])
 
@@ -161,7 +162,11 @@ def band_covariances(frames: np.ndarray, block: int = 1) -> tuple[np.ndarray, np
     elif block > 1:
         frames = frames.reshape(k, c, h // block, block, w // block, block).mean(axis=(3, 5))
     x = frames.reshape(k, c, -1)
-    x = np.ascontiguousarray((x - x.mean(axis=-1, keepdims=True)).transpose(1, 0, 2))  # [C, K, P]
+    return _row_covariances(np.ascontiguousarray((x - x.mean(axis=-1, keepdims=True)).transpose(1, 0, 2)))
+
+
+def _row_covariances(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`band_covariances` of centred float32 values laid out bands first, [C, K, P] contiguous."""
     cov = np.matmul(x, x.transpose(0, 2, 1)) / np.float32(x.shape[-1])
     sd = np.sqrt(np.maximum(np.diagonal(cov, axis1=1, axis2=2), 1e-12))  # [C, K]
     return cov, cov / (sd[:, :, None] * sd[:, None, :])
@@ -230,10 +235,15 @@ def chroma(frames: np.ndarray) -> np.ndarray:
     if frames.dtype == np.uint8:  # max and min in uint8, the same values as in float32
         top = np.maximum(np.maximum(frames[:, R], frames[:, G]), frames[:, B])
         low = np.minimum(np.minimum(frames[:, R], frames[:, G]), frames[:, B])
-        top = top.astype(np.float32)
-        return ((top - low.astype(np.float32)) / (top + 1.0)).mean(axis=(-2, -1), dtype=np.float64)
+        return _chroma_of(top, low)
     vis = np.asarray(frames[:, :3], dtype=np.float32)
     return ((vis.max(axis=1) - vis.min(axis=1)) / (vis.max(axis=1) + 1.0)).mean(axis=(-2, -1), dtype=np.float64)
+
+
+def _chroma_of(top: np.ndarray, low: np.ndarray) -> np.ndarray:
+    """`chroma` from the uint8 maximum and minimum over R, G, B, [K, H, W] each."""
+    top = top.astype(np.float32)
+    return ((top - low.astype(np.float32)) / (top + 1.0)).mean(axis=(-2, -1), dtype=np.float64)
 
 
 def blue_red(frames: np.ndarray) -> np.ndarray:
@@ -285,12 +295,25 @@ def veil_measures(frames: np.ndarray) -> VeilMeasures:
 
     `detail` is `detail_level` with the Laplacian's variances read from its band covariances
     (float32 sums of the centred values instead of numpy's float64 std: equal to ~1e-6), which
-    `contrast_loss` needs anyway."""
-    lap = laplacian(np.asarray(frames[:, :3], dtype=np.float32))
-    cov = band_covariances(lap)
+    `contrast_loss` needs anyway. The Laplacian is taken on R, G, B laid out bands first ([3, K, H,
+    W], converted and transposed in one pass), the layout the covariances multiply (no transposed
+    copy of it); uint8 frames' minimum and maximum over R, G, B are shared by the dark channel and
+    chroma. The same values as the separate functions, bit for bit."""
+    k = frames.shape[0]
+    vis = np.ascontiguousarray(frames[:, :3].transpose(1, 0, 2, 3), dtype=np.float32)  # [3, K, H, W]
+    lap = laplacian(vis)  # [3, K, H-2, W-2]
+    x = lap.reshape(3, k, -1)
+    cov = _row_covariances(x - x.mean(axis=-1, keepdims=True))
     variance = np.maximum(np.diagonal(cov[0], axis1=1, axis2=2).astype(np.float64), 0.0)  # [3, K]
     detail = np.log(np.sqrt(variance) + 0.5).mean(axis=0)
-    return VeilMeasures(detail, haze_index(frames), chroma(frames), blue_red(frames), lap, cov)
+    if frames.dtype == np.uint8:
+        lowest = np.minimum(np.minimum(frames[:, R], frames[:, G]), frames[:, B])
+        top = np.maximum(np.maximum(frames[:, R], frames[:, G]), frames[:, B])
+        dark = _pixel_means(np.ascontiguousarray(dark_channel(frames, lowest))) * TCI_REFLECTANCE
+        colour = _chroma_of(top, lowest)
+    else:
+        dark, colour = haze_index(frames), chroma(frames)
+    return VeilMeasures(detail, dark, colour, blue_red(frames), np.moveaxis(lap, 0, 1), cov)
 
 
 def veil_terms(frames: np.ndarray, contrast_to_hr: np.ndarray | None = None, clear_quantile: float = 0.5,
@@ -335,6 +358,65 @@ def veil_evidence(terms: VeilTerms, scales: dict[str, float] = VEIL_SCALES) -> n
     clipped to [0, 1] (a single term moved by a ground change counts for a fraction only)."""
     parts = [np.minimum(getattr(terms, name) / scale, 1.0) for name, scale in scales.items() if scale > 0]
     return np.mean(parts, axis=0) if parts else np.zeros(len(terms.detail))
+
+
+def veil_evidence_pair(measures: VeilMeasures, clear_quantile: float, usable: np.ndarray | None = None,
+                       scales: dict[str, float] = VEIL_SCALES) -> tuple[np.ndarray, np.ndarray]:
+    """(`veil_evidence(veil_terms(...))` against the median timestep, the same against the clearest
+    ones (`clear_quantile`, among the `usable`)) from one set of `measures`, without `contrast_to_hr`:
+    the robust score's two veil references in a few array operations over both at once (the terms
+    stacked, every reference quantile from one sort, the timesteps that are not usable sorted last)
+    instead of a few dozen small ones. The same values and arithmetic as the plain calls, bit for
+    bit (tests)."""
+    m = measures
+    names = [name for name, scale in scales.items() if scale > 0]
+    rows = {"detail": m.detail, "dark": m.dark, "colour": m.chroma, "blue": m.blue}
+    if "contrast" in names or set(names) - set(rows):
+        raise ValueError("veil_evidence_pair has no contrast (to the HR) term: scales over detail, dark, colour, blue only")
+    k = len(m.chroma)
+    if not names:
+        return np.zeros(k), np.zeros(k)
+    t = len(names)
+    x = np.empty((2, t, k))  # [reference, term, timestep], each term with the sign that rises with haze
+    for i, name in enumerate(names):
+        if name == "detail":
+            np.negative(rows[name], out=x[0, i])
+        else:
+            x[0, i] = rows[name]
+    pick = None if usable is None or not np.any(usable) else np.asarray(usable, dtype=bool)
+    if pick is None:
+        x[1] = x[0]
+        counts = (k, k)
+    else:
+        np.copyto(x[1], np.where(pick, x[0], np.inf))
+        counts = (k, int(np.count_nonzero(pick)))
+    s = np.sort(x, axis=2)
+    # `quantile`'s positions and weights of every (reference, term): q for the terms that rise with
+    # haze, 1 - q for chroma (its clear end is the high one)
+    lo_at, hi_at, frac = [], [], []
+    for ref, (q, n) in enumerate(((0.5, counts[0]), (clear_quantile, counts[1]))):
+        for i, name in enumerate(names):
+            pos = (1.0 - q if name == "colour" else q) * (n - 1)
+            lo = int(np.floor(pos))
+            base = (ref * t + i) * k
+            lo_at.append(base + lo)
+            hi_at.append(base + min(lo + 1, n - 1))
+            frac.append(pos - lo)
+    a = s.reshape(-1)[lo_at].reshape(2, t)
+    b = s.reshape(-1)[hi_at].reshape(2, t)
+    frac = np.array(frac).reshape(2, t)
+    d = b - a
+    level = np.where(frac < 0.5, a + d * frac, b - d * (1.0 - frac))  # numpy's _lerp, as `quantile`
+    terms = x[0] - level[..., None]
+    np.maximum(terms, 0.0, out=terms)
+    if "colour" in names:
+        i = names.index("colour")
+        colour = 1.0 - x[0, i] / np.maximum(level[:, i], 1e-6)[:, None]
+        terms[:, i] = np.maximum(colour, 0.0)
+    terms /= np.array([scales[name] for name in names])[:, None]
+    np.minimum(terms, 1.0, out=terms)
+    evidence = np.add.reduce(terms, axis=1) / t  # np.mean over the terms: their sum in order, divided
+    return evidence[0], evidence[1]
 
 
 def aerosol_index(b01: np.ndarray, frames: np.ndarray) -> np.ndarray:
@@ -409,24 +491,27 @@ def cloud_shadow_fractions(frames: np.ndarray, reference: np.ndarray, swir: np.n
     return cloud.mean(axis=(-2, -1)), shadow.mean(axis=(-2, -1))
 
 
-def _exposure(frames: np.ndarray, q: float = 0.5) -> np.ndarray:
-    """Mean R, G, B of each timestep over the `q`-quantile of those means (the median), [K]."""
-    level = _rgb_level(frames)
+def _exposure(frames: np.ndarray, q: float = 0.5, level: np.ndarray | None = None) -> np.ndarray:
+    """Mean R, G, B of each timestep over the `q`-quantile of those means (the median), [K]. `level`:
+    `_rgb_level(frames)`, if computed."""
+    level = _rgb_level(frames) if level is None else level
     return level / max(float(quantile(level, q)), 1e-6)
 
 
-def darkening(frames: np.ndarray) -> np.ndarray:
+def darkening(frames: np.ndarray, level: np.ndarray | None = None) -> np.ndarray:
     """1 - mean brightness / the lower quartile of the timesteps' mean brightness, >= 0, [K]: an
     underexposed (or fully shadowed) timestep scores near 1 - its exposure factor. The lower
     quartile, not the median: in real series half overcast, the median is a grey overcast frame
-    and every clear frame would look dark against it."""
-    return np.maximum(1.0 - _exposure(frames, 0.25), 0.0)
+    and every clear frame would look dark against it. `level`: the mean R, G, B brightness of each
+    timestep (`_rgb_level`), if computed."""
+    return np.maximum(1.0 - _exposure(frames, 0.25, level), 0.0)
 
 
-def brightening(frames: np.ndarray) -> np.ndarray:
+def brightening(frames: np.ndarray, level: np.ndarray | None = None) -> np.ndarray:
     """1 - the median of the timesteps' mean brightness / mean brightness, >= 0, [K]: a timestep
-    mostly under cloud (or snow) scores high, whatever reference its clouds fool."""
-    return np.maximum(1.0 - 1.0 / np.maximum(_exposure(frames), 1e-6), 0.0)
+    mostly under cloud (or snow) scores high, whatever reference its clouds fool. `level`: as in
+    `darkening`."""
+    return np.maximum(1.0 - 1.0 / np.maximum(_exposure(frames, level=level), 1e-6), 0.0)
 
 
 @functools.lru_cache(maxsize=8)
@@ -450,7 +535,7 @@ BLUE_FLOOR = 0.06  # TOA reflectance: clear-sky path radiance alone lifts a lit 
 
 
 def underexposed(frames: np.ndarray, ratio: float = 0.6, blue_floor: float = BLUE_FLOOR,
-                 reference_quantile: float = 0.1) -> np.ndarray:
+                 reference_quantile: float = 0.1, level: np.ndarray | None = None) -> np.ndarray:
     """The dark gate, bool [K]: timesteps both far darker than the clearer others (mean R, G, B below
     `ratio` x the `reference_quantile` of the *other* timesteps' means) and darker in blue than a lit
     scene can be (mean blue TOA reflectance below `blue_floor`: Rayleigh and aerosol path radiance
@@ -463,15 +548,35 @@ def underexposed(frames: np.ndarray, ratio: float = 0.6, blue_floor: float = BLU
     real L2A series), and their lower quartile is then a veiled date; against it the clear frames
     of dark forest fell below 0.6 and were gated, every one of them in some tiles (L2A surface
     reflectance is also below the blue floor), which left only cloudy candidates. Planted
-    underexposure (x0.12-0.3) stays below 0.6 of the 0.1 quantile (docs/selection-method.md)."""
-    level = _rgb_level(frames)
+    underexposure (x0.12-0.3) stays below 0.6 of the 0.1 quantile (docs/selection-method.md).
+    `level`: as in `darkening`."""
+    level = _rgb_level(frames) if level is None else level
     k = len(level)
     if k < 2:
         return np.zeros(k, dtype=bool)
-    others = np.broadcast_to(level, (k, k))[~np.eye(k, dtype=bool)].reshape(k, k - 1)
-    relative = level < ratio * quantile(others, reference_quantile, axis=1)
+    relative = level < ratio * _quantile_of_others(level, reference_quantile)
     blue = _pixel_means(frames[:, B]) * TCI_REFLECTANCE
     return relative & (blue < blue_floor)
+
+
+def _quantile_of_others(values: np.ndarray, q: float) -> np.ndarray:
+    """[K]: for each value, `quantile` (numpy's linear rule) of the K - 1 *other* values, from one sort:
+    the others of value i, sorted, are the sorted values without i's place (equal values are
+    interchangeable), so their n-th is sorted[n] before that place and sorted[n + 1] from it on (the
+    same values and arithmetic as `quantile` of each row of others, bit for bit)."""
+    values = np.asarray(values, dtype=np.float64)
+    k = len(values)
+    order = np.argsort(values, kind="stable")
+    ranked = values[order]
+    place = np.empty(k, dtype=np.intp)
+    place[order] = np.arange(k)
+    pos = q * (k - 2)
+    lo = int(np.floor(pos))
+    hi = min(lo + 1, k - 2)
+    a = np.where(lo < place, ranked[lo], ranked[lo + 1])
+    b = np.where(hi < place, ranked[hi], ranked[min(hi + 1, k - 1)])
+    t = pos - lo
+    return a + (b - a) * t if t < 0.5 else b - (b - a) * (1.0 - t)  # numpy's _lerp, as `quantile`
 
 
 def hr_veil(frames: np.ndarray, hr: np.ndarray, sigma: float = 2.5, spread_dn: float = 2.0) -> np.ndarray:
@@ -504,8 +609,10 @@ def hr_veil(frames: np.ndarray, hr: np.ndarray, sigma: float = 2.5, spread_dn: f
         spread = (low.max(axis=1) - low.min(axis=1)).reshape(k, -1)
     n = grey.shape[1]
     if n % 2 == 0 and np.isfinite(grey).all():  # np.median's value: the mean of the two middle values
-        part = np.partition(grey, [n // 2 - 1, n // 2], axis=1)
-        median = (part[:, n // 2 - 1 : n // 2] + part[:, n // 2 : n // 2 + 1]) / np.float32(2.0)
+        # one selection: the upper middle value, and the lower one as the largest value below it (a
+        # partition with both as kth costs ~4x more for these rows)
+        part = np.partition(grey, n // 2, axis=1)
+        median = (part[:, : n // 2].max(axis=1, keepdims=True) + part[:, n // 2 : n // 2 + 1]) / np.float32(2.0)
     else:
         median = np.median(grey, axis=1, keepdims=True)
     lift = np.maximum(grey - median, np.float32(0.0))
@@ -554,11 +661,16 @@ def _rfft2_rows_first(images: np.ndarray) -> np.ndarray:
     return out
 
 
-def _windowed(frames: np.ndarray) -> np.ndarray:
-    """float32 frames [..., H, W], each mean-removed and Hann-windowed (what `spectra` transforms)."""
+def _windowed(frames: np.ndarray, inplace: bool = False) -> np.ndarray:
+    """float32 frames [..., H, W], each mean-removed and Hann-windowed (what `spectra` transforms);
+    `inplace`: into `frames` themselves (float32), no new array."""
     frames = np.asarray(frames, dtype=np.float32)
     h, w = frames.shape[-2:]
-    centred = frames - frames.mean(axis=(-2, -1), keepdims=True)
+    if inplace:
+        frames -= frames.mean(axis=(-2, -1), keepdims=True)
+        centred = frames
+    else:
+        centred = frames - frames.mean(axis=(-2, -1), keepdims=True)
     centred *= _window(h, w)
     return centred
 
@@ -647,43 +759,83 @@ def _surface_window_rows_first(cross_sum: np.ndarray, size: tuple[int, int], win
     return (rows @ half).real.reshape(rows.shape[0], n, j).transpose(1, 0, 2)  # over rows
 
 
+@functools.lru_cache(maxsize=8)
+def _peak_tables(radius: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each flat position `at` of the (2 radius + 1)^2 search window: (the flat positions of that
+    pixel and its four neighbours, centre, up, left, down, right, in the window with one px of margin
+    [(2r+1)^2, 5], intp; its integer shift (dy, dx) [(2r+1)^2, 2], float64)."""
+    side, size = 2 * radius + 1, 2 * radius + 3
+    py, px = np.divmod(np.arange(side * side), side)
+    centre = (py + 1) * size + px + 1
+    near = centre[:, None] + np.array([0, -size, -1, size, 1])
+    shift = np.stack([py - radius, px - radius], axis=1).astype(np.float64)
+    near.flags.writeable = shift.flags.writeable = False
+    return near, shift
+
+
+@functools.lru_cache(maxsize=256)
+def _surface_starts(k: int, area: int) -> np.ndarray:
+    """[k, 1] flat offsets of k consecutive windows of `area` values (read-only, cached per k)."""
+    starts = np.arange(0, k * area, area)[:, None]
+    starts.flags.writeable = False
+    return starts
+
+
 def peak_shift(surfaces: np.ndarray, radius: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(shift [K, 2] as (dy, dx) in pixels, peak height [K], height at zero shift [K]) of phase-
     correlation surfaces [K, H, W], searching |dy|, |dx| <= `radius`; sub-pixel by a parabola
-    through the peak and its neighbours on each axis."""
+    through the peak and its neighbours on each axis.
+
+    A tile calls this on a few dozen 9x9 windows at a time, where each numpy call's overhead is most
+    of the cost: the peak's neighbours and its integer shift come from tables indexed by its
+    position (`_peak_tables`), the neighbours of all surfaces by one flat `take`, and the parabola's
+    offset is clipped by a minimum and a maximum (numpy's clip on these finite values); the values
+    are those of plain indexing bit for bit (tests)."""
     k, h, w = surfaces.shape
     cy, cx = h // 2, w // 2
     size = 2 * radius + 3  # the search window and one px of margin
     sub = np.ascontiguousarray(surfaces[:, cy - radius - 1:cy + radius + 2, cx - radius - 1:cx + radius + 2])
     at = sub[:, 1:-1, 1:-1].reshape(k, -1).argmax(axis=1)
-    py, px = np.divmod(at, 2 * radius + 1)
-    # the peak and its four neighbours (up, left, right, down), gathered in one pass
-    centre = (py + 1) * size + px + 1
-    near = np.take_along_axis(sub.reshape(k, -1), centre[:, None] + np.array([0, -size, -1, 1, size]), axis=1)
+    near_at, shift_at = _peak_tables(radius)
+    # the peak and its four neighbours (up, left, down, right) of every surface, gathered in one pass
+    index = near_at.take(at, axis=0)
+    index += _surface_starts(k, size * size)
+    near = np.take(sub, index)
     c0 = near[:, 0]
-    m, p = near[:, 1:3], near[:, 3:5][:, ::-1]  # (up, left) and (down, right): dy then dx
-    den = m - 2.0 * c0[:, None] + p
-    safe = np.where(den < 0, den, -1.0)
-    offset = np.where(den < 0, 0.5 * (m - p) / safe, 0.0).clip(-0.5, 0.5)
-    shift = (np.stack([py, px], axis=1) - radius + offset).astype(np.float64)
+    m, p = near[:, 1:3], near[:, 3:5]  # (up, left) and (down, right): dy then dx
+    den = m - 2.0 * c0[:, None]
+    den += p
+    curved = den < 0
+    safe = np.where(curved, den, -1.0)
+    vertex = m - p
+    vertex *= 0.5
+    vertex /= safe
+    offset = np.maximum(np.minimum(np.where(curved, vertex, 0.0), 0.5), -0.5)
+    shift = shift_at.take(at, axis=0)
+    shift += offset
     shift[c0 <= 1e-6] = 0.0  # nothing correlates (a featureless frame): no shift to speak of
     return shift, c0.astype(np.float64), sub[:, radius + 1, radius + 1].astype(np.float64)
 
 
-def registration_channels(frames: np.ndarray) -> np.ndarray:
+def registration_channels(frames: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """The images registration compares, [K, C, H, W] -> float32 [K, 1|2, H, W]: the mean of R, G,
-    B, and NIR when there is one (structure that survives changes of the visible look)."""
+    B, and NIR when there is one (structure that survives changes of the visible look). `out`: a
+    float32 buffer of that shape to write them into (no stacked copy)."""
+    k, c, h, w = frames.shape
+    if out is None:
+        out = np.empty((k, 2 if c > 3 else 1, h, w), dtype=np.float32)
     if frames.dtype == np.uint8:
         # the integer sum (exact), divided as numpy's float32 mean divides it: in float64, then rounded
-        total = frames[:, 0].astype(np.int16) + frames[:, 1] + frames[:, 2]
-        vis = (total / 3.0).astype(np.float32)
+        total = frames[:, 0].astype(np.int16) + frames[:, 1]
+        total += frames[:, 2]
+        np.divide(total, 3.0, out=out[:, 0], dtype=np.float64)
     else:  # numpy's float32 mean over 3 bands: their float32 sum in order, divided in float64, rounded
         total = np.asarray(frames[:, 0], dtype=np.float32) + np.asarray(frames[:, 1], dtype=np.float32)
         total += np.asarray(frames[:, 2], dtype=np.float32)
-        vis = (total / np.float64(3.0)).astype(np.float32)
-    if frames.shape[1] > 3:
-        return np.stack([vis, np.asarray(frames[:, 3], dtype=np.float32)], axis=1)
-    return vis[:, None]
+        np.divide(total, np.float64(3.0), out=out[:, 0], dtype=np.float64)
+    if c > 3:
+        out[:, 1] = frames[:, 3]
+    return out
 
 
 def estimate_shift(frames: np.ndarray, reference: np.ndarray, radius: int = 3) -> tuple[np.ndarray, np.ndarray]:
@@ -726,9 +878,14 @@ def registration(frames: np.ndarray, reference: np.ndarray, smoothed: np.ndarray
     get it."""
     k = frames.shape[0]
     size = frames.shape[-2:]
-    chans = registration_channels(frames)
-    both = _windowed(np.concatenate([chans, registration_channels(np.asarray(reference)[None])]))
-    bands, h, w = both.shape[1:]
+    bands = 2 if frames.shape[1] > 3 else 1
+    both = np.empty((k + 1, bands, *size), dtype=np.float32)  # the frames' channels, then the HR's
+    chans = registration_channels(frames, out=both[:k])
+    registration_channels(np.asarray(reference)[None], out=both[k:])
+    # the twins by the channels' block means, before the spectra's windowing (in place) changes them
+    c = None if k < 2 else (band_covariances(chans, block=4) if smoothed is None else band_covariances(smoothed))
+    _windowed(both, inplace=True)
+    h, w = size
     # the spectra of the frames and the reference by one DFT, rows first [H, K+1, C, W'], each
     # normalised once (`_whiten`), not every product of two
     unit = _whiten(_rfft2_rows_first(both.reshape(-1, h, w)), copy=False).reshape(h, k + 1, bands, -1)
@@ -738,7 +895,6 @@ def registration(frames: np.ndarray, reference: np.ndarray, smoothed: np.ndarray
         cross = _cross_sum(spec, conj[:, k:], np.empty((h, k, unit.shape[-1]), dtype=np.complex64), axis=2)
         shift, peak, _ = peak_shift(_surface_window_rows_first(cross, size, window, bands), radius)
         return Registration(shift, peak, np.zeros(k), np.full(k, -1), np.zeros((k, 2)), np.zeros(k), spec)
-    c = band_covariances(chans, block=4) if smoothed is None else band_covariances(smoothed)
     c = c[1].mean(axis=0)
     np.fill_diagonal(c, -np.inf)
     partner = c.argmax(axis=1)
@@ -843,11 +999,13 @@ def consensus_shift(frames: np.ndarray, sigma: float = 0.15, min_peak: float = 0
         i, j = i[involved], j[involved]
     half_w = unit_spectra.shape[-1]
     rows_of = np.ascontiguousarray(unit_spectra.transpose(2, 1, 0, 3)).reshape(c, k, h * half_w)
+    # the low-pass weights (and the bands' mean) folded into the K conjugate spectra instead of the
+    # P > K products (the same products to float32 rounding)
     conj_of = np.conj(rows_of)
-    cross = rows_of[0][i] * conj_of[0][j]
+    conj_of *= (weights / np.float32(c)).reshape(-1)
+    cross = np.multiply(rows_of[0].take(i, axis=0), conj_of[0].take(j, axis=0))
     for band in range(1, c):
-        cross += rows_of[band][i] * conj_of[band][j]
-    cross *= (weights / np.float32(c)).reshape(-1)
+        cross += rows_of[band].take(i, axis=0) * conj_of[band].take(j, axis=0)
     # the surfaces' centres by two plain matrix products: over columns, then over rows
     n, m = len(i), cols.shape[1]
     over_cols = (cross.reshape(n * h, half_w) @ cols).reshape(n, h, m)
@@ -865,5 +1023,5 @@ def consensus_shift(frames: np.ndarray, sigma: float = 0.15, min_peak: float = 0
         partners[~needed] = -1
         enough &= needed
     if enough.any():
-        shift[enough] = _subset_median(shifts, agree)[enough]
+        shift[enough] = _subset_median(shifts[enough], agree[enough])  # row by row: only the rows used
     return shift, partners

@@ -659,16 +659,23 @@ def robust_scores(hr_down_u8: np.ndarray, hr_down: np.ndarray, candidates: np.nd
     cloud, shadow = E.cloud_shadow_fractions(frames, matched_u8, swir)
     # a timestep mostly under cloud (or shadow) fools the histogram-matched reference: its global
     # brightness against the other candidates' tells instead
+    level = E._rgb_level(frames)  # mean R, G, B brightness, shared by the exposure measures and the dark gate
     if w.exposure_tolerance is not None:
         t = w.exposure_tolerance
-        cloud = np.maximum(cloud, (E.brightening(frames) - t) / (1.0 - t))
-        shadow = np.maximum(shadow, (E.darkening(frames) - t) / (1.0 - t))
+        cloud = np.maximum(cloud, (E.brightening(frames, level) - t) / (1.0 - t))
+        shadow = np.maximum(shadow, (E.darkening(frames, level) - t) / (1.0 - t))
     hr_bands = np.moveaxis(hr_down, -1, 0)
     reg = E.registration(frames, hr_bands, smoothed=uy)
     confident = reg.hr_peak >= w.hr_shift_peak
     hr_px = np.hypot(reg.hr_shift[:, 0], reg.hr_shift[:, 1])
-    dark = E.underexposed(frames)
+    dark = E.underexposed(frames, level=level)
     measures = E.veil_measures(frames)
+    if sd_ratio is None:  # both veil references from one stack of the terms (the same values)
+        veil, clear_veil = E.veil_evidence_pair(measures, w.clear_quantile, usable=~dark)
+    else:
+        veil = E.veil_evidence(E.veil_terms(frames, sd_ratio, measures=measures))
+        clear_veil = E.veil_evidence(E.veil_terms(frames, clear_quantile=w.clear_quantile, usable=~dark,
+                                                  measures=measures))
     evidence = E.Evidence(
         bands=tuple(b for b in EXTRA_BANDS if b in extra),
         distance=distance,
@@ -683,10 +690,9 @@ def robust_scores(hr_down_u8: np.ndarray, hr_down: np.ndarray, candidates: np.nd
         aerosol=E.aerosol_index(extra["b01"], frames) if "b01" in extra else None,
         cirrus=E.cirrus_index(extra["b10"]) if "b10" in extra else None,
         snow=E.snow_fraction(frames, swir) if swir is not None else None,
-        veil=E.veil_evidence(E.veil_terms(frames, sd_ratio, measures=measures)),
+        veil=veil,
         twin_misregistration_px=reg.misregistration,
-        clear_veil=E.veil_evidence(E.veil_terms(frames, clear_quantile=w.clear_quantile, usable=~dark,
-                                                measures=measures)),
+        clear_veil=clear_veil,
         hr_veil=E.hr_veil(frames, hr_bands),
         consensus_shift_px=_consensus_shift_px(frames, reg, w),
         underexposed=dark,
@@ -772,7 +778,8 @@ def pair_confidence(scores: np.ndarray, best: int, candidates: np.ndarray,
     margin = MARGIN_SCALE
     if np.isfinite(scores).all():
         # the best rival is the first candidate in score order that is not a near copy: the
-        # correlations are computed one by one up to it, not for every candidate
+        # correlations are computed one by one up to it, not for every candidate (a stack of all the
+        # others costs more: most choices stop at the first or second)
         for j in np.argsort(scores, kind="stable"):
             if j != best and gap_free_correlation(candidates[j : j + 1], reference)[0] < NEAR_COPY:
                 margin = float(scores[j] - scores[best])
@@ -821,6 +828,45 @@ def gap_free_correlation(images: np.ndarray, reference: np.ndarray) -> np.ndarra
     return (num / den).mean(axis=1, dtype=np.float64)
 
 
+def _gap_free_correlation_bands_first(images: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """`gap_free_correlation` (equal to float32 rounding, within ~2e-6) computed bands first: the images
+    converted to float32 as [N, C, P] in one pass, so every sum runs over a contiguous row of pixels
+    (numpy's einsum over [N, P, C] runs its inner loop over the 3 or 4 bands). The robust mode's
+    ranking of all valid timesteps (~2.5x faster for RGB); `pair_confidence`, which every mode
+    uses, keeps `gap_free_correlation` itself."""
+    n, c = images.shape[0], images.shape[-1]
+    p = int(np.prod(images.shape[1:-1]))
+    x = np.ascontiguousarray(images.reshape(n, p, c).transpose(0, 2, 1), dtype=np.float32)  # [N, C, P]
+    if images.dtype == np.uint8 and p * 255 < 2**24:  # the exact float32 sum of integers, divided once
+        x -= x.sum(axis=2, keepdims=True) / np.float32(p)
+    else:
+        x -= x.mean(axis=2, keepdims=True)
+    r = np.ascontiguousarray(np.asarray(reference, dtype=np.float32).reshape(p, c).T)  # [C, P]
+    r -= r.mean(axis=1, keepdims=True)
+    num = np.einsum("ncp,cp->nc", x, r)
+    den = np.sqrt(np.einsum("ncp,ncp->nc", x, x) * np.einsum("cp,cp->c", r, r)) + 1e-6
+    return (num / den).mean(axis=1, dtype=np.float64)
+
+
+RANKING_TIE = 1e-4  # correlations this close are re-measured by gap_free_correlation itself (> 20x the forms' gap)
+
+
+def _robust_ranking_correlation(images: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """The robust mode's ranking values: `_gap_free_correlation_bands_first`, with every image whose
+    value lies within RANKING_TIE of another's re-measured by `gap_free_correlation` (an image's
+    value does not depend on the stack it is computed in). The two forms differ by < ~2e-6, so
+    values farther apart than RANKING_TIE keep their order, and the close ones (exact ties included)
+    are ordered by the plain form's values: the same ranking, and so the same top-k in the same
+    order, as `gap_free_correlation` of every image."""
+    corr = _gap_free_correlation_bands_first(images, reference)
+    ordered = np.sort(corr)
+    close = np.flatnonzero(~(np.diff(ordered) >= RANKING_TIE))  # NaN counts as close
+    if close.size:
+        near = np.isin(corr, ordered[np.concatenate([close, close + 1])]) | np.isnan(corr)
+        corr[near] = gap_free_correlation(images[near], reference)
+    return corr
+
+
 def _check_extra(extra: dict[str, np.ndarray] | None, series: np.ndarray) -> dict[str, np.ndarray]:
     if not extra:
         return {}
@@ -859,7 +905,7 @@ def select_pair(hr: np.ndarray, series: np.ndarray, config: SelectionConfig = Se
         scores = paper_scores(hr_ref, valid_series[top], config.alpha)
     elif config.mode == "robust":
         hr_ref = to_uint8(hr_down)
-        top = top_k_by_psnr(gap_free_correlation(valid_series, hr_down), config.top_k)
+        top = top_k_by_psnr(_robust_ranking_correlation(valid_series, hr_down), config.top_k)
         all_psnr = np.full(len(valid), np.nan)  # only the candidates' PSNR is stored
         all_psnr[top] = psnr(valid_series[top], hr_ref)
         chosen = valid[top]

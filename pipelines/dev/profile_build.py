@@ -47,7 +47,7 @@ from transforms.selection import DEFAULT_SELECTION, SELECTION_MODES, SelectionCo
 
 EVIDENCE_FUNCTIONS = ("cloud_shadow_fractions", "brightening", "darkening", "registration", "contrast_loss",
                       "haze_index", "aerosol_index", "cirrus_index", "snow_fraction", "veil_terms",
-                      "veil_evidence")
+                      "veil_evidence", "veil_evidence_pair")
 
 
 class StageTimer:
@@ -114,6 +114,7 @@ def profile_tiles(ids: list[str], config: pairs.PairConfig) -> dict[str, float]:
         (sel, "downsample"): "downsample",
         (sel, "psnr"): "rank",
         (sel, "top_k_by_psnr"): "rank",
+        (sel, "_robust_ranking_correlation"): "rank",
         (sel, "paper_scores"): "distance",
         (sel, "companion_scores"): "distance",
         (sel, "robust_scores"): "distance",
