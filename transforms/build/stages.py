@@ -386,11 +386,9 @@ class PublishRun(beam.PTransform):
 
     def expand(self, inputs):
         outcome_keys, written_files = inputs
-        counts = (
-            outcome_keys
-            | "CountOutcomes" >> beam.combiners.Count.PerElement()
-            | "CountsToDict" >> beam.combiners.ToDict()
-        )
+        # (key, count) pairs, read as a dict by the side input: no global combine, whose default
+        # for an empty input and second grouping would cost two more stages of their own
+        counts = outcome_keys | "CountOutcomes" >> beam.combiners.Count.PerElement()
         return (
             outcome_keys.pipeline
             | "Once" >> beam.Create([None])
@@ -398,7 +396,7 @@ class PublishRun(beam.PTransform):
                 publish_run,
                 output=self.output,
                 run_info=self.run_info,
-                counts=beam.pvalue.AsSingleton(counts),
+                counts=beam.pvalue.AsDict(counts),
                 files=beam.pvalue.AsList(written_files),
             )
         )
