@@ -16,6 +16,8 @@ appends every field of every row to Python lists. Here:
 
 Same schema, codec (zstd), row groups and file names as before: readers see the same tables.
 A temp file is never a `.parquet` file, so a reader of the folder never takes a partial one. The
+folder holds one table (the build's pairs/, rejects/, manifest/ ...): the finalising step deletes
+every part file in it that its bundles did not commit. The
 plain functions (`parquet_writer`, `finalize_files`, `shard_name`) are used by the DoFn and tested
 without a pipeline.
 """
