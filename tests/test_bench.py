@@ -158,3 +158,20 @@ def test_stage_timer_takes_nested_stages_out_of_their_parent(monkeypatch):
     timer = profile_build.StageTimer()
     timer.wrap("outer", lambda: timer.wrap("inner", lambda: None)())()
     assert timer.seconds == {"inner": 2.0, "outer": 8.0}
+
+
+def test_profile_build_stage_probe_counts_the_builds_fused_stages(tmp_path):
+    """`profile_build --stages`: one in-process build, every runner stage timed. The build has at most
+    15 fused stages (session 7: 26 before the Parquet writer of transforms.io.parquet_files and the
+    AsDict counts); each stage is a bundle per worker, so a stage more is a fixed cost more."""
+    from pipelines.dev import profile_build
+    from transforms.devdata.sample import generate_sample
+
+    sample = tmp_path / "s"
+    generate_sample(str(sample), 3, seed=4, timesteps=(8, 10))
+    rows = profile_build.runner_stages(str(sample), str(sample / "manifest.txt"), str(tmp_path / "out"), "paper")
+    assert 0 < len(rows) <= 15
+    assert all(w >= 0 and c >= 0 for _, w, c in rows)
+    assert any("BuildPair" in name for name, _, _ in rows)
+    assert (tmp_path / "out" / "_SUCCESS").exists()
+    assert "BuildPair" in profile_build.short_stage_name(next(n for n, _, _ in rows if "BuildPair" in n), 10_000)

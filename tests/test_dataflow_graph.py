@@ -332,9 +332,12 @@ def test_job_graph_has_the_build_steps(text_job):
         assert name in transforms, f"missing step {name}"
         if expected_urn:
             assert transforms[name].spec.urn == expected_urn, name
-    for table in ("WritePairs/Parquet", "WriteRejects"):
-        assert f"BuildDataset/{table}/WriteToParquet/Write/WriteImpl/WriteBundles" in transforms
-        assert f"BuildDataset/{table}/WriteToParquet/Write/WriteImpl/FinalizeWrite" in transforms
+    for table in ("WritePairs/Parquet", "WriteRejects", "WriteManifest/Parquet"):
+        # one file per bundle, written where the records are made, then one finalising step whose
+        # side input is every bundle's file (transforms.io.parquet_files)
+        assert transforms[f"BuildDataset/{table}/WriteParquetFiles/WriteBundles"].spec.urn == urn.PAR_DO.urn
+        finalize = transforms[f"BuildDataset/{table}/WriteParquetFiles/Finalize"]
+        assert len(beam_runner_api_pb2.ParDoPayload.FromString(finalize.spec.payload).side_inputs) == 1
     # The manifest is read by a composite rooted in an Impulse (ReadFromText's SDF read, or a
     # Create of the path followed by ReadAllFromText): no source data is embedded in the graph.
     assert transforms["BuildDataset/ReadTileIds/ReadTextManifest"].subtransforms

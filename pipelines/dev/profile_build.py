@@ -25,6 +25,10 @@ clock): the same tiles with the in-process runner and with 2 worker processes, a
 job (one tile) for each, whose wall time is the fixed start-up cost; the per-tile Beam overhead is
 what the pipeline spends per tile beyond that start-up and the loop's per-tile time.
 
+With --stages it also runs one in-process build of the same tiles and prints how many fused stages
+the runner executed and the slowest of them (`runner_stages`: a stage is one bundle per worker, so
+its fixed cost is paid once per build and per worker).
+
 Times are CPU seconds of the measuring thread (`time.thread_time`), so other processes on a shared
 machine inflate them less than wall clock; set OMP_NUM_THREADS=1 (docs/performance.md).
 """
@@ -173,6 +177,41 @@ def pipeline_costs(sample: str, ids: list[str], workdir: str, mode: str, repeats
     return out
 
 
+def runner_stages(sample: str, manifest: str, out: str, mode: str) -> list[tuple[str, float, float]]:
+    """(stage name, wall s, CPU s of this process) of each bundle the in-process runner executes in
+    one build of `manifest`'s tiles, in the order it runs them: how many fused stages a build has
+    and what each costs (each is a bundle per worker; a stage's fixed cost is paid per build). It
+    wraps the FnApiRunner's per-bundle method, a private one of Beam's: a development probe only."""
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+
+    from pipelines import build_pairs
+
+    rows: list[tuple[str, float, float]] = []
+    original = fn_runner.FnApiRunner._execute_bundle
+
+    def timed(self, context, bundle_context_manager, bundle_input):
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            return original(self, context, bundle_context_manager, bundle_input)
+        finally:
+            rows.append((bundle_context_manager.stage.name, time.perf_counter() - wall, time.process_time() - cpu))
+
+    shutil.rmtree(out, ignore_errors=True)
+    with mock.patch.object(fn_runner.FnApiRunner, "_execute_bundle", timed):
+        build_pairs.run(["--input", sample, "--output", out, "--manifest", manifest, "--runner", "FnApiRunner",
+                         "--selection", mode])
+    return rows
+
+
+def short_stage_name(name: str, width: int = 90) -> str:
+    """A fused stage's name without the runner's decorations: its transforms' names, '+'-joined."""
+    parts = [p.strip("()") for p in name.split("+")]
+    parts = [p.replace("ref_AppliedPTransform_", "").replace("BuildDataset-", "").replace("BuildDataset/", "")
+             for p in parts if p]
+    text = " + ".join(parts)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m pipelines.dev.profile_build", description=description(__doc__))
     parser.add_argument("--selection", default=DEFAULT_SELECTION, choices=SELECTION_MODES)
@@ -182,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default="bench-out")
     parser.add_argument("--pipeline", action="store_true",
                         help="also time the Beam pipeline (in-process and 2 workers) and its start-up")
+    parser.add_argument("--stages", action="store_true",
+                        help="also run one in-process build and print its fused stages (wall, CPU)")
     parser.add_argument("--repeats", type=int, default=1, help="pipeline runs per measure (median)")
     parser.add_argument("--json", help="write the figures to this file too")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -205,6 +246,15 @@ def main(argv: list[str] | None = None) -> int:
             per_tile = 1e3 * (c["wall_s"] - c["startup_s"]) / len(ids)
             print(f"  pipeline {name:<10} wall {c['wall_s']:6.2f} s, start-up (1 tile) {c['startup_s']:5.2f} s, "
                   f"{per_tile:6.3f} ms per tile beyond it (loop: {1e3 * loop_s / len(ids):.3f} CPU ms)")
+    if args.stages:
+        manifest = os.path.join(args.workdir, "tiles.txt")
+        with open(manifest, "w") as f:
+            f.write("\n".join(ids) + "\n")
+        rows = runner_stages(sample, manifest, os.path.join(args.workdir, "profile-out-stages"), args.selection)
+        result["stages"] = [{"stage": name, "wall_s": w, "cpu_s": c} for name, w, c in rows]
+        print(f"  runner stages: {len(rows)}, wall {sum(r[1] for r in rows):.2f} s (the slowest five below)")
+        for name, w, c in sorted(rows, key=lambda r: -r[1])[:5]:
+            print(f"    {w:7.3f} s wall {c:7.3f} s CPU  {short_stage_name(name)}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

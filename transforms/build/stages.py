@@ -16,6 +16,7 @@ from apache_beam.metrics import Metrics
 from transforms import corrections, imagery, records, runtime, tiles
 from transforms.build import fingerprints as fpr
 from transforms.io import publish, sinks, storage
+from transforms.io.parquet_files import WriteParquetFiles
 from transforms.io.prefetch import ReadAhead, TileReads, shared_read_ahead
 from transforms.io.publish import OutputSpec
 from transforms.pairs import PairConfig, build_tile, read_plan, tile_paths
@@ -262,13 +263,20 @@ class BuildPairs(beam.PTransform):
 
 
 class WriteParquet(beam.PTransform):
-    """Records -> `<output>/<name>/<name>-SSSSS-of-NNNNN.parquet` (zstd); yields the file names."""
+    """Records -> `<output>/<name>/<name>-SSSSS-of-NNNNN.parquet` (zstd); yields the file names.
+    One file per bundle (`parquet_files.WriteParquetFiles`: a write fused with the producer and one
+    finalising step), or with `num_shards` N > 0 exactly N files (Beam's `WriteToParquet`, which
+    shuffles the records into N groups)."""
 
     def __init__(self, output: str, name: str, schema, num_shards: int = 0):
         super().__init__()
         self.output, self.name, self.schema, self.num_shards = output, name, schema, num_shards
 
     def expand(self, rows):
+        if not self.num_shards:
+            return rows | "WriteParquetFiles" >> WriteParquetFiles(
+                storage.join(self.output, self.name), self.name, self.schema, codec="zstd",
+                row_group_bytes=PARQUET_ROW_GROUP_BYTES, record_batch=PARQUET_RECORD_BATCH)
         return rows | beam.io.WriteToParquet(
             storage.join(self.output, self.name, self.name),
             schema=self.schema,
@@ -378,11 +386,9 @@ class PublishRun(beam.PTransform):
 
     def expand(self, inputs):
         outcome_keys, written_files = inputs
-        counts = (
-            outcome_keys
-            | "CountOutcomes" >> beam.combiners.Count.PerElement()
-            | "CountsToDict" >> beam.combiners.ToDict()
-        )
+        # (key, count) pairs, read as a dict by the side input: no global combine, whose default
+        # for an empty input and second grouping would cost two more stages of their own
+        counts = outcome_keys | "CountOutcomes" >> beam.combiners.Count.PerElement()
         return (
             outcome_keys.pipeline
             | "Once" >> beam.Create([None])
@@ -390,7 +396,7 @@ class PublishRun(beam.PTransform):
                 publish_run,
                 output=self.output,
                 run_info=self.run_info,
-                counts=beam.pvalue.AsSingleton(counts),
+                counts=beam.pvalue.AsDict(counts),
                 files=beam.pvalue.AsList(written_files),
             )
         )
