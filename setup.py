@@ -35,6 +35,8 @@ setup(
         "matplotlib>=3.9",
         # the s2cloudless model file (read, never imported: transforms/cloud_prob.py)
         "s2cloudless>=1.7,<2",
+        # the build's BLAS pools limited to one thread per worker process (transforms/runtime.py)
+        "threadpoolctl>=3.1",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "pandas>=2.2", "gcp-storage-emulator>=2026.7",

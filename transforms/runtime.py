@@ -35,3 +35,27 @@ def tune_allocator() -> bool:
     if not ok:
         _LOG.warning("mallopt refused the allocator settings; the selection may run slower")
     return ok
+
+
+NATIVE_THREADS = 1
+
+
+@functools.cache
+def limit_native_threads(threads: int = NATIVE_THREADS) -> bool:
+    """Runs numpy's BLAS (and any OpenMP pool) on `threads` threads in this process.
+
+    The selection multiplies matrices of a few dozen rows: a BLAS pool never speeds them up, and
+    its threads spin while they wait. With OpenBLAS's default (one thread per core) the build used
+    2.4x the CPU in one process, and with 2 worker processes on 2 cores it ran ~6x slower than with
+    one thread each (`s2naip bench --companion-repo ...`, docs/performance.md); on Dataflow each vCPU
+    runs a worker process, so every process's pool would compete with the others. Environment
+    variables (OMP_NUM_THREADS, ...) act only before numpy is imported; threadpoolctl changes the
+    loaded libraries' pools at run time. False when it could not."""
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=threads)
+    except Exception as err:  # noqa: BLE001 - a missing or unknown library: the build still runs, slower
+        _LOG.warning("could not limit the BLAS/OpenMP threads (%s); the selection may run slower", err)
+        return False
+    return True

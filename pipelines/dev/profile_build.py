@@ -228,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     os.makedirs(args.workdir, exist_ok=True)
     runtime.tune_allocator()
+    runtime.limit_native_threads()  # as BuildPairDoFn.setup does
     sample = args.input or bench.sample_dir(args.workdir, args.tiles, 0)
     ids = bench.tile_ids(sample)[: args.tiles]
     config = pairs.PairConfig(input_root=sample, selection=SelectionConfig(mode=args.selection))

@@ -211,6 +211,7 @@ class BuildPairDoFn(beam.DoFn):
 
     def setup(self):
         runtime.tune_allocator()
+        runtime.limit_native_threads()
         self._read_ahead = shared_read_ahead(self.config.read_threads)
         self._spec = fpr.FingerprintSpec.for_config(self.config)
 
