@@ -59,3 +59,10 @@ def limit_native_threads(threads: int = NATIVE_THREADS) -> bool:
         _LOG.warning("could not limit the BLAS/OpenMP threads (%s); the selection may run slower", err)
         return False
     return True
+
+
+def tune_selection_process() -> None:
+    """Everything a process that builds pairs applies once (`BuildPairDoFn.setup`, and the
+    benchmarks, which measure what the workers run): the allocator settings and one BLAS thread."""
+    tune_allocator()
+    limit_native_threads()

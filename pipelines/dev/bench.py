@@ -160,8 +160,7 @@ def machine() -> dict:
 
 def bench(tiles: int, rss_tiles: list[int], repeats: int, workdir: str, seed: int = 0,
           selection: str = DEFAULT_SELECTION) -> dict:
-    runtime.tune_allocator()  # as BuildPairDoFn.setup does in the pipeline's workers
-    runtime.limit_native_threads()
+    runtime.tune_selection_process()  # as BuildPairDoFn.setup does in the pipeline's workers
     sample = sample_dir(workdir, tiles, seed)
     ids = tile_ids(sample)
     config = PairConfig(input_root=sample, selection=SelectionConfig(mode=selection))

@@ -328,8 +328,7 @@ def bench(real_data: str | None = None, real_s2: str | None = None, *, seed: int
           real_s2_series: str | None = None) -> dict:
     if not real_data and not real_s2 and not real_s2_series:
         raise ValueError("give real_data (NAIP GeoTIFFs) and/or real_s2 / real_s2_series (real Sentinel-2)")
-    runtime.tune_allocator()  # as the pipeline's workers do
-    runtime.limit_native_threads()
+    runtime.tune_selection_process()  # as the pipeline's workers do
     modes = list(modes or S.SELECTION_MODES)
     t0 = time.perf_counter()
     built = {s.name: s for s in build_sets(real_data, real_s2, seed=seed, names=sets, max_tiles=max_tiles,

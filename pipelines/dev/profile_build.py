@@ -227,8 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the figures to this file too")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     os.makedirs(args.workdir, exist_ok=True)
-    runtime.tune_allocator()
-    runtime.limit_native_threads()  # as BuildPairDoFn.setup does
+    runtime.tune_selection_process()  # as BuildPairDoFn.setup does
     sample = args.input or bench.sample_dir(args.workdir, args.tiles, 0)
     ids = bench.tile_ids(sample)[: args.tiles]
     config = pairs.PairConfig(input_root=sample, selection=SelectionConfig(mode=args.selection))

@@ -210,8 +210,7 @@ class BuildPairDoFn(beam.DoFn):
         self.config = config
 
     def setup(self):
-        runtime.tune_allocator()
-        runtime.limit_native_threads()
+        runtime.tune_selection_process()
         self._read_ahead = shared_read_ahead(self.config.read_threads)
         self._spec = fpr.FingerprintSpec.for_config(self.config)
 
