@@ -49,6 +49,42 @@ def test_the_numpy_forest_equals_lightgbm():
     assert len(CP.model().roots) == 170
 
 
+
+def test_the_paired_descent_reaches_the_plain_descents_leaves():
+    """`Forest.raw` (children side by side, leaves absorbing) against `raw_plain` (left / right
+    child per level): the same leaves, so bit-equal sums, also for values exactly on a threshold,
+    beyond every threshold, NaN (goes right in both) and +-inf."""
+    forest = CP.model()
+    rng = np.random.default_rng(1)
+    on_threshold = rng.choice(forest.threshold, (200, 10))  # x == threshold: `<=` sends it left
+    nudged = np.nextafter(on_threshold, np.inf)  # just above: right
+    odd = rng.uniform(0, 0.5, (40, 10))
+    odd[::4, 3] = np.nan
+    odd[1::4] = np.inf
+    odd[2::4, :5] = -np.inf
+    for x in (rng.uniform(0, 0.9, (300, 10)), on_threshold, nudged, odd, np.zeros((1, 10)), np.ones((1, 10))):
+        np.testing.assert_array_equal(forest.raw(x), forest.raw_plain(x))
+    # extra columns are ignored; too few is an error rather than another row's values
+    x = rng.uniform(0, 0.5, (5, 10))
+    np.testing.assert_array_equal(forest.raw(np.concatenate([x, np.full((5, 2), 7.0)], axis=1)), forest.raw_plain(x))
+    with pytest.raises(ValueError, match="features"):
+        forest.raw(x[:, :9])
+
+
+def test_the_paired_layout_keeps_every_node_and_puts_siblings_side_by_side():
+    forest = CP.model()
+    word, threshold, leaf_of, roots, bits = forest._paired
+    n_inner, n_leaves = len(forest.feature), len(forest.leaf_value)
+    assert len(word) == n_inner + n_leaves and sorted(leaf_of[leaf_of >= 0]) == list(range(n_leaves))
+    first, feature = word >> bits, word & ((1 << int(bits)) - 1)
+    leaves = leaf_of >= 0
+    assert (first[leaves] == np.flatnonzero(leaves)).all() and (feature[leaves] == forest.n_features).all()
+    assert np.isinf(threshold[leaves]).all()
+    # each inner node's children are two distinct nodes further down (breadth first), left then right
+    inner = np.flatnonzero(~leaves)
+    assert (first[inner] > inner).all() and len(set(first[inner])) == len(inner)
+    assert len(set(first[inner]) | set(first[inner] + 1) | set(roots)) == len(word)
+
 def test_features_scale_tci_and_bands_to_reflectance_and_b08_stands_in_for_b8a():
     k, h = 2, 32
     frames = np.zeros((k, 3, h, h), np.uint8)
