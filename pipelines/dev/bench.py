@@ -1,7 +1,7 @@
 """`s2naip bench` / `python -m pipelines.dev.bench`: throughput and memory of the build, measured in one run.
 
-Measures, on a generated sample (default 2,000 tiles, ~30 timesteps each, with the extra bands b01,
-b10, b11, b12 as S2-NAIP ships them), for one --selection mode (default: the build's), medians over
+Measures, on a generated sample (default 2,000 tiles, ~30 timesteps each, with the bands b01, b05,
+b08, b09, b10, b11, b12 that S2-NAIP ships and s2cloudless reads: `bench.sample_dir`), for one --selection mode (default: the build's), medians over
 repeats of:
   decode   read + decode the PNGs the mode reads (rgb, nir, tci, b08; robust also the extra bands):
            the floor, nothing can be faster than its input
@@ -31,6 +31,7 @@ import time
 from pipelines.dev import bench_companion as BC
 from pipelines.cli import ArgumentParser, CommandError, description
 from transforms import runtime, tiles
+from transforms.devdata import cloud_bands
 from transforms.devdata.sample import generate_sample
 from transforms.pairs import PairConfig, TileRejected, build_tile, load_tile
 from transforms.selection import DEFAULT_SELECTION, EXTRA_BANDS, SELECTION_MODES, SelectionConfig, select_pair
@@ -41,13 +42,16 @@ TIMESTEPS = (26, 34)  # ~30 timesteps per tile, as S2-NAIP's shorter series
 
 
 def sample_dir(workdir: str, tiles: int, seed: int) -> str:
-    """A generated sample (with extra bands), made once per (tiles, seed) and reused by later runs."""
+    """A generated sample, made once per (tiles, seed) and reused by later runs, with every band
+    s2cloudless reads, as S2-NAIP's chips have them (the generator's b01, b10, b11, b12 and
+    `cloud_bands`' b05, b09): the default selection's whole cost is measured."""
     path = os.path.join(workdir, f"sample-{tiles}-{seed}-xb")
     done = os.path.join(path, ".complete")
     if not os.path.exists(done):
         generate_sample(path, tiles, seed=seed, timesteps=TIMESTEPS, extra_bands=True,
                         workers=os.cpu_count() or 1)
         open(done, "w").close()
+    cloud_bands.add_to_folder(path, tile_ids(path))
     return path
 
 

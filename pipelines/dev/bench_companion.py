@@ -32,13 +32,14 @@ import subprocess
 
 from pipelines.dev import bench
 from transforms import tiles as T
+from transforms.devdata import cloud_bands
 from transforms.devdata import hard_cases as H
 
 PREFILTER_MODULE = "first_filtering.main"
 SELECTION_MODULE = "pipeline_framework.main"
 COMPANION_IMPORTS = "import torch, torchvision, torchmetrics, skimage, tqdm, matplotlib"
 NUM_IMGS_M1 = 16  # the published config's num_imgs_m1
-REAL_EXTRA_BANDS = ("b01", "b10", "b11", "b12")  # as S2-NAIP ships them (and the generated sample)
+REAL_EXTRA_BANDS = ("b01", "b10", "b11", "b12")  # as the generated sample; b05 and b09 are derived after (cloud_bands)
 SHIFT = 1000  # tile-x offset between repetitions of the real tiles
 
 
@@ -67,11 +68,12 @@ def check_companion(repo: str, python: str) -> str:
 
 def real_sample_dir(workdir: str, real_data: str, n_tiles: int, seed: int = 0) -> str:
     """An S2-NAIP-layout folder of `n_tiles` tiles derived from the real NAIP captures in
-    `real_data`, made once and reused: rgb, nir, tci, b08 and REAL_EXTRA_BANDS per tile, and
-    manifest.txt."""
+    `real_data`, made once and reused: rgb, nir, tci, b08, REAL_EXTRA_BANDS and `cloud_bands`' b05
+    and b09 per tile (every band s2cloudless reads, as S2-NAIP's chips), and manifest.txt."""
     path = os.path.join(workdir, f"real-{n_tiles}-{seed}")
     done = os.path.join(path, ".complete")
     if os.path.exists(done):
+        cloud_bands.add_to_folder(path, bench.tile_ids(path))
         return path
     shutil.rmtree(path, ignore_errors=True)
     mosaic = H.CaptureMosaic(real_data)
@@ -89,6 +91,7 @@ def real_sample_dir(workdir: str, real_data: str, n_tiles: int, seed: int = 0) -
             ids.append(tile.tile_id)
     with open(os.path.join(path, "manifest.txt"), "w") as f:
         f.write("\n".join(ids) + "\n")
+    cloud_bands.add_to_folder(path, ids)
     open(done, "w").close()
     return path
 
@@ -100,6 +103,7 @@ def companion_runnable(sample: str) -> str:
     path = sample.rstrip("/") + "-companion"
     done = os.path.join(path, ".complete")
     if os.path.exists(done):
+        cloud_bands.add_to_folder(path, bench.tile_ids(path))  # a copy made before the sample had them
         return path
     shutil.rmtree(path, ignore_errors=True)
     shutil.copytree(sample, path, copy_function=os.link)
