@@ -38,7 +38,7 @@ def test_bench_gcs_command_compares_read_settings_on_the_emulator(tmp_path, caps
 
     report = tmp_path / "bench_gcs.json"
     assert bench_gcs.main(["--tiles", "12", "--latency-ms", "0,5", "--read-threads", "0,4", "--repeats", "1",
-                           "--workdir", str(tmp_path / "w"), "--report", str(report)]) == 0
+                           "--without-s2", "0.25", "--workdir", str(tmp_path / "w"), "--report", str(report)]) == 0
     figures = json.loads(report.read_text())
     rows = {(r["latency_ms"], r["read_threads"]): r for r in figures["results"]}
     assert set(rows) == {(0.0, 0), (0.0, 4), (5.0, 0), (5.0, 4)}
@@ -52,6 +52,10 @@ def test_bench_gcs_command_compares_read_settings_on_the_emulator(tmp_path, caps
     assert ops["full"]["input"]["per_tile"]["list"] < 0.5, ops["full"]["input"]
     assert ops["full"]["input"]["per_tile"]["get_media"] >= 3  # rgb, tci (+ b08, nir) of most tiles
     assert ops["since_unchanged"]["incremental"]["unchanged"] == 12
+    # the tiles left without Sentinel-2 cost no listing of their own: the full build lists the input
+    # as much as the rebuild that reads none of it
+    assert figures["without_s2"]["removed"] == 3
+    assert ops["full"]["input"]["counts"]["list"] == ops["since_unchanged"]["input"]["counts"]["list"], ops
     assert "get_media" not in ops["since_unchanged"]["input"]["per_tile"], ops["since_unchanged"]["input"]
     assert "read threads" in capsys.readouterr().out
 

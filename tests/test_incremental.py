@@ -31,7 +31,7 @@ from transforms import corrections
 from pipelines import options as launcher
 from transforms.build import dataset_manifest as dm, fingerprints as fpr, increments as incremental
 from transforms.build import pipeline as build_pipeline
-from transforms.io import latest, publish
+from transforms.io import latest, publish, storage
 from transforms.build.object_meta import crc32c_hex, gcs_crc32c_to_hex, list_object_meta
 from transforms.pairs import PairConfig
 from transforms.io.publish import OutputSpec
@@ -531,9 +531,11 @@ def test_gcs_fingerprints_equal_local_ones_from_listings(gcs_emulator, tmp_path)
         assert all(v.startswith("error:FileNotFound") for v in failed[0][:4]), failed
 
         # the transform: grouped per block of zoom-17 columns on gs://, every id once, an invalid one
-        # touching no path
+        # touching no path; after the fingerprints, whether the Sentinel-2 folder holds anything
+        # (the plan neither compares nor stores it)
         ids = [tid(0), tid(1), tid(2), tid(7), "../../etc/passwd", "not/an id"]
-        want = [(t, fpr.tile_fingerprints(t, local_spec)) for t in ids]
+        holds = {tid(0): True, tid(1): True, tid(2): True, tid(7): False}
+        want = [(t, fpr.tile_fingerprints(t, local_spec) + (holds.get(t),)) for t in ids]
         with beam.Pipeline(runner="FnApiRunner") as p:
             got = p | beam.Create(ids) | incremental.FingerprintTiles(gcs_spec, threads=4)
             assert_that(got, equal_to(want))
@@ -569,6 +571,33 @@ def test_range_listings_page_and_skip_as_on_gcs(gcs_emulator, monkeypatch):
     assert all(q["maxResults"] == ["3"] and q["endOffset"] == ["r/g/0000"] for q in queries)
     with gcs_emulator.environment():  # no paging, offsets ignored: one answer, the same result
         assert object_meta.list_folders_meta(wanted) == want
+
+
+def test_range_listings_see_whether_anything_lies_under_a_folder(gcs_emulator, monkeypatch):
+    """`FolderMeta.holds_any` of a range listing (pages of 3 objects) is what a listing of the
+    folder's own (`storage.dir_has_files`) says: its files, an object only deeper down (across a
+    page end too), its placeholder object; not a neighbour whose name merely starts the same."""
+    from transforms.build import object_meta
+
+    base = gcs_emulator.bucket("ranges-any") + "/r"
+    for i in range(6):
+        gcs_emulator.upload_bytes(f"{base}/f/{i:03d}/a.png", b"a")
+    for name in ("deeper/x/1.png", "deeper/x/2.png", "deeper/y/3.png", "deeper/z.png"):
+        gcs_emulator.upload_bytes(f"{base}/f/010/{name}", b"d")  # only deeper objects, over two pages
+    gcs_emulator.upload_bytes(f"{base}/f/011/", b"")  # only its placeholder
+    gcs_emulator.upload_bytes(f"{base}/f/0120/a.png", b"a")  # f/012 itself holds nothing
+    gcs_emulator.upload_bytes(f"{base}/f/013/deep/a.png", b"a")
+    wanted = [f"{base}/f/{i:03d}" for i in (1, 3, 7, 10, 11, 12, 13)]
+    monkeypatch.setattr(object_meta, "PAGE_SIZE", 3)
+    with gcs_emulator.proxy() as proxy, gcs_emulator.environment(proxy.endpoint):
+        got = object_meta.list_folders_meta(wanted)
+    with gcs_emulator.environment():
+        want = {f: storage.dir_has_files(f) for f in wanted}
+        whole = object_meta.list_folders_meta(wanted)  # no paging, offsets ignored
+    assert want == {f"{base}/f/{i:03d}": i not in (7, 12) for i in (1, 3, 7, 10, 11, 12, 13)}
+    assert {f: m.holds_any for f, m in got.items()} == want
+    assert {f: m.holds_any for f, m in whole.items()} == want
+    assert got[f"{base}/f/010"] == {} and got[f"{base}/f/011"] == {"": got[f"{base}/f/011"][""]}
 
 
 def test_gcs_fingerprint_follows_every_band_object(gcs_emulator, tmp_path):

@@ -318,6 +318,21 @@ def test_bench_gcs_s2naip_chips_have_the_cloud_bands_but_a_share_without_b09(tmp
     assert with_s2naip_chips(str(sample), str(tmp_path / "s2naip"), 0.0)["without_b09"] == 0
 
 
+def test_bench_gcs_without_s2_leaves_out_a_share_of_the_chips(tmp_path):
+    from pipelines.dev.bench_gcs import without_s2
+
+    sample = tmp_path / "sample"
+    rng = np.random.default_rng(4)
+    for i in range(10):
+        hr = scene(rng)
+        write_tile(str(sample), tid(i), hr, series_from(hr, rng, 3))
+    assert without_s2(str(sample), str(tmp_path / "no-s2"), 0.2) == {"chips": 10, "removed": 2}
+    assert len(list((tmp_path / "no-s2" / "sentinel2").iterdir())) == 8
+    assert len(list((tmp_path / "no-s2" / "naip" / NAIP_ID).iterdir())) == 10  # the tiles stay
+    assert len(list((sample / "sentinel2").iterdir())) == 10  # the sample is left as it was
+    assert without_s2(str(sample), str(tmp_path / "no-s2"), 0.0)["removed"] == 0
+
+
 @pytest.mark.integration  # starts the GCS emulator
 def test_a_gcs_build_gets_no_object_its_plan_leaves_out(gcs_emulator, tmp_path, loopback_only):
     """A whole build on gs:// (the emulator, behind bench-gcs's counting proxy): the objects GET at
@@ -363,3 +378,179 @@ def test_a_gcs_build_gets_no_object_its_plan_leaves_out(gcs_emulator, tmp_path, 
     assert len(remote_rows) == len(local_rows) == 3  # full, no_b09, corrupt_b05_no_b09
     assert _nan_equal(sorted(remote_rows, key=lambda r: r["tile_id"])) == _nan_equal(
         sorted(local_rows, key=lambda r: r["tile_id"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# A tile without tci.png: missing_s2 or missing_band, from the plan's listing when it saw the folder
+
+
+S2_CASES = ("full", "no_s2", "only_unused", "b08_no_tci", "deeper_only")
+
+
+def _write_s2_cases(root: str) -> dict[str, str]:
+    """Tiles whose tci.png is there, or missing in each way the reject reason tells apart: no
+    Sentinel-2 folder at all (missing_s2); a folder holding only a file no build reads, only b08, or
+    only an object one level deeper (missing_band: the folder holds something)."""
+    rng = np.random.default_rng(21)
+    kinds = {}
+    for i, kind in enumerate(S2_CASES):
+        tile_id = tid(20 + i)
+        hr = scene(rng)
+        series = series_from(hr, rng, 5)
+        extra = _bands(rng, 5)
+        extra.pop("b08")
+        if kind == "full":
+            write_tile(root, tile_id, hr, series, extra=extra)
+        elif kind == "only_unused":
+            write_tile(root, tile_id, hr, None, extra={"b06": extra["b01"]})
+        else:
+            write_tile(root, tile_id, hr, series if kind == "b08_no_tci" else None)
+        s2 = tiles.s2_dir(root, TileId.parse(tile_id))
+        if kind == "b08_no_tci":
+            os.remove(os.path.join(s2, "tci.png"))
+        if kind == "deeper_only":
+            os.makedirs(os.path.join(s2, "old"))
+            with open(os.path.join(s2, "old", "tci.png"), "wb") as f:
+                f.write(b"an object below the chip's folder")
+        kinds[tile_id] = kind
+    return kinds
+
+
+@pytest.mark.parametrize("holds_any", [True, False, None])
+def test_load_tile_asks_the_listing_whether_the_sentinel2_folder_holds_anything(tmp_path, monkeypatch, holds_any):
+    """`pairs.load_tile` takes missing_s2 / missing_band from the reads' `holds_any` (a listing that saw
+    the folder whole) and lists the folder itself only when that says nothing (None: no listing of
+    it, or a failed one), as a build without a listing always does."""
+    root = str(tmp_path)
+    tile_id = tid(30)
+    write_tile(root, tile_id, scene(np.random.default_rng(3)), None)
+    config = PairConfig(input_root=root, selection=ROBUST)
+    tile = TileId.parse(tile_id)
+    s2 = tiles.s2_dir(root, tile)
+    listings = []
+    real = storage.dir_has_files
+    monkeypatch.setattr(storage, "dir_has_files", lambda path: listings.append(path) or real(path))
+    read_ahead = ReadAhead(0)
+    folders = {} if holds_any is None else {s2: holds_any}
+    reads = read_ahead.start(pairs.tile_paths(tile, config), LIMIT, frozenset({tiles.s2_band_path(root, tile, "tci")}),
+                             listed=True, folders=folders)
+    assert reads.holds_any(s2) is holds_any and reads.holds_any(root) is None
+    got = build_tile(tile_id, config, None, reads).record
+    assert listings == ([s2] if holds_any is None else [])
+    want = {True: "missing_band", False: "missing_s2", None: "missing_s2"}[holds_any]
+    assert got["reason"] == want, got
+    if want == "missing_s2":
+        assert got["detail"] == f"no Sentinel-2 files under {s2}"
+
+
+def test_the_plans_listing_tells_the_sentinel2_folder_apart_as_storage_does(tmp_path, monkeypatch):
+    """`stages.start_reads` with a listing that carries `fingerprints.S2_HOLDS_ANY`: every case's
+    outcome equals a build without a listing (reason and detail), none lists the folder again; a
+    failed listing (None) falls back to listing it."""
+    root = str(tmp_path)
+    kinds = _write_s2_cases(root)
+    config = PairConfig(input_root=root, selection=ROBUST)
+    spec = fpr.FingerprintSpec.for_config(config)
+    real = storage.dir_has_files
+    listings = []
+    read_ahead = ReadAhead(2)
+    try:
+        for tile_id, kind in kinds.items():
+            direct = build_tile(tile_id, config)
+            s2 = tiles.s2_dir(root, TileId.parse(tile_id))
+            listing = fpr.tile_fingerprints(tile_id, spec) + (real(s2),)
+            monkeypatch.setattr(storage, "dir_has_files", lambda path: listings.append(path) or real(path))
+            for values, lists in ((listing, 0), (listing[:-1] + (None,), int(kind != "full"))):
+                reads = stages.start_reads(read_ahead, tile_id, None, config, values, spec)
+                got = build_tile(tile_id, config, None, reads)
+                reads.cancel()
+                assert _nan_equal(got.record) == _nan_equal(direct.record), kind
+                assert len(listings) == lists, (kind, listings)
+                listings.clear()
+            monkeypatch.setattr(storage, "dir_has_files", real)
+    finally:
+        read_ahead.close()
+    reasons = {kinds[t]: build_tile(t, config).record.get("reason") for t in kinds}
+    assert reasons == {"full": None, "no_s2": "missing_s2", "only_unused": "missing_band",
+                       "b08_no_tci": "missing_band", "deeper_only": "missing_band"}
+
+
+@pytest.mark.integration  # starts the GCS emulator
+def test_a_gcs_build_lists_no_sentinel2_folder_its_group_listing_saw(gcs_emulator, tmp_path, loopback_only):
+    """A whole robust build on gs:// through bench-gcs's counting proxy: a tile without tci.png is
+    told missing_s2 (nothing under its Sentinel-2 folder) or missing_band (something there: only
+    an unused file, only b08, an object deeper down, the folder's own placeholder object) from the
+    fingerprints' range listings, with no listing of its own; every reject equals a build without a
+    listing's (reason and detail, on gs:// as today, and locally but for the root in the detail);
+    an incremental --since rebuild of the unchanged input builds nothing."""
+    from pipelines import build_pairs
+    from pipelines.dev import gcs_emulator as emu
+    from pipelines.dev.bench_gcs import run_build
+    import io
+    import urllib.parse
+
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "input"
+    kinds = _write_s2_cases(str(root))
+    placeholder = tid(29)
+    write_tile(str(root), placeholder, scene(np.random.default_rng(5)), None)
+    bucket = gcs_emulator.bucket("h8-no-s2")
+    base = bucket + "/input"
+    gcs_emulator.upload_tree(root, base)
+    gcs_emulator.upload_bytes(f"{base}/sentinel2/{placeholder.split('/')[1]}/", b"")  # a "folder" object
+    kinds[placeholder] = "placeholder"
+    config = PairConfig(input_root=base, selection=ROBUST)
+    spec = fpr.FingerprintSpec.for_config(config)
+    with gcs_emulator.environment():
+        listed = dict(zip(kinds, fpr.group_listings(list(kinds), spec)))
+        for tile_id, kind in kinds.items():  # what the range listing saw is what a listing of its own says
+            s2 = tiles.s2_dir(base, TileId.parse(tile_id))
+            assert fpr.s2_holds_any(listed[tile_id]) is storage.dir_has_files(s2), kind
+            assert fpr.compared(listed[tile_id]) == fpr.tile_fingerprints(tile_id, spec), kind
+        today = {t: build_tile(t, config).record for t in kinds}  # no listing: the folder listed per tile
+        failed = fpr.group_listings([tid(20)], fpr.FingerprintSpec("gs://no-such-bucket/set"))
+        assert fpr.s2_holds_any(failed[0]) is None  # a failed listing says nothing: load_tile lists
+    assert {kinds[t]: r.get("reason") for t, r in today.items()} == {
+        "full": None, "no_s2": "missing_s2", "only_unused": "missing_band", "b08_no_tci": "missing_band",
+        "deeper_only": "missing_band", "placeholder": "missing_band"}
+
+    with gcs_emulator.proxy() as proxy:
+        full = run_build(gcs_emulator, proxy, base, bucket + "/out", 4, ("--selection", "robust"))
+        operations = list(proxy.operations)
+        since = run_build(gcs_emulator, proxy, base, bucket + "/since", 4,
+                          ("--selection", "robust", "--since", bucket + "/out"))
+        since_gets = [p for kind, p in proxy.operations if kind == "get_media"]
+    assert full["tiles"] == len(kinds)
+    s2_listings = []
+    for kind, path in operations:
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(path).query)
+        if kind == "list" and emu.operation_object(path).startswith("input/sentinel2/") and "startOffset" not in query:
+            s2_listings.append(path)
+    assert s2_listings == [], s2_listings  # only the fingerprints' range listings saw the chips
+    assert full["input_kinds"]["list"] <= 4, full["input_kinds"]  # naip/, naip/<id>/, the range listings
+
+    def rejects(folder):
+        out = {}
+        for url in gcs_emulator.list(folder + "/rejects/"):
+            if url.endswith(".parquet"):
+                for row in pq.read_table(io.BytesIO(gcs_emulator.read_bytes(url))).to_pylist():
+                    out[row["tile_id"]] = row
+        return out
+
+    built = rejects(bucket + "/out")
+    for tile_id, record in today.items():
+        if record.get("reason") is not None:
+            assert {k: built[tile_id][k] for k in ("stage", "reason", "detail")} == {
+                k: record[k] for k in ("stage", "reason", "detail")}, kinds[tile_id]
+    local = tmp_path / "local"
+    build_pairs.run(["--input", str(root), "--output", str(local), "--runner", "FnApiRunner", "--selection", "robust"])
+    local_rejects = {row["tile_id"]: row for path in sorted((local / "rejects").glob("*.parquet"))
+                     for row in pq.read_table(path).to_pylist()}
+    for tile_id, kind in kinds.items():
+        if kind not in ("full", "placeholder"):  # a local folder has no placeholder object
+            assert built[tile_id]["reason"] == local_rejects[tile_id]["reason"], kind
+            assert built[tile_id]["detail"] == local_rejects[tile_id]["detail"].replace(str(root), base), kind
+    # the listing's extra item is never compared: the unchanged input is carried whole
+    assert since["incremental"]["unchanged"] == len(kinds) and since["incremental"]["processed"] == 0, since
+    assert not [p for p in since_gets if emu.operation_object(p).startswith("input/")]

@@ -149,7 +149,14 @@ def _read(path: str, what: str, missing_reason: str, read: Reader = storage.read
         raise TileRejected("read", "read_error", f"{what}: {type(e).__name__}: {e}") from None
 
 
-def _has_files(folder: str) -> bool:
+def _has_files(folder: str, read: Reader = storage.read_bytes) -> bool:
+    """Whether anything lies under `folder`: as the listing behind `read` saw it when it listed the
+    folder whole (`prefetch.TileReads.holds_any`: a gs:// group listing of the plan), else listed
+    now (`storage.dir_has_files`; one more listing on an object store)."""
+    holds_any = getattr(read, "holds_any", None)
+    known = holds_any(folder) if holds_any is not None else None
+    if known is not None:
+        return bool(known)
     try:
         return storage.dir_has_files(folder)
     except OSError as e:
@@ -186,7 +193,7 @@ def load_tile(tile: TileId, config: PairConfig, read: Reader = storage.read_byte
     try:
         tci_data = _read(tiles.s2_band_path(config.input_root, tile, "tci"), "tci.png", "missing_band", read)
     except TileRejected as e:
-        if e.reason == "missing_band" and not _has_files(tiles.s2_dir(config.input_root, tile)):
+        if e.reason == "missing_band" and not _has_files(tiles.s2_dir(config.input_root, tile), read):
             raise TileRejected("read", "missing_s2", f"no Sentinel-2 files under {tiles.s2_dir(config.input_root, tile)}") from None
         raise
     tci = _decode(imagery.decode_series, tci_data, "tci.png", 3)

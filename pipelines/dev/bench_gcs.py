@@ -6,7 +6,9 @@ on 127.0.0.1, behind a proxy that delays every request by `--latency-ms` (each r
 thread, so concurrent requests overlap their delays as on GCS, where a small object's first byte
 takes tens of milliseconds). The input is a generated sample with the extra bands (`--tiles`), the
 build the default one (`paper` selection, every format's work but Parquet only), one worker process, in this
-process (FnApiRunner). Each setting runs `--repeats` times, settings interleaved; medians reported.
+process (FnApiRunner). `--s2naip-chips` gives its chips S2-NAIP's s2cloudless bands, `--without-s2`
+takes a share of its tiles' Sentinel-2 away. Each setting runs `--repeats` times, settings
+interleaved; medians reported.
 A run at 0 ms latency shows what the thread pool costs when reads are fast (local disk, page cache).
 
 Measured per setting: tiles/s of the whole build (listing, fingerprints, reads, selection, Parquet,
@@ -191,17 +193,40 @@ def with_s2naip_chips(sample: str, out: str, without_b09: float) -> dict[str, in
     return counts
 
 
+def without_s2(sample: str, out: str, share: float) -> dict[str, int]:
+    """A copy of the generated `sample` (hard links) where a further share `share` of the tiles has
+    no Sentinel-2 at all: the chip folder `sentinel2/<x>_<y>/` of every tile whose rank in name
+    order among those that have one falls in that share (spread evenly) is left out, as for the
+    tiles of S2-NAIP without a Sentinel-2 chip (`missing_s2`). Returns the chips by kind."""
+    import shutil
+
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    shutil.copytree(sample, out, copy_function=os.link)
+    chips = sorted(p for p in Path(out, "sentinel2").iterdir() if p.is_dir())
+    removed = 0
+    for i, chip in enumerate(chips):
+        if int((i + 1) * share) > int(i * share):
+            shutil.rmtree(chip)  # unlinks the copy's links: the sample keeps its files
+            removed += 1
+    return {"chips": len(chips), "removed": removed}
+
+
 def bench(tiles: int, latencies_ms: list[float], thread_settings: list[int], repeats: int, workdir: str,
-          extra: tuple[str, ...] = (), layout_tiles: int = 0, s2naip_chips: float | None = None) -> dict:
+          extra: tuple[str, ...] = (), layout_tiles: int = 0, s2naip_chips: float | None = None,
+          no_s2: float | None = None) -> dict:
     from transforms.devdata.sample import generate_sample
 
     emu = _emulator()
     sample = os.path.join(workdir, f"sample-{tiles}")
     generate_sample(sample, tiles, seed=0, timesteps=(26, 34), extra_bands=True, workers=os.cpu_count() or 1)
-    chips = None
+    chips = removed = None
     if s2naip_chips is not None:
         chips = with_s2naip_chips(sample, os.path.join(workdir, f"sample-{tiles}-s2naip"), s2naip_chips)
         sample = os.path.join(workdir, f"sample-{tiles}-s2naip")
+    if no_s2 is not None:
+        removed = without_s2(sample, sample + "-no-s2", no_s2)
+        sample += "-no-s2"
     server = emu.GcsTestServer(os.path.join(workdir, "gcs-env"))
     server.start()
     results = []
@@ -238,7 +263,7 @@ def bench(tiles: int, latencies_ms: list[float], thread_settings: list[int], rep
         for r in rows:
             r["speedup_vs_first_setting"] = r["tiles_per_s"] / base_rate
     return {"tiles": tiles, "repeats": repeats, "results": results, "options": list(extra),
-            "s2naip_chips": chips, "operations": operations_per_tile, "layout_listings": layout,
+            "s2naip_chips": chips, "without_s2": removed, "operations": operations_per_tile, "layout_listings": layout,
             "machine": machine()}
 
 
@@ -250,6 +275,10 @@ def report_text(report: dict) -> str:
         chips = report["s2naip_chips"]
         lines.insert(1, f"  chips with S2-NAIP's s2cloudless bands (b05, b09): {chips['chips']}, "
                         f"{chips['without_b09']} of them without b09")
+    if report.get("without_s2"):
+        gone = report["without_s2"]
+        lines.insert(1, f"  Sentinel-2 chips left out (--without-s2): {gone['removed']} of {gone['chips']}, "
+                        "besides the sample's own missing_s2 tiles")
     for r in report["results"]:
         lines.append(f"  {r['latency_ms']:>6g}ms {r['read_threads']:>12} {r['tiles_per_s']:>9.1f} "
                      f"{r['speedup_vs_first_setting']:>8.2f}x {r['requests_per_tile']:>14.1f}  "
@@ -286,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--s2naip-chips", type=float, default=None, metavar="SHARE_WITHOUT_B09",
                    help="give the sample's chips S2-NAIP's s2cloudless bands (b05, b09, copies of b01) and "
                         "take b09 away from this share of them (0 to 1): what a missing band saves")
+    p.add_argument("--without-s2", type=float, default=None, metavar="SHARE",
+                   help="leave out the Sentinel-2 chip folder of this share (0 to 1) of the sample's tiles "
+                        "that have one (besides its own 3.3%% missing_s2 tiles): what tiles without "
+                        "Sentinel-2 cost")
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temp folder, removed)")
     p.add_argument("--report", default=None, help="write the figures as JSON here")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
@@ -295,15 +328,17 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--read-threads needs at least one setting")
     if args.s2naip_chips is not None and not 0.0 <= args.s2naip_chips <= 1.0:
         p.error(f"--s2naip-chips must be a share in [0, 1], got {args.s2naip_chips}")
+    if args.without_s2 is not None and not 0.0 <= args.without_s2 <= 1.0:
+        p.error(f"--without-s2 must be a share in [0, 1], got {args.without_s2}")
     extra = ("--selection", args.selection) if args.selection else ()
     if args.workdir:
         os.makedirs(args.workdir, exist_ok=True)
         report = bench(args.tiles, latencies, threads, args.repeats, args.workdir, extra, args.layout_tiles,
-                       args.s2naip_chips)
+                       args.s2naip_chips, args.without_s2)
     else:
         with tempfile.TemporaryDirectory(prefix="s2naip-bench-gcs-") as tmp:
             report = bench(args.tiles, latencies, threads, args.repeats, tmp, extra, args.layout_tiles,
-                           args.s2naip_chips)
+                           args.s2naip_chips, args.without_s2)
     print(report_text(report))
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=2, sort_keys=True))

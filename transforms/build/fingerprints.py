@@ -27,6 +27,14 @@ never requested.
 A folder that cannot be listed (after storage's retries) gives `"error:<type>"` for its files: such
 a fingerprint never equals a previous one, so the tile is rebuilt (and its new manifest row holds
 the error, so the next run looks again).
+
+A range listing also sees whether anything at all lies under a tile's Sentinel-2 folder, which
+the fingerprints cannot say (they name only the files the build reads). `group_listings` carries
+that after them, as a sixth item (`S2_HOLDS_ANY`: True, False, or None when not known): the build
+then tells a tile without Sentinel-2 (`missing_s2`) from one without `tci.png` (`missing_band`)
+without listing the folder again (`listed_folders`, `pairs.load_tile`). It is a fact of this
+listing, not a fingerprint: never compared with a previous run's nor stored in the manifest
+(`compared` drops it), so a previous manifest still compares equal.
 """
 from __future__ import annotations
 
@@ -44,6 +52,20 @@ ERROR_PREFIX = "error:"
 
 Fingerprints = tuple  # (fp_rgb, fp_nir, fp_tci, fp_b08, fp_extra): str or None each
 NONE = (None,) * len(FIELDS)
+S2_HOLDS_ANY = len(FIELDS)  # the item after the fingerprints that a group listing adds (module doc)
+
+
+def compared(values) -> Fingerprints:
+    """The fingerprints of a tile's listing (what a previous run's manifest is compared with and the
+    new one stores), without what the listing adds after them (`group_listings`)."""
+    return tuple(values)[:len(FIELDS)]
+
+
+def s2_holds_any(values) -> bool | None:
+    """Whether the listing saw anything under the tile's Sentinel-2 folder; None when it does not
+    say (fingerprints alone, a local build, a failed listing)."""
+    values = tuple(values)
+    return values[S2_HOLDS_ANY] if len(values) > S2_HOLDS_ANY else None
 
 
 def fingerprint(meta: ObjectMeta | None) -> str | None:
@@ -176,6 +198,13 @@ def group_fingerprints(tile_ids: Iterable[str], spec: FingerprintSpec) -> list[F
     """The fingerprints of a group of tile ids (in their order) on gs://, from range listings of all
     their folders at once (`object_meta.list_folders_meta`). A folder whose listing failed gives
     `"error:<type>"` for its files. Invalid ids get all None."""
+    return [compared(values) for values in group_listings(tile_ids, spec)]
+
+
+def group_listings(tile_ids: Iterable[str], spec: FingerprintSpec) -> list[tuple]:
+    """`group_fingerprints` with what the listings also saw: each tile's fingerprints followed by
+    `S2_HOLDS_ANY` (whether any object at all lies under its Sentinel-2 folder; None for an invalid
+    id or a failed listing)."""
     ids = list(tile_ids)
     parsed: list[TileId | None] = []
     folders = set()
@@ -201,12 +230,13 @@ def group_fingerprints(tile_ids: Iterable[str], spec: FingerprintSpec) -> list[F
     out = []
     for tile in parsed:
         if tile is None:
-            out.append(NONE)
+            out.append(NONE + (None,))
             continue
         naip_dir, nir_dir, s2_dir = _folders(tile, spec)
         found = {**files(naip_dir, _naip_names(spec)), **files(s2_dir, _s2_names(spec))}
         nir = files(nir_dir, ("nir.png",))["nir.png"] if "nir" in spec.files and not _same_nir_root(spec) else None
-        out.append(_assemble(spec, found, nir))
+        s2 = listed[s2_dir]
+        out.append(_assemble(spec, found, nir) + (None if isinstance(s2, OSError) else s2.holds_any,))
     return out
 
 
@@ -218,7 +248,7 @@ def lists_in_groups(spec: FingerprintSpec) -> bool:
 def absent_paths(tile: TileId, spec: FingerprintSpec, fps: Fingerprints) -> frozenset[str]:
     """The files the build would read that these fingerprints say are absent (None; never those of
     an error): what it need not ask for."""
-    rgb, nir, tci, b08, extra = fps
+    rgb, nir, tci, b08, extra = compared(fps)
     naip_dir, nir_dir, s2_dir = _folders(tile, spec)
     absent = set()
     for name, fp, folder in (("rgb", rgb, naip_dir), ("nir", nir, nir_dir), ("tci", tci, s2_dir),
@@ -228,3 +258,10 @@ def absent_paths(tile: TileId, spec: FingerprintSpec, fps: Fingerprints) -> froz
     present = {part.split("=", 1)[0] for part in extra.split(";")} if extra else set()
     absent.update(storage.join(s2_dir, f"{b}.png") for b in spec.extra_bands if b not in present)
     return frozenset(absent)
+
+
+def listed_folders(tile: TileId, spec: FingerprintSpec, values) -> dict[str, bool]:
+    """{folder: whether anything lies under it} for the tile's folders its listing saw whole (the
+    Sentinel-2 folder after a group listing, `S2_HOLDS_ANY`); {} when it does not say."""
+    holds = s2_holds_any(values)
+    return {} if holds is None else {tiles.s2_dir(spec.input_root, tile): bool(holds)}

@@ -89,8 +89,10 @@ def tile_order(tile_id: str) -> tuple[str, str]:
 
 class FingerprintGroupDoFn(FingerprintDoFn):
     """The fingerprints of the tiles of one block of zoom-17 columns (gs://): their folders listed
-    together with range listings (`fingerprints.group_fingerprints`), in chunks of
-    GROUP_CHUNK_TILES tiles run on `threads` threads."""
+    together with range listings (`fingerprints.group_listings`), in chunks of
+    GROUP_CHUNK_TILES tiles run on `threads` threads. Each tuple also carries, after the
+    fingerprints, whether the tile's Sentinel-2 folder holds anything (`fingerprints.S2_HOLDS_ANY`;
+    the plan neither compares nor stores it)."""
 
     def process(self, keyed) -> Iterator[tuple[str, tuple]]:
         _, ids = keyed
@@ -104,15 +106,16 @@ class FingerprintGroupDoFn(FingerprintDoFn):
         storage.report_retries()  # those of the reader threads
 
     def _chunk(self, ids: list[str]) -> list[tuple]:
-        return fpr.group_fingerprints(ids, self.spec)
+        return fpr.group_listings(ids, self.spec)
 
 
 class FingerprintTiles(beam.PTransform):
     """Tile ids -> (tile_id, fingerprints tuple in `fingerprints.FIELDS` order). No image is decoded;
     on gs:// nothing is downloaded: the ids are grouped per block of 64 zoom-17 columns and each
     block's folders (NAIP, Sentinel-2, NIR) are listed together with range listings, about one
-    request per 1,000 objects (`fingerprints.group_fingerprints`). Local files are checksummed tile
-    by tile."""
+    request per 1,000 objects (`fingerprints.group_listings`), and each tuple ends with one more
+    item, whether the tile's Sentinel-2 folder holds anything (`fingerprints.S2_HOLDS_ANY`). Local
+    files are checksummed tile by tile."""
 
     def __init__(self, spec: fpr.FingerprintSpec, threads: int = 0):
         super().__init__()
@@ -163,7 +166,7 @@ class ReadPreviousManifest(beam.PTransform):
 class PlanTileDoFn(beam.DoFn):
     """(tile_id, {'fp': [...], 'prev': [...], 'corr': [...]}) -> the tile's plan.
 
-    Outputs: 'process' ((tile_id, fingerprints)), 'carry' (tile id), 'plan' (the tile's plan as run.json counts it:
+    Outputs: 'process' ((tile_id, fingerprints, and what the listing adds after them)), 'carry' (tile id), 'plan' (the tile's plan as run.json counts it:
     'incremental:new', ':changed' or ':unchanged'), 'planned' ((tile_id, (fps, correction, computed_in of the
     previous record or None))), 'current_xy' ((x_y, naip_id) of each current
     tile), 'retiring' ((x_y, previous row tuple) of previous tiles gone from the input), 'retired'
@@ -193,7 +196,8 @@ class PlanTileDoFn(beam.DoFn):
             return
         if len(current) > 1:  # the ids were deduplicated before: a bug upstream
             raise RuntimeError(f"tile {tile_id[:200]!r} fingerprinted {len(current)} times")
-        fps = tuple(current[0])
+        listing = tuple(current[0])
+        fps = fpr.compared(listing)  # what the listing adds after the fingerprints is never compared
         corr = dm.correction_text(correction)
         naip_id, xy = dm.tile_parts(tile_id)
         if naip_id is None:
@@ -207,11 +211,12 @@ class PlanTileDoFn(beam.DoFn):
         computed_in = prev["computed_in"] if carry else None
         # keyed as its record will be (reject records truncate ids), for AssembleManifest's join
         yield beam.pvalue.TaggedOutput("planned", (tile_id[:MAX_ID_CHARS], (fps, corr, computed_in)))
-        # a tile to build takes its fingerprints along: BuildPairs requests no file they show absent
+        # a tile to build takes its listing along: BuildPairs requests no file it shows absent, and
+        # lists no Sentinel-2 folder it saw whole
         if carry:
             yield beam.pvalue.TaggedOutput("carry", tile_id)
         else:
-            yield beam.pvalue.TaggedOutput("process", (tile_id, fps))
+            yield beam.pvalue.TaggedOutput("process", (tile_id, listing))
 
 
 def retire_chip(keyed) -> Iterator[dict]:

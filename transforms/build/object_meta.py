@@ -132,7 +132,16 @@ def _after(prefix: str) -> str:
     return prefix[:-1] + "0"
 
 
-FolderMeta = dict  # {file name: ObjectMeta} of one folder's direct files, or the OSError of its listing
+class FolderMeta(dict):
+    """{file name: ObjectMeta} of one folder's direct files, from a range listing (its own
+    placeholder object, if any, under the name ''); `holds_any`: whether the listing saw any object
+    at all under the folder, those deeper down included (what `storage.dir_has_files` answers)."""
+
+    deeper = False  # an object below one of the folder's sub-folders was listed
+
+    @property
+    def holds_any(self) -> bool:
+        return bool(self) or self.deeper
 
 
 def list_folders_meta(folders: Iterable[str]) -> dict[str, FolderMeta | OSError]:
@@ -143,7 +152,8 @@ def list_folders_meta(folders: Iterable[str]) -> dict[str, FolderMeta | OSError]
     before it. Folders next to each other in name order (the tiles of a NAIP capture, the Sentinel-2
     chips of neighbouring zoom-17 columns) share pages: about one request per 1,000 objects, never
     more than one per folder (plus one per page of a folder of over 1,000 objects). Objects deeper
-    than a folder's own files are skipped; a missing folder is empty.
+    than a folder's own files are not in its dict (only its `FolderMeta.holds_any` counts them); a
+    missing folder is empty.
 
     A listing that fails after storage's retries gives its OSError (FileNotFoundError for a
     missing bucket) to every folder it had not finished. Correct on a server that ignores the
@@ -165,7 +175,7 @@ def list_folders_meta(folders: Iterable[str]) -> dict[str, FolderMeta | OSError]
 
 
 def _scan(bucket: str, prefixes: list[str]) -> dict[str, FolderMeta | OSError]:
-    found: dict[str, FolderMeta | OSError] = {p: {} for p in prefixes}
+    found: dict[str, FolderMeta | OSError] = {p: FolderMeta() for p in prefixes}
     end = _after(prefixes[-1])
     i, start, token = 0, prefixes[0], None
     while True:
@@ -188,6 +198,12 @@ def _scan(bucket: str, prefixes: list[str]) -> dict[str, FolderMeta | OSError]:
             folder = name[: name.rfind("/") + 1]
             if folder in found:
                 found[folder][name[len(folder):]] = meta
+            else:  # deeper down: it still says that a wanted folder above holds something
+                cut = name.find("/") + 1
+                while 0 < cut < len(folder):
+                    if name[:cut] in found:
+                        found[name[:cut]].deeper = True
+                    cut = name.find("/", cut) + 1
         if token is None:  # listed to `end`: every folder from prefixes[i] on is complete
             return found
         if not items:

@@ -156,21 +156,27 @@ def start_reads(read_ahead: ReadAhead, tile_id: str, correction, config: PairCon
     With the tile's `fingerprints` (from the listings of the incremental plan), the files they show
     absent are never requested (`fingerprints.absent_paths`), nor those the tile would not use
     (`pairs.read_plan`: nothing after a missing tci, b08 or nir; no optional band that feeds no
-    term, e.g. s2cloudless's without the whole set)."""
+    term, e.g. s2cloudless's without the whole set); when they carry whether the Sentinel-2 folder
+    holds anything (a gs:// group listing, `fingerprints.S2_HOLDS_ANY`), a tile without tci.png is
+    told missing_s2 or missing_band from it, without listing that folder again
+    (`fingerprints.listed_folders`)."""
     if correction is not None and correction.removes:
         return None
     try:
         tile = TileId.parse(tile_id)
     except InvalidTileId:
         return None
+    folders = {}
     if fingerprints is None:
         absent, paths = frozenset(), tile_paths(tile, config)
     else:
-        absent = fpr.absent_paths(tile, spec or fpr.FingerprintSpec.for_config(config), fingerprints)
+        spec = spec or fpr.FingerprintSpec.for_config(config)
+        absent = fpr.absent_paths(tile, spec, fingerprints)
         paths = read_plan(tile, config, absent)
+        folders = fpr.listed_folders(tile, spec, fingerprints)
     gate = hr_reads_on if paths and paths[0] == tiles.hr_rgb_path(config.input_root, tile) else None
     return read_ahead.start(paths, imagery.MAX_PNG_BYTES, absent, first_decides=gate,
-                            listed=fingerprints is not None)
+                            listed=fingerprints is not None, folders=folders)
 
 
 def hr_reads_on(rgb_png: bytes) -> tuple[bool, object]:

@@ -25,14 +25,16 @@ class TileReads:
     """The reads of one tile, started ahead: `reads(path, limit)` is `storage.read_bytes(path, limit)`,
     answered from the read started ahead when there is one for that path and limit, directly
     otherwise; a path of `absent` (files a listing showed are not there) raises FileNotFoundError
-    at once, without a request."""
+    at once, without a request; `folders` ({folder: whether anything lies under it}) are folders
+    the listing saw whole, `holds_any`."""
 
     def __init__(self, futures: dict[str, concurrent.futures.Future], limit: int, absent: frozenset[str] = frozenset(),
-                 listed: bool = False):
+                 listed: bool = False, folders: dict[str, bool] | None = None):
         self._futures = futures
         self._limit = limit
         self._absent = absent
         self._listed = listed
+        self._folders = dict(folders or {})
         self._kept: dict[str, object] = {}  # what `first_decides` made of a first file's bytes
         self._lock = threading.Lock()  # a reader thread may add the reads a first file let start
         self._cancelled = False
@@ -43,6 +45,11 @@ class TileReads:
         (then `absent` is not known to be complete): `pairs.load_tile` plans its optional reads
         from it (`pairs.planned_extra_bands`)."""
         return self._absent if self._listed else None
+
+    def holds_any(self, folder: str) -> bool | None:
+        """Whether anything lies under `folder`, as the listing that started these reads saw it;
+        None when it did not list that folder whole (`pairs.load_tile` then lists it itself)."""
+        return self._folders.get(folder)
 
     def kept(self, path: str):
         """What the read-ahead's `first_decides` made of `path`'s bytes (e.g. the decoded image), once
@@ -89,7 +96,8 @@ class ReadAhead:
                       if threads else None)
 
     def start(self, paths: Iterable[str], limit: int, absent: frozenset[str] = frozenset(),
-              first_decides: Callable[[bytes], bool | tuple] | None = None, listed: bool = False) -> TileReads:
+              first_decides: Callable[[bytes], bool | tuple] | None = None, listed: bool = False,
+              folders: dict[str, bool] | None = None) -> TileReads:
         """Starts reading `paths` (in order; those in `absent` are never read) and returns their
         reader. With `first_decides`, only the first path is read at once; on its reader thread,
         `first_decides(its bytes)` then says whether to start the others (False: the tile will not
@@ -98,11 +106,12 @@ class ReadAhead:
         decide) with `TileReads.kept(first)`. A path not started is still read directly if the tile
         asks for it, so this changes requests, never results. `listed`: `absent` comes from a
         listing of the tile's folders (every file it does not name is there),
-        `TileReads.listed_absent`."""
+        `TileReads.listed_absent`; `folders`: {folder: whether anything lies under it} for those it
+        listed whole, `TileReads.holds_any`."""
         if self._pool is None:
-            return TileReads({}, limit, absent, listed)
+            return TileReads({}, limit, absent, listed, folders)
         paths = [p for p in dict.fromkeys(paths) if p not in absent]
-        tile_reads = TileReads({}, limit, absent, listed)
+        tile_reads = TileReads({}, limit, absent, listed, folders)
         if first_decides is None or not paths:
             for path in paths:
                 tile_reads._add(path, lambda path=path: self._pool.submit(storage.read_bytes, path, limit))
