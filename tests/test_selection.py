@@ -360,3 +360,58 @@ def test_robust_ssim_distance_is_the_plain_float32_form():
         got = S._ssim_distance_f32(hr_ref, frames, matched, 0.7)
         np.testing.assert_allclose(got, plain, rtol=0, atol=5e-6)
         np.testing.assert_allclose(got, S.paper_scores(hr_ref, candidates, 0.7), rtol=0, atol=2e-5)
+
+
+def _plain_luts(source, templates):
+    """scikit-image's uint8 rule written out per (template, band): np.interp of the source's quantiles
+    at all 256 values on the template's non-empty bins, truncated to uint8."""
+    n, c = templates.shape[0], templates.shape[-1]
+    out = np.empty((n, c, 256), np.uint8)
+    for j in range(n):
+        for band in range(c):
+            src_q = np.cumsum(np.bincount(source[..., band].ravel(), minlength=256)) / source[..., band].size
+            counts = np.bincount(templates[j, ..., band].ravel(), minlength=256)
+            values = np.nonzero(counts)[0]
+            tmpl_q = np.cumsum(counts[values]) / templates[j, ..., band].size
+            out[j, band] = np.interp(src_q, tmpl_q, values).astype(np.uint8)
+    return out
+
+
+def _adversarial_histogram_cases():
+    rng = np.random.default_rng(23)
+    yield _u8(rng, (32, 32, 4)), _u8(rng, (16, 32, 32, 4))  # the build's shapes
+    yield _u8(rng, (128, 128, 3)), _u8(rng, (1, 32, 32, 3))  # the output's full-size HR
+    yield np.full((32, 32, 3), 7, np.uint8), _u8(rng, (5, 32, 32, 3))  # constant source
+    yield _u8(rng, (32, 32, 4)), np.full((4, 32, 32, 4), 200, np.uint8)  # single-value templates
+    yield np.full((8, 8, 2), 255, np.uint8), np.full((3, 32, 32, 2), 0, np.uint8)  # the extremes
+    every = np.resize(np.arange(256, dtype=np.uint8), (32, 32, 4))  # all 256 values in both
+    yield every, np.stack([np.resize(rng.permutation(256).astype(np.uint8), (32, 32, 4)) for _ in range(6)])
+    yield (_u8(rng, (32, 32, 4), 8) * 32).astype(np.uint8), (_u8(rng, (7, 32, 32, 4), 4) * 60 + 3).astype(np.uint8)  # empty bins
+    yield rng.choice(np.array([0, 255], np.uint8), (3, 3, 4)), _u8(rng, (9, 32, 32, 4), 3)  # source smaller than the templates
+    yield _u8(rng, (32, 32, 1), 2), _u8(rng, (11, 1, 1, 1))  # one-pixel templates, one band
+    yield _u8(rng, (32, 32, 4)), _u8(rng, (70, 32, 32, 4), 9)  # > 256 rows: the intp histograms
+
+
+def test_match_luts_are_scikit_images_lookup_tables_bit_for_bit():
+    """`_interp_luts`' positions from the source's small table and its per-position terms give every
+    one of the 256 table entries np.interp gives (scikit-image's rule), and the matched images are
+    scikit-image's, on empty bins, constant sources and templates, all 256 values, sources smaller
+    and larger than the templates, one-pixel templates and more than 256 rows."""
+    for source, templates in _adversarial_histogram_cases():
+        np.testing.assert_array_equal(S._match_luts(source, templates), _plain_luts(source, templates))
+        n, c = templates.shape[0], templates.shape[-1]
+        matched = S._match_uint8(source, templates).reshape(n, c, *source.shape[:-1])
+        for j in (0, n - 1):
+            np.testing.assert_array_equal(np.moveaxis(matched[j], 0, -1), sk_match(source, templates[j], channel_axis=-1))
+        full = S.match_histograms(source, templates[:1])[0]  # OpenCV's LUT path for 2-4 bands
+        np.testing.assert_array_equal(full, sk_match(source, templates[0], channel_axis=-1))
+
+
+def test_histograms_with_cached_offsets_are_the_plain_counts():
+    rng = np.random.default_rng(24)
+    for shape in ((16, 32, 32, 4), (16, 32, 32, 3), (1, 32, 32, 4), (5, 8, 8, 2), (64, 2, 2, 4), (3, 32, 32, 1)):
+        images = _u8(rng, shape)
+        n, c = shape[0], shape[-1]
+        expected = np.stack([np.bincount(images[j, ..., b].ravel(), minlength=256) for j in range(n) for b in range(c)])
+        for _ in range(2):  # the second call reads the cached offsets
+            np.testing.assert_array_equal(S._histograms(images, (n, c)), expected)

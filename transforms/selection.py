@@ -386,6 +386,19 @@ def _matched_values(src_cum: np.ndarray, src_size: int, tmpl_counts: np.ndarray,
     return np.where(pos >= 256, last_nonempty[:, -1:], out).astype(np.float64)
 
 
+@functools.lru_cache(maxsize=32)
+def _row_offsets_u16(shape: tuple[int, ...], rows_ndim: int) -> np.ndarray:
+    """uint16 array of `shape` ([N, ..., C] pixels of N*C <= 256 rows) holding 256 * row, row = n * C + c:
+    added to the uint8 images it gives each value its row's histogram bin in one contiguous pass
+    (a broadcast [N, 1, 1, C] offset makes numpy's inner loop C elements long: ~10x slower)."""
+    n_rows = int(np.prod(shape[:rows_ndim - 1] + shape[-1:]))
+    row_shape = shape[:rows_ndim - 1] + (1,) * (len(shape) - rows_ndim) + shape[-1:]
+    offsets = np.empty(shape, dtype=np.uint16)
+    offsets[...] = (np.arange(n_rows, dtype=np.uint16) * np.uint16(256)).reshape(row_shape)
+    offsets.flags.writeable = False
+    return offsets
+
+
 def _histograms(images: np.ndarray, rows_shape: tuple[int, ...]) -> np.ndarray:
     """Counts of uint8 `images` [..., C] per leading index and band -> [prod(rows_shape), 256].
 
@@ -400,12 +413,76 @@ def _histograms(images: np.ndarray, rows_shape: tuple[int, ...]) -> np.ndarray:
                         ).astype(np.int64)
     row_shape = rows_shape[:-1] + (1,) * (images.ndim - len(rows_shape)) + rows_shape[-1:]
     if images.dtype == np.uint8 and n_rows <= 256:
-        # value + 256 * row fits in uint16: two narrow passes instead of two over intp
-        flat = images.astype(np.uint16)
-        flat += (np.arange(n_rows, dtype=np.uint16) * np.uint16(256)).reshape(row_shape)
+        # value + 256 * row fits in uint16: one narrow pass (cached full-size offsets) instead of
+        # two over intp
+        flat = np.add(images, _row_offsets_u16(images.shape, len(rows_shape)), dtype=np.uint16)
     else:
         flat = images.astype(np.intp) + 256 * np.arange(n_rows).reshape(row_shape)
     return np.bincount(flat.ravel(), minlength=256 * n_rows).reshape(n_rows, 256)
+
+
+_BINS = np.arange(256)
+_BINS.flags.writeable = False
+
+
+def _interp_luts(src_cum: np.ndarray, src_size: int, tmpl_counts: np.ndarray, tmpl_size: int) -> np.ndarray:
+    """`_matched_values` for a uint8 source, as lookup tables: float64 [R, 256], row r = n * C + c the
+    value np.interp(src_cum[c] / src_size, template quantiles, template values) gives each of the
+    source's 256 possible values (scikit-image's uint8 path), bit for bit.
+
+    `src_cum` [C, 256] are the source's cumulative counts per band (shared by the N templates),
+    `tmpl_counts` [N * C, 256] the templates' histograms. The same positions and arithmetic as
+    `_matched_values`, found with fewer and cheaper passes:
+
+    * pos[r, v] = #{bins b: tmpl_cum[r, b] / T <= src_cum[c, v] / S}, i.e. tmpl_cum[r, b] <= t[c, v]
+      with t = floor(src_cum * T / S), the same exact integer test. As t is sorted along v,
+      tmpl_cum[r, b] <= t[c, v] <=> v >= m[r, b] with m[r, b] = #{v: t[c, v] < tmpl_cum[r, b]} (one
+      lookup in a small [C, T + 1] table of the source), so pos[r, v] = #{b: m[r, b] <= v}: one
+      bincount of m and a cumulative sum, with no [R, T + 1] table;
+    * each possible position p gets its interpolation terms once (X = x0, Y = y0 and the slope, in
+      [R, 257] tables) and every value reads them at its position with flat `take`s. p = 0 and
+      p = first non-empty bin (the values below the template's first quantile: the first template
+      value), p = 256 (from the last quantile on: the last value) hold a zero slope; the result is
+      slope * (q - X) + Y as np.interp computes it (the slope (y1 - y0) / (x1 - x0), x = cum / T,
+      y the bin). A position p in 1..255 is reached only when bin p is non-empty, so x1 > x0
+      there: the other columns (empty bins, divisions by zero) are never read.
+    """
+    rows, c = tmpl_counts.shape[0], src_cum.shape[0]
+    n = rows // c
+    width = tmpl_size + 1
+    tmpl_cum = np.cumsum(tmpl_counts, axis=1)  # [R, 256] integers in [0, T]
+    t = src_cum if src_size == tmpl_size else (src_cum * tmpl_size) // src_size  # [C, 256] in [0, T], sorted
+    band_offsets = np.arange(c) * width
+    at = np.bincount((t + band_offsets[:, None]).ravel(), minlength=c * width)
+    below = np.cumsum(at)
+    below -= at  # below[c * width + x] = #{v: t[c, v] < x} + 256 * c (the flat sum runs over the bands)
+    m = below.take((tmpl_cum.reshape(n, c, 256) + band_offsets[:, None]).ravel())
+    # + 257 * r - 256 * c: row r's counts in a [R, 257] table (the bands' 256 * c taken out)
+    m += np.repeat((np.arange(rows) * 257).reshape(n, c) - np.arange(c) * 256, 256)
+    # flat cumulative counts: r * 256 + pos[r, v] at [r, v]; + r gives the flat index of [r, pos]
+    at_or_below = np.cumsum(np.bincount(m, minlength=rows * 257)).reshape(rows, 257)
+    index = at_or_below[:, :256] + np.arange(rows)[:, None]
+    x = np.empty((rows, 257))
+    x[:, 0] = 0.0
+    np.divide(tmpl_cum, tmpl_size, out=x[:, 1:])  # column p: x0 = cum[p - 1] / T
+    y = np.empty((rows, 257), dtype=np.intp)
+    y[:, 0] = 0
+    nonempty = tmpl_counts > 0
+    np.maximum.accumulate(np.where(nonempty, _BINS, -1), axis=1, out=y[:, 1:])  # the last non-empty bin <= p - 1
+    slope = np.empty((rows, 257))
+    slope[:, 0] = 0.0
+    slope[:, 256] = 0.0
+    with np.errstate(divide="ignore"):  # unreachable columns (empty bins) only
+        np.divide(np.subtract(_BINS[1:], y[:, 1:256]), np.subtract(x[:, 2:], x[:, 1:256]), out=slope[:, 1:256])
+    first = np.argmax(nonempty, axis=1)  # below the first quantile: the first value, flat
+    r = np.arange(rows)
+    y[r, first] = first
+    slope[r, first] = 0.0
+    q = src_cum / src_size  # [C, 256]
+    out = np.subtract(q, x.take(index).reshape(n, c, 256))
+    out *= slope.take(index).reshape(n, c, 256)
+    out += y.take(index).reshape(n, c, 256)
+    return out.reshape(rows, 256)
 
 
 def _match_luts(source: np.ndarray, templates: np.ndarray) -> np.ndarray:
@@ -414,7 +491,7 @@ def _match_luts(source: np.ndarray, templates: np.ndarray) -> np.ndarray:
     n, c = templates.shape[0], templates.shape[-1]
     tmpl_counts = _histograms(templates, (n, c))  # [N*C, 256]
     src_cum = np.cumsum(_histograms(source, (c,)), axis=1)  # [C, 256]
-    lut = _matched_values(np.tile(src_cum, (n, 1)), source.size // c, tmpl_counts, templates[0, ..., 0].size)
+    lut = _interp_luts(src_cum, source.size // c, tmpl_counts, templates[0, ..., 0].size)
     return lut.astype(np.uint8).reshape(n, c, 256)
 
 
@@ -422,11 +499,12 @@ def _match_uint8(source: np.ndarray, templates: np.ndarray) -> np.ndarray:
     """uint8 source [H, W, C] matched to each uint8 template [N, h, w, C] -> uint8 [N, C, H*W].
 
     Each (template, band) gets a 256-entry lookup table, truncated to uint8 as scikit-image stores
-    it; the source pixels then index the table."""
+    it; the source pixels then index the table (one `take` for every template and band: pixel p of
+    band c reads entry 256 * c + source[p, c] of each template's [C * 256] tables)."""
     n, c = templates.shape[0], templates.shape[-1]
     lut = _match_luts(source, templates)
-    src_c = source.reshape(-1, c)
-    return np.stack([np.take(lut[:, band], src_c[:, band], axis=1) for band in range(c)], axis=1)
+    index = source.reshape(-1, c).T + np.arange(0, 256 * c, 256)[:, None]  # [C, H*W]
+    return np.take(lut.reshape(n, c * 256), index.ravel(), axis=1).reshape(n, c, -1)
 
 
 def match_histograms(source: np.ndarray, templates: np.ndarray) -> np.ndarray:
