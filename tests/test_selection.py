@@ -246,6 +246,20 @@ def test_psnr_of_uint8_pairs_equals_the_float_formula_exactly(seed):
     np.testing.assert_array_equal(S.psnr(images, reference.astype(np.float32)), expected)
 
 
+def test_psnr_int32_sums_at_their_limits_equal_the_float_formula():
+    """The int16 / int32 path at its extreme differences (0 against 255 everywhere), 3 bands, and
+    images past its int32 bound (the int64 path) give the float64 formula's values."""
+    for shape in ((3, 32, 32, 4), (2, 32, 32, 3), (2, 128, 128, 3), (2, 91, 91, 4)):
+        images = np.zeros(shape, np.uint8)
+        images[1] = 255
+        reference = np.full(shape[1:], 255, np.uint8)
+        reference[0, 0] = 0
+        diff = images.astype(np.float64) - reference.astype(np.float64)
+        with np.errstate(divide="ignore"):
+            expected = 10.0 * np.log10(255.0**2 / np.mean(diff * diff, axis=tuple(range(1, len(shape)))))
+        np.testing.assert_array_equal(S.psnr(images, reference), expected)
+
+
 def _confidence_over_all_candidates(scores, best, candidates):
     """pair_confidence's margin as first written: correlations of every candidate at once."""
     corr = S.gap_free_correlation(candidates, candidates[best].astype(np.float32))
