@@ -867,8 +867,12 @@ def pair_confidence(scores: np.ndarray, best: int, candidates: np.ndarray,
         # the best rival is the first candidate in score order that is not a near copy: the
         # correlations are computed one by one up to it, not for every candidate (a stack of all the
         # others costs more: most choices stop at the first or second)
+        centred = None  # the reference's terms, computed once for every rival tried
         for j in np.argsort(scores, kind="stable"):
-            if j != best and gap_free_correlation(candidates[j : j + 1], reference)[0] < NEAR_COPY:
+            if j == best:
+                continue
+            centred = centred or _centred_reference(reference, candidates.shape[-1])
+            if _correlation_to_centred(candidates[j : j + 1], *centred)[0] < NEAR_COPY:
                 margin = float(scores[j] - scores[best])
                 break
     else:
@@ -897,6 +901,24 @@ def gap_free_correlation(images: np.ndarray, reference: np.ndarray) -> np.ndarra
     per band, averaged over bands: [N]. Unlike PSNR it ignores each image's gain and offset, so a
     hazy (brighter, flatter) timestep gains nothing over its clear twin: the robust mode ranks its
     top-k with it."""
+    return _correlation_to_centred(images, *_centred_reference(reference, images.shape[-1]))
+
+
+def _centred_reference(reference: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
+    """`gap_free_correlation`'s reference terms: the reference centred per band, float32 [P, C], and
+    its sum of squares per band [C] (computed once when one reference meets several images in turn,
+    as in `pair_confidence`)."""
+    r = np.asarray(reference, dtype=np.float32).reshape(-1, c)
+    if np.asarray(reference).dtype == np.uint8 and r.shape[0] * 255 < 2**24:  # exact, as for the images
+        r = r - np.matmul(_ones_f32(r.shape[0]), r)[0] / np.float32(r.shape[0])
+    else:
+        r = r - r.mean(axis=0)
+    return r, (r * r).sum(axis=0)
+
+
+def _correlation_to_centred(images: np.ndarray, r: np.ndarray, rr: np.ndarray) -> np.ndarray:
+    """`gap_free_correlation` of `images` with a reference given by `_centred_reference` (the same
+    operations in the same order)."""
     n, c = images.shape[0], images.shape[-1]
     x = images.reshape(n, -1, c).astype(np.float32)
     if images.dtype == np.uint8 and x.shape[1] * 255 < 2**24:
@@ -905,13 +927,8 @@ def gap_free_correlation(images: np.ndarray, reference: np.ndarray) -> np.ndarra
         x -= np.matmul(_ones_f32(x.shape[1]), x) / np.float32(x.shape[1])
     else:
         x -= x.mean(axis=1, keepdims=True)
-    r = np.asarray(reference, dtype=np.float32).reshape(-1, c)
-    if np.asarray(reference).dtype == np.uint8 and r.shape[0] * 255 < 2**24:  # exact, as for x
-        r = r - np.matmul(_ones_f32(r.shape[0]), r)[0] / np.float32(r.shape[0])
-    else:
-        r = r - r.mean(axis=0)
     num = np.einsum("npc,pc->nc", x, r)
-    den = np.sqrt(np.einsum("npc,npc->nc", x, x) * (r * r).sum(axis=0)) + 1e-6
+    den = np.sqrt(np.einsum("npc,npc->nc", x, x) * rr) + 1e-6
     return (num / den).mean(axis=1, dtype=np.float64)
 
 
