@@ -270,6 +270,19 @@ def _confidence_over_all_candidates(scores, best, candidates):
     return min(max(margin, 0.0) / S.MARGIN_SCALE, 1.0)
 
 
+def test_a_uint8_reference_is_centred_as_its_float32_copy_bit_for_bit():
+    """pair_confidence centres the chosen uint8 candidate directly (its exact integer mean divided
+    once) instead of its float32 copy (numpy's float32 mean): the same reference terms, for power of
+    two and other pixel counts, constant and extreme images."""
+    rng = np.random.default_rng(25)
+    for shape in ((32, 32, 4), (32, 32, 3), (29, 31, 4), (17, 24, 3), (128, 128, 4)):
+        for image in (_u8(rng, shape), np.full(shape, 255, np.uint8), _u8(rng, shape, 2) * np.uint8(255), _u8(rng, shape, 7)):
+            got = S._centred_reference(image, shape[-1])
+            want = S._centred_reference(image.astype(np.float32), shape[-1])
+            np.testing.assert_array_equal(got[0], want[0])
+            np.testing.assert_array_equal(got[1], want[1])
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_pair_confidence_stops_at_the_best_rival_with_the_same_result(seed):
     rng = np.random.default_rng(seed)

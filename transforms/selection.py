@@ -861,7 +861,9 @@ def pair_confidence(scores: np.ndarray, best: int, candidates: np.ndarray,
     the largest of the chosen timestep's cloud, shadow, snow fractions, haze, veil and
     cloud probability, each in [0, 1]. Low values are the picks worth a reviewer's eye."""
     scores = np.asarray(scores, dtype=np.float64)
-    reference = candidates[best].astype(np.float32)
+    # the chosen candidate as the reference; uint8 as it is, whose float32 mean per band is exact (an
+    # integer sum below 2**24, divided once): the same centred values as from its float32 copy
+    reference = candidates[best] if candidates.dtype == np.uint8 else candidates[best].astype(np.float32)
     margin = MARGIN_SCALE
     if np.isfinite(scores).all():
         # the best rival is the first candidate in score order that is not a near copy: the
