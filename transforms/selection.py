@@ -743,7 +743,8 @@ def robust_scores(hr_down_u8: np.ndarray, hr_down: np.ndarray, candidates: np.nd
         distance = alpha * (1.0 - lc_raw) + (1.0 - alpha) * (1.0 - lc_matched)
 
     swir = extra.get("b11", extra.get("b12"))
-    cloud, shadow = E.cloud_shadow_fractions(frames, matched_u8, swir)
+    snow = E.snow_mask(frames, swir) if swir is not None else None  # one mask for the cloud test and the fraction
+    cloud, shadow = E.cloud_shadow_fractions(frames, matched_u8, swir, snow=snow)
     # a timestep mostly under cloud (or shadow) fools the histogram-matched reference: its global
     # brightness against the other candidates' tells instead
     level = E._rgb_level(frames)  # mean R, G, B brightness, shared by the exposure measures and the dark gate
@@ -776,7 +777,7 @@ def robust_scores(hr_down_u8: np.ndarray, hr_down: np.ndarray, candidates: np.nd
         shift_peak=reg.hr_peak,
         aerosol=E.aerosol_index(extra["b01"], frames) if "b01" in extra else None,
         cirrus=E.cirrus_index(extra["b10"]) if "b10" in extra else None,
-        snow=E.snow_fraction(frames, swir) if swir is not None else None,
+        snow=E.snow_fraction(frames, swir, mask=snow) if swir is not None else None,
         veil=veil,
         twin_misregistration_px=reg.misregistration,
         clear_veil=clear_veil,
