@@ -436,7 +436,8 @@ def test_match_luts_are_scikit_images_lookup_tables_bit_for_bit():
 
 def test_histograms_with_cached_offsets_are_the_plain_counts():
     rng = np.random.default_rng(24)
-    for shape in ((16, 32, 32, 4), (16, 32, 32, 3), (1, 32, 32, 4), (5, 8, 8, 2), (64, 2, 2, 4), (3, 32, 32, 1)):
+    for shape in ((16, 32, 32, 4), (16, 32, 32, 3), (1, 32, 32, 4), (5, 8, 8, 2), (64, 2, 2, 4), (3, 32, 32, 1),
+                  (3, 200, 200, 3)):  # the last beyond the cached size
         images = _u8(rng, shape)
         n, c = shape[0], shape[-1]
         expected = np.stack([np.bincount(images[j, ..., b].ravel(), minlength=256) for j in range(n) for b in range(c)])

@@ -395,6 +395,9 @@ def _matched_values(src_cum: np.ndarray, src_size: int, tmpl_counts: np.ndarray,
     return np.where(pos >= 256, last_nonempty[:, -1:], out).astype(np.float64)
 
 
+_CACHED_OFFSETS_MAX = 2**18  # pixels x bands of a stack whose offsets are cached (512 KiB; the candidates': 64 Ki)
+
+
 @functools.lru_cache(maxsize=32)
 def _row_offsets_u16(shape: tuple[int, ...], rows_ndim: int) -> np.ndarray:
     """uint16 array of `shape` ([N, ..., C] pixels of N*C <= 256 rows) holding 256 * row, row = n * C + c:
@@ -421,10 +424,13 @@ def _histograms(images: np.ndarray, rows_shape: tuple[int, ...]) -> np.ndarray:
         return np.stack([cv2.calcHist([image], [band], None, [256], [0, 256]).reshape(256) for band in range(c)]
                         ).astype(np.int64)
     row_shape = rows_shape[:-1] + (1,) * (images.ndim - len(rows_shape)) + rows_shape[-1:]
-    if images.dtype == np.uint8 and n_rows <= 256:
+    if images.dtype == np.uint8 and n_rows <= 256 and images.size <= _CACHED_OFFSETS_MAX:
         # value + 256 * row fits in uint16: one narrow pass (cached full-size offsets) instead of
         # two over intp
         flat = np.add(images, _row_offsets_u16(images.shape, len(rows_shape)), dtype=np.uint16)
+    elif images.dtype == np.uint8 and n_rows <= 256:  # larger stacks: no cached copy of their size
+        flat = images.astype(np.uint16)
+        flat += (np.arange(n_rows, dtype=np.uint16) * np.uint16(256)).reshape(row_shape)
     else:
         flat = images.astype(np.intp) + 256 * np.arange(n_rows).reshape(row_shape)
     return np.bincount(flat.ravel(), minlength=256 * n_rows).reshape(n_rows, 256)
