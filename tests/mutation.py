@@ -69,7 +69,7 @@ DELIBERATE = [
      "return (1.0 - alpha) * (1.0 - s_raw) + alpha * (1.0 - s_matched)",
      ["tests/test_selection.py", "tests/test_mode_references.py"]),
     ("histogram matching rounds instead of truncating", "transforms/selection.py",
-     "lut = lut.astype(np.uint8).reshape(n, c, 256)", "lut = np.rint(lut).astype(np.uint8).reshape(n, c, 256)",
+     "return lut.astype(np.uint8).reshape(n, c, 256)", "return np.rint(lut).astype(np.uint8).reshape(n, c, 256)",
      ["tests/test_selection.py"]),
     ("argmin -> argmax", "transforms/selection.py", "best = int(np.argmin(scores))", "best = int(np.argmax(scores))",
      ["tests/test_selection.py", "tests/test_mode_references.py"]),

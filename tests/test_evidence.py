@@ -681,3 +681,23 @@ def test_consensus_surfaces_are_the_weighted_inverse_fft_and_medians_numpys():
             np.testing.assert_allclose(got[t], np.median(values[t][keep[t]], axis=0))
         else:
             assert np.isnan(got[t]).all()
+
+
+def test_one_snow_mask_serves_the_cloud_test_and_the_snow_fraction():
+    """The robust score computes `snow_mask` once, on the uint8 frames, for `cloud_shadow_fractions`
+    (which computed it on its int16 copy) and `snow_fraction`: the same mask, the same fractions,
+    over every green and SWIR value and NIR on both sides of its limit, with 4 and 3 bands."""
+    rng = np.random.default_rng(31)
+    green, swir_values = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
+    for c in (4, 3):
+        frames = rng.integers(0, 256, (4, c, 256, 256), dtype=np.uint8)
+        frames[:, 1] = green
+        swir = np.broadcast_to(swir_values, (4, 256, 256)).astype(np.uint8)
+        mask = E.snow_mask(frames, swir)
+        np.testing.assert_array_equal(mask, E.snow_mask(frames.astype(np.int16), swir))
+        assert mask.any() and not mask.all()
+        reference = np.clip(frames.astype(int) + rng.integers(-80, 20, frames.shape), 0, 255).astype(np.uint8)
+        for got, want in zip(E.cloud_shadow_fractions(frames, reference, swir, snow=mask),
+                             E.cloud_shadow_fractions(frames, reference, swir)):
+            np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(E.snow_fraction(frames, swir, mask=mask), E.snow_fraction(frames, swir))

@@ -77,3 +77,31 @@ def test_encode_png_keeps_rgb():
         assert im.mode == "RGB"
         np.testing.assert_array_equal(np.asarray(im), rgb)
     assert png_bytes(rgb)[:8] == PNG_SIGNATURE
+
+
+def _strip_counts(images, border):
+    """The rule written out: four strips, a pixel black when its R, G and B are all 0."""
+    rgb = images[..., :3]
+    strips = (rgb[..., :border, :, :], rgb[..., -border:, :, :], rgb[..., :, :border, :], rgb[..., :, -border:, :])
+    return sum((s == 0).all(axis=-1).sum(axis=(-2, -1)) for s in strips)
+
+
+def test_black_border_count_gathered_is_the_four_strips_count():
+    """The one-gather count (4 contiguous bands read as 32-bit words, else an OR of R, G, B) equals
+    the four strips' counts: 3, 4 and 5 bands, non-contiguous stacks, a black NIR alone, one image
+    and stacks, borders 0 (numpy's -0 slice: whole rows), 1, 2, and wider than the image."""
+    rng = np.random.default_rng(5)
+    for shape in ((27, 32, 32, 4), (27, 32, 32, 3), (6, 32, 32, 5), (128, 128, 4), (128, 128, 3), (2, 3, 4, 5, 4), (4, 3, 3, 4)):
+        images = rng.integers(0, 2, shape, dtype=np.uint8)
+        images[..., 3:] = rng.integers(0, 2, images[..., 3:].shape, dtype=np.uint8)
+        for view in (images, images[..., ::-1, :, :], images[..., :, 1:, :]):  # non-contiguous too
+            for border in (0, 1, 2, 5):
+                got = imagery.black_border_count(view, border)
+                want = _strip_counts(view, border)
+                assert np.shape(got) == np.shape(want)
+                np.testing.assert_array_equal(got, want)
+    nir_only = np.zeros((3, 32, 32, 4), np.uint8)
+    nir_only[..., :3] = 9  # lit R, G, B over a black NIR: no black pixel
+    assert (imagery.black_border_count(nir_only) == 0).all()
+    nir_only[1, 0, 5, :3] = 0
+    np.testing.assert_array_equal(imagery.black_border_count(nir_only), [0, 1, 0])

@@ -246,6 +246,20 @@ def test_psnr_of_uint8_pairs_equals_the_float_formula_exactly(seed):
     np.testing.assert_array_equal(S.psnr(images, reference.astype(np.float32)), expected)
 
 
+def test_psnr_int32_sums_at_their_limits_equal_the_float_formula():
+    """The int16 / int32 path at its extreme differences (0 against 255 everywhere), 3 bands, and
+    images past its int32 bound (the int64 path) give the float64 formula's values."""
+    for shape in ((3, 32, 32, 4), (2, 32, 32, 3), (2, 128, 128, 3), (2, 91, 91, 4)):
+        images = np.zeros(shape, np.uint8)
+        images[1] = 255
+        reference = np.full(shape[1:], 255, np.uint8)
+        reference[0, 0] = 0
+        diff = images.astype(np.float64) - reference.astype(np.float64)
+        with np.errstate(divide="ignore"):
+            expected = 10.0 * np.log10(255.0**2 / np.mean(diff * diff, axis=tuple(range(1, len(shape)))))
+        np.testing.assert_array_equal(S.psnr(images, reference), expected)
+
+
 def _confidence_over_all_candidates(scores, best, candidates):
     """pair_confidence's margin as first written: correlations of every candidate at once."""
     corr = S.gap_free_correlation(candidates, candidates[best].astype(np.float32))
@@ -254,6 +268,19 @@ def _confidence_over_all_candidates(scores, best, candidates):
     rival &= corr < S.NEAR_COPY
     margin = float(scores[rival].min() - scores[best]) if rival.any() else S.MARGIN_SCALE
     return min(max(margin, 0.0) / S.MARGIN_SCALE, 1.0)
+
+
+def test_a_uint8_reference_is_centred_as_its_float32_copy_bit_for_bit():
+    """pair_confidence centres the chosen uint8 candidate directly (its exact integer mean divided
+    once) instead of its float32 copy (numpy's float32 mean): the same reference terms, for power of
+    two and other pixel counts, constant and extreme images."""
+    rng = np.random.default_rng(25)
+    for shape in ((32, 32, 4), (32, 32, 3), (29, 31, 4), (17, 24, 3), (128, 128, 4)):
+        for image in (_u8(rng, shape), np.full(shape, 255, np.uint8), _u8(rng, shape, 2) * np.uint8(255), _u8(rng, shape, 7)):
+            got = S._centred_reference(image, shape[-1])
+            want = S._centred_reference(image.astype(np.float32), shape[-1])
+            np.testing.assert_array_equal(got[0], want[0])
+            np.testing.assert_array_equal(got[1], want[1])
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -360,3 +387,59 @@ def test_robust_ssim_distance_is_the_plain_float32_form():
         got = S._ssim_distance_f32(hr_ref, frames, matched, 0.7)
         np.testing.assert_allclose(got, plain, rtol=0, atol=5e-6)
         np.testing.assert_allclose(got, S.paper_scores(hr_ref, candidates, 0.7), rtol=0, atol=2e-5)
+
+
+def _plain_luts(source, templates):
+    """scikit-image's uint8 rule written out per (template, band): np.interp of the source's quantiles
+    at all 256 values on the template's non-empty bins, truncated to uint8."""
+    n, c = templates.shape[0], templates.shape[-1]
+    out = np.empty((n, c, 256), np.uint8)
+    for j in range(n):
+        for band in range(c):
+            src_q = np.cumsum(np.bincount(source[..., band].ravel(), minlength=256)) / source[..., band].size
+            counts = np.bincount(templates[j, ..., band].ravel(), minlength=256)
+            values = np.nonzero(counts)[0]
+            tmpl_q = np.cumsum(counts[values]) / templates[j, ..., band].size
+            out[j, band] = np.interp(src_q, tmpl_q, values).astype(np.uint8)
+    return out
+
+
+def _adversarial_histogram_cases():
+    rng = np.random.default_rng(23)
+    yield _u8(rng, (32, 32, 4)), _u8(rng, (16, 32, 32, 4))  # the build's shapes
+    yield _u8(rng, (128, 128, 3)), _u8(rng, (1, 32, 32, 3))  # the output's full-size HR
+    yield np.full((32, 32, 3), 7, np.uint8), _u8(rng, (5, 32, 32, 3))  # constant source
+    yield _u8(rng, (32, 32, 4)), np.full((4, 32, 32, 4), 200, np.uint8)  # single-value templates
+    yield np.full((8, 8, 2), 255, np.uint8), np.full((3, 32, 32, 2), 0, np.uint8)  # the extremes
+    every = np.resize(np.arange(256, dtype=np.uint8), (32, 32, 4))  # all 256 values in both
+    yield every, np.stack([np.resize(rng.permutation(256).astype(np.uint8), (32, 32, 4)) for _ in range(6)])
+    yield (_u8(rng, (32, 32, 4), 8) * 32).astype(np.uint8), (_u8(rng, (7, 32, 32, 4), 4) * 60 + 3).astype(np.uint8)  # empty bins
+    yield rng.choice(np.array([0, 255], np.uint8), (3, 3, 4)), _u8(rng, (9, 32, 32, 4), 3)  # source smaller than the templates
+    yield _u8(rng, (32, 32, 1), 2), _u8(rng, (11, 1, 1, 1))  # one-pixel templates, one band
+    yield _u8(rng, (32, 32, 4)), _u8(rng, (70, 32, 32, 4), 9)  # > 256 rows: the intp histograms
+
+
+def test_match_luts_are_scikit_images_lookup_tables_bit_for_bit():
+    """`_interp_luts`' positions from the source's small table and its per-position terms give every
+    one of the 256 table entries np.interp gives (scikit-image's rule), and the matched images are
+    scikit-image's, on empty bins, constant sources and templates, all 256 values, sources smaller
+    and larger than the templates, one-pixel templates and more than 256 rows."""
+    for source, templates in _adversarial_histogram_cases():
+        np.testing.assert_array_equal(S._match_luts(source, templates), _plain_luts(source, templates))
+        n, c = templates.shape[0], templates.shape[-1]
+        matched = S._match_uint8(source, templates).reshape(n, c, *source.shape[:-1])
+        for j in (0, n - 1):
+            np.testing.assert_array_equal(np.moveaxis(matched[j], 0, -1), sk_match(source, templates[j], channel_axis=-1))
+        full = S.match_histograms(source, templates[:1])[0]  # OpenCV's LUT path for 2-4 bands
+        np.testing.assert_array_equal(full, sk_match(source, templates[0], channel_axis=-1))
+
+
+def test_histograms_with_cached_offsets_are_the_plain_counts():
+    rng = np.random.default_rng(24)
+    for shape in ((16, 32, 32, 4), (16, 32, 32, 3), (1, 32, 32, 4), (5, 8, 8, 2), (64, 2, 2, 4), (3, 32, 32, 1),
+                  (3, 200, 200, 3)):  # the last beyond the cached size
+        images = _u8(rng, shape)
+        n, c = shape[0], shape[-1]
+        expected = np.stack([np.bincount(images[j, ..., b].ravel(), minlength=256) for j in range(n) for b in range(c)])
+        for _ in range(2):  # the second call reads the cached offsets
+            np.testing.assert_array_equal(S._histograms(images, (n, c)), expected)

@@ -453,13 +453,14 @@ def snow_mask(frames: np.ndarray, swir: np.ndarray) -> np.ndarray:
     return mask
 
 
-def snow_fraction(frames: np.ndarray, swir: np.ndarray) -> np.ndarray:
-    """Fraction of snow pixels (`snow_mask`), [K]."""
-    return snow_mask(frames, swir).mean(axis=(-2, -1))
+def snow_fraction(frames: np.ndarray, swir: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Fraction of snow pixels (`snow_mask`), [K]. `mask`: `snow_mask(frames, swir)`, if computed."""
+    return (snow_mask(frames, swir) if mask is None else mask).mean(axis=(-2, -1))
 
 
 def cloud_shadow_fractions(frames: np.ndarray, reference: np.ndarray, swir: np.ndarray | None = None,
-                           bright: float = 40.0, shadow_ratio: float = 0.7) -> tuple[np.ndarray, np.ndarray]:
+                           bright: float = 40.0, shadow_ratio: float = 0.7,
+                           snow: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(cloud, shadow) pixel fractions, [K] each, of frames against `reference` [K, C, H, W], a
     clean prediction of every timestep (the HR histogram-matched to it, which carries the
     timestep's radiometry but not its clouds); both in DN (uint8 is fine).
@@ -467,7 +468,8 @@ def cloud_shadow_fractions(frames: np.ndarray, reference: np.ndarray, swir: np.n
     Cloud: brighter than the reference by more than `bright` DN in every visible band, whitish
     (min/max of R, G, B >= 0.6) and not darker in NIR; with a SWIR band, snow (`snow_mask`) is not
     cloud. Shadow: at most `shadow_ratio` of the reference in every band (NIR included: shadows
-    darken all bands, most land-cover changes do not)."""
+    darken all bands, most land-cover changes do not). `snow`: `snow_mask(frames, swir)`, if computed
+    (the robust score shares it with `snow_fraction`; uint8 and int16 frames give the same mask)."""
     f = np.asarray(frames, dtype=np.int16)
     ref = np.asarray(reference, dtype=np.int16)
     vis = f[:, :3]
@@ -483,7 +485,7 @@ def cloud_shadow_fractions(frames: np.ndarray, reference: np.ndarray, swir: np.n
     if f.shape[1] > N:
         cloud &= f[:, N] >= ref[:, N]
     if swir is not None:
-        cloud &= ~snow_mask(f, swir)
+        cloud &= ~(snow_mask(f, swir) if snow is None else snow)
     dim = (f + 1).astype(np.float32) <= np.float32(shadow_ratio) * (ref + 1)  # [K, C, H, W]
     shadow = dim[:, 0].copy()  # dim.all(axis=1), band by band
     for band in range(1, dim.shape[1]):

@@ -10,6 +10,7 @@ pixels (tests/test_imagery.py compares them on every colour type). Encoding stay
 """
 from __future__ import annotations
 
+import functools
 import io
 import struct
 import zlib
@@ -153,18 +154,43 @@ def stack_channels(first: np.ndarray, second: np.ndarray) -> np.ndarray:
     return merged.reshape(*lead, first.shape[-1] + second.shape[-1])
 
 
+@functools.lru_cache(maxsize=16)
+def _border_pixels(h: int, w: int, border: int) -> np.ndarray:
+    """Flat pixel positions of the top, bottom, left and right `border`-px strips of an [H, W] image,
+    in that order (corner pixels twice), sliced as `black_border_count`'s strips are."""
+    grid = np.arange(h * w).reshape(h, w)
+    index = np.concatenate([grid[:border, :].ravel(), grid[-border:, :].ravel(),
+                            grid[:, :border].ravel(), grid[:, -border:].ravel()])
+    index.flags.writeable = False
+    return index
+
+
 def black_border_count(images: np.ndarray, border: int = 2) -> np.ndarray:
     """Black pixels (RGB sum 0) in the top, bottom, left and right `border`-px strips of each image.
 
     The strips are counted separately, so corner pixels count twice: the rule of the paper's code.
     `images` is [..., H, W, C>=3]; returns an int array of shape `images.shape[:-3]`.
+
+    uint8 images: the strips' pixels gathered in one `take` (positions cached per size, corners
+    twice), a pixel black when its R, G and B are all 0: for 4 contiguous bands one test on the
+    pixel read as a 32-bit word without its fourth byte, else one OR of R, G and B. The same counts
+    as the four strips' separate tests.
     """
+    *lead, h, w, c = images.shape
+    if images.dtype == np.uint8 and c >= 3:
+        index = _border_pixels(h, w, border)
+        pixels = images.reshape(-1, h * w, c)
+        if c == 4 and pixels.flags.c_contiguous:
+            words = pixels.view(np.uint32).reshape(-1, h * w).take(index, axis=1)  # [N, strips' pixels]
+            black = (words & np.uint32(0x00FFFFFF if np.little_endian else 0xFFFFFF00)) == 0
+        else:
+            strips = pixels.take(index, axis=1)  # [N, strips' pixels, C]
+            black = (strips[..., 0] | strips[..., 1] | strips[..., 2]) == 0
+        counts = black.sum(axis=1).reshape(lead)
+        return counts[()] if not lead else counts
     rgb = images[..., :3]
 
     def black_in(strip):  # RGB sum 0 <=> every channel 0, for unsigned pixels
-        if strip.dtype == np.uint8 and strip.shape[-1] == 3:  # one OR per channel, not a reduction over 3
-            any_lit = strip[..., 0] | strip[..., 1] | strip[..., 2]
-            return np.count_nonzero(any_lit == 0, axis=(-2, -1))
         return (strip == 0).all(axis=-1).sum(axis=(-2, -1))
 
     return (

@@ -233,6 +233,16 @@ def psnr(images: np.ndarray, reference: np.ndarray) -> np.ndarray:
     uint8 against uint8 (the paper and robust modes) sums the squared differences in integers: the
     float64 sum of these integers is exact too, so both give the same mse, the integer one faster."""
     axes = tuple(range(1, images.ndim))
+    pixels = int(np.prod(images.shape[1:]))
+    if (images.dtype == np.uint8 and np.asarray(reference).dtype == np.uint8 and pixels * 255**2 < 2**31
+            and np.shape(reference) == images.shape[1:]):
+        # int16 differences, their squares summed in int32 along each image's contiguous row (one
+        # einsum): exact below 2**31, the same integers as the int64 sum below, without its casting
+        # reduction
+        diff = np.subtract(images.reshape(len(images), pixels), np.reshape(reference, pixels), dtype=np.int16)
+        mse = np.einsum("ij,ij->i", diff, diff, dtype=np.int32) / float(pixels)
+        with np.errstate(divide="ignore"):
+            return 10.0 * np.log10(DATA_RANGE**2 / mse)
     if images.dtype == np.uint8 and np.asarray(reference).dtype == np.uint8:
         diff = images.astype(np.int32) - reference.astype(np.int32)
         mse = np.sum(diff * diff, axis=axes, dtype=np.int64) / float(np.prod(images.shape[1:]))
@@ -386,6 +396,22 @@ def _matched_values(src_cum: np.ndarray, src_size: int, tmpl_counts: np.ndarray,
     return np.where(pos >= 256, last_nonempty[:, -1:], out).astype(np.float64)
 
 
+_CACHED_OFFSETS_MAX = 2**18  # pixels x bands of a stack whose offsets are cached (512 KiB; the candidates': 64 Ki)
+
+
+@functools.lru_cache(maxsize=32)
+def _row_offsets_u16(shape: tuple[int, ...], rows_ndim: int) -> np.ndarray:
+    """uint16 array of `shape` ([N, ..., C] pixels of N*C <= 256 rows) holding 256 * row, row = n * C + c:
+    added to the uint8 images it gives each value its row's histogram bin in one contiguous pass
+    (a broadcast [N, 1, 1, C] offset makes numpy's inner loop C elements long: ~10x slower)."""
+    n_rows = int(np.prod(shape[:rows_ndim - 1] + shape[-1:]))
+    row_shape = shape[:rows_ndim - 1] + (1,) * (len(shape) - rows_ndim) + shape[-1:]
+    offsets = np.empty(shape, dtype=np.uint16)
+    offsets[...] = (np.arange(n_rows, dtype=np.uint16) * np.uint16(256)).reshape(row_shape)
+    offsets.flags.writeable = False
+    return offsets
+
+
 def _histograms(images: np.ndarray, rows_shape: tuple[int, ...]) -> np.ndarray:
     """Counts of uint8 `images` [..., C] per leading index and band -> [prod(rows_shape), 256].
 
@@ -399,13 +425,80 @@ def _histograms(images: np.ndarray, rows_shape: tuple[int, ...]) -> np.ndarray:
         return np.stack([cv2.calcHist([image], [band], None, [256], [0, 256]).reshape(256) for band in range(c)]
                         ).astype(np.int64)
     row_shape = rows_shape[:-1] + (1,) * (images.ndim - len(rows_shape)) + rows_shape[-1:]
-    if images.dtype == np.uint8 and n_rows <= 256:
-        # value + 256 * row fits in uint16: two narrow passes instead of two over intp
+    if images.dtype == np.uint8 and n_rows <= 256 and images.size <= _CACHED_OFFSETS_MAX:
+        # value + 256 * row fits in uint16: one narrow pass (cached full-size offsets) instead of
+        # two over intp
+        flat = np.add(images, _row_offsets_u16(images.shape, len(rows_shape)), dtype=np.uint16)
+    elif images.dtype == np.uint8 and n_rows <= 256:  # larger stacks: no cached copy of their size
         flat = images.astype(np.uint16)
         flat += (np.arange(n_rows, dtype=np.uint16) * np.uint16(256)).reshape(row_shape)
     else:
         flat = images.astype(np.intp) + 256 * np.arange(n_rows).reshape(row_shape)
     return np.bincount(flat.ravel(), minlength=256 * n_rows).reshape(n_rows, 256)
+
+
+_BINS = np.arange(256)
+_BINS.flags.writeable = False
+
+
+def _interp_luts(src_cum: np.ndarray, src_size: int, tmpl_counts: np.ndarray, tmpl_size: int) -> np.ndarray:
+    """`_matched_values` for a uint8 source, as lookup tables: float64 [R, 256], row r = n * C + c the
+    value np.interp(src_cum[c] / src_size, template quantiles, template values) gives each of the
+    source's 256 possible values (scikit-image's uint8 path), bit for bit.
+
+    `src_cum` [C, 256] are the source's cumulative counts per band (shared by the N templates),
+    `tmpl_counts` [N * C, 256] the templates' histograms. The same positions and arithmetic as
+    `_matched_values`, found with fewer and cheaper passes:
+
+    * pos[r, v] = #{bins b: tmpl_cum[r, b] / T <= src_cum[c, v] / S}, i.e. tmpl_cum[r, b] <= t[c, v]
+      with t = floor(src_cum * T / S), the same exact integer test. As t is sorted along v,
+      tmpl_cum[r, b] <= t[c, v] <=> v >= m[r, b] with m[r, b] = #{v: t[c, v] < tmpl_cum[r, b]} (one
+      lookup in a small [C, T + 1] table of the source), so pos[r, v] = #{b: m[r, b] <= v}: one
+      bincount of m and a cumulative sum, with no [R, T + 1] table;
+    * each possible position p gets its interpolation terms once (X = x0, Y = y0 and the slope, in
+      [R, 257] tables) and every value reads them at its position with flat `take`s. p = 0 and
+      p = first non-empty bin (the values below the template's first quantile: the first template
+      value), p = 256 (from the last quantile on: the last value) hold a zero slope; the result is
+      slope * (q - X) + Y as np.interp computes it (the slope (y1 - y0) / (x1 - x0), x = cum / T,
+      y the bin). A position p in 1..255 is reached only when bin p is non-empty, so x1 > x0
+      there: the other columns (empty bins, divisions by zero) are never read.
+    """
+    rows, c = tmpl_counts.shape[0], src_cum.shape[0]
+    n = rows // c
+    width = tmpl_size + 1
+    tmpl_cum = np.cumsum(tmpl_counts, axis=1)  # [R, 256] integers in [0, T]
+    t = src_cum if src_size == tmpl_size else (src_cum * tmpl_size) // src_size  # [C, 256] in [0, T], sorted
+    band_offsets = np.arange(c) * width
+    at = np.bincount((t + band_offsets[:, None]).ravel(), minlength=c * width)
+    below = np.cumsum(at)
+    below -= at  # below[c * width + x] = #{v: t[c, v] < x} + 256 * c (the flat sum runs over the bands)
+    m = below.take((tmpl_cum.reshape(n, c, 256) + band_offsets[:, None]).ravel())
+    # + 257 * r - 256 * c: row r's counts in a [R, 257] table (the bands' 256 * c taken out)
+    m += np.repeat((np.arange(rows) * 257).reshape(n, c) - np.arange(c) * 256, 256)
+    # flat cumulative counts: r * 256 + pos[r, v] at [r, v]; + r gives the flat index of [r, pos]
+    at_or_below = np.cumsum(np.bincount(m, minlength=rows * 257)).reshape(rows, 257)
+    index = at_or_below[:, :256] + np.arange(rows)[:, None]
+    x = np.empty((rows, 257))
+    x[:, 0] = 0.0
+    np.divide(tmpl_cum, tmpl_size, out=x[:, 1:])  # column p: x0 = cum[p - 1] / T
+    y = np.empty((rows, 257), dtype=np.intp)
+    y[:, 0] = 0
+    nonempty = tmpl_counts > 0
+    np.maximum.accumulate(np.where(nonempty, _BINS, -1), axis=1, out=y[:, 1:])  # the last non-empty bin <= p - 1
+    slope = np.empty((rows, 257))
+    slope[:, 0] = 0.0
+    slope[:, 256] = 0.0
+    with np.errstate(divide="ignore"):  # unreachable columns (empty bins) only
+        np.divide(np.subtract(_BINS[1:], y[:, 1:256]), np.subtract(x[:, 2:], x[:, 1:256]), out=slope[:, 1:256])
+    first = np.argmax(nonempty, axis=1)  # below the first quantile: the first value, flat
+    r = np.arange(rows)
+    y[r, first] = first
+    slope[r, first] = 0.0
+    q = src_cum / src_size  # [C, 256]
+    out = np.subtract(q, x.take(index).reshape(n, c, 256))
+    out *= slope.take(index).reshape(n, c, 256)
+    out += y.take(index).reshape(n, c, 256)
+    return out.reshape(rows, 256)
 
 
 def _match_luts(source: np.ndarray, templates: np.ndarray) -> np.ndarray:
@@ -414,7 +507,7 @@ def _match_luts(source: np.ndarray, templates: np.ndarray) -> np.ndarray:
     n, c = templates.shape[0], templates.shape[-1]
     tmpl_counts = _histograms(templates, (n, c))  # [N*C, 256]
     src_cum = np.cumsum(_histograms(source, (c,)), axis=1)  # [C, 256]
-    lut = _matched_values(np.tile(src_cum, (n, 1)), source.size // c, tmpl_counts, templates[0, ..., 0].size)
+    lut = _interp_luts(src_cum, source.size // c, tmpl_counts, templates[0, ..., 0].size)
     return lut.astype(np.uint8).reshape(n, c, 256)
 
 
@@ -422,11 +515,12 @@ def _match_uint8(source: np.ndarray, templates: np.ndarray) -> np.ndarray:
     """uint8 source [H, W, C] matched to each uint8 template [N, h, w, C] -> uint8 [N, C, H*W].
 
     Each (template, band) gets a 256-entry lookup table, truncated to uint8 as scikit-image stores
-    it; the source pixels then index the table."""
+    it; the source pixels then index the table (one `take` for every template and band: pixel p of
+    band c reads entry 256 * c + source[p, c] of each template's [C * 256] tables)."""
     n, c = templates.shape[0], templates.shape[-1]
     lut = _match_luts(source, templates)
-    src_c = source.reshape(-1, c)
-    return np.stack([np.take(lut[:, band], src_c[:, band], axis=1) for band in range(c)], axis=1)
+    index = source.reshape(-1, c).T + np.arange(0, 256 * c, 256)[:, None]  # [C, H*W]
+    return np.take(lut.reshape(n, c * 256), index.ravel(), axis=1).reshape(n, c, -1)
 
 
 def match_histograms(source: np.ndarray, templates: np.ndarray) -> np.ndarray:
@@ -656,7 +750,8 @@ def robust_scores(hr_down_u8: np.ndarray, hr_down: np.ndarray, candidates: np.nd
         distance = alpha * (1.0 - lc_raw) + (1.0 - alpha) * (1.0 - lc_matched)
 
     swir = extra.get("b11", extra.get("b12"))
-    cloud, shadow = E.cloud_shadow_fractions(frames, matched_u8, swir)
+    snow = E.snow_mask(frames, swir) if swir is not None else None  # one mask for the cloud test and the fraction
+    cloud, shadow = E.cloud_shadow_fractions(frames, matched_u8, swir, snow=snow)
     # a timestep mostly under cloud (or shadow) fools the histogram-matched reference: its global
     # brightness against the other candidates' tells instead
     level = E._rgb_level(frames)  # mean R, G, B brightness, shared by the exposure measures and the dark gate
@@ -689,7 +784,7 @@ def robust_scores(hr_down_u8: np.ndarray, hr_down: np.ndarray, candidates: np.nd
         shift_peak=reg.hr_peak,
         aerosol=E.aerosol_index(extra["b01"], frames) if "b01" in extra else None,
         cirrus=E.cirrus_index(extra["b10"]) if "b10" in extra else None,
-        snow=E.snow_fraction(frames, swir) if swir is not None else None,
+        snow=E.snow_fraction(frames, swir, mask=snow) if swir is not None else None,
         veil=veil,
         twin_misregistration_px=reg.misregistration,
         clear_veil=clear_veil,
@@ -774,14 +869,20 @@ def pair_confidence(scores: np.ndarray, best: int, candidates: np.ndarray,
     the largest of the chosen timestep's cloud, shadow, snow fractions, haze, veil and
     cloud probability, each in [0, 1]. Low values are the picks worth a reviewer's eye."""
     scores = np.asarray(scores, dtype=np.float64)
-    reference = candidates[best].astype(np.float32)
+    # the chosen candidate as the reference; uint8 as it is, whose float32 mean per band is exact (an
+    # integer sum below 2**24, divided once): the same centred values as from its float32 copy
+    reference = candidates[best] if candidates.dtype == np.uint8 else candidates[best].astype(np.float32)
     margin = MARGIN_SCALE
     if np.isfinite(scores).all():
         # the best rival is the first candidate in score order that is not a near copy: the
         # correlations are computed one by one up to it, not for every candidate (a stack of all the
         # others costs more: most choices stop at the first or second)
+        centred = None  # the reference's terms, computed once for every rival tried
         for j in np.argsort(scores, kind="stable"):
-            if j != best and gap_free_correlation(candidates[j : j + 1], reference)[0] < NEAR_COPY:
+            if j == best:
+                continue
+            centred = centred or _centred_reference(reference, candidates.shape[-1])
+            if _correlation_to_centred(candidates[j : j + 1], *centred)[0] < NEAR_COPY:
                 margin = float(scores[j] - scores[best])
                 break
     else:
@@ -810,6 +911,24 @@ def gap_free_correlation(images: np.ndarray, reference: np.ndarray) -> np.ndarra
     per band, averaged over bands: [N]. Unlike PSNR it ignores each image's gain and offset, so a
     hazy (brighter, flatter) timestep gains nothing over its clear twin: the robust mode ranks its
     top-k with it."""
+    return _correlation_to_centred(images, *_centred_reference(reference, images.shape[-1]))
+
+
+def _centred_reference(reference: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
+    """`gap_free_correlation`'s reference terms: the reference centred per band, float32 [P, C], and
+    its sum of squares per band [C] (computed once when one reference meets several images in turn,
+    as in `pair_confidence`)."""
+    r = np.asarray(reference, dtype=np.float32).reshape(-1, c)
+    if np.asarray(reference).dtype == np.uint8 and r.shape[0] * 255 < 2**24:  # exact, as for the images
+        r = r - np.matmul(_ones_f32(r.shape[0]), r)[0] / np.float32(r.shape[0])
+    else:
+        r = r - r.mean(axis=0)
+    return r, (r * r).sum(axis=0)
+
+
+def _correlation_to_centred(images: np.ndarray, r: np.ndarray, rr: np.ndarray) -> np.ndarray:
+    """`gap_free_correlation` of `images` with a reference given by `_centred_reference` (the same
+    operations in the same order)."""
     n, c = images.shape[0], images.shape[-1]
     x = images.reshape(n, -1, c).astype(np.float32)
     if images.dtype == np.uint8 and x.shape[1] * 255 < 2**24:
@@ -818,13 +937,8 @@ def gap_free_correlation(images: np.ndarray, reference: np.ndarray) -> np.ndarra
         x -= np.matmul(_ones_f32(x.shape[1]), x) / np.float32(x.shape[1])
     else:
         x -= x.mean(axis=1, keepdims=True)
-    r = np.asarray(reference, dtype=np.float32).reshape(-1, c)
-    if np.asarray(reference).dtype == np.uint8 and r.shape[0] * 255 < 2**24:  # exact, as for x
-        r = r - np.matmul(_ones_f32(r.shape[0]), r)[0] / np.float32(r.shape[0])
-    else:
-        r = r - r.mean(axis=0)
     num = np.einsum("npc,pc->nc", x, r)
-    den = np.sqrt(np.einsum("npc,npc->nc", x, x) * (r * r).sum(axis=0)) + 1e-6
+    den = np.sqrt(np.einsum("npc,npc->nc", x, x) * rr) + 1e-6
     return (num / den).mean(axis=1, dtype=np.float64)
 
 
