@@ -37,6 +37,28 @@ def to_s2naip(reflectance: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray
     return tci, bands
 
 
+def plain_raw(forest: CP.Forest, x: np.ndarray) -> np.ndarray:
+    """The reference for `Forest.raw`: every (row, tree) pair follows its left / right child level by
+    level in the model's own node arrays (the form `raw` had before session 8)."""
+    x = np.asarray(x, dtype=np.float64)
+    n_trees = len(forest.roots)
+    p = x.shape[0]
+    flat = x.ravel()
+    node = np.tile(forest.roots, p)  # [P * trees], pixel-major
+    base = np.repeat(np.arange(p) * x.shape[1], n_trees)  # row offset into flat
+    at = np.arange(p * n_trees)
+    leaf = np.empty(p * n_trees, dtype=np.intp)
+    while at.size:
+        go_left = flat[base + forest.feature[node]] <= forest.threshold[node]
+        node = np.where(go_left, forest.left[node], forest.right[node])
+        done = node < 0
+        if done.any():
+            leaf[at[done]] = ~node[done]
+            keep = ~done
+            node, base, at = node[keep], base[keep], at[keep]
+    return forest.leaf_value[leaf].reshape(p, n_trees).sum(axis=1)
+
+
 def test_the_numpy_forest_equals_lightgbm():
     lightgbm = pytest.importorskip("lightgbm")
     import importlib.metadata
@@ -51,7 +73,7 @@ def test_the_numpy_forest_equals_lightgbm():
 
 
 def test_the_paired_descent_reaches_the_plain_descents_leaves():
-    """`Forest.raw` (children side by side, leaves absorbing) against `raw_plain` (left / right
+    """`Forest.raw` (children side by side, leaves absorbing) against `plain_raw` (left / right
     child per level): the same leaves, so bit-equal sums, also for values exactly on a threshold,
     beyond every threshold, NaN (goes right in both) and +-inf."""
     forest = CP.model()
@@ -63,10 +85,10 @@ def test_the_paired_descent_reaches_the_plain_descents_leaves():
     odd[1::4] = np.inf
     odd[2::4, :5] = -np.inf
     for x in (rng.uniform(0, 0.9, (300, 10)), on_threshold, nudged, odd, np.zeros((1, 10)), np.ones((1, 10))):
-        np.testing.assert_array_equal(forest.raw(x), forest.raw_plain(x))
+        np.testing.assert_array_equal(forest.raw(x), plain_raw(forest, x))
     # extra columns are ignored; too few is an error rather than another row's values
     x = rng.uniform(0, 0.5, (5, 10))
-    np.testing.assert_array_equal(forest.raw(np.concatenate([x, np.full((5, 2), 7.0)], axis=1)), forest.raw_plain(x))
+    np.testing.assert_array_equal(forest.raw(np.concatenate([x, np.full((5, 2), 7.0)], axis=1)), plain_raw(forest, x))
     with pytest.raises(ValueError, match="features"):
         forest.raw(x[:, :9])
 

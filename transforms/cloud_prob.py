@@ -116,7 +116,8 @@ class Forest:
 
     def raw(self, x: np.ndarray) -> np.ndarray:
         """The summed leaf values of each row of x [P, F >= n_features]: [P] (descends every tree at
-        once, in the paired layout of `_paired_layout`; the leaves and their sum are `raw_plain`'s)."""
+        once, in the paired layout of `_paired_layout`; the leaves, and so the sums, are those of a
+        descent that follows each pair's left / right child level by level)."""
         x = np.asarray(x, dtype=np.float64)
         if x.ndim != 2 or x.shape[1] < self.n_features:
             raise ValueError(f"expected [P, >= {self.n_features}] features, got {x.shape}")
@@ -136,33 +137,13 @@ class Forest:
         while at.size:
             for _ in range(DESCENT_STEPS):  # a pair at a leaf stays there: check for leaves now and then
                 w = word[node]
-                go_right = ~(flat[base + (w & mask)] <= threshold[node])  # as raw_plain: NaN goes right
+                go_right = ~(flat[base + (w & mask)] <= threshold[node])  # NaN goes right: `x <= threshold` is False
                 node = (w >> bits) + go_right
             index = leaf_of[node]
             done = index >= 0
             leaf[at[done]] = index[done]
             keep = ~done
             node, base, at = node[keep], base[keep], at[keep]
-        return self.leaf_value[leaf].reshape(p, n_trees).sum(axis=1)
-
-    def raw_plain(self, x: np.ndarray) -> np.ndarray:
-        """`raw` by following each pair's left / right child level by level (the reference form)."""
-        x = np.asarray(x, dtype=np.float64)
-        n_trees = len(self.roots)
-        p = x.shape[0]
-        flat = x.ravel()
-        node = np.tile(self.roots, p)  # [P * trees], pixel-major
-        base = np.repeat(np.arange(p) * x.shape[1], n_trees)  # row offset into flat
-        at = np.arange(p * n_trees)
-        leaf = np.empty(p * n_trees, dtype=np.intp)
-        while at.size:
-            go_left = flat[base + self.feature[node]] <= self.threshold[node]
-            node = np.where(go_left, self.left[node], self.right[node])
-            done = node < 0
-            if done.any():
-                leaf[at[done]] = ~node[done]
-                keep = ~done
-                node, base, at = node[keep], base[keep], at[keep]
         return self.leaf_value[leaf].reshape(p, n_trees).sum(axis=1)
 
     def predict(self, x: np.ndarray) -> np.ndarray:

@@ -22,10 +22,10 @@ import os
 import numpy as np
 
 from transforms import imagery, tiles
+from transforms.evidence import TCI_REFLECTANCE  # L1C TCI: 255 is reflectance 0.3558
 from transforms.imagery import LR_SIZE
 
 BANDS = ("b05", "b09")
-TCI_REFLECTANCE = 0.3558 / 255.0  # L1C TCI: 255 is reflectance 0.3558
 RAW_SCALE = 1e4 / 32.0  # S2-NAIP single bands: DN = raw // 32, raw = reflectance * 1e4
 MARKER = ".cloud-bands"  # a folder whose chips all have BANDS
 
